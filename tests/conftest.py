@@ -1,0 +1,35 @@
+"Shared fixtures: the CLI as a user runs it, and one demo run reused by several tests."
+import os, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run_cli(args, env=None, cwd=None, drop=(), timeout=1200):
+    "Run the installed `pcam-fastai` console script; `drop` removes environment variables"
+    e = {k: v for k, v in os.environ.items() if k not in drop}
+    e.update(env or {})
+    return subprocess.run([str(BIN/'pcam-fastai'), *map(str, args)], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+    "`pcam-fastai train` with no arguments, exactly as the README runs it, in a fresh folder and home"
+    base = tmp_path_factory.mktemp('demo')
+    t0 = time.time()
+    res = run_cli(['train'], env={'PCAM_FASTAI_HOME': str(base/'home')}, cwd=base)
+    res.seconds = time.time() - t0
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    print(f'\ndemo run: {res.seconds:.0f} s')
+    return base/'runs'/'pcam', base/'home'/'synthetic-pcam', res
+
+
+@pytest.fixture(scope='session')
+def small_set(tmp_path_factory):
+    "A small synthetic set in the Kaggle layout"
+    from pcam_fastai.data import make_synthetic_pcam
+    return make_synthetic_pcam(tmp_path_factory.mktemp('small')/'pcam', n_train=60, n_test=4, seed=3)
