@@ -23,8 +23,8 @@ from fastai.vision.augment import Resize, aug_transforms
 # %% auto #0
 __all__ = ['COMPETITION', 'PATCH_SIZE', 'CENTRE', 'CLASSES', 'TUMOUR_RGB', 'LYMPHOCYTE_RGB', 'open_patch', 'RANDOM_SPLIT',
            'synthetic_patch', 'write_tiff', 'make_synthetic_pcam', 'KaggleDownloadError', 'kaggle_credentials_found',
-           'explain_kaggle_error', 'unzip_safely', 'download_pcam', 'PCamDataError', 'read_labels', 'PatchOpener',
-           'LabelLookup', 'pcam_dataloaders']
+           'explain_kaggle_error', 'unzip_safely', 'download_pcam', 'PCamDataError', 'check_labels', 'read_labels',
+           'PatchOpener', 'LabelLookup', 'pcam_dataloaders']
 
 # %% ../nbs/00_data.ipynb #a6a42e56
 COMPETITION = 'histopathologic-cancer-detection'
@@ -192,11 +192,32 @@ def download_pcam(dest:str|Path='data/pcam', # Folder to download and unpack int
     marker.write_text(competition)
     return dest
 
-# %% ../nbs/00_data.ipynb #1f664f82
+# %% ../nbs/00_data.ipynb #97e18506
 class PCamDataError(ValueError):
     "The data on disk is not in the expected PCam/Kaggle layout; the message says what is wrong"
 
 def _first(xs, n=3): return ', '.join(sorted(map(str, xs))[:n]) + (' ...' if len(xs) > n else '')
+
+def check_labels(df:pd.DataFrame, # The labels CSV as read
+                 files:set, # Ids that have an image
+                 csv:str='train_labels.csv', # The CSV's name, for messages
+                 folder:str='train', # The image folder's name, for messages
+                ) -> pd.DataFrame: # Columns `id`, `label` (int), in the CSV's order
+    "Check a labels table against the ids that have images; each problem gets its own message"
+    if not {'id', 'label'} <= set(df.columns):
+        raise PCamDataError(f"{csv} must have columns id,label; it has {list(df.columns)}.")
+    df = df[['id', 'label']].astype({'id': str})
+    dup = df.id[df.id.duplicated()]
+    if len(dup): raise PCamDataError(f"{csv} lists {len(dup)} duplicate ids ({_first(set(dup))}). Keep one row per id.")
+    bad = df[~df.label.isin([0, 1])]
+    if len(bad): raise PCamDataError(f"{csv} has {len(bad)} labels that are not 0 or 1 (e.g. id {bad.id.iloc[0]}: {bad.label.iloc[0]!r}).")
+    no_image = set(df.id) - files
+    if no_image: raise PCamDataError(f"{len(no_image)} ids in {csv} have no {folder}/<id>.tif ({_first(no_image)}). "
+                                     "Re-download or unzip again, or drop those rows from the CSV.")
+    no_label = files - set(df.id)
+    if no_label: raise PCamDataError(f"{len(no_label)} images in {folder}/ have no row in {csv} ({_first(no_label)}). "
+                                     "Add their labels, or move them out of the folder.")
+    return df.assign(label=df.label.astype(int)).reset_index(drop=True)
 
 def read_labels(path:str|Path, # Folder in the Kaggle layout
                 csv:str='train_labels.csv', # Labels file inside `path`
@@ -209,21 +230,8 @@ def read_labels(path:str|Path, # Folder in the Kaggle layout
                             f"(train/, train_labels.csv); download it with `pcam-fastai download` or make one with `make_synthetic_pcam`.")
     if not (path/folder).is_dir(): raise PCamDataError(f"{path/folder} is not a folder of .tif patches; is the zip fully unpacked?")
     df = pd.read_csv(path/csv, dtype={'id': str})
-    if not {'id', 'label'} <= set(df.columns):
-        raise PCamDataError(f"{path/csv} must have columns id,label; it has {list(df.columns)}.")
-    df = df[['id', 'label']]
-    dup = df.id[df.id.duplicated()]
-    if len(dup): raise PCamDataError(f"{path/csv} lists {len(dup)} duplicate ids ({_first(set(dup))}). Keep one row per id.")
-    bad = df[~df.label.isin([0, 1])]
-    if len(bad): raise PCamDataError(f"{path/csv} has {len(bad)} labels that are not 0 or 1 (e.g. id {bad.id.iloc[0]}: {bad.label.iloc[0]!r}).")
     files = {e.name[:-4] for e in os.scandir(path/folder) if e.name.endswith('.tif')}
-    no_image = set(df.id) - files
-    if no_image: raise PCamDataError(f"{len(no_image)} ids in {csv} have no {folder}/<id>.tif ({_first(no_image)}). "
-                                     "Re-download or unzip again, or drop those rows from the CSV.")
-    no_label = files - set(df.id)
-    if no_label: raise PCamDataError(f"{len(no_label)} images in {folder}/ have no row in {csv} ({_first(no_label)}). "
-                                     "Add their labels, or move them out of the folder.")
-    return df.assign(label=df.label.astype(int)).reset_index(drop=True)
+    return check_labels(df, files, csv, folder)
 
 # %% ../nbs/00_data.ipynb #6bba90f8
 class PatchOpener:
