@@ -250,7 +250,7 @@ class PatchOpener:
 
 open_patch = PatchOpener()
 
-# %% ../nbs/00_data.ipynb #1e9ade05
+# %% ../nbs/00_data.ipynb #35237704
 class LabelLookup:
     "The class name of a patch file, looked up by its id (the file name without `.tif`)"
     def __init__(self, labels:dict): self.labels = labels
@@ -269,9 +269,18 @@ def pcam_dataloaders(path:str|Path, # Folder in the Kaggle layout (train/, train
                      n_items:int|None=None, # Use only the first `n_items` labelled patches (quick runs)
                      num_workers:int|None=None, # DataLoader worker processes; None: fastai's default
                      device=None, # Device for batches; None: the GPU if there is one
+                     stain_jitter:float=0., # Colour jitter strength (array cache only)
+                     groups:str|Path|None=None, # CSV `id,slide` for a split that holds out whole slides (array cache only)
                     ):
-    "fastai `DataLoaders` for PCam in the Kaggle layout, with the reference notebook's augmentations"
+    "fastai `DataLoaders` for PCam: a Kaggle-layout folder, or an array cache from `build_cache` (much faster)"
     path = Path(path)
+    from pcam_fastai.cache import is_cache  # the cache module imports this one
+    if is_cache(path):
+        from pcam_fastai.loader import cache_dataloaders
+        return cache_dataloaders(path, size=size, bs=bs, valid_pct=valid_pct, seed=seed, max_zoom=max_zoom, stain_jitter=stain_jitter,
+                                 groups=groups, n_items=n_items, num_workers=num_workers or 0, device=device)
+    if stain_jitter or groups is not None:
+        raise ValueError("stain_jitter and groups need the array cache: build one with build_cache (CLI: pcam-fastai cache) and pass its folder.")
     if size < 32: raise ValueError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
     df = read_labels(path)
