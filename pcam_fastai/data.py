@@ -64,7 +64,7 @@ def synthetic_patch(rng:np.random.Generator, # Random generator (the caller seed
         _nuclei(img, rng, int(rng.integers(6, 25)), 3.0, 5.5, TUMOUR_RGB, box=(cy-9, cy+9, cx-9, cx+9))
     return np.clip(img, 0, 255).astype(np.uint8)
 
-# %% ../nbs/00_data.ipynb #8fce71ba
+# %% ../nbs/00_data.ipynb #1f4388ee
 def _patch_id(seed, split, i):
     "A 40-hex id like Kaggle's, stable for a given seed"
     return hashlib.sha1(f'pcam-synthetic-{seed}-{split}-{i}'.encode()).hexdigest()
@@ -79,6 +79,7 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
                         seed:int=42, # Same seed, same data set
                         pos_frac:float=0.4, # Fraction of positives (Kaggle's train set has ~40.5 %)
                         force:bool=False, # Rewrite even when a complete set with these settings exists
+                        show_progress:bool=True, # Show a progress bar
                        ) -> Path: # `dest`
     "Write a small synthetic PCam in exactly the Kaggle layout, with a progress bar"
     dest = Path(dest)
@@ -93,7 +94,7 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
         if (dest/sub).exists(): shutil.rmtree(dest/sub)
         (dest/sub).mkdir(parents=True)
     ids = [_patch_id(seed, 'train', i) for i in range(n_train)]
-    for i in progress_bar(range(n_train), leave=False): write_tiff(dest/'train'/f'{ids[i]}.tif', synthetic_patch(rng, bool(labels[i])))
+    for i in (progress_bar(range(n_train), leave=False) if show_progress else range(n_train)): write_tiff(dest/'train'/f'{ids[i]}.tif', synthetic_patch(rng, bool(labels[i])))
     pd.DataFrame(dict(id=ids, label=labels)).to_csv(dest/'train_labels.csv', index=False)
     test_ids = [_patch_id(seed, 'test', i) for i in range(n_test)]
     for i, tid in enumerate(test_ids): write_tiff(dest/'test'/f'{tid}.tif', synthetic_patch(rng, bool(rng.random() < pos_frac)))
