@@ -18,8 +18,9 @@ from fastprogress.fastprogress import progress_bar
 from .data import PATCH_SIZE, PCamDataError, check_labels, read_labels
 
 # %% auto #0
-__all__ = ['CACHE_VERSION', 'PCAM_H5', 'PCamCache', 'zlib_error', 'CacheError', 'decode_patch', 'Source', 'kaggle_sources',
-           'h5_sources', 'build_split', 'build_cache', 'cache_splits', 'is_cache', 'load_cache']
+__all__ = ['CACHE_VERSION', 'PCAM_H5', 'PCamCache', 'zlib_error', 'PCAM_H5_DATASET', 'CacheError', 'decode_patch', 'Source',
+           'kaggle_sources', 'h5_sources', 'gunzip_file', 'download_pcam_h5', 'make_synthetic_pcam_h5', 'build_split',
+           'build_cache', 'cache_splits', 'is_cache', 'load_cache']
 
 # %% ../nbs/05_cache.ipynb #5e5935dc
 CACHE_VERSION = 1
@@ -147,7 +148,69 @@ def h5_sources(folder:str|Path, # Folder holding the six official h5 files (any 
                            _signature('h5', split, fx.name, fx.stat().st_size, int(fx.stat().st_mtime)), 'pcam-h5'))
     return srcs
 
-# %% ../nbs/05_cache.ipynb #112f283e
+# %% ../nbs/05_cache.ipynb #4870e41f
+PCAM_H5_DATASET = 'andrewmvd/metastatic-tissue-classification-patchcamelyon'
+
+def gunzip_file(gz:Path) -> Path:
+    "Unpack `x.h5.gz` to `x.h5` with a progress bar, atomically (a temp name, then a rename)"
+    import gzip
+    out = gz.with_suffix('')
+    if out.exists(): return out
+    tmp, size = Path(f'{out}.partial'), gz.stat().st_size
+    with open(gz, 'rb') as raw, gzip.GzipFile(fileobj=raw) as g, open(tmp, 'wb') as f:
+        pb = progress_bar(range(100), leave=False); it = iter(pb); done = 0
+        while block := g.read(1 << 24):
+            f.write(block)
+            pct = int(100 * raw.tell() / max(size, 1))
+            while done < pct: next(it, None); done += 1
+    os.replace(tmp, out)
+    return out
+
+def download_pcam_h5(dest:str|Path='data/pcam-h5', # Folder for the six h5 files
+                     dataset:str=PCAM_H5_DATASET, # Kaggle dataset `owner/name` that holds them
+                     force:bool=False, # Download again
+                     api=None, # A `KaggleApi`-like object (for tests); default: Kaggle's, authenticated
+                    ) -> Path: # `dest`
+    "Download the official PCam h5 files (slide-disjoint train/valid/test) through the Kaggle API"
+    from pcam_fastai.data import kaggle_credentials_found, _kaggle_api, kaggle_fetch, KaggleDownloadError, _NO_CREDENTIALS, unzip_safely
+    dest = Path(dest)
+    if not force and all(any(dest.rglob(PCAM_H5.format(split=s, xy=xy))) for s in ('train', 'valid', 'test') for xy in 'xy'): return dest
+    if api is None:
+        if not kaggle_credentials_found(): raise KaggleDownloadError(_NO_CREDENTIALS.format(competition='histopathologic-cancer-detection'))
+        api = _kaggle_api()
+    dest.mkdir(parents=True, exist_ok=True)
+    zp = kaggle_fetch(dest, dataset, lambda tmp: api.dataset_download_files(dataset, path=str(tmp), force=True, quiet=False, unzip=False))
+    unzip_safely(zp, dest)
+    for gz in sorted(dest.rglob(PCAM_H5.format(split='*', xy='*') + '.gz')): gunzip_file(gz)
+    missing = [PCAM_H5.format(split=s, xy=xy) for s in ('train', 'valid', 'test') for xy in 'xy' if not any(dest.rglob(PCAM_H5.format(split=s, xy=xy)))]
+    if missing: raise KaggleDownloadError(f"The Kaggle dataset {dataset} did not contain {', '.join(missing)}. "
+                                          "Pass another dataset, or put the six files from https://zenodo.org/records/2546921 into a folder yourself.")
+    return dest
+
+# %% ../nbs/05_cache.ipynb #0142bfe1
+def make_synthetic_pcam_h5(dest:str|Path, # Folder for the six files
+                           n_train:int=400, n_valid:int=100, n_test:int=100, # Patches per split
+                           seed:int=42, # Same seed, same files
+                           gz:bool=False, # Write `.h5.gz` as Zenodo distributes them
+                          ) -> Path: # `dest`
+    "Small synthetic PCam in exactly the official h5 format (x: N x 96 x 96 x 3 uint8, y: N x 1 x 1 x 1)"
+    import h5py
+    from pcam_fastai.data import synthetic_patch
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', n_train), ('valid', n_valid), ('test', n_test)):
+        y = (rng.random(n) < 0.5).astype(np.uint8); y[:2] = [0, 1]
+        x = np.stack([synthetic_patch(rng, bool(t)) for t in y])
+        for xy, arr in (('x', x), ('y', y.reshape(n, 1, 1, 1))):
+            fn = dest/PCAM_H5.format(split=split, xy=xy)
+            with h5py.File(fn, 'w') as h: h.create_dataset(xy, data=arr, chunks=(min(n, 64), *arr.shape[1:]), compression='gzip')
+            if gz:
+                import gzip
+                with open(fn, 'rb') as f, gzip.open(f'{fn}.gz', 'wb') as g: shutil.copyfileobj(f, g)
+                fn.unlink()
+    return dest
+
+# %% ../nbs/05_cache.ipynb #a83b10e3
 def _write_json(fn, obj):
     "Write JSON atomically: a temp file, fsync, rename"
     tmp = Path(f'{fn}.tmp')
@@ -171,7 +234,7 @@ def _allocate(fn, shape):
                              "Free space or pass another dest; any existing cache is untouched.") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL): raise
 
-# %% ../nbs/05_cache.ipynb #48dd0755
+# %% ../nbs/05_cache.ipynb #6520fd40
 def build_split(source:Source, # What to cache
                 dest:str|Path, # The cache root; the split goes to `dest/<split>`
                 chunk:int=2048, # Patches per write (and per progress-file update)
@@ -236,7 +299,7 @@ def _verify(part, source, k):
         if not b and not np.array_equal(a[0], images[i]):
             raise CacheError(f"Verification failed: patch {source.ids[i]} in {part} differs from its source. Rebuild with force=True.")
 
-# %% ../nbs/05_cache.ipynb #2808f070
+# %% ../nbs/05_cache.ipynb #97f78546
 def build_cache(src:str|Path, # Kaggle zip, extracted Kaggle folder, or folder of the official PCam h5 files
                 dest:str|Path, # Cache root: one sub-folder per split
                 on_bad:str='error', # Unreadable or non-96x96-RGB patches: 'error', 'skip' or 'fix'
@@ -253,7 +316,7 @@ def build_cache(src:str|Path, # Kaggle zip, extracted Kaggle folder, or folder o
     for s in sources: build_split(s, dest, chunk=chunk, force=force, show_progress=show_progress)
     return Path(dest)
 
-# %% ../nbs/05_cache.ipynb #ff9ac941
+# %% ../nbs/05_cache.ipynb #d368378d
 def cache_splits(path:str|Path) -> list[str]:
     "The complete splits cached under `path`"
     path = Path(path)

@@ -23,8 +23,8 @@ from fastai.vision.augment import Resize, aug_transforms
 # %% auto #0
 __all__ = ['COMPETITION', 'PATCH_SIZE', 'CENTRE', 'CLASSES', 'TUMOUR_RGB', 'LYMPHOCYTE_RGB', 'open_patch', 'RANDOM_SPLIT',
            'synthetic_patch', 'write_tiff', 'make_synthetic_pcam', 'KaggleDownloadError', 'kaggle_credentials_found',
-           'explain_kaggle_error', 'unzip_safely', 'download_pcam', 'PCamDataError', 'check_labels', 'read_labels',
-           'PatchOpener', 'LabelLookup', 'pcam_dataloaders']
+           'explain_kaggle_error', 'check_zip', 'unzip_safely', 'kaggle_fetch', 'download_pcam', 'PCamDataError',
+           'check_labels', 'read_labels', 'PatchOpener', 'LabelLookup', 'pcam_dataloaders']
 
 # %% ../nbs/00_data.ipynb #a6a42e56
 COMPETITION = 'histopathologic-cancer-detection'
@@ -158,39 +158,61 @@ def explain_kaggle_error(e:Exception, competition:str=COMPETITION) -> str:
                 "a partial download is discarded and started over.")
     return f"The Kaggle download failed: {text}"
 
-# %% ../nbs/00_data.ipynb #8061359d
+# %% ../nbs/00_data.ipynb #6e1280ec
+def check_zip(zip_path:Path) -> Path:
+    "Check every member's CRC; delete the zip and raise if it is truncated or corrupt"
+    try:
+        with zipfile.ZipFile(zip_path) as zf: bad = zf.testzip()
+        if bad is not None: raise zipfile.BadZipFile(f'member {bad} fails its CRC check')
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        Path(zip_path).unlink(missing_ok=True)
+        raise KaggleDownloadError(f"{zip_path} is corrupt or incomplete ({e}). It was deleted; run the download again.") from None
+    return Path(zip_path)
+
 def unzip_safely(zip_path:Path, # The downloaded zip
                  dest:Path, # Where its contents go
                 ):
     "Unpack `zip_path` into `dest` with a progress bar; delete the zip and raise if it is corrupt"
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            bad = zf.testzip()
-            if bad is not None: raise zipfile.BadZipFile(f'member {bad} fails its CRC check')
-            for m in progress_bar(zf.infolist(), leave=False): zf.extract(m, dest)
-    except (zipfile.BadZipFile, EOFError) as e:
-        zip_path.unlink(missing_ok=True)
-        raise KaggleDownloadError(f"{zip_path} is corrupt or incomplete ({e}). It was deleted; run the download again.") from None
+    check_zip(zip_path)
+    with zipfile.ZipFile(zip_path) as zf:
+        for m in progress_bar(zf.infolist(), leave=False): zf.extract(m, dest)
 
-def download_pcam(dest:str|Path='data/pcam', # Folder to download and unpack into
+def kaggle_fetch(dest:Path, # Final folder
+                 name:str, # Competition or dataset name
+                 fetch, # Called with a temporary folder; downloads into it
+                ) -> Path: # The downloaded zip, moved into `dest` once it is complete and checked
+    "Download into `dest/.partial-download`, check the zip, then move it into place: a partial file is never trusted"
+    tmp = dest/'.partial-download'
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    try: fetch(tmp)
+    except Exception as e: raise KaggleDownloadError(explain_kaggle_error(e, name)) from None
+    zips = sorted(tmp.glob('*.zip'))
+    if not zips: raise KaggleDownloadError(f"Kaggle reported success but no zip arrived in {tmp}. Run again with force=True.")
+    check_zip(zips[0])
+    final = dest/zips[0].name
+    os.replace(zips[0], final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+def download_pcam(dest:str|Path='data/pcam', # Folder to download (and unpack) into
                   competition:str=COMPETITION, # Kaggle competition to download
                   force:bool=False, # Download again even if already complete
+                  unzip:bool=True, # Unpack the 277k files; False keeps only the zip (`build_cache` reads it directly)
                   api=None, # A `KaggleApi`-like object (for tests); default: Kaggle's, authenticated
-                 ) -> Path: # `dest`, holding the Kaggle layout
+                 ) -> Path: # `dest`, holding the Kaggle layout (or just the zip)
     "Download the Kaggle PCam competition data into `dest` and unpack it"
     dest = Path(dest)
-    marker = dest/'.download_complete'
-    if marker.exists() and not force: return dest
-    if api is None:
-        if not kaggle_credentials_found(): raise KaggleDownloadError(_NO_CREDENTIALS.format(competition=competition))
-        api = _kaggle_api()
-    dest.mkdir(parents=True, exist_ok=True)
-    zip_path = dest/f'{competition}.zip'
-    try: api.competition_download_files(competition, path=str(dest), force=force, quiet=False)
-    except Exception as e: raise KaggleDownloadError(explain_kaggle_error(e, competition)) from None
-    if not zip_path.exists(): raise KaggleDownloadError(f"Kaggle reported success but {zip_path} is missing. Run again with force=True.")
-    unzip_safely(zip_path, dest)
-    marker.write_text(competition)
+    marker, zip_path = dest/'.download_complete', dest/f'{competition}.zip'
+    if not force and marker.exists() and (not unzip or marker.read_text() == 'unzipped'): return dest
+    if force or not zip_path.exists():
+        if api is None:
+            if not kaggle_credentials_found(): raise KaggleDownloadError(_NO_CREDENTIALS.format(competition=competition))
+            api = _kaggle_api()
+        dest.mkdir(parents=True, exist_ok=True)
+        kaggle_fetch(dest, competition, lambda tmp: api.competition_download_files(competition, path=str(tmp), force=True, quiet=False))
+    else: check_zip(zip_path)
+    if unzip: unzip_safely(zip_path, dest)
+    marker.write_text('unzipped' if unzip else 'zip')
     return dest
 
 # %% ../nbs/00_data.ipynb #97e18506
