@@ -1,0 +1,167 @@
+"The array cache (issue 3): same data from every source, every fault named, and the fast loader trains as well."
+import errno, json, os, shutil, signal, subprocess, sys, time, zipfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+from pcam_fastai.cache import (build_cache, load_cache, cache_splits, make_synthetic_pcam_h5, CacheError, PCAM_H5)
+from pcam_fastai.data import make_synthetic_pcam, COMPETITION
+
+
+def zip_folder(folder, zp):
+    with zipfile.ZipFile(zp, 'w', zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(Path(folder).rglob('*')):
+            if f.is_file() and not f.name.startswith('.'): zf.write(f, f.relative_to(folder))
+    return zp
+
+
+@pytest.fixture(scope='module')
+def kaggle_set(tmp_path_factory):
+    base = tmp_path_factory.mktemp('kaggle')
+    folder = make_synthetic_pcam(base/'pcam', n_train=120, n_test=10, seed=5, show_progress=False)
+    return folder, zip_folder(folder, base/f'{COMPETITION}.zip')
+
+
+def _clean(res):
+    assert res.returncode == 2, (res.returncode, res.stdout[-1500:], res.stderr[-3000:])
+    assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+    return res.stderr
+
+
+def test_zip_folder_and_pil_agree(kaggle_set, tmp_path):
+    folder, zp = kaggle_set
+    build_cache(zp, tmp_path/'from_zip', show_progress=False)
+    build_cache(folder, tmp_path/'from_folder', show_progress=False)
+    a, b = load_cache(tmp_path/'from_zip'), load_cache(tmp_path/'from_folder')
+    df = pd.read_csv(folder/'train_labels.csv', dtype={'id': str})
+    assert a.ids == b.ids == list(df.id)  # the CSV's order
+    assert np.array_equal(a.labels, df.label.values) and np.array_equal(b.labels, df.label.values)
+    direct = np.stack([np.asarray(Image.open(folder/'train'/f'{i}.tif')) for i in df.id])
+    assert np.array_equal(a.images, direct) and np.array_equal(b.images, direct)
+    sub = pd.read_csv(folder/'sample_submission.csv', dtype={'id': str})
+    t = load_cache(tmp_path/'from_zip', 'test')
+    assert t.ids == list(sub.id) and (t.labels == -1).all()
+    assert np.array_equal(t.images[3], np.asarray(Image.open(folder/'test'/f'{sub.id[3]}.tif')))
+
+
+def test_h5_agrees_with_torchvision(tmp_path):
+    import torchvision
+    h5 = make_synthetic_pcam_h5(tmp_path/'pcam', n_train=30, n_valid=10, n_test=10, seed=2)
+    build_cache(h5, tmp_path/'cache', show_progress=False)
+    assert cache_splits(tmp_path/'cache') == ['train', 'valid', 'test']
+    for split, tv_split in (('train', 'train'), ('valid', 'val'), ('test', 'test')):
+        tv = torchvision.datasets.PCAM(tmp_path, split=tv_split)  # reads tmp_path/pcam/*.h5
+        c = load_cache(tmp_path/'cache', split)
+        assert len(tv) == len(c.ids)
+        for i in range(len(tv)):
+            img, target = tv[i]
+            assert np.array_equal(np.asarray(img), c.images[i]) and int(target) == int(c.labels[i])
+
+
+def test_truncated_zip(kaggle_set, tmp_path):
+    _, zp = kaggle_set
+    (tmp_path/'t.zip').write_bytes(zp.read_bytes()[: zp.stat().st_size // 2])
+    err = _clean(run_cli(['cache', tmp_path/'t.zip', tmp_path/'cache']))
+    assert 'download was probably interrupted' in err or 'corrupt' in err
+    assert not (tmp_path/'cache'/'train'/'manifest.json').exists()
+
+
+@pytest.mark.parametrize('fault,message', [
+    ('corrupt', 'Cannot read patch'),
+    ('size', 'is 50x50 RGB, not 96x96 RGB'),
+    ('gray', 'is 96x96 L, not 96x96 RGB'),
+])
+def test_bad_tiff_in_zip_is_named(kaggle_set, tmp_path, fault, message):
+    folder, _ = kaggle_set
+    bad = Path(shutil.copytree(folder, tmp_path/'bad', ignore=shutil.ignore_patterns('.*')))
+    victim = pd.read_csv(bad/'train_labels.csv', dtype={'id': str}).id[17]
+    fn = bad/'train'/f'{victim}.tif'
+    if fault == 'corrupt': fn.write_bytes(fn.read_bytes()[:300])
+    elif fault == 'size': Image.new('RGB', (50, 50)).save(fn)
+    else: Image.new('L', (96, 96)).save(fn)
+    zp = zip_folder(bad, tmp_path/'bad.zip')
+    err = _clean(run_cli(['cache', zp, tmp_path/'cache']))
+    assert message in err and f'train/{victim}.tif' in err, err
+    assert run_cli(['cache', zp, tmp_path/'skip', '--on-bad', 'skip']).returncode == 0
+    c = load_cache(tmp_path/'skip')
+    assert c.manifest['skipped'] == [victim] and c.keep.sum() == len(c.ids) - 1
+    if fault != 'corrupt':
+        assert run_cli(['cache', zp, tmp_path/'fix', '--on-bad', 'fix']).returncode == 0
+        assert load_cache(tmp_path/'fix').keep.all()
+
+
+@pytest.mark.parametrize('fault,message', [
+    ('missing_image', 'have no train/<id>.tif'),
+    ('unlabelled_image', 'have no row in'),
+    ('duplicate', 'duplicate ids'),
+    ('bad_label', 'not 0 or 1'),
+])
+def test_labels_csv_problems_in_zip(kaggle_set, tmp_path, fault, message):
+    folder, _ = kaggle_set
+    bad = Path(shutil.copytree(folder, tmp_path/'bad', ignore=shutil.ignore_patterns('.*')))
+    df = pd.read_csv(bad/'train_labels.csv', dtype={'id': str})
+    if fault == 'missing_image': (bad/'train'/f'{df.id[4]}.tif').unlink()
+    elif fault == 'unlabelled_image': df.drop(index=[4]).to_csv(bad/'train_labels.csv', index=False)
+    elif fault == 'duplicate': pd.concat([df, df.iloc[:2]]).to_csv(bad/'train_labels.csv', index=False)
+    else: df.assign(label=df.label.where(df.index != 9, 2)).to_csv(bad/'train_labels.csv', index=False)
+    err = _clean(run_cli(['cache', zip_folder(bad, tmp_path/'bad.zip'), tmp_path/'cache']))
+    assert message in err, err
+
+
+def test_bad_h5(tmp_path):
+    import h5py
+    h5 = make_synthetic_pcam_h5(tmp_path/'h5', n_train=20, n_valid=8, n_test=8, seed=1)
+    with h5py.File(h5/PCAM_H5.format(split='test', xy='y'), 'w') as f: f.create_dataset('y', data=np.zeros((3, 1, 1, 1), np.uint8))
+    assert 'holds 8 patches but' in _clean(run_cli(['cache', h5, tmp_path/'c1']))
+    with h5py.File(h5/PCAM_H5.format(split='test', xy='x'), 'w') as f: f.create_dataset('x', data=np.zeros((3, 64, 64, 3), np.uint8))
+    assert 'expected uint8 N x 96 x 96 x 3' in _clean(run_cli(['cache', h5, tmp_path/'c1']))
+
+
+def test_full_disk_leaves_old_cache_untouched(kaggle_set, tmp_path):
+    folder, _ = kaggle_set
+    build_cache(folder, tmp_path/'cache', show_progress=False)
+    before = (tmp_path/'cache'/'train'/'manifest.json').read_bytes()
+    with mock.patch('os.posix_fallocate', side_effect=OSError(errno.ENOSPC, 'No space left on device')):
+        with pytest.raises(CacheError, match='Not enough disk space'): build_cache(folder, tmp_path/'cache', force=True, show_progress=False)
+    assert (tmp_path/'cache'/'train'/'manifest.json').read_bytes() == before
+    assert load_cache(tmp_path/'cache').images.shape[0] == 120
+
+
+def test_killed_build_resumes(tmp_path):
+    folder = make_synthetic_pcam(tmp_path/'pcam', n_train=3000, n_test=0, seed=9, show_progress=False)
+    code = (f"from pcam_fastai.cache import build_cache; build_cache({str(folder)!r}, {str(tmp_path/'cache')!r}, chunk=100, show_progress=False)")
+    proc = subprocess.Popen([sys.executable, '-c', code])
+    state = tmp_path/'cache'/'train.partial'/'progress.json'
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if json.loads(state.read_text())['done'] >= 500: break
+        except (OSError, ValueError, KeyError): pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    done = json.loads(state.read_text())['done']
+    assert 0 < done < 3000, done
+    with pytest.raises(CacheError, match='interrupted build'): load_cache(tmp_path/'cache')
+    build_cache(folder, tmp_path/'cache', chunk=100, show_progress=False)  # resumes at `done`
+    c = load_cache(tmp_path/'cache')
+    df = pd.read_csv(folder/'train_labels.csv', dtype={'id': str})
+    for i in (0, done - 1, done, 2999):
+        assert np.array_equal(c.images[i], np.asarray(Image.open(folder/'train'/f'{df.id[i]}.tif')))
+
+
+def test_cache_loader_trains_as_well_as_files(demo_run, tmp_path):
+    run, data, _ = demo_run
+    res = run_cli(['train', '--data', data, '--cache', tmp_path/'cache', '--run-dir', tmp_path/'run', '--preset', 'cpu-demo'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    files_m = json.loads((run/'metrics.json').read_text())
+    cache_m = json.loads((tmp_path/'run'/'metrics.json').read_text())
+    print(f"\nAUC from files {files_m['roc_auc']:.4f} in {files_m['seconds']} s; from the cache {cache_m['roc_auc']:.4f} in {cache_m['seconds']} s")
+    assert cache_m['roc_auc'] >= 0.9 and cache_m['roc_auc'] >= files_m['roc_auc'] - 0.05
+    assert cache_m['n_valid'] == files_m['n_valid'] == 120
+    assert cache_m['optimistic'] is True and cache_m['test'] is None
