@@ -30,7 +30,7 @@ __all__ = ['OFFICIAL_VALID', 'OFFICIAL_TEST', 'GROUPED_SPLIT', 'dihedral', 'Dihe
            'NormalizeBatch', 'StainJitterBatch', 'PatchArrays', 'CacheDL', 'CacheDataLoaders', 'split_indices',
            'batch_tfms', 'cache_dataloaders', 'cache_test_dl']
 
-# %% ../nbs/06_loader.ipynb #15e06806
+# %% ../nbs/06_loader.ipynb #f1ec2f8d
 def dihedral(x:torch.Tensor, # (N, C, H, W) square images
              k:int, # 0-7: bit 0 flips left-right, bit 1 flips up-down, bit 2 transposes
             ) -> torch.Tensor:
@@ -100,7 +100,7 @@ class StainJitterBatch(Transform):
         shift = self.strength * 4 * (2 * torch.rand(n, c, 1, 1, device=x.device) - 1)
         return TensorImage(x.as_subclass(torch.Tensor) * scale + shift)
 
-# %% ../nbs/06_loader.ipynb #cb9e54a9
+# %% ../nbs/06_loader.ipynb #0c438f2e
 class PatchArrays:
     "Rows `idxs` of cached patches as a dataset: item i is (TensorImage uint8 3x96x96, TensorCategory)"
     def __init__(self, images, labels, idxs, vocab=CLASSES, with_labels:bool=True, split_idx:int|None=None):
@@ -172,7 +172,7 @@ class CacheDataLoaders(DataLoaders):
             ds = PatchArrays(src.images, src.labels, np.asarray(items, dtype=np.int64), src.vocab, with_labels, 1)
         return self.valid.new(ds, bs=bs or self.valid.bs, shuffle=False, drop_last=False, **kwargs)
 
-# %% ../nbs/06_loader.ipynb #b681def8
+# %% ../nbs/06_loader.ipynb #50de0bb8
 OFFICIAL_VALID = 'pcam-official-valid (slide-disjoint from train)'
 OFFICIAL_TEST = 'pcam-official-test (slide-disjoint from train and valid)'
 GROUPED_SPLIT = 'kaggle-grouped-by-slide (slides held out whole)'
@@ -197,7 +197,7 @@ def split_indices(n:int, # Rows to split
     is_valid = np.isin(inv, list(valid_g))
     return np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
 
-# %% ../nbs/06_loader.ipynb #66ccfc95
+# %% ../nbs/06_loader.ipynb #980c2d60
 def batch_tfms(size:int=224, max_zoom:float=1.1, stain_jitter:float=0.) -> list:
     "The batch pipeline: dihedral, crop, resize, normalize (and optionally stain jitter)"
     return [DihedralBatch(), RandomCropBatch(max_zoom), ResizeBatch(size), NormalizeBatch(),

@@ -165,3 +165,22 @@ def test_cache_loader_trains_as_well_as_files(demo_run, tmp_path):
     assert cache_m['roc_auc'] >= 0.9 and cache_m['roc_auc'] >= files_m['roc_auc'] - 0.05
     assert cache_m['n_valid'] == files_m['n_valid'] == 120
     assert cache_m['optimistic'] is True and cache_m['test'] is None
+
+
+def test_grouped_split_holds_out_whole_slides(kaggle_set, tmp_path):
+    from pcam_fastai.loader import cache_dataloaders, GROUPED_SPLIT
+    folder, _ = kaggle_set
+    build_cache(folder, tmp_path/'cache', show_progress=False)
+    df = pd.read_csv(folder/'train_labels.csv', dtype={'id': str})
+    slides = pd.DataFrame(dict(id=df.id, slide=[f'slide{i % 12}' for i in range(len(df))]))
+    slides.to_csv(tmp_path/'slides.csv', index=False)
+    dls = cache_dataloaders(tmp_path/'cache', size=96, bs=8, groups=tmp_path/'slides.csv', device='cpu')
+    assert dls.split_name == GROUPED_SPLIT
+    ids = load_cache(tmp_path/'cache').ids
+    slide_of = dict(zip(slides.id, slides.slide))
+    tr = {slide_of[ids[i]] for i in dls.train_ds.idxs}
+    va = {slide_of[ids[i]] for i in dls.valid_ds.idxs}
+    assert tr and va and not tr & va
+    slides.iloc[5:].to_csv(tmp_path/'partial.csv', index=False)
+    with pytest.raises(Exception, match='have no slide in'):
+        cache_dataloaders(tmp_path/'cache', size=96, groups=tmp_path/'partial.csv', device='cpu')
