@@ -64,7 +64,7 @@ def synthetic_patch(rng:np.random.Generator, # Random generator (the caller seed
         _nuclei(img, rng, int(rng.integers(6, 25)), 3.0, 5.5, TUMOUR_RGB, box=(cy-9, cy+9, cx-9, cx+9))
     return np.clip(img, 0, 255).astype(np.uint8)
 
-# %% ../nbs/00_data.ipynb #1f4388ee
+# %% ../nbs/00_data.ipynb #455f2286
 def _patch_id(seed, split, i):
     "A 40-hex id like Kaggle's, stable for a given seed"
     return hashlib.sha1(f'pcam-synthetic-{seed}-{split}-{i}'.encode()).hexdigest()
@@ -87,6 +87,7 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
     marker = dest/'.synthetic.json'
     if not force and marker.exists() and json.loads(marker.read_text()) == spec: return dest
     if n_train < 2 or n_test < 0: raise ValueError(f"n_train must be >= 2 and n_test >= 0, got n_train={n_train}, n_test={n_test}.")
+    marker.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
     rng = np.random.default_rng(seed)
     labels = (rng.random(n_train) < pos_frac).astype(int)
     labels[:2] = [0, 1]  # both classes always present
@@ -102,7 +103,7 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
     marker.write_text(json.dumps(spec))
     return dest
 
-# %% ../nbs/00_data.ipynb #685c5ded
+# %% ../nbs/00_data.ipynb #df471aed
 class KaggleDownloadError(RuntimeError):
     "Downloading from Kaggle failed; the message says why and what to do"
 
@@ -130,7 +131,8 @@ def _kaggle_api():
             api = KaggleApi()
             api.authenticate()
     except (SystemExit, Exception) as e:
-        raise KaggleDownloadError(f"Kaggle could not authenticate: {e or buf.getvalue().strip()}\n"
+        why = buf.getvalue().strip() if isinstance(e, SystemExit) or not str(e) else str(e)
+        raise KaggleDownloadError(f"Kaggle could not authenticate: {why}\n"
                                   "Check ~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY.") from None
     return api
 

@@ -91,7 +91,7 @@ def choose_precision(fp16:bool, # Whether fp16 mixed precision was asked for
                             'and bf16 autocast is ~11x slower than fp32 on CPUs without AVX-512')
     return False, 'fp32 (fp16 not requested)'
 
-# %% ../nbs/01_learner.ipynb #7862fcea
+# %% ../nbs/01_learner.ipynb #87e98435
 def pcam_learner(dls, # DataLoaders from `pcam_dataloaders`
                  arch='resnet50', # torchvision model name or function
                  pretrained:bool=True, # Start from ImageNet weights
@@ -104,6 +104,7 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders`
                 ) -> Learner:
     "A fastai `vision_learner` for PCam, honest about its weights and its precision"
     fn = resolve_arch(arch)
+    if weights_path is not None: pretrained = True  # a weights file is ImageNet weights from disk
     metrics = [accuracy, RocAucBinary()] if metrics is None else metrics
     kw = dict(metrics=metrics, path=path, **kwargs)
     if pretrained and weights_path is None:

@@ -134,24 +134,29 @@ def test_full_disk_leaves_old_cache_untouched(kaggle_set, tmp_path):
 
 
 def test_killed_build_resumes(tmp_path):
-    folder = make_synthetic_pcam(tmp_path/'pcam', n_train=3000, n_test=0, seed=9, show_progress=False)
+    import pcam_fastai.cache as pc
+    folder = make_synthetic_pcam(tmp_path/'pcam', n_train=4000, n_test=0, seed=9, show_progress=False)
     code = (f"from pcam_fastai.cache import build_cache; build_cache({str(folder)!r}, {str(tmp_path/'cache')!r}, chunk=100, show_progress=False)")
     proc = subprocess.Popen([sys.executable, '-c', code])
     state = tmp_path/'cache'/'train.partial'/'progress.json'
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if json.loads(state.read_text())['done'] >= 500: break
+    deadline, done = time.time() + 300, 0
+    while time.time() < deadline and proc.poll() is None:
+        try: done = json.loads(state.read_text())['done']
         except (OSError, ValueError, KeyError): pass
-        time.sleep(0.05)
+        if done >= 500: break
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL); proc.wait()
     done = json.loads(state.read_text())['done']
-    assert 0 < done < 3000, done
+    assert 0 < done < 4000, done
     with pytest.raises(CacheError, match='interrupted build'): load_cache(tmp_path/'cache')
-    build_cache(folder, tmp_path/'cache', chunk=100, show_progress=False)  # resumes at `done`
+    real, calls = pc.decode_patch, []
+    def counting(*a, **k): calls.append(1); return real(*a, **k)
+    with mock.patch.object(pc, 'decode_patch', counting):
+        build_cache(folder, tmp_path/'cache', chunk=100, show_progress=False)
+    assert len(calls) == (4000 - done) + 64, (len(calls), done)  # only the rest was decoded, plus 64 verification reads
     c = load_cache(tmp_path/'cache')
     df = pd.read_csv(folder/'train_labels.csv', dtype={'id': str})
-    for i in (0, done - 1, done, 2999):
+    for i in (0, done - 1, done, 3999):
         assert np.array_equal(c.images[i], np.asarray(Image.open(folder/'train'/f'{df.id[i]}.tif')))
 
 

@@ -22,8 +22,10 @@ def test_train_module_importable_from_fresh_process():
 
 def test_demo_run_writes_everything(demo_run):
     run, data, res = demo_run
-    for f in ('model.pth', 'learner.pkl', 'metrics.json', 'history.csv', 'history.png', 'lr_find_frozen.png',
-              'lr_find_unfrozen.png', 'top_losses_gradcam.png', 'models/stage1-frozen.pth', 'models/stage2-unfrozen.pth'):
+    for f in ('model.pth', 'learner.pkl', 'metrics.json', 'config.json', 'report.md', 'history.csv', 'history.png',
+              'lr_find_frozen.png', 'lr_find_unfrozen.png', 'top_losses_gradcam.png', 'false_negatives_gradcam.png',
+              'false_positives_gradcam.png', 'confident_gallery.png', 'roc_valid.png', 'confusion_valid.png',
+              'models/stage1-frozen.pth', 'models/stage2-unfrozen.pth'):
         assert (run/f).exists() and (run/f).stat().st_size > 0, f
     m = json.loads((run/'metrics.json').read_text())
     assert m['roc_auc'] >= 0.9, m
@@ -41,6 +43,7 @@ def test_model_pth_is_a_plain_state_dict(demo_run):
     run, _, _ = demo_run
     sd = torch.load(run/'model.pth', weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert len(sd) > 100 and sd['0.0.weight'].shape == (64, 3, 7, 7)  # a resnet18 body plus fastai's head
 
 
 def _positives(data, n=24):
