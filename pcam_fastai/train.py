@@ -244,7 +244,7 @@ def run_key(config:dict) -> str:
                                    'weights_path', 'stain_jitter', 'groups')}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-# %% ../nbs/03_train.ipynb #eb42ba1e
+# %% ../nbs/03_train.ipynb #da9a88cb
 def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
     from pcam_fastai.evaluate import predict, binary_metrics
     probs, targs = predict(learn, dl)
@@ -302,7 +302,8 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     set_seed(seed, reproducible=True)
     dls = pcam_dataloaders(data, size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed,
                            n_items=cfg['n_items'], num_workers=num_workers, stain_jitter=stain_jitter, groups=groups)
-    config = dict(data=str(data), labels_sha1=labels_hash(data), preset=preset, settings=cfg, lr_frozen=lr_frozen, lr_unfrozen=lr_unfrozen,
+    config = dict(data=str(data), labels_sha1=labels_hash(data), preset=preset, settings=cfg, lr_frozen=lr_frozen,
+                  lr_unfrozen=_lr_repr(lr_unfrozen) if lr_unfrozen is not None else None,
                   seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None, stain_jitter=stain_jitter,
                   groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k)
     key = run_key(config)

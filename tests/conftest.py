@@ -35,3 +35,16 @@ def small_set(tmp_path_factory):
     "A small synthetic set in the Kaggle layout"
     from pcam_fastai.data import make_synthetic_pcam
     return make_synthetic_pcam(tmp_path_factory.mktemp('small')/'pcam', n_train=60, n_test=4, seed=3)
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr): self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(args):
+    "Run the CLI's `main` in this process (no 10 s import per call), capturing what it prints"
+    import contextlib, io
+    from pcam_fastai.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main([str(a) for a in args])
+    return Result(code, out.getvalue(), err.getvalue())

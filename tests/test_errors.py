@@ -4,7 +4,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 KAGGLE_VARS = ('KAGGLE_USERNAME', 'KAGGLE_KEY', 'KAGGLE_API_TOKEN', 'KAGGLE_CONFIG_DIR')
 
@@ -30,7 +30,7 @@ def test_labels_csv_ids_without_images(small_set, tmp_path):
     bad = _copy(small_set, tmp_path/'bad')
     df = pd.read_csv(bad/'train_labels.csv')
     (bad/'train'/f'{df.id[5]}.tif').unlink()
-    err = _clean(run_cli(['train', '--data', bad, '--preset', 'cpu-demo']))
+    err = _clean(run_main(['train', '--data', bad, '--preset', 'cpu-demo', '--run-dir', tmp_path/'run']))
     assert f'1 ids in train_labels.csv have no train/<id>.tif ({df.id[5]})' in err
 
 
@@ -38,7 +38,7 @@ def test_images_without_labels(small_set, tmp_path):
     bad = _copy(small_set, tmp_path/'bad')
     df = pd.read_csv(bad/'train_labels.csv')
     df.drop(index=[3, 4]).to_csv(bad/'train_labels.csv', index=False)
-    err = _clean(run_cli(['train', '--data', bad, '--preset', 'cpu-demo']))
+    err = _clean(run_main(['train', '--data', bad, '--preset', 'cpu-demo', '--run-dir', tmp_path/'run']))
     assert '2 images in train/ have no row in train_labels.csv' in err
 
 
@@ -72,7 +72,7 @@ def test_offline_pretrained_weights(small_set, tmp_path):
     assert '--weights-path' in err and '--pretrained' in err
 
 
-def test_unknown_arch_and_command(small_set):
-    err = _clean(run_cli(['train', '--data', small_set, '--arch', 'resnet5O']))
+def test_unknown_arch_and_command(small_set, tmp_path):
+    err = _clean(run_main(['train', '--data', small_set, '--arch', 'resnet5O', '--run-dir', tmp_path/'run']))
     assert "Unknown arch 'resnet5O'" in err
-    assert "unknown command 'trian'" in _clean(run_cli(['trian']))
+    assert "unknown command 'trian'" in _clean(run_main(['trian']))
