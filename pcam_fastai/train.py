@@ -244,7 +244,7 @@ def run_key(config:dict) -> str:
                                    'weights_path', 'stain_jitter', 'groups')}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-# %% ../nbs/03_train.ipynb #da9a88cb
+# %% ../nbs/03_train.ipynb #59126626
 def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
     from pcam_fastai.evaluate import predict, binary_metrics
     probs, targs = predict(learn, dl)
@@ -335,7 +335,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     learn.export(run_dir/'learner.pkl')
     metrics = evaluate_run(learn, dls, data, run_dir, top_k=top_k)
     metrics.update(optimistic=dls.split_name.startswith('kaggle-random'), n_train=len(dls.train_ds), data=str(data),
-                   synthetic=synthetic, preset=preset, config=cfg, seed=seed, key=key, precision=learn.precision,
+                   synthetic=synthetic, preset=preset, config=cfg, seed=seed, key=key, compute_precision=learn.precision,
                    weights=learn.weights, device=config['device'], stages=stages, seconds=round(time.time() - t_start, 1),
                    versions=versions(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     (run_dir/'metrics.json').write_text(json.dumps(metrics, indent=2))
@@ -378,7 +378,7 @@ def evaluate_run(learn, dls, data, run_dir:Path, top_k:int=9) -> dict:
     m['plots'] = plots
     return m
 
-# %% ../nbs/03_train.ipynb #5b9b0675
+# %% ../nbs/03_train.ipynb #3a48ccf7
 def _fmt(v): return f'{v:.4f}' if isinstance(v, float) else str(v)
 
 def _metric_rows(m):
@@ -395,7 +395,7 @@ def write_report(run_dir:Path, metrics:dict, config:dict) -> Path:
     run_dir = Path(run_dir)
     L = [f"# PCam run `{run_dir.name}`", '',
          f"Data: `{metrics['data']}`{' (built-in synthetic set)' if metrics['synthetic'] else ''}. "
-         f"Trained {metrics['finished']} on {metrics['device']} ({metrics['precision']}), {metrics['seconds']:.0f} s, seed {metrics['seed']}.", '']
+         f"Trained {metrics['finished']} on {metrics['device']} ({metrics['compute_precision']}), {metrics['seconds']:.0f} s, seed {metrics['seed']}.", '']
     if metrics['optimistic']:
         L += ['> **These validation numbers are optimistic.** They come from a random split of the Kaggle train folder, where '
               'patches of one slide fall on both sides. Train on the official PCam split for numbers to report.', '']
@@ -405,7 +405,8 @@ def write_report(run_dir:Path, metrics:dict, config:dict) -> Path:
               *_metric_rows(metrics['test']), '', f"At the threshold chosen on validation (Youden's J = {metrics['youden_threshold_valid']:.3f}):", '',
               '| metric | value | 95 % CI (bootstrap) |', '|---|---|---|', *_metric_rows(metrics['test_at_youden']), '']
     L += ['## Training', '', '| stage | epochs | learning rate | seconds |', '|---|---|---|---|']
-    L += [f"| {k} | {v['epochs']} | {v['lr']} | {v['seconds']} |" for k, v in metrics['stages'].items()]
+    lr_txt = lambda r: f'slice({r[0]:.2e}, {r[1]:.2e})' if isinstance(r, list) else f'{r:.2e}'
+    L += [f"| {k} | {v['epochs']} | {lr_txt(v['lr'])} | {v['seconds']} |" for k, v in metrics['stages'].items()]
     L += ['', '![history](history.png)', '']
     L += [f'![{p}]({p})' for p in metrics['plots'] if p.startswith('lr_find')] + ['']
     L += ['## Where the model looks', '', '![false negatives](false_negatives_gradcam.png)', '', '![false positives](false_positives_gradcam.png)', '',

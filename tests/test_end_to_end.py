@@ -37,6 +37,7 @@ def test_demo_run_writes_everything(demo_run):
     # the run says which data and which precision it used
     assert 'built-in synthetic PCam' in res.stdout
     if not torch.cuda.is_available(): assert 'precision: fp32: fp16 was requested but there is no CUDA GPU' in res.stdout
+    assert m['compute_precision'].startswith('fp32' if not torch.cuda.is_available() else 'fp16')
 
 
 def test_model_pth_is_a_plain_state_dict(demo_run):
@@ -90,6 +91,8 @@ def test_report_folder(demo_run):
     m = json.loads((run/'metrics.json').read_text())
     for k in ('accuracy', 'roc_auc', 'sensitivity', 'specificity', 'precision', 'f1', 'tp', 'fp', 'tn', 'fn', 'threshold', 'ci95', 'split'):
         assert k in m, k
+    for k in ('accuracy', 'roc_auc', 'sensitivity', 'specificity', 'precision', 'f1', 'threshold'): assert isinstance(m[k], float), (k, m[k])
+    assert m['compute_precision'].startswith(('fp32', 'fp16'))
 
 
 def test_submission_round_trip(demo_run, tmp_path):
