@@ -57,7 +57,7 @@ def centre_ratio(cams:torch.Tensor) -> torch.Tensor:
     inside[h//3:h - h//3, w//3:w - w//3] = True
     return cams[:, inside].mean(1) / cams[:, ~inside].mean(1).clamp_min(1e-12)
 
-# %% ../nbs/02_interpret.ipynb #2b05e288
+# %% ../nbs/02_interpret.ipynb #bb1deafe
 def all_preds(interp:ClassificationInterpretation):
     "Probabilities and targets for every patch of `interp`'s DataLoader, computed once and kept on `interp`"
     if getattr(interp, '_all_preds', None) is None:
@@ -97,7 +97,9 @@ def plot_patches_gradcam(learn, # A trained learner
     fig, axs = plt.subplots(nrows, ncols, figsize=(2.6*ncols, 2.9*nrows), squeeze=False)
     for ax in axs.flat: ax.axis('off')
     if k == 0:
-        axs.flat[0].text(0.5, 0.5, 'none', ha='center', va='center', fontsize=14)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 1.6)); ax.axis('off')
+        ax.text(0.5, 0.5, 'None in this set.', ha='center', va='center', fontsize=12)
         fig.suptitle(title, fontsize=10); return fig
     inps, preds, targs, losses = _rows(interp, idxs)
     cams = gradcam(learn, inps, target=preds.argmax(1))
@@ -109,7 +111,7 @@ def plot_patches_gradcam(learn, # A trained learner
         ax.imshow(np.clip(img / (255 if img.max() > 1 else 1), 0, 1))
         cam = to_np(cams[i])  # heat fades to transparent where the map is zero, so the tissue stays readable
         ax.imshow(cam, cmap=cmap, alpha=alpha*cam, extent=(0, img.shape[1], img.shape[0], 0), vmin=0, vmax=1)
-        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(preds[i].argmax())]}\nloss {float(losses[i]):.2f}, p(tumour) {float(p_pos[i]):.2f}', fontsize=8)
+        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(preds[i].argmax())]}\nloss {max(float(losses[i]), 0.0):.2f}, p(tumour) {float(p_pos[i]):.2f}', fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
