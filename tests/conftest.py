@@ -48,3 +48,10 @@ def run_main(args):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main([str(a) for a in args])
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def clean_error(res):
+    "Assert a CLI call failed as a user error (exit 2, no traceback) and return what it printed on stderr"
+    assert res.returncode == 2, (res.returncode, res.stdout[-1500:], res.stderr[-3000:])
+    assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+    return res.stderr
