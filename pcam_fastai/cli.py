@@ -19,9 +19,9 @@ from .learner import PretrainedWeightsError
 from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'submit', 'user_message', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'submit', 'export', 'serve', 'user_message', 'main']
 
-# %% ../nbs/04_cli.ipynb #c37642db
+# %% ../nbs/04_cli.ipynb #132cd630
 def download(dest:str='data/pcam', # Folder to download into
              competition:str=COMPETITION, # Kaggle competition
              official:bool=False, # Instead, the official PCam h5 files (slide-disjoint train/valid/test) from a Kaggle dataset
@@ -57,10 +57,10 @@ def synth(dest:str='data/synthetic-pcam', # Folder to write the synthetic set in
     out = make_synthetic_pcam(dest, n_train=n_train, n_test=n_test, seed=seed)
     print(f'Wrote {n_train} + {n_test} synthetic patches to {out}')
 
-def train(data:str=None, # Kaggle-layout folder; none: the built-in synthetic set with a CPU-sized configuration
+def train(data:str=None, # Kaggle-layout folder, array cache or folder-per-class set; none: the built-in synthetic set, CPU-sized
           run_dir:str='runs/pcam', # Folder for the model, plots and metrics.json
           preset:str='auto', # 'card' (ResNet50, 224 px, fp16, 30+30 epochs), 'cpu-demo', or 'auto' (card when --data is given)
-          arch:str=None, # Backbone (torchvision name), e.g. resnet50
+          arch:str=None, # Backbone: torchvision or timm name, e.g. resnet50, vgg16_bn, mobilenet_v2, densenet169
           size:int=None, # Image side in pixels
           bs:int=None, # Batch size
           epochs_frozen:int=None, # Epochs with the body frozen
@@ -98,9 +98,28 @@ def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
     p = make_submission(learn, src, out, tta=not no_tta)
     print(f'Wrote {p}: {sum(1 for _ in open(p)) - 1} rows, ids and order checked against sample_submission.csv')
 
-COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit)
+def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`
+           dest:str=None, # Bundle folder; default: RUN_DIR/bundle
+           no_onnx:bool=False, # Skip the ONNX model (torch weights only)
+           bench_patches:int=256, # Patches timed for the throughput figures (0: skip)
+          ):
+    "Write an inference bundle: safe weights, ONNX with preprocessing, and a size and speed report"
+    from pcam_fastai.export import export_bundle
+    export_bundle(run_dir, dest, onnx=not no_onnx, bench_patches=bench_patches)
 
-# %% ../nbs/04_cli.ipynb #d4dcf095
+def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. runs/pcam/bundle
+          host:str='127.0.0.1', # Interface to listen on; 0.0.0.0 for all (no authentication: trusted networks only)
+          port:int=8000, # Port to listen on
+          max_mb:float=5, # Largest accepted upload per file, in MB
+          max_files:int=16, # Most files per request
+         ):
+    "Serve a bundle: a web page to upload patches and see probabilities and Grad-CAM, and JSON at /api/predict"
+    from pcam_fastai.serve import serve as _serve
+    _serve(bundle, host=host, port=port, max_mb=max_mb, max_files=max_files)
+
+COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve)
+
+# %% ../nbs/04_cli.ipynb #a1ed2ac9
 USER_ERRORS = (KaggleDownloadError, PCamDataError, PretrainedWeightsError, ValueError, TypeError)  # ModelFileError is a ValueError
 
 def user_message(e:Exception) -> str:
@@ -134,3 +153,6 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
         print(f'pcam-fastai {argv[0]}: interrupted; checkpoints saved so far are kept.', file=sys.stderr)
         return 130
     return 0
+
+# `python -m pcam_fastai.cli ...`, which `accelerate launch -m` and `torchrun -m` use (nbdev-test runs cells as __main__ without __file__)
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -13,8 +13,9 @@ import matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
 
 # %% auto #0
-__all__ = ['binary_metrics', 'simulate_ci_coverage', 'youden_threshold', 'plot_roc', 'plot_confusion', 'predict',
-           'make_submission', 'check_submission', 'ModelFileError', 'load_weights', 'load_run']
+__all__ = ['binary_metrics', 'simulate_ci_coverage', 'youden_threshold', 'plot_roc', 'plot_confusion', 'multiclass_metrics',
+           'plot_confusion_matrix', 'predict', 'make_submission', 'check_submission', 'ModelFileError', 'load_weights',
+           'load_run']
 
 # %% ../nbs/07_evaluate.ipynb #c0ee34df
 def _check(probs, targets):
@@ -117,7 +118,56 @@ def plot_confusion(metrics:dict, classes=('normal', 'tumour')) -> plt.Figure:
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_evaluate.ipynb #87ae8497
+# %% ../nbs/07_evaluate.ipynb #3b9723a6
+def multiclass_metrics(probs, # Predicted probabilities, (N, n_classes), rows summing to 1
+                       targets, # True class indices, 0 .. n_classes-1
+                       classes:list, # Class names, in index order
+                       split:str='valid', # Where the numbers come from
+                       n_boot:int=1000, # Bootstrap resamples for the intervals (0: none)
+                       seed:int=0, # Seed of the bootstrap
+                      ) -> dict:
+    "Accuracy, balanced accuracy, macro F1 and one-vs-rest AUC, per-class scores, confusion matrix and bootstrap CIs"
+    from sklearn.metrics import precision_recall_fscore_support, confusion_matrix
+    p, t = np.asarray(probs, dtype=np.float64), np.asarray(targets).astype(int).ravel()
+    if p.ndim != 2 or p.shape[1] != len(classes): raise ValueError(f"probs must be (N, {len(classes)}), got {p.shape}.")
+    if len(p) != len(t): raise ValueError(f"probs and targets differ in length: {len(p)} vs {len(t)}.")
+    if len(t) == 0: raise ValueError("No predictions: probs and targets are empty.")
+    if np.isnan(p).any() or p.min() < 0 or p.max() > 1: raise ValueError("probs must be probabilities in [0, 1] without NaN; apply softmax first.")
+    if t.min() < 0 or t.max() >= len(classes): raise ValueError(f"targets must be class indices 0..{len(classes)-1}, got {t.min()}..{t.max()}.")
+    pred = p.argmax(1)
+    prec, rec, f1, sup = precision_recall_fscore_support(t, pred, labels=range(len(classes)), zero_division=0)
+    present = sup > 0
+    bal = lambda pr, tt: float(np.mean([(pr[tt == c] == c).mean() for c in np.unique(tt)]))
+    try: auc = float(roc_auc_score(t, p / p.sum(1, keepdims=True), multi_class='ovr', average='macro', labels=range(len(classes))))
+    except ValueError: auc = float('nan')  # a class without examples in this split
+    res = dict(split=split, n=len(t), multiclass=True, classes=list(classes), accuracy=float((pred == t).mean()),
+               balanced_accuracy=bal(pred, t), macro_f1=float(f1[present].mean()), roc_auc=auc,
+               per_class={c: dict(precision=float(prec[i]), recall=float(rec[i]), f1=float(f1[i]), support=int(sup[i])) for i, c in enumerate(classes)},
+               confusion=confusion_matrix(t, pred, labels=range(len(classes))).tolist())
+    if n_boot:
+        idx = np.random.default_rng(seed).integers(0, len(t), (n_boot, len(t)))
+        accs, bals = (pred[idx] == t[idx]).mean(1), [bal(pred[i], t[i]) for i in idx]
+        pct = lambda x: [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
+        res['ci95'] = dict(accuracy=pct(accs), balanced_accuracy=pct(bals), n_boot=n_boot, seed=seed)
+    return res
+
+def plot_confusion_matrix(cm, # Counts, rows = actual, columns = predicted
+                          classes:list, # Class names
+                          title:str='', # Figure title
+                         ) -> plt.Figure:
+    "A confusion matrix of any size, coloured by row share, with counts"
+    cm = np.asarray(cm); k = len(classes)
+    share = cm / cm.sum(1, keepdims=True).clip(1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55*k, 1.0 + 0.5*k))
+    ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k): ax.text(j, i, f'{cm[i, j]:,}', ha='center', va='center', fontsize=8, color='white' if share[i, j] > .5 else 'black')
+    ax.set(xticks=range(k), yticks=range(k), xlabel='predicted', ylabel='actual', title=title[:50])
+    ax.set_xticklabels(classes, rotation=90, fontsize=8); ax.set_yticklabels(classes, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/07_evaluate.ipynb #06c877a8
 import torch
 from .loader import dihedral
 
@@ -137,7 +187,7 @@ def predict(learn, # A learner (also one from `load_learner`)
             if len(b) > 1: targs.append(b[1].cpu().as_subclass(torch.Tensor))
     return torch.cat(probs), (torch.cat(targs) if targs else None)
 
-# %% ../nbs/07_evaluate.ipynb #e9fd0116
+# %% ../nbs/07_evaluate.ipynb #cc0667e7
 import os
 from pathlib import Path
 import pandas as pd
@@ -195,7 +245,7 @@ def check_submission(sub:pd.DataFrame, # The submission to check
         raise PCamDataError(f"The submission's ids do not match sample_submission.csv ({len(extra)} unknown ids, e.g. {sorted(extra)[:1]}, "
                             f"or a different order); nothing written.")
 
-# %% ../nbs/07_evaluate.ipynb #4a216035
+# %% ../nbs/07_evaluate.ipynb #140c542b
 import json
 
 class ModelFileError(ValueError):
@@ -228,7 +278,10 @@ def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
     if not (run_dir/'config.json').exists(): raise ModelFileError(f"{run_dir} has no config.json; is it a run folder written by pcam-fastai train?")
     cfg = json.loads((run_dir/'config.json').read_text())
     st = cfg['settings']
-    dls = pcam_dataloaders(data or cfg['data'], size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'],
-                           n_items=st['n_items'], num_workers=0, device='cpu' if cpu else None)
+    from pcam_fastai.folders import is_folder_dataset, folder_dataloaders
+    src = data or cfg['data']
+    make = folder_dataloaders if is_folder_dataset(src) else pcam_dataloaders
+    dls = make(src, size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'],
+               n_items=st['n_items'], num_workers=0, device='cpu' if cpu else None)
     learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=False, path=run_dir, quiet=True)
     return load_weights(learn, run_dir/'model.pth')

@@ -20,7 +20,7 @@ from fastai.torch_core import to_np, to_device
 __all__ = ['gradcam', 'centre_ratio', 'all_preds', 'plot_patches_gradcam', 'top_loss_idxs', 'plot_top_losses_gradcam',
            'plot_confident_gallery']
 
-# %% ../nbs/02_interpret.ipynb #fc7f1cdf
+# %% ../nbs/02_interpret.ipynb #bd7072da
 def gradcam(learn, # A trained (or any) fastai vision learner
             xb:torch.Tensor, # A batch of model-ready (normalized) images, (N, 3, H, W)
             target:int|torch.Tensor|None=None, # Class index (or one per image) to explain; None: the predicted class
@@ -37,6 +37,10 @@ def gradcam(learn, # A trained (or any) fastai vision learner
         with Hook(layer, lambda m, i, o: o, detach=False) as hook, torch.enable_grad():
             out = model(xb.detach().requires_grad_(True))
             acts = hook.stored
+            if not (torch.is_tensor(acts) and acts.dim() == 4):
+                raise ValueError(f"Grad-CAM needs a spatial feature map, but {type(layer).__name__} outputs "
+                                 f"{tuple(acts.shape) if torch.is_tensor(acts) else type(acts).__name__}. For a vision transformer "
+                                 "(tokens, not a grid) pass `layer=` a module with an (N, C, H, W) output, or use a CNN backbone.")
             if target is None: target = out.argmax(1)
             target = torch.as_tensor(target, device=out.device).expand(len(out)) if torch.as_tensor(target).dim() == 0 else torch.as_tensor(target, device=out.device)
             score = out.float().gather(1, target.long()[:, None]).sum()
@@ -57,7 +61,7 @@ def centre_ratio(cams:torch.Tensor) -> torch.Tensor:
     inside[h//3:h - h//3, w//3:w - w//3] = True
     return cams[:, inside].mean(1) / cams[:, ~inside].mean(1).clamp_min(1e-12)
 
-# %% ../nbs/02_interpret.ipynb #bb1deafe
+# %% ../nbs/02_interpret.ipynb #2fd4cfe2
 def all_preds(interp:ClassificationInterpretation):
     "Probabilities and targets for every patch of `interp`'s DataLoader, computed once and kept on `interp`"
     if getattr(interp, '_all_preds', None) is None:
@@ -76,9 +80,12 @@ def _rows(interp, idxs):
         finally: interp.dl.after_batch.split_idx = old
         with torch.no_grad(): preds = torch.softmax(interp.learn.model.eval()(inps).float(), 1)
         return inps, preds.cpu(), targs.cpu(), interp.losses[idxs]
-    with warnings.catch_warnings():  # metrics on a handful of patches (e.g. AUC with one class) warn harmlessly
-        warnings.simplefilter('ignore')
-        inps, preds, targs, decoded, losses = interp[idxs]
+    metrics, interp.learn.metrics = interp.learn.metrics, []  # metrics on a handful of patches (e.g. AUC with one class) fail or warn
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            inps, preds, targs, decoded, losses = interp[idxs]
+    finally: interp.learn.metrics = metrics
     return inps, preds, targs, losses
 
 def plot_patches_gradcam(learn, # A trained learner
@@ -89,7 +96,7 @@ def plot_patches_gradcam(learn, # A trained learner
                          cmap:str='magma', # Heatmap colour map
                          ncols:int|None=None, # Grid columns; None: about square
                         ) -> plt.Figure:
-    "Patches with the Grad-CAM of their predicted class; titles: actual / predicted, loss, p(tumour)"
+    "Patches with the Grad-CAM of their predicted class; titles: actual / predicted, loss, p(positive class) (or of the prediction)"
     idxs = torch.as_tensor(idxs, dtype=torch.long)
     k = len(idxs)
     ncols = ncols or max(1, math.ceil(math.sqrt(k)))
@@ -105,13 +112,15 @@ def plot_patches_gradcam(learn, # A trained learner
     cams = gradcam(learn, inps, target=preds.argmax(1))
     imgs = learn.dls.valid.decode((inps,))[0]
     vocab = learn.dls.vocab
-    p_pos = preds[:, 1] if preds.shape[1] == 2 else preds.max(1).values
+    two = preds.shape[1] == 2
+    p_pos = preds[:, 1] if two else preds.max(1).values
+    p_name = f'p({vocab[1]})' if two else 'p'
     for i, ax in enumerate(axs.flat[:k]):
         img = to_np(imgs[i].permute(1, 2, 0)).astype(np.float32)
         ax.imshow(np.clip(img / (255 if img.max() > 1 else 1), 0, 1))
         cam = to_np(cams[i])  # heat fades to transparent where the map is zero, so the tissue stays readable
         ax.imshow(cam, cmap=cmap, alpha=alpha*cam, extent=(0, img.shape[1], img.shape[0], 0), vmin=0, vmax=1)
-        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(preds[i].argmax())]}\nloss {max(float(losses[i]), 0.0):.2f}, p(tumour) {float(p_pos[i]):.2f}', fontsize=8)
+        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(preds[i].argmax())]}\nloss {max(float(losses[i]), 0.0):.2f}, {p_name} {float(p_pos[i]):.2f}', fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -125,6 +134,7 @@ def top_loss_idxs(interp:ClassificationInterpretation, # An interpretation
     if kind == 'all': return order[:k]
     if kind not in ('fn', 'fp'): raise ValueError(f"kind must be 'all', 'fn' or 'fp', not {kind!r}.")
     probs, targs = all_preds(interp)
+    if probs.shape[1] != 2: raise ValueError(f"kind={kind!r} needs a binary task; this one has {probs.shape[1]} classes. Use kind='all'.")
     pred = probs.argmax(1)
     wrong = (targs == 1) & (pred == 0) if kind == 'fn' else (targs == 0) & (pred == 1)
     return order[wrong[order]][:k]

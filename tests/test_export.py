@@ -1,0 +1,86 @@
+"`pcam-fastai export` on the README's demo run: ONNX agrees with torch in onnxruntime, the bundle predicts like the learner, and it serves in a real browser."
+import json, os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, run_main, clean_error
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+
+
+@pytest.fixture(scope='module')
+def bundle(demo_run, tmp_path_factory):
+    run_dir, data, _ = demo_run
+    dest = tmp_path_factory.mktemp('bundle')/'bundle'
+    res = run_cli(['export', '--run-dir', run_dir, '--dest', dest, '--bench-patches', '128'])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert 'patches/s' in res.stdout
+    return dest, run_dir, data
+
+
+def test_bundle_files_and_report(bundle):
+    dest, run_dir, _ = bundle
+    for f in ('weights.pth', 'model.onnx', 'bundle.json', 'report.md'): assert (dest/f).exists(), f
+    meta = json.loads((dest/'bundle.json').read_text())
+    assert meta['classes'] == ['normal', 'tumour'] and meta['positive'] == 'tumour' and meta['size'] == 96
+    assert meta['onnx_max_abs_diff'] <= 1e-4 and meta['onnx_checked_on'] >= 16
+    assert meta['torch_patches_per_s'] > 0 and meta['onnx_patches_per_s'] > 0 and meta['bench_batch'] == 64
+    report = (dest/'report.md').read_text()
+    assert 'patches/s' in report and 'MB' in report and 'parameters' in report
+    print(f"\nexport: {meta['n_params']/1e6:.1f} M params, weights {meta['weights_mb']} MB, ONNX {meta['onnx_mb']} MB, "
+          f"max diff {meta['onnx_max_abs_diff']:.1e}, torch {meta['torch_patches_per_s']} / onnxruntime {meta['onnx_patches_per_s']} patches/s")
+
+
+def test_onnx_matches_torch_in_onnxruntime(bundle):
+    "onnxruntime on model.onnx alone (numpy + PIL preprocessing as in the report) vs the run's torch model via fastai"
+    import onnxruntime as ort
+    from PIL import Image
+    from pcam_fastai.evaluate import load_run, predict
+    dest, run_dir, data = bundle
+    files = sorted((data/'train').glob('*.tif'))[:64]
+    x = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])
+    onnx_probs = ort.InferenceSession(str(dest/'model.onnx'), providers=['CPUExecutionProvider']).run(None, {'patches': x})[0]
+    learn = load_run(run_dir)
+    torch_probs = predict(learn, learn.dls.test_dl(files))[0].numpy()
+    assert onnx_probs.shape == (64, 2)
+    assert np.abs(onnx_probs - torch_probs).max() <= 1e-4, np.abs(onnx_probs - torch_probs).max()
+    x_any = np.random.default_rng(0).integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)  # a batch size never exported
+    from pcam_fastai.export import load_bundle
+    ref = load_bundle(dest, backend='torch').predict(x_any)
+    got = ort.InferenceSession(str(dest/'model.onnx')).run(None, {'patches': x_any})[0]
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_export_errors(tmp_path):
+    err = clean_error(run_main(['export', '--run-dir', tmp_path/'nothing']))
+    assert 'has no config.json' in err
+    err = clean_error(run_main(['serve', str(tmp_path)]))
+    assert 'no bundle.json' in err
+
+
+def test_real_bundle_in_browser(bundle, tmp_path):
+    "The exported model behind `serve_app`, driven by headless Chromium: a tumour patch comes back with p(tumour) and a heatmap"
+    if not os.path.exists(CHROMIUM): pytest.skip(f'{CHROMIUM} is missing: install Debian chromium to run the browser test')
+    from playwright.sync_api import sync_playwright
+    from pcam_fastai.serve import serve_app, serve_in_thread
+    from pcam_fastai.data import read_labels
+    dest, _, data = bundle
+    labels = read_labels(data)
+    tumour = data/'train'/f"{labels[labels.label == 1].id.iloc[0]}.tif"
+    with serve_in_thread(serve_app(dest)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(); page.set_default_timeout(30_000)
+            page.goto(url + '/')
+            page.set_input_files('input[type=file]', str(tumour))
+            page.click('button[type=submit]')
+            page.wait_for_selector('.result')
+            prob = page.locator('.result .prob').inner_text()
+            assert prob.startswith('p(tumour) = '), prob
+            assert page.locator('.result img.overlay').evaluate('e => [e.complete, e.naturalWidth]') == [True, 96]
+        finally: browser.close()

@@ -1,0 +1,220 @@
+"`pcam-fastai serve`: the JSON API, bad uploads, the HTML page, the server process, and the page in a real headless browser."
+import io, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from pcam_fastai.serve import NO_FILE, serve_app, serve_in_thread
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+
+
+class FakeBundle:
+    "Stand-in for `pcam_fastai.export.Bundle`: probabilities from the mean colour (binary: redness), Grad-CAM a centred blob"
+    def __init__(self, classes=('normal', 'tumour'), positive='tumour', size=96):
+        self.classes, self.positive, self.size = list(classes), positive, size
+
+    def _mean(self, im):
+        a = np.asarray(im.convert('RGB') if isinstance(im, Image.Image) else im, dtype=np.float32) / 255
+        return a.reshape(-1, 3).mean(0)
+
+    def predict(self, images):
+        m = np.stack([self._mean(im) for im in images])
+        if len(self.classes) == 2:
+            p = 1 / (1 + np.exp(-4 * (m[:, 0] - m[:, 1:].mean(1))))
+            return np.stack([1 - p, p], 1)
+        logits = 4 * m @ np.random.default_rng(0).normal(size=(3, len(self.classes)))
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def gradcam(self, images):
+        y, x = np.mgrid[:self.size, :self.size] / (self.size - 1) - 0.5
+        return np.repeat(np.exp(-(x**2 + y**2) / 0.04)[None], len(images), 0)
+
+
+def make_patch(colour=(210, 50, 60), size=96, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(np.clip(np.array(colour)[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8))
+
+
+def encode(img, fmt='PNG'):
+    buf = io.BytesIO(); img.save(buf, format=fmt); return buf.getvalue()
+
+
+def post(client, files, url='/api/predict'):
+    return client.post(url, files=[('files', f) for f in files])
+
+
+@pytest.fixture(scope='module')
+def client():
+    return TestClient(serve_app(FakeBundle()))
+
+
+def test_json_png_and_tiff(client):
+    r = post(client, [('red.png', encode(make_patch()), 'image/png'),
+                      ('blue.tif', encode(make_patch((60, 50, 210), size=50), 'TIFF'), 'image/tiff')])
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out['errors'] == []
+    assert [(x['name'], x['label']) for x in out['results']] == [('red.png', 'tumour'), ('blue.tif', 'normal')]
+    for x in out['results']:
+        assert set(x['probabilities']) == {'normal', 'tumour'} and abs(sum(x['probabilities'].values()) - 1) < 1e-5
+        overlay = Image.open(io.BytesIO(__import__('base64').b64decode(x['gradcam_png'])))
+        assert overlay.size == (96, 96) and overlay.mode == 'RGB'
+    assert out['results'][0]['probabilities']['tumour'] > 0.8
+
+
+def test_json_refuses_bad_uploads(client):
+    r = post(client, [('empty.png', b'', 'image/png')])
+    assert (r.status_code, r.json()) == (400, {'results': [], 'errors': [
+        {'name': 'empty.png', 'error': 'empty.png is empty (0 bytes): choose an image file.'}]})
+    r = post(client, [('notes.txt', b'these are not pixels\n', 'text/plain')])
+    assert r.status_code == 400
+    assert r.json()['errors'] == [{'name': 'notes.txt', 'error': 'notes.txt is not an image PIL can read: its format is not recognised.'}]
+    r = post(client, [('cut.png', encode(make_patch())[:400], 'image/png')])
+    assert r.status_code == 400 and r.json()['errors'][0]['error'].startswith('cut.png is not an image PIL can read: ')
+    r = client.post('/api/predict')
+    assert (r.status_code, r.json()['errors'][0]['error']) == (400, NO_FILE)
+    # a mixed upload: the good file still gets its result
+    r = post(client, [('empty.png', b'', 'image/png'), ('red.png', encode(make_patch()), 'image/png')])
+    assert r.status_code == 200
+    assert [x['name'] for x in r.json()['results']] == ['red.png'] and [e['name'] for e in r.json()['errors']] == ['empty.png']
+    r = post(client, [('red.png', encode(make_patch()), 'image/png')] * 17)
+    assert r.status_code == 400
+    assert r.json()['errors'][0]['error'] == '17 files were uploaded; the limit is 16 per request: upload them in smaller batches.'
+    assert client.get('/health').json() == {'status': 'ok', 'classes': ['normal', 'tumour'], 'size': 96, 'positive': 'tumour'}
+
+
+def test_size_limits():
+    small = TestClient(serve_app(FakeBundle(), max_mb=0.001, max_files=2))
+    red = encode(make_patch())
+    r = post(small, [('red.png', red, 'image/png')])
+    assert r.status_code == 400
+    assert r.json()['errors'] == [{'name': 'red.png', 'error': f'red.png is {len(red) / 1e6:.3g} MB; the limit is 0.001 MB.'}]
+    # over the whole-request limit, refused from Content-Length: 413 in JSON and on the page
+    r = post(small, [('huge.png', b'x' * 200_000, 'image/png')])
+    assert r.status_code == 413
+    assert r.json()['errors'][0]['error'] == 'The upload is 0.2 MB; the limit is 0.0675 MB per request (2 files of at most 0.001 MB).'
+    r = post(small, [('huge.png', b'x' * 200_000, 'image/png')], url='/predict')
+    assert r.status_code == 413 and '<p class="error">The upload is 0.2 MB; the limit is 0.0675 MB' in r.text
+    # chunked, with no Content-Length: counted while it arrives
+    def chunks():
+        yield b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        for _ in range(20): yield b'x' * 10_000
+        yield b'\r\n--xyz--\r\n'
+    r = small.post('/api/predict', content=chunks(), headers={'content-type': 'multipart/form-data; boundary=xyz'})
+    assert r.status_code == 413 and 'the limit is 0.0675 MB per request' in r.json()['errors'][0]['error']
+    assert small.get('/health').json()['status'] == 'ok'
+    small_patch = encode(make_patch(size=12))  # under the limit: still works after the refusals
+    assert post(small, [('tiny.png', small_patch, 'image/png')]).status_code == 200
+
+
+def test_html_page(client):
+    page = client.get('/')
+    assert page.status_code == 200
+    assert '<title>pcam_fastai: patch classifier</title>' in page.text and 'input 96x96 pixels' in page.text
+    assert 'type="file"' in page.text and 'accept="image/*"' in page.text and ' multiple' in page.text
+    r = post(client, [('red.png', encode(make_patch()), 'image/png'), ('notes.txt', b'hello', 'text/plain')], url='/predict')
+    assert r.status_code == 200
+    assert r.text.count('class="result"') == 1 and 'p(tumour) = 0.' in r.text and 'class="overlay"' in r.text
+    assert '<p class="error">notes.txt is not an image PIL can read: its format is not recognised.</p>' in r.text
+    nine = TestClient(serve_app(FakeBundle([f'tissue{i}' for i in range(9)], positive=None, size=64)))
+    r = post(nine, [('red.png', encode(make_patch()), 'image/png')], url='/predict')
+    assert r.text.count('class="prob"') == 9
+    with pytest.raises(TypeError, match='serve_app needs a Bundle or the path of a bundle folder'): serve_app(object())
+
+
+def test_serve_process(tmp_path):
+    "`serve` in its own process prints the URL, answers, and stops cleanly on Ctrl+C"
+    script = tmp_path/'run.py'
+    script.write_text(f'import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n'
+                      'from test_serve import FakeBundle\nfrom pcam_fastai.serve import serve\nserve(FakeBundle(), port=0)\n')
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith('Serving 2 classes (normal, tumour) on http://127.0.0.1:'), (line, proc.stderr.read() if proc.poll() is not None else '')
+        url = line.split(' on ')[1].split()[0]
+        for _ in range(100):
+            try: r = httpx.get(f'{url}/health'); break
+            except httpx.ConnectError: time.sleep(0.05)
+        assert r.json()['classes'] == ['normal', 'tumour']
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    assert proc.returncode == 0 and 'Stopped.' in out and 'Traceback' not in err, (out, err)
+
+
+def test_port_in_use():
+    from pcam_fastai.serve import serve, ServeError
+    with serve_in_thread(serve_app(FakeBundle())) as url:
+        port = int(url.rsplit(':', 1)[1])
+        with pytest.raises(ServeError, match=f'Cannot listen on 127.0.0.1:{port}: Address already in use; choose another with --port'):
+            serve(FakeBundle(), port=port)
+
+
+def test_browser(tmp_path):
+    "The page in headless Chromium: upload, result card with overlay, an empty file's error, then a valid upload again"
+    if not os.path.exists(CHROMIUM): pytest.skip(f'{CHROMIUM} is missing: install Debian chromium to run the browser test')
+    from playwright.sync_api import sync_playwright
+    red, blue, empty = tmp_path/'red patch.png', tmp_path/'blue.tif', tmp_path/'empty.png'
+    make_patch().save(red); make_patch((60, 50, 210), size=50).save(blue); empty.write_bytes(b'')
+    with serve_in_thread(serve_app(FakeBundle())) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(url + '/')
+            assert page.title() == 'pcam_fastai: patch classifier'
+            assert 'normal, tumour' in page.inner_text('#model')
+
+            page.set_input_files('input[type=file]', str(red))
+            page.click('button[type=submit]')
+            page.wait_for_selector('.result')
+            card = page.locator('.result')
+            assert card.count() == 1
+            assert card.locator('.name').inner_text() == 'red patch.png'
+            assert card.locator('.label').inner_text() == 'tumour'
+            prob = card.locator('.prob').inner_text()
+            assert prob.startswith('p(tumour) = 0.') and float(prob.split('= ')[1]) > 0.8, prob
+            overlay = card.locator('img.overlay')
+            assert overlay.get_attribute('src').startswith('data:image/png;base64,')
+            assert overlay.evaluate('e => [e.complete, e.naturalWidth]') == [True, 96]  # a PNG the browser decoded
+            assert card.locator('img.patch').evaluate('e => e.naturalWidth') == 96
+            assert page.locator('.error').count() == 0
+
+            page.set_input_files('input[type=file]', str(empty))
+            page.click('button[type=submit]')
+            page.wait_for_selector('.error')
+            assert page.locator('.error').inner_text() == 'empty.png is empty (0 bytes): choose an image file.'
+            assert page.locator('.result').count() == 0
+
+            page.set_input_files('input[type=file]', [str(blue), str(empty)])  # the page still works, mixed upload
+            page.click('button[type=submit]')
+            page.wait_for_selector('.result')
+            assert page.locator('.result .name').inner_text() == 'blue.tif'
+            assert page.locator('.result .label').inner_text() == 'normal'
+            assert page.locator('.error').inner_text() == 'empty.png is empty (0 bytes): choose an image file.'
+
+            page.click('button[type=submit]')  # nothing chosen
+            page.wait_for_selector('.error')
+            assert page.locator('.error').inner_text().startswith('No file was uploaded')
+        finally:
+            browser.close()
+
+
+def test_bundle_path_loaded_with_load_bundle(monkeypatch, tmp_path):
+    "A path is loaded through `pcam_fastai.export.load_bundle`, imported only then"
+    import types
+    calls = []
+    fake = types.ModuleType('pcam_fastai.export')
+    fake.load_bundle = lambda path: calls.append(path) or FakeBundle(size=64)
+    monkeypatch.setitem(sys.modules, 'pcam_fastai.export', fake)
+    c = TestClient(serve_app(tmp_path/'bundle'))
+    assert calls == [tmp_path/'bundle'] and c.get('/health').json()['size'] == 64
