@@ -21,7 +21,7 @@ from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'submit', 'export', 'serve', 'user_message', 'main']
 
-# %% ../nbs/04_cli.ipynb #132cd630
+# %% ../nbs/04_cli.ipynb #0ce98128
 def download(dest:str='data/pcam', # Folder to download into
              competition:str=COMPETITION, # Kaggle competition
              official:bool=False, # Instead, the official PCam h5 files (slide-disjoint train/valid/test) from a Kaggle dataset
@@ -78,13 +78,14 @@ def train(data:str=None, # Kaggle-layout folder, array cache or folder-per-class
           stain_jitter:float=0., # Colour jitter strength, e.g. 0.05 (array cache only)
           groups:str=None, # CSV id,slide: hold out whole slides instead of a random split (array cache only)
           force:bool=False, # Train even if --run-dir holds a finished run of the same configuration, or replace another one
+          positive:str=None, # Folder sets with two classes: the positive (disease) class; default: guessed from the names
          ):
     "Train and evaluate a PCam classifier; writes the model, plots and metrics.json into --run-dir"
     from pcam_fastai.train import train_pcam  # imports torch and fastai only when training
     train_pcam(data, run_dir=run_dir, preset=preset, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
                epochs_unfrozen=epochs_unfrozen, lr_frozen=lr_frozen, lr_unfrozen=lr_unfrozen, pretrained=pretrained,
                fp16=fp16, weights_path=weights_path, lr_find_iters=lr_find_iters, n_items=n_items, seed=seed,
-               num_workers=num_workers, cache=cache, stain_jitter=stain_jitter, groups=groups, force=force)
+               num_workers=num_workers, cache=cache, stain_jitter=stain_jitter, groups=groups, force=force, positive=positive)
 
 def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`
            data:str=None, # Kaggle folder (test/, sample_submission.csv) or a cache built from the Kaggle zip; default: the run's data
@@ -119,7 +120,7 @@ def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. ru
 
 COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve)
 
-# %% ../nbs/04_cli.ipynb #a1ed2ac9
+# %% ../nbs/04_cli.ipynb #acfa438d
 USER_ERRORS = (KaggleDownloadError, PCamDataError, PretrainedWeightsError, ValueError, TypeError)  # ModelFileError is a ValueError
 
 def user_message(e:Exception) -> str:
@@ -152,7 +153,13 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     except KeyboardInterrupt:
         print(f'pcam-fastai {argv[0]}: interrupted; checkpoints saved so far are kept.', file=sys.stderr)
         return 130
+    finally: _leave_process_group()
     return 0
+
+def _leave_process_group():
+    "End a distributed run's process group cleanly (torchrun / accelerate launch); nothing in one process"
+    dist = sys.modules.get('torch.distributed')
+    if dist is not None and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 # `python -m pcam_fastai.cli ...`, which `accelerate launch -m` and `torchrun -m` use (nbdev-test runs cells as __main__ without __file__)
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

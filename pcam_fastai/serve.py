@@ -23,10 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 # %% auto #0
-__all__ = ['MB', 'NO_FILE', 'TITLE', 'FORM_SLACK', 'CSS', 'UploadError', 'read_upload', 'gradcam_overlay', 'to_png_b64',
-           'classify', 'serve_app', 'ServeError', 'serve_in_thread', 'serve']
+__all__ = ['MB', 'IMAGE_FORMATS', 'NO_FILE', 'TITLE', 'FORM_SLACK', 'CSS', 'UploadError', 'read_upload', 'gradcam_overlay',
+           'to_png_b64', 'classify', 'serve_app', 'ServeError', 'serve_in_thread', 'serve']
 
-# %% ../nbs/10_serve.ipynb #49a38944
+# %% ../nbs/10_serve.ipynb #28cf3685
 class UploadError(ValueError):
     "An uploaded file the server cannot use; the message names the file and says why"
 
@@ -48,16 +48,18 @@ def _reason(e:Exception) -> str:
     if isinstance(e, UnidentifiedImageError): return 'its format is not recognised'
     return re.sub(r'\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>', '', str(e)).strip() or type(e).__name__
 
+IMAGE_FORMATS = ('PNG', 'JPEG', 'TIFF', 'BMP', 'WEBP', 'GIF')  # what patches come as; Pillow's other readers are not exposed
+
 def read_upload(name:str, # The file's name, for messages
                 data:bytes, # Its content
                 max_mb:float=5, # Largest accepted file, in MB (10^6 bytes)
-                max_pixels:int=25_000_000, # Largest accepted image, width x height
+                max_pixels:int=4_000_000, # Largest accepted image, width x height (patches are far smaller)
                ) -> Image.Image: # The image in RGB
     "Decode one uploaded file to an RGB image, or raise `UploadError` saying what is wrong with it"
     if len(data) == 0: raise UploadError(f'{name} is empty (0 bytes): choose an image file.')
     if len(data) > max_mb * MB: raise UploadError(f'{name} is {_mb(len(data))}; the limit is {_mb(max_mb * MB)}.')
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # never EPS and the like, which call out to Ghostscript
         w, h = img.size
         if w * h > max_pixels:
             raise UploadError(f'{name} is {w}x{h} pixels; the limit is {max_pixels / 1e6:.3g} megapixels: upload a patch, not a slide.')
@@ -89,26 +91,27 @@ def to_png_b64(img:Image.Image) -> str:
     img.save(buf, format='PNG')
     return base64.b64encode(buf.getvalue()).decode('ascii')
 
-# %% ../nbs/10_serve.ipynb #8b6a29c8
+# %% ../nbs/10_serve.ipynb #56cd020d
 NO_FILE = "No file was uploaded: choose one or more image files (form field 'files')."
 _MODEL_LOCK = threading.Lock()  # one model call at a time: Grad-CAM hooks on a shared network are not thread-safe
 
-def _run_model(bundle, imgs:list) -> tuple:
-    "Probabilities (N, C) and Grad-CAM maps (N, H, W) for `imgs`, checked"
-    with _MODEL_LOCK:
-        probs = np.asarray(bundle.predict(imgs), dtype=np.float64)
-        cams = np.asarray(bundle.gradcam(imgs), dtype=np.float32)
-    if probs.shape != (len(imgs), len(bundle.classes)):
-        raise ValueError(f'predict returned shape {probs.shape}; expected {(len(imgs), len(bundle.classes))}.')
-    if not np.isfinite(probs).all(): raise ValueError('predict returned NaN or infinite probabilities.')
-    if cams.ndim != 3 or len(cams) != len(imgs): raise ValueError(f'gradcam returned shape {cams.shape}; expected (N, H, W).')
-    return probs, cams
-
-def _label(bundle, p) -> str:
+def _label_idx(bundle, p) -> int:
     "The predicted class: for a binary bundle with a threshold chosen on validation, p(positive) >= threshold; else the most likely"
     thr = getattr(bundle, 'threshold', None)
-    if thr is not None and len(bundle.classes) == 2: return bundle.classes[int(p[1] >= thr)]
-    return bundle.classes[int(p.argmax())]
+    if thr is not None and len(bundle.classes) == 2: return int(p[1] >= thr)
+    return int(p.argmax())
+
+def _run_model(bundle, imgs:list) -> tuple:
+    "Probabilities (N, C) and Grad-CAM maps (N, H, W) of the predicted labels for `imgs`, checked"
+    with _MODEL_LOCK:
+        probs = np.asarray(bundle.predict(imgs), dtype=np.float64)
+        if probs.shape != (len(imgs), len(bundle.classes)):
+            raise ValueError(f'predict returned shape {probs.shape}; expected {(len(imgs), len(bundle.classes))}.')
+        if not np.isfinite(probs).all(): raise ValueError('predict returned NaN or infinite probabilities.')
+        labels = np.array([_label_idx(bundle, p) for p in probs])
+        cams = np.asarray(bundle.gradcam(imgs, target=labels), dtype=np.float32)  # explain the label shown, not another class
+    if cams.ndim != 3 or len(cams) != len(imgs): raise ValueError(f'gradcam returned shape {cams.shape}; expected (N, H, W).')
+    return probs, cams
 
 def _classify(bundle, files:list, max_mb:float=5, max_files:int=16, with_patch:bool=False) -> tuple:
     "`classify`, and the HTTP status that goes with its answer"
@@ -133,7 +136,7 @@ def _classify(bundle, files:list, max_mb:float=5, max_files:int=16, with_patch:b
     results, size = [], int(bundle.size)
     for (probs, cams), group in zip(out, groups):
         for (name, im), p, cam in zip(group, probs, cams):
-            r = dict(name=name, label=_label(bundle, p),
+            r = dict(name=name, label=bundle.classes[_label_idx(bundle, p)], threshold=getattr(bundle, 'threshold', None),
                      probabilities={c: round(float(v), 6) for c, v in zip(bundle.classes, p)},
                      gradcam_png=to_png_b64(gradcam_overlay(im, cam, size)))
             if with_patch:
@@ -151,7 +154,7 @@ def classify(bundle, # A `Bundle`: `classes`, `size`, `predict` and `gradcam`
     "Classify uploaded images and explain each with Grad-CAM; unusable files become errors, not exceptions"
     return _classify(bundle, files, max_mb, max_files, with_patch)[0]
 
-# %% ../nbs/10_serve.ipynb #6a07571c
+# %% ../nbs/10_serve.ipynb #b39a5ab8
 TITLE = 'pcam_fastai: patch classifier'
 FORM_SLACK = 65536  # bytes allowed for multipart headers on top of the files
 
@@ -292,7 +295,7 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
 
     @app.get('/health')
     def health(): return JSONResponse(dict(status='ok', classes=list(bundle.classes), size=int(bundle.size),
-                                           positive=getattr(bundle, 'positive', None)))
+                                           positive=getattr(bundle, 'positive', None), threshold=getattr(bundle, 'threshold', None)))
     return app
 
 # %% ../nbs/10_serve.ipynb #28fd436f

@@ -35,7 +35,7 @@ from .folders import is_folder_dataset, folder_dataloaders, folder_test_dl, fold
 # %% auto #0
 __all__ = ['LRSuggestion', 'PRESETS', 'DEMO_DATA', 'lr_suggestions', 'find_lr', 'EpochCheckpoint', 'HistoryLogger',
            'fit_two_stage', 'read_history', 'plot_history', 'default_data_dir', 'versions', 'resolve_config',
-           'labels_hash', 'run_key', 'train_pcam', 'evaluate_run', 'write_report']
+           'labels_hash', 'run_key', 'train_pcam', 'json_text', 'evaluate_run', 'write_report']
 
 # %% ../nbs/03_train.ipynb #ebf2a7a5
 LRSuggestion = namedtuple('LRSuggestion', ['valley', 'slide'])
@@ -222,7 +222,7 @@ def resolve_config(data=None, preset:str='auto', **overrides) -> tuple[str, dict
     if unknown: raise TypeError(f"Unknown settings {sorted(unknown)}; known: {sorted(PRESETS[preset])}.")
     return preset, {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
 
-# %% ../nbs/03_train.ipynb #0b267932
+# %% ../nbs/03_train.ipynb #4304b189
 def _is_synthetic(data) -> bool:
     "Whether `data` is (a cache of) the built-in synthetic set"
     data = Path(data)
@@ -248,9 +248,10 @@ def run_key(config:dict) -> str:
     "What identifies a run: everything that changes the trained model"
     keep = {k: config[k] for k in ('data', 'labels_sha1', 'preset', 'settings', 'lr_frozen', 'lr_unfrozen', 'seed', 'valid_pct',
                                    'weights_path', 'stain_jitter', 'groups')}
+    if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-# %% ../nbs/03_train.ipynb #3d97eb0e
+# %% ../nbs/03_train.ipynb #dc063e70
 def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
     from pcam_fastai.evaluate import predict, binary_metrics, multiclass_metrics
     probs, targs = predict(learn, dl)
@@ -281,6 +282,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                stain_jitter:float=0., # Colour jitter strength (array cache only)
                groups:str|Path|None=None, # CSV `id,slide`: hold out whole slides (Kaggle data in an array cache)
                force:bool=False, # Train even if `run_dir` holds a finished run of the same configuration
+               positive:str|None=None, # Folder sets with two classes: the positive class; None: guessed from the names
               ): # (learner, metrics dict)
     "Train and evaluate a PCam classifier end to end and write everything, with a report, into `run_dir`"
     t_start = time.time()
@@ -317,14 +319,18 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
         if stain_jitter or groups: raise ValueError("stain_jitter and groups work on PCam array caches; a folder set is split by its "
                                                     "train/valid folders or its patient folders.")
         dls = folder_dataloaders(data, size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed, n_items=cfg['n_items'],
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, positive=positive)
+        if dls.positive and is_main(): print(f'train_pcam: folder set {data}: classes {list(dls.vocab)}, positive class {dls.positive!r} '
+                                             '(pass positive=/--positive to choose another); split: ' + dls.split_name)
     else:
         dls = pcam_dataloaders(data, size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed,
                                n_items=cfg['n_items'], num_workers=num_workers, stain_jitter=stain_jitter, groups=groups)
     config = dict(data=str(data), labels_sha1=labels_hash(data), preset=preset, settings=cfg, lr_frozen=lr_frozen,
                   lr_unfrozen=_lr_repr(lr_unfrozen) if lr_unfrozen is not None else None,
                   seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None, stain_jitter=stain_jitter,
-                  groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k)
+                  groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k,
+                  positive=getattr(dls, 'positive', None) if is_folder_dataset(data) else None,
+                  resize='torch-bilinear' if is_cache(data) else 'pil-bilinear')  # how patches reach `size`: an export must do the same
     key = run_key(config)
     old, finished = broadcast_value(((json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').exists() else None),
                                      all((run_dir/f).exists() for f in ('model.pth', 'metrics.json', 'learner.pkl'))))
@@ -344,7 +350,11 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
         print('train_pcam: warning: the card recipe on a CPU is very slow (ResNet50 at 224 px trains at ~3 img/s on 2 cores); '
               'for a quick run pass preset="cpu-demo" (CLI: --preset cpu-demo) or a smaller --size/--arch.')
     set_seed(seed, reproducible=True)
+    if cfg['pretrained'] and weights_path is None:  # one download, by rank 0, in a distributed run
+        from pcam_fastai.learner import ensure_weights
+        run_on_main(ensure_weights, resolve_arch(cfg['arch']))
     learn = pcam_learner(dls, cfg['arch'], pretrained=cfg['pretrained'], fp16=cfg['fp16'], weights_path=weights_path, path=run_dir, quiet=not is_main())
+    _check_feature_grid(learn, cfg['size'])
     config.update(key=key, split=dls.split_name, classes=list(dls.vocab), device='cuda' if cuda else 'cpu', precision=learn.precision,
                   weights=learn.weights, world_size=world_size(), global_bs=cfg['bs'] * world_size(),
                   versions=versions(), started=datetime.now(timezone.utc).isoformat(timespec='seconds'))
@@ -358,15 +368,37 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                    synthetic=synthetic, preset=preset, config=cfg, seed=seed, key=key, compute_precision=learn.precision,
                    weights=learn.weights, device=config['device'], stages=stages, seconds=round(time.time() - t_start, 1),
                    versions=versions(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    (run_dir/'metrics.json').write_text(json.dumps(metrics, indent=2))
+    (run_dir/'metrics.json').write_text(json_text(metrics))
     write_report(run_dir, metrics, config)
     print(f'train_pcam: accuracy {metrics["accuracy"]:.4f}, ROC AUC {metrics["roc_auc"]:.4f} on {metrics["n_valid"]} validation patches '
           f'({dls.split_name}); {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
-    if metrics.get('test'): print(f'train_pcam: held-out test: accuracy {metrics["test"]["accuracy"]:.4f}, ROC AUC {metrics["test"]["roc_auc"]:.4f} '
-                                  f'on {metrics["test"]["n"]} patches ({metrics["test"]["split"]})' + ('' if metrics['test'].get('multiclass') else ', threshold from validation'))
+    if metrics.get('test'):
+        t = metrics['test'] if metrics['test'].get('multiclass') else metrics['test_at_youden']
+        print(f'train_pcam: held-out test: accuracy {t["accuracy"]:.4f}' + ('' if t.get('multiclass') else f' at the threshold chosen on validation ({t["threshold"]:.3f})')
+              + f', ROC AUC {t["roc_auc"]:.4f} on {t["n"]} patches ({t["split"]})')
     return learn, metrics
 
-# %% ../nbs/03_train.ipynb #91de411d
+# %% ../nbs/03_train.ipynb #0049983d
+def json_text(obj) -> str:
+    "JSON that browsers and other strict parsers accept: NaN and infinities become null"
+    def clean(o):
+        if isinstance(o, float) and not np.isfinite(o): return None
+        if isinstance(o, dict): return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)): return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj), indent=2, allow_nan=False, default=str)
+
+def _check_feature_grid(learn, size:int):
+    "Fail before training when the body has no (N, C, H, W) feature map: Grad-CAM and the report's heatmaps need one"
+    body = learn.model[0]
+    was = body.training; body.eval()
+    try:
+        with torch.no_grad(): out = body(torch.zeros(2, 3, size, size, device=next(body.parameters()).device))
+    finally: body.train(was)
+    if not (torch.is_tensor(out) and out.dim() == 4):
+        raise ValueError(f"{getattr(learn, 'arch_name', 'this arch')}'s body outputs {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}, "
+                         "not a feature grid, so Grad-CAM and the report cannot be made. Use a CNN backbone (resnet50, densenet169, convnext_tiny ...).")
+
 def _finish(learn, dls, data, run_dir, top_k):
     "Save the model and the learner, then evaluate (rank 0 only in a distributed run)"
     torch.save(learn.model.state_dict(), run_dir/'model.pth')

@@ -55,3 +55,15 @@ def clean_error(res):
     assert res.returncode == 2, (res.returncode, res.stdout[-1500:], res.stderr[-3000:])
     assert 'Traceback' not in res.stderr, res.stderr[-3000:]
     return res.stderr
+
+
+CHROMIUM = os.environ.get('PCAM_FASTAI_CHROMIUM', '/usr/bin/chromium')
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+
+
+def launch_chromium(p):
+    "Debian's Chromium (or $PCAM_FASTAI_CHROMIUM) through playwright; else playwright's own browser; else skip, saying why"
+    if os.path.exists(CHROMIUM): return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try: return p.chromium.launch(args=CHROMIUM_ARGS)  # e.g. after `playwright install chromium` on GitHub
+    except Exception as e: pytest.skip(f'no browser: {CHROMIUM} is missing (apt-get install chromium) and playwright has none ({str(e)[:80]})')

@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_main, clean_error
+from conftest import run_cli, run_main, clean_error, launch_chromium
 
-CHROMIUM = '/usr/bin/chromium'
-CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +62,6 @@ def test_export_errors(tmp_path):
 
 def test_real_bundle_in_browser(bundle, tmp_path):
     "The exported model behind `serve_app`, driven by headless Chromium: a tumour patch comes back with p(tumour) and a heatmap"
-    if not os.path.exists(CHROMIUM): pytest.skip(f'{CHROMIUM} is missing: install Debian chromium to run the browser test')
     from playwright.sync_api import sync_playwright
     from pcam_fastai.serve import serve_app, serve_in_thread
     from pcam_fastai.data import read_labels
@@ -73,7 +69,7 @@ def test_real_bundle_in_browser(bundle, tmp_path):
     labels = read_labels(data)
     tumour = data/'train'/f"{labels[labels.label == 1].id.iloc[0]}.tif"
     with serve_in_thread(serve_app(dest)) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(); page.set_default_timeout(30_000)
             page.goto(url + '/')
@@ -84,3 +80,21 @@ def test_real_bundle_in_browser(bundle, tmp_path):
             assert prob.startswith('p(tumour) = '), prob
             assert page.locator('.result img.overlay').evaluate('e => [e.complete, e.naturalWidth]') == [True, 96]
         finally: browser.close()
+
+
+def test_bundle_reproduces_cache_training_at_another_size(tmp_path):
+    "A run trained from the array cache at 64 px (torch resize on the batch): the exported ONNX model, fed raw 96 px patches, predicts what the learner predicts"
+    from pcam_fastai.data import make_synthetic_pcam
+    from pcam_fastai.cache import build_cache
+    from pcam_fastai.train import train_pcam
+    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.evaluate import predict
+    cache = build_cache(make_synthetic_pcam(tmp_path/'pcam', n_train=96, n_test=4, seed=2), tmp_path/'cache')
+    learn, _ = train_pcam(cache, run_dir=tmp_path/'run', preset='cpu-demo', size=64, epochs_frozen=1, epochs_unfrozen=1, lr_find_iters=10)
+    b = load_bundle(export_bundle(tmp_path/'run', bench_patches=0))
+    assert (b.backend, b.meta['resize']) == ('onnx', 'torch-bilinear')
+    vdl = learn.dls.valid.new(shuffle=False, drop_last=False)
+    ref = predict(learn, vdl)[0].numpy()
+    raw = vdl.dataset.batch(np.arange(len(vdl.dataset)))[0].as_subclass(torch.Tensor)  # the uint8 patches the loader read, in its order
+    got = b.predict(np.ascontiguousarray(raw.permute(0, 2, 3, 1).numpy()))
+    assert np.abs(got - ref).max() <= 1e-4, np.abs(got - ref).max()

@@ -10,15 +10,15 @@ from starlette.testclient import TestClient
 
 from pcam_fastai.serve import NO_FILE, serve_app, serve_in_thread
 
-CHROMIUM = '/usr/bin/chromium'
-CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+from conftest import launch_chromium
+
 
 
 class FakeBundle:
     "Stand-in for `pcam_fastai.export.Bundle`: probabilities from the mean colour (binary: redness), Grad-CAM a centred blob"
-    def __init__(self, classes=('normal', 'tumour'), positive='tumour', size=96):
-        self.classes, self.positive, self.size = list(classes), positive, size
+    def __init__(self, classes=('normal', 'tumour'), positive='tumour', size=96, threshold=None):
+        self.classes, self.positive, self.size, self.threshold = list(classes), positive, size, threshold
+        self.targets = []  # what each gradcam call was asked to explain
 
     def _mean(self, im):
         a = np.asarray(im.convert('RGB') if isinstance(im, Image.Image) else im, dtype=np.float32) / 255
@@ -33,7 +33,8 @@ class FakeBundle:
         e = np.exp(logits - logits.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
-    def gradcam(self, images):
+    def gradcam(self, images, target=None):
+        self.targets.append(None if target is None else list(np.asarray(target)))
         y, x = np.mgrid[:self.size, :self.size] / (self.size - 1) - 0.5
         return np.repeat(np.exp(-(x**2 + y**2) / 0.04)[None], len(images), 0)
 
@@ -88,7 +89,7 @@ def test_json_refuses_bad_uploads(client):
     r = post(client, [('red.png', encode(make_patch()), 'image/png')] * 17)
     assert r.status_code == 400
     assert r.json()['errors'][0]['error'] == '17 files were uploaded; the limit is 16 per request: upload them in smaller batches.'
-    assert client.get('/health').json() == {'status': 'ok', 'classes': ['normal', 'tumour'], 'size': 96, 'positive': 'tumour'}
+    assert client.get('/health').json() == {'status': 'ok', 'classes': ['normal', 'tumour'], 'size': 96, 'positive': 'tumour', 'threshold': None}
 
 
 def test_size_limits():
@@ -161,12 +162,11 @@ def test_port_in_use():
 
 def test_browser(tmp_path):
     "The page in headless Chromium: upload, result card with overlay, an empty file's error, then a valid upload again"
-    if not os.path.exists(CHROMIUM): pytest.skip(f'{CHROMIUM} is missing: install Debian chromium to run the browser test')
     from playwright.sync_api import sync_playwright
     red, blue, empty = tmp_path/'red patch.png', tmp_path/'blue.tif', tmp_path/'empty.png'
     make_patch().save(red); make_patch((60, 50, 210), size=50).save(blue); empty.write_bytes(b'')
     with serve_in_thread(serve_app(FakeBundle())) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page()
             page.set_default_timeout(15_000)
@@ -218,3 +218,23 @@ def test_bundle_path_loaded_with_load_bundle(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, 'pcam_fastai.export', fake)
     c = TestClient(serve_app(tmp_path/'bundle'))
     assert calls == [tmp_path/'bundle'] and c.get('/health').json()['size'] == 64
+
+
+def test_threshold_decides_label_and_heatmap_explains_it():
+    "A binary bundle's validation threshold decides the label, the Grad-CAM explains that label, and the answer says which threshold"
+    fb = FakeBundle(threshold=0.95)
+    c = TestClient(serve_app(fb))
+    res = post(c, [('red.png', encode(make_patch()))]).json()['results'][0]
+    p = res['probabilities']['tumour']
+    assert 0.5 < p < 0.95, p  # more likely tumour, but below the threshold chosen on validation
+    assert res['label'] == 'normal' and res['threshold'] == 0.95
+    assert fb.targets[-1] == [0]  # the heatmap of 'normal', the label shown
+    assert c.get('/health').json()['threshold'] == 0.95
+
+
+def test_postscript_is_not_decoded():
+    "Pillow's EPS reader runs Ghostscript; uploads are only opened with the raster formats patches come in"
+    c = TestClient(serve_app(FakeBundle()))
+    eps = b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n'
+    r = post(c, [('x.eps', eps)])
+    assert r.status_code == 400 and 'is not an image PIL can read' in r.json()['errors'][0]['error']
