@@ -22,15 +22,16 @@ __all__ = ['CACHE_VERSION', 'PCAM_H5', 'PCamCache', 'zlib_error', 'PCAM_H5_DATAS
            'kaggle_sources', 'h5_sources', 'gunzip_file', 'download_pcam_h5', 'make_synthetic_pcam_h5', 'build_split',
            'build_cache', 'cache_splits', 'is_cache', 'load_cache']
 
-# %% ../nbs/05_cache.ipynb #5e5935dc
+# %% ../nbs/05_cache.ipynb #315188fd
 CACHE_VERSION = 1
 PCAM_H5 = 'camelyonpatch_level_2_split_{split}_{xy}.h5'
 PCamCache = namedtuple('PCamCache', 'images labels ids keep manifest')
+PCamCache.__doc__ = "A loaded cache split: `images` (read-only uint8 memmap, N x 96 x 96 x 3), `labels`, `ids`, `keep` mask and the `manifest`"
 
 class CacheError(PCamDataError):
     "The cache could not be built or loaded; the message says what to do"
 
-# %% ../nbs/05_cache.ipynb #d1669c54
+# %% ../nbs/05_cache.ipynb #588ca4e7
 def decode_patch(data:bytes, # The file's bytes
                  name:str, # Its name, for messages
                  on_bad:str='error', # 'error', 'skip' (return None) or 'fix' (convert to 96x96 RGB)
@@ -50,10 +51,18 @@ def decode_patch(data:bytes, # The file's bytes
         im = im.convert('RGB').resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
-# %% ../nbs/05_cache.ipynb #47337a01
+# %% ../nbs/05_cache.ipynb #eba7734b
 class Source:
     "One split to cache: ids, labels, and a reader of decoded patches"
-    def __init__(self, split, ids, labels, read, signature, layout, synthetic=False):
+    def __init__(self,
+                 split, # 'train', 'valid' or 'test'
+                 ids, # Patch ids in order
+                 labels, # Labels, -1 when unknown
+                 read, # read(i0, i1) -> uint8 (n, 96, 96, 3) patches
+                 signature, # Identifies the source, to detect changes
+                 layout, # 'kaggle-zip', 'kaggle-folder' or 'pcam-h5'
+                 synthetic=False, # Made by make_synthetic_pcam
+                ):
         self.split, self.ids, self.labels, self.read, self.signature, self.layout = split, list(ids), np.asarray(labels, np.int8), read, signature, layout
         self.synthetic = synthetic
     def __len__(self): return len(self.ids)
@@ -71,7 +80,7 @@ def _file_reader(get_bytes, names, on_bad):
 
 def _signature(*parts) -> str: return hashlib.sha1(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
-# %% ../nbs/05_cache.ipynb #313cace7
+# %% ../nbs/05_cache.ipynb #1f1daa8c
 def _open_zip(zip_path):
     try: return zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -125,7 +134,7 @@ def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted 
                            _signature('kaggle', 'test', *sig, on_bad), 'kaggle', synthetic))
     return srcs
 
-# %% ../nbs/05_cache.ipynb #a9d90b03
+# %% ../nbs/05_cache.ipynb #b4cd19da
 def h5_sources(folder:str|Path, # Folder holding the six official h5 files (any depth)
               ) -> list[Source]:
     "The `train`, `valid` and `test` splits of the official PCam h5 files"
@@ -158,10 +167,11 @@ def h5_sources(folder:str|Path, # Folder holding the six official h5 files (any 
                            _signature('h5', split, fx.name, fx.stat().st_size, int(fx.stat().st_mtime)), 'pcam-h5'))
     return srcs
 
-# %% ../nbs/05_cache.ipynb #4870e41f
+# %% ../nbs/05_cache.ipynb #90b988fe
 PCAM_H5_DATASET = 'andrewmvd/metastatic-tissue-classification-patchcamelyon'
 
-def gunzip_file(gz:Path) -> Path:
+def gunzip_file(gz:Path, # A .gz file; the result is written beside it
+               ) -> Path:
     "Unpack `x.h5.gz` to `x.h5` with a progress bar, atomically (a temp name, then a rename)"
     import gzip
     out = gz.with_suffix('')
@@ -197,9 +207,11 @@ def download_pcam_h5(dest:str|Path='data/pcam-h5', # Folder for the six h5 files
                                           "Pass another dataset, or put the six files from https://zenodo.org/records/2546921 into a folder yourself.")
     return dest
 
-# %% ../nbs/05_cache.ipynb #0142bfe1
+# %% ../nbs/05_cache.ipynb #579f31f8
 def make_synthetic_pcam_h5(dest:str|Path, # Folder for the six files
-                           n_train:int=400, n_valid:int=100, n_test:int=100, # Patches per split
+                           n_train:int=400, # Patches in the train split
+                           n_valid:int=100, # Patches in the valid split
+                           n_test:int=100, # Patches in the test split
                            seed:int=42, # Same seed, same files
                            gz:bool=False, # Write `.h5.gz` as Zenodo distributes them
                           ) -> Path: # `dest`
@@ -220,7 +232,7 @@ def make_synthetic_pcam_h5(dest:str|Path, # Folder for the six files
                 fn.unlink()
     return dest
 
-# %% ../nbs/05_cache.ipynb #a83b10e3
+# %% ../nbs/05_cache.ipynb #f48ec4d5
 def _write_json(fn, obj):
     "Write JSON atomically: a temp file, fsync, rename"
     tmp = Path(f'{fn}.tmp')
@@ -244,7 +256,7 @@ def _allocate(fn, shape):
                              "Free space or pass another dest; any existing cache is untouched.") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL): raise
 
-# %% ../nbs/05_cache.ipynb #005710d1
+# %% ../nbs/05_cache.ipynb #0ca64d92
 def build_split(source:Source, # What to cache
                 dest:str|Path, # The cache root; the split goes to `dest/<split>`
                 chunk:int=2048, # Patches per write (and per progress-file update)
@@ -321,7 +333,7 @@ def _verify(part, source, k):
         if not b and not np.array_equal(a[0], images[i]):
             raise CacheError(f"Verification failed: patch {source.ids[i]} in {part} differs from its source. Rebuild with force=True.")
 
-# %% ../nbs/05_cache.ipynb #97f78546
+# %% ../nbs/05_cache.ipynb #c925ff87
 def build_cache(src:str|Path, # Kaggle zip, extracted Kaggle folder, or folder of the official PCam h5 files
                 dest:str|Path, # Cache root: one sub-folder per split
                 on_bad:str='error', # Unreadable or non-96x96-RGB patches: 'error', 'skip' or 'fix'
@@ -338,13 +350,15 @@ def build_cache(src:str|Path, # Kaggle zip, extracted Kaggle folder, or folder o
     for s in sources: build_split(s, dest, chunk=chunk, force=force, show_progress=show_progress)
     return Path(dest)
 
-# %% ../nbs/05_cache.ipynb #d368378d
-def cache_splits(path:str|Path) -> list[str]:
+# %% ../nbs/05_cache.ipynb #7e6ebfb6
+def cache_splits(path:str|Path, # Cache root
+                ) -> list[str]:
     "The complete splits cached under `path`"
     path = Path(path)
     return [s for s in ('train', 'valid', 'test') if (path/s/'manifest.json').exists()]
 
-def is_cache(path:str|Path) -> bool:
+def is_cache(path:str|Path, # A folder
+            ) -> bool:
     "Whether `path` is a cache root (built by `build_cache`)"
     return bool(cache_splits(path))
 

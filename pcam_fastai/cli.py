@@ -120,10 +120,11 @@ def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. ru
 
 COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve)
 
-# %% ../nbs/04_cli.ipynb #acfa438d
+# %% ../nbs/04_cli.ipynb #5ca51c28
 USER_ERRORS = (KaggleDownloadError, PCamDataError, PretrainedWeightsError, ValueError, TypeError)  # ModelFileError is a ValueError
 
-def user_message(e:Exception) -> str:
+def user_message(e:Exception, # An exception a command raised
+                ) -> str:
     "The message of `e` without a DataLoader worker's copied traceback"
     msg = str(e).strip()
     if 'Original Traceback' in msg:  # PyTorch re-raises worker errors with the worker's traceback in the text

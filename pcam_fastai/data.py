@@ -26,13 +26,13 @@ __all__ = ['COMPETITION', 'PATCH_SIZE', 'CENTRE', 'CLASSES', 'TUMOUR_RGB', 'LYMP
            'explain_kaggle_error', 'check_zip', 'unzip_safely', 'kaggle_fetch', 'download_pcam', 'PCamDataError',
            'check_labels', 'read_labels', 'PatchOpener', 'LabelLookup', 'pcam_dataloaders']
 
-# %% ../nbs/00_data.ipynb #a6a42e56
+# %% ../nbs/00_data.ipynb #99f9d70a
 COMPETITION = 'histopathologic-cancer-detection'
 PATCH_SIZE = 96
 CENTRE = slice(32, 64)  # PCam's label is about this centre 32x32 region only
 CLASSES = ['normal', 'tumour']  # label 0, label 1
 
-# %% ../nbs/00_data.ipynb #02dc88d9
+# %% ../nbs/00_data.ipynb #d28d35a1
 def _nuclei(img, rng, n, r_lo, r_hi, colour, box=None):
     "Paint `n` dark elliptical nuclei onto float `img` (H,W,3), their centres inside `box`=(y0,y1,x0,x1)"
     h, w, _ = img.shape
@@ -64,12 +64,14 @@ def synthetic_patch(rng:np.random.Generator, # Random generator (the caller seed
         _nuclei(img, rng, int(rng.integers(6, 25)), 3.0, 5.5, TUMOUR_RGB, box=(cy-9, cy+9, cx-9, cx+9))
     return np.clip(img, 0, 255).astype(np.uint8)
 
-# %% ../nbs/00_data.ipynb #455f2286
+# %% ../nbs/00_data.ipynb #d2d61084
 def _patch_id(seed, split, i):
     "A 40-hex id like Kaggle's, stable for a given seed"
     return hashlib.sha1(f'pcam-synthetic-{seed}-{split}-{i}'.encode()).hexdigest()
 
-def write_tiff(fn, img:np.ndarray):
+def write_tiff(fn, # File to write
+               img:np.ndarray, # (H, W, 3) uint8 RGB patch
+              ):
     "Write `img` as an uncompressed RGB TIFF the way the Kaggle files were written (tifffile)"
     tifffile.imwrite(fn, img, photometric='rgb')
 
@@ -103,7 +105,7 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
     marker.write_text(json.dumps(spec))
     return dest
 
-# %% ../nbs/00_data.ipynb #df471aed
+# %% ../nbs/00_data.ipynb #f926358d
 class KaggleDownloadError(RuntimeError):
     "Downloading from Kaggle failed; the message says why and what to do"
 
@@ -136,7 +138,7 @@ def _kaggle_api():
                                   "Check ~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY.") from None
     return api
 
-# %% ../nbs/00_data.ipynb #e97d4f80
+# %% ../nbs/00_data.ipynb #00fe218c
 def _status_code(e):
     "The HTTP status of a Kaggle client error, if any"
     for obj in (e, getattr(e, 'response', None)):
@@ -145,7 +147,9 @@ def _status_code(e):
             if isinstance(v, int): return v
     return None
 
-def explain_kaggle_error(e:Exception, competition:str=COMPETITION) -> str:
+def explain_kaggle_error(e:Exception, # The exception the Kaggle API raised
+                         competition:str=COMPETITION, # Competition being downloaded
+                        ) -> str:
     "Turn an exception from the Kaggle client into a message that says what to do"
     code, text = _status_code(e), f'{type(e).__name__}: {e}'
     if code == 403 or '403' in text:
@@ -160,8 +164,9 @@ def explain_kaggle_error(e:Exception, competition:str=COMPETITION) -> str:
                 "a partial download is discarded and started over.")
     return f"The Kaggle download failed: {text}"
 
-# %% ../nbs/00_data.ipynb #6e1280ec
-def check_zip(zip_path:Path) -> Path:
+# %% ../nbs/00_data.ipynb #f0ac2e40
+def check_zip(zip_path:Path, # The downloaded zip
+             ) -> Path:
     "Check every member's CRC; delete the zip and raise if it is truncated or corrupt"
     try:
         with zipfile.ZipFile(zip_path) as zf: bad = zf.testzip()
@@ -217,7 +222,7 @@ def download_pcam(dest:str|Path='data/pcam', # Folder to download (and unpack) i
     marker.write_text('unzipped' if unzip else 'zip')
     return dest
 
-# %% ../nbs/00_data.ipynb #97e18506
+# %% ../nbs/00_data.ipynb #ab9ed3ec
 class PCamDataError(ValueError):
     "The data on disk is not in the expected PCam/Kaggle layout; the message says what is wrong"
 
@@ -258,10 +263,13 @@ def read_labels(path:str|Path, # Folder in the Kaggle layout
     files = {e.name[:-4] for e in os.scandir(path/folder) if e.name.endswith('.tif')}
     return check_labels(df, files, csv, folder)
 
-# %% ../nbs/00_data.ipynb #6bba90f8
+# %% ../nbs/00_data.ipynb #c122efcd
 class PatchOpener:
     "Open a patch file as a `PILImage`, checking it is a readable `size` RGB image"
-    def __init__(self, size:tuple=(PATCH_SIZE, PATCH_SIZE)): store_attr()
+    def __init__(self,
+                 size:tuple=(PATCH_SIZE, PATCH_SIZE), # Required (width, height); anything else is an error
+                ):
+        store_attr()
     def __call__(self, fn) -> PILImage:
         try:
             im = Image.open(fn); im.load()
@@ -275,10 +283,13 @@ class PatchOpener:
 
 open_patch = PatchOpener()
 
-# %% ../nbs/00_data.ipynb #35237704
+# %% ../nbs/00_data.ipynb #e9155a47
 class LabelLookup:
     "The class name of a patch file, looked up by its id (the file name without `.tif`)"
-    def __init__(self, labels:dict): self.labels = labels
+    def __init__(self,
+                 labels:dict, # Patch id -> 0/1 label
+                ):
+        self.labels = labels
     def __call__(self, fn) -> str:
         try: return CLASSES[int(self.labels[Path(fn).stem])]
         except KeyError: raise PCamDataError(f"{fn} has no label; its id {Path(fn).stem} is not in the labels CSV.") from None

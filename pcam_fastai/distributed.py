@@ -71,7 +71,7 @@ def init_distributed() -> str|None: # The backend ('nccl' or 'gloo'), or None in
                            f"WORLD_SIZE={n}). Launch with torchrun or `accelerate launch --multi_gpu`.")
     return str(dist.get_backend())
 
-# %% ../nbs/11_distributed.ipynb #0fca28a3
+# %% ../nbs/11_distributed.ipynb #d8cd4b59
 def comm_device() -> torch.device:
     "Where tensors for collectives must live: this process's GPU under nccl, else the CPU (gloo)"
     if dist.is_available() and dist.is_initialized() and 'nccl' in str(dist.get_backend()):
@@ -94,7 +94,7 @@ def patch_distributed_dl():
 
 patch_distributed_dl()
 
-# %% ../nbs/11_distributed.ipynb #b97628ec
+# %% ../nbs/11_distributed.ipynb #eee62bde
 def barrier():
     "Wait until every process gets here (no-op in one process)"
     if world_size() <= 1 or init_distributed() is None: return
@@ -129,7 +129,10 @@ def single_process():
         if old is None: os.environ.pop('WORLD_SIZE', None)
         else: os.environ['WORLD_SIZE'] = old
 
-def run_on_main(fn, *args, **kwargs):
+def run_on_main(fn, # What to run on rank 0 only
+                *args, 
+                **kwargs,
+               ):
     "Call `fn(*args, **kwargs)` on rank 0 alone (in `single_process()`) and return its result on every rank"
     if world_size() <= 1: return fn(*args, **kwargs)
     res, err = None, None
@@ -143,7 +146,7 @@ def run_on_main(fn, *args, **kwargs):
         raise
     return res
 
-# %% ../nbs/11_distributed.ipynb #afd976c9
+# %% ../nbs/11_distributed.ipynb #0e2d6b12
 _announced = [False]
 
 @contextmanager
@@ -171,10 +174,11 @@ def distrib_fit_ctx(learn, # A fastai Learner
     finally:
         if sync_bn: learn.model = revert_sync_batchnorm(learn.model, types)
 
-# %% ../nbs/11_distributed.ipynb #13be892c
+# %% ../nbs/11_distributed.ipynb #6e1471e6
 from torch.nn.modules.batchnorm import _BatchNorm
 
-def bn_types(model) -> dict: # Module name -> BatchNorm class
+def bn_types(model, # A model
+            ) -> dict: # Module name -> BatchNorm class
     "The class of every BatchNorm layer in `model`, by module name (to undo `convert_sync_batchnorm` later)"
     return {n: type(m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)}
 
@@ -194,7 +198,7 @@ def revert_sync_batchnorm(module, # A model that may contain `SyncBatchNorm` lay
         out.add_module(n, revert_sync_batchnorm(child, types, f'{_name}.{n}' if _name else n))
     return out
 
-# %% ../nbs/11_distributed.ipynb #1ce07eee
+# %% ../nbs/11_distributed.ipynb #88efb487
 class BatchCounter(Callback):
     "Count the training batches and samples this process sees"
     order = 12  # after DistributedTrainer has wrapped the loaders
@@ -202,7 +206,8 @@ class BatchCounter(Callback):
     def after_batch(self):
         if self.training: self.batches, self.samples = self.batches + 1, self.samples + find_bs(self.yb)
 
-def params_checksum(model) -> str:
+def params_checksum(model, # A model
+                   ) -> str:
     "SHA1 of all parameters (in order, as float32 bytes): equal checksums mean identical weights"
     h = hashlib.sha1()
     for p in model.parameters(): h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
@@ -230,7 +235,8 @@ def _parser():
     p.add_argument('--seed', type=int, default=0)
     return p
 
-def main(argv=None) -> dict: # What this rank wrote to OUT/rank<r>.json
+def main(argv=None, # Command-line arguments; None: sys.argv[1:]
+        ) -> dict: # What this rank wrote to OUT/rank<r>.json
     "Train a tiny synthetic PCam model under `distrib_fit_ctx` and write what this process saw to OUT/rank<r>.json"
     from pcam_fastai.data import make_synthetic_pcam, pcam_dataloaders
     from pcam_fastai.learner import pcam_learner
@@ -260,7 +266,7 @@ def main(argv=None) -> dict: # What this rank wrote to OUT/rank<r>.json
     barrier()
     return res
 
-# %% ../nbs/11_distributed.ipynb #1aa0107f
+# %% ../nbs/11_distributed.ipynb #7e922075
 if __name__ == '__main__' and '__file__' in globals():  # `python -m pcam_fastai.distributed`, not a notebook kernel
     try: main()
     finally:

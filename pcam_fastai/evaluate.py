@@ -17,7 +17,7 @@ __all__ = ['binary_metrics', 'simulate_ci_coverage', 'youden_threshold', 'plot_r
            'plot_confusion_matrix', 'predict', 'make_submission', 'check_submission', 'ModelFileError', 'load_weights',
            'load_run']
 
-# %% ../nbs/07_evaluate.ipynb #c0ee34df
+# %% ../nbs/07_evaluate.ipynb #5cee8db2
 def _check(probs, targets):
     probs, targets = np.asarray(probs, dtype=np.float64).ravel(), np.asarray(targets).ravel()
     if len(probs) != len(targets): raise ValueError(f"probs and targets differ in length: {len(probs)} vs {len(targets)}.")
@@ -66,7 +66,7 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
                            n_boot=n_boot, seed=seed)
     return res
 
-# %% ../nbs/07_evaluate.ipynb #1e1926e7
+# %% ../nbs/07_evaluate.ipynb #ee413468
 def simulate_ci_coverage(n:int=300, # Patches per simulated test set
                          reps:int=100, # Simulated test sets
                          sep:float=1.0, # Separation of the classes' scores (population AUC = Phi(sep/sqrt(2)))
@@ -85,16 +85,22 @@ def simulate_ci_coverage(n:int=300, # Patches per simulated test set
         hits += lo <= true_auc <= hi
     return hits / reps, true_auc
 
-# %% ../nbs/07_evaluate.ipynb #2f03569a
-def youden_threshold(probs, targets) -> float:
+# %% ../nbs/07_evaluate.ipynb #26ec185e
+def youden_threshold(probs, # Predicted probability of the positive class
+                     targets, # True labels, 0 or 1
+                    ) -> float:
     "The threshold maximizing sensitivity + specificity - 1 (Youden's J)"
     p, t = _check(probs, targets)
     if len(np.unique(t)) < 2: raise ValueError("Youden's J needs both classes in the targets.")
     fpr, tpr, thr = roc_curve(t, p)
     return float(np.clip(thr[np.argmax(tpr - fpr)], 0, 1))
 
-# %% ../nbs/07_evaluate.ipynb #402b31e8
-def plot_roc(probs, targets, title:str='ROC', ax=None) -> plt.Figure:
+# %% ../nbs/07_evaluate.ipynb #d85c0c83
+def plot_roc(probs, # Predicted probability of the positive class
+             targets, # True labels, 0 or 1
+             title:str='ROC', # Plot title
+             ax=None, # Axes to draw on; None: a new figure
+            ) -> plt.Figure:
     "The ROC curve with its AUC"
     p, t = _check(probs, targets)
     fpr, tpr, _ = roc_curve(t, p)
@@ -104,7 +110,9 @@ def plot_roc(probs, targets, title:str='ROC', ax=None) -> plt.Figure:
     ax.legend(loc='lower right'); fig.tight_layout()
     return fig
 
-def plot_confusion(metrics:dict, classes=('normal', 'tumour')) -> plt.Figure:
+def plot_confusion(metrics:dict, # A `binary_metrics` result
+                   classes=('normal', 'tumour'), # Names of class 0 and class 1
+                  ) -> plt.Figure:
     "The confusion matrix of a `binary_metrics` result, with counts and row percentages"
     cm = np.array([[metrics['tn'], metrics['fp']], [metrics['fn'], metrics['tp']]])
     fig, ax = plt.subplots(figsize=(3.8, 3.4))
@@ -118,7 +126,7 @@ def plot_confusion(metrics:dict, classes=('normal', 'tumour')) -> plt.Figure:
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_evaluate.ipynb #3b9723a6
+# %% ../nbs/07_evaluate.ipynb #b6f8a18a
 def multiclass_metrics(probs, # Predicted probabilities, (N, n_classes), rows summing to 1
                        targets, # True class indices, 0 .. n_classes-1
                        classes:list, # Class names, in index order
@@ -167,7 +175,7 @@ def plot_confusion_matrix(cm, # Counts, rows = actual, columns = predicted
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_evaluate.ipynb #06c877a8
+# %% ../nbs/07_evaluate.ipynb #42da79b4
 import torch
 from .loader import dihedral
 
@@ -187,7 +195,7 @@ def predict(learn, # A learner (also one from `load_learner`)
             if len(b) > 1: targs.append(b[1].cpu().as_subclass(torch.Tensor))
     return torch.cat(probs), (torch.cat(targs) if targs else None)
 
-# %% ../nbs/07_evaluate.ipynb #cc0667e7
+# %% ../nbs/07_evaluate.ipynb #90f13c3d
 import os
 from pathlib import Path
 import pandas as pd
@@ -245,7 +253,7 @@ def check_submission(sub:pd.DataFrame, # The submission to check
         raise PCamDataError(f"The submission's ids do not match sample_submission.csv ({len(extra)} unknown ids, e.g. {sorted(extra)[:1]}, "
                             f"or a different order); nothing written.")
 
-# %% ../nbs/07_evaluate.ipynb #140c542b
+# %% ../nbs/07_evaluate.ipynb #6e3e23c3
 import json
 
 class ModelFileError(ValueError):

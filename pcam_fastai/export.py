@@ -25,7 +25,7 @@ from .train import json_text
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'PatchClassifier', 'build_model', 'BundleError', 'Bundle',
            'load_bundle', 'export_bundle']
 
-# %% ../nbs/09_export.ipynb #8701e095
+# %% ../nbs/09_export.ipynb #c3c3fa92
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class PatchClassifier(nn.Module):
@@ -52,7 +52,7 @@ def build_model(arch, # The arch the run was trained with (torchvision or timm n
     if isinstance(fn, str): return create_timm_model(fn, n_out, pretrained=False)[0]
     return create_vision_model(fn, n_out, pretrained=False)
 
-# %% ../nbs/09_export.ipynb #37b03263
+# %% ../nbs/09_export.ipynb #0e43fa75
 class BundleError(ValueError):
     "A bundle folder that is missing files, damaged, or was written by a newer version"
 
@@ -77,7 +77,7 @@ def _as_rgb(img, size:int, resize:str='pil-bilinear') -> np.ndarray:
     else: raise TypeError(f"Images must be file paths, PIL images or uint8 arrays, not {type(img).__name__}.")
     if img.size == (size, size): return np.asarray(img, dtype=np.uint8)
     if resize == 'torch-bilinear':  # the array cache's loader: torch bilinear on uint8, no antialiasing (like cv2.INTER_LINEAR)
-        t = torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+        t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
         t = torch.nn.functional.interpolate(t, size=(size, size), mode='bilinear', align_corners=False, antialias=False)
         return t[0].permute(1, 2, 0).contiguous().numpy()
     return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)  # fastai's Resize on files (squish for folder sets)
@@ -164,7 +164,7 @@ def load_bundle(path:str|Path, # A folder written by `export_bundle`
     "Load an exported bundle for prediction"
     return Bundle(path, backend)
 
-# %% ../nbs/09_export.ipynb #31d339c5
+# %% ../nbs/09_export.ipynb #387cea77
 def _throughput(fn, x:np.ndarray, bs:int=64, min_seconds:float=2.) -> float:
     "Patches per second of `fn` on batches of `bs`, after one warm-up batch"
     fn(x[:bs])

@@ -23,7 +23,7 @@ from .data import PCamDataError, synthetic_patch
 __all__ = ['IMAGE_EXTS', 'SPLIT_DIRS', 'KATHER_CLASSES', 'FolderLayout', 'folder_layout', 'make_synthetic_folders', 'open_rgb',
            'folder_dataloaders', 'folder_test_dl', 'is_folder_dataset']
 
-# %% ../nbs/08_folders.ipynb #9a6f0ffd
+# %% ../nbs/08_folders.ipynb #0d3f0642
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 SPLIT_DIRS = {'train': 'train', 'valid': 'valid', 'val': 'valid', 'validation': 'valid', 'test': 'test'}
 
@@ -97,7 +97,7 @@ def folder_layout(root:str|Path, # A folder of class folders, with an optional t
     elif positive is not None: raise PCamDataError(f"positive= is for two classes; {root} has {len(classes)}.")
     return FolderLayout(root, kind, classes, files)
 
-# %% ../nbs/08_folders.ipynb #47649cf3
+# %% ../nbs/08_folders.ipynb #6267898e
 KATHER_CLASSES = ('ADI', 'BACK', 'DEB', 'LYM', 'MUC', 'MUS', 'NORM', 'STR', 'TUM')
 
 def _class_patch(rng, k:int, n_classes:int, tumour_class:bool) -> np.ndarray:
@@ -130,8 +130,9 @@ def make_synthetic_folders(dest:str|Path, # Folder to create
     (dest/'.synthetic.json').write_text(json.dumps(dict(classes=list(classes), n_per_class=n_per_class, size=size, seed=seed)))
     return dest
 
-# %% ../nbs/08_folders.ipynb #047de8fe
-def open_rgb(fn) -> PILImage:
+# %% ../nbs/08_folders.ipynb #95b81264
+def open_rgb(fn, # An image file
+            ) -> PILImage:
     "Open an image file as RGB, naming the file when it cannot be read"
     try:
         with Image.open(fn) as im: return PILImage(im.convert('RGB'))
@@ -189,12 +190,15 @@ def folder_dataloaders(root:str|Path, # A folder-per-class patch set (see `folde
     dls.test_items = lay.files.get('test', [])
     return dls
 
-def folder_test_dl(dls, bs:int|None=None):
+def folder_test_dl(dls, # DataLoaders from `folder_dataloaders`
+                   bs:int|None=None, # Batch size; None: that of `dls`
+                  ):
     "A labelled DataLoader of the held-out test/ folder, or None when there is none"
     if not getattr(dls, 'test_items', None): return None
     return dls.test_dl(dls.test_items, with_labels=True, bs=bs or dls.bs)
 
-def is_folder_dataset(path:str|Path) -> bool:
+def is_folder_dataset(path:str|Path, # A folder
+                     ) -> bool:
     "Whether `path` looks like a folder-per-class patch set (and not a Kaggle-layout folder or an array cache)"
     path = Path(path)
     if not path.is_dir() or (path/'train_labels.csv').exists() or (path/'manifest.json').exists(): return False

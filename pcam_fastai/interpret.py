@@ -20,7 +20,7 @@ from fastai.torch_core import to_np, to_device
 __all__ = ['gradcam', 'centre_ratio', 'all_preds', 'plot_patches_gradcam', 'top_loss_idxs', 'plot_top_losses_gradcam',
            'plot_confident_gallery']
 
-# %% ../nbs/02_interpret.ipynb #bd7072da
+# %% ../nbs/02_interpret.ipynb #5a0b53c7
 def gradcam(learn, # A trained (or any) fastai vision learner
             xb:torch.Tensor, # A batch of model-ready (normalized) images, (N, 3, H, W)
             target:int|torch.Tensor|None=None, # Class index (or one per image) to explain; None: the predicted class
@@ -53,16 +53,18 @@ def gradcam(learn, # A trained (or any) fastai vision learner
     if normalize: cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return cam
 
-# %% ../nbs/02_interpret.ipynb #ec810e6f
-def centre_ratio(cams:torch.Tensor) -> torch.Tensor:
+# %% ../nbs/02_interpret.ipynb #b4cd17c7
+def centre_ratio(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
+                ) -> torch.Tensor:
     "Mean map value in the centre third (PCam's labelled 32x32 of 96) divided by the mean outside it, per image"
     h, w = cams.shape[-2:]
     inside = torch.zeros(h, w, dtype=torch.bool)
     inside[h//3:h - h//3, w//3:w - w//3] = True
     return cams[:, inside].mean(1) / cams[:, ~inside].mean(1).clamp_min(1e-12)
 
-# %% ../nbs/02_interpret.ipynb #2fd4cfe2
-def all_preds(interp:ClassificationInterpretation):
+# %% ../nbs/02_interpret.ipynb #3b8f5628
+def all_preds(interp:ClassificationInterpretation, # An interpretation of a learner
+             ):
     "Probabilities and targets for every patch of `interp`'s DataLoader, computed once and kept on `interp`"
     if getattr(interp, '_all_preds', None) is None:
         with warnings.catch_warnings():

@@ -23,7 +23,7 @@ import fastai.callback.schedule  # adds fit_one_cycle and lr_find to Learner
 __all__ = ['resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'ensure_weights', 'load_body_weights',
            'choose_precision', 'macro_roc_auc', 'pcam_learner']
 
-# %% ../nbs/01_learner.ipynb #94dd4fef
+# %% ../nbs/01_learner.ipynb #e5aa8378
 _HEAD_CHILDREN = ('avgpool', 'classifier', 'fc', 'head', 'pool', 'global_pool')
 
 _UNSUPPORTED = ('googlenet', 'inception_v3', 'vit_', 'swin_', 'maxvit_')
@@ -65,21 +65,23 @@ def resolve_arch(arch): # A torchvision or timm model name like 'resnet50', or a
                      + (f"; did you mean {', '.join(close)}?" if close else '.')
                      + ('' if timm_names else ' (timm is not installed: pip install timm)'))
 
-def arch_name(arch) -> str:
+def arch_name(arch, # A model name or function
+             ) -> str:
     "A printable name for `arch`"
     return arch if isinstance(arch, str) else getattr(arch, '__name__', str(arch))
 
-# %% ../nbs/01_learner.ipynb #82fdc741
+# %% ../nbs/01_learner.ipynb #5b25f2f1
 class PretrainedWeightsError(RuntimeError):
     "ImageNet weights are neither cached nor downloadable; the message says what to do"
 
-def weights_info(arch) -> tuple[str, Path]:
+def weights_info(arch, # A torchvision model name or function
+                ) -> tuple[str, Path]:
     "The download URL of `arch`'s default ImageNet weights and the path torch caches them at"
     fn = resolve_arch(arch)
     url = torchvision.models.get_model_weights(fn).DEFAULT.url
     return url, Path(torch.hub.get_dir())/'checkpoints'/Path(url).name
 
-# %% ../nbs/01_learner.ipynb #4f435075
+# %% ../nbs/01_learner.ipynb #588ae292
 def _weights_error(arch, err) -> PretrainedWeightsError:
     url, cached = weights_info(arch)
     name = getattr(arch, '__name__', arch)
@@ -89,7 +91,8 @@ def _weights_error(arch, err) -> PretrainedWeightsError:
         f"  2. or pass weights_path='/path/to/{cached.name}' (CLI: --weights-path)\n"
         f"  3. or train from scratch with pretrained=False (CLI: --pretrained false); expect lower accuracy on real data.")
 
-def ensure_weights(arch):
+def ensure_weights(arch, # A torchvision model name or function (timm models download themselves)
+                  ):
     "Download `arch`'s ImageNet weights into torch's cache unless there; raise `PretrainedWeightsError` if impossible"
     try: url, cached = weights_info(arch)
     except Exception: return  # not a torchvision model: its own loader reports problems

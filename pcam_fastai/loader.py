@@ -30,7 +30,7 @@ __all__ = ['OFFICIAL_VALID', 'OFFICIAL_TEST', 'GROUPED_SPLIT', 'dihedral', 'Dihe
            'NormalizeBatch', 'StainJitterBatch', 'PatchArrays', 'CacheDL', 'CacheDataLoaders', 'split_indices',
            'batch_tfms', 'cache_dataloaders', 'cache_test_dl']
 
-# %% ../nbs/06_loader.ipynb #f1ec2f8d
+# %% ../nbs/06_loader.ipynb #d1df84c8
 def dihedral(x:torch.Tensor, # (N, C, H, W) square images
              k:int, # 0-7: bit 0 flips left-right, bit 1 flips up-down, bit 2 transposes
             ) -> torch.Tensor:
@@ -54,7 +54,10 @@ class DihedralBatch(Transform):
 class RandomCropBatch(Transform):
     "A random square crop per image (one zoom per batch, up to `max_zoom`); training only"
     split_idx, order = 0, 20
-    def __init__(self, max_zoom:float=1.1): store_attr()
+    def __init__(self,
+                 max_zoom:float=1.1, # Largest zoom: crop side >= side / max_zoom
+                ):
+        store_attr()
     def encodes(self, x:TensorImage):
         n, c, h, w = x.shape
         s = int(round(h / random.uniform(1, self.max_zoom)))
@@ -69,7 +72,10 @@ class RandomCropBatch(Transform):
 class ResizeBatch(Transform):
     "Resize a batch to `size` x `size` with bilinear interpolation, in uint8 and channels-last on a CPU"
     order = 30
-    def __init__(self, size:int): store_attr()
+    def __init__(self,
+                 size:int, # Output side in pixels
+                ):
+        store_attr()
     def encodes(self, x:TensorImage):
         if x.shape[-1] == self.size and x.shape[-2] == self.size: return x
         t = x.as_subclass(torch.Tensor).contiguous(memory_format=torch.channels_last)
@@ -79,7 +85,11 @@ class ResizeBatch(Transform):
 class NormalizeBatch(Transform):
     "uint8 (0-255) to float, normalized in place with `mean` and `std` given for 0-1 images; decodes to 0-1 floats"
     order = 90
-    def __init__(self, mean=imagenet_stats[0], std=imagenet_stats[1]): store_attr()
+    def __init__(self,
+                 mean=imagenet_stats[0], # Per-channel mean of 0-1 images
+                 std=imagenet_stats[1], # Per-channel std of 0-1 images
+                ):
+        store_attr()
     def _stats(self, x, scale):
         return (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * scale, torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * scale)
     def encodes(self, x:TensorImage):
@@ -93,17 +103,27 @@ class NormalizeBatch(Transform):
 class StainJitterBatch(Transform):
     "Random per-image, per-channel scale and shift of normalized images, imitating stain variation; training only"
     split_idx, order = 0, 95
-    def __init__(self, strength:float=0.05): store_attr()
+    def __init__(self,
+                 strength:float=0.05, # Largest relative change of scale (and 4x of shift)
+                ):
+        store_attr()
     def encodes(self, x:TensorImage):
         n, c = x.shape[:2]
         scale = 1 + self.strength * (2 * torch.rand(n, c, 1, 1, device=x.device) - 1)
         shift = self.strength * 4 * (2 * torch.rand(n, c, 1, 1, device=x.device) - 1)
         return TensorImage(x.as_subclass(torch.Tensor) * scale + shift)
 
-# %% ../nbs/06_loader.ipynb #1589ebbd
+# %% ../nbs/06_loader.ipynb #7c61db73
 class PatchArrays:
     "Rows `idxs` of cached patches as a dataset: item i is (TensorImage uint8 3x96x96, TensorCategory)"
-    def __init__(self, images, labels, idxs, vocab=CLASSES, with_labels:bool=True, split_idx:int|None=None):
+    def __init__(self,
+                 images, # uint8 (N, 96, 96, 3) array or memmap
+                 labels, # Labels (N,)
+                 idxs, # Rows of this split
+                 vocab=CLASSES, # Class names
+                 with_labels:bool=True, # Return (image, label) pairs; False: images only
+                 split_idx:int|None=None, # 0 train, 1 valid: which batch transforms apply
+                ):
         self.images, self.labels, self.idxs = images, labels, np.asarray(idxs, dtype=np.int64)
         self.vocab, self.with_labels, self.split_idx, self.n_inp = CategoryMap(list(vocab), sort=False), with_labels, split_idx, 1
         self.loss_func = CrossEntropyLossFlat()  # what fastai would infer from a CategoryBlock
@@ -178,7 +198,7 @@ class CacheDataLoaders(DataLoaders):
             ds = PatchArrays(src.images, src.labels, np.asarray(items, dtype=np.int64), src.vocab, with_labels, 1)
         return self.valid.new(ds, bs=bs or self.valid.bs, shuffle=False, drop_last=False, **kwargs)
 
-# %% ../nbs/06_loader.ipynb #c4fe9428
+# %% ../nbs/06_loader.ipynb #b5f8ea50
 OFFICIAL_VALID = 'pcam-official-valid (slide-disjoint from train)'
 OFFICIAL_TEST = 'pcam-official-test (slide-disjoint from train and valid)'
 GROUPED_SPLIT = 'kaggle-grouped-by-slide (slides held out whole)'
@@ -203,8 +223,11 @@ def split_indices(n:int, # Rows to split
     is_valid = np.isin(inv, list(valid_g))
     return np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
 
-# %% ../nbs/06_loader.ipynb #980c2d60
-def batch_tfms(size:int=224, max_zoom:float=1.1, stain_jitter:float=0.) -> list:
+# %% ../nbs/06_loader.ipynb #fac6e86a
+def batch_tfms(size:int=224, # Output side in pixels
+               max_zoom:float=1.1, # Largest random zoom (training)
+               stain_jitter:float=0., # Colour jitter strength (training); 0: none
+              ) -> list:
     "The batch pipeline: dihedral, crop, resize, normalize (and optionally stain jitter)"
     return [DihedralBatch(), RandomCropBatch(max_zoom), ResizeBatch(size), NormalizeBatch(),
             *([StainJitterBatch(stain_jitter)] if stain_jitter else [])]

@@ -69,7 +69,7 @@ def read_upload(name:str, # The file's name, for messages
     except Image.DecompressionBombError as e: raise UploadError(f'{name} is too large to decode safely: {_reason(e)}') from None
     except Exception as e: raise UploadError(f'{name} is not an image PIL can read: {_reason(e)}.') from None
 
-# %% ../nbs/10_serve.ipynb #5ecb41d6
+# %% ../nbs/10_serve.ipynb #62813f43
 def gradcam_overlay(img:Image.Image, # The patch, any size
                     cam:np.ndarray, # Its Grad-CAM map, (H, W), values in [0, 1]
                     size:int|None=None, # Side of the overlay; None: the map's
@@ -85,7 +85,8 @@ def gradcam_overlay(img:Image.Image, # The patch, any size
     base = np.asarray(img.convert('RGB').resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
     return Image.fromarray((255 * ((1 - alpha) * base + alpha * heat)).round().astype(np.uint8))
 
-def to_png_b64(img:Image.Image) -> str:
+def to_png_b64(img:Image.Image, # A PIL image
+              ) -> str:
     "`img` as a base64-encoded PNG"
     buf = io.BytesIO()
     img.save(buf, format='PNG')
@@ -154,7 +155,7 @@ def classify(bundle, # A `Bundle`: `classes`, `size`, `predict` and `gradcam`
     "Classify uploaded images and explain each with Grad-CAM; unusable files become errors, not exceptions"
     return _classify(bundle, files, max_mb, max_files, with_patch)[0]
 
-# %% ../nbs/10_serve.ipynb #b39a5ab8
+# %% ../nbs/10_serve.ipynb #34183c46
 TITLE = 'pcam_fastai: patch classifier'
 FORM_SLACK = 65536  # bytes allowed for multipart headers on top of the files
 
@@ -298,7 +299,7 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
                                            positive=getattr(bundle, 'positive', None), threshold=getattr(bundle, 'threshold', None)))
     return app
 
-# %% ../nbs/10_serve.ipynb #28fd436f
+# %% ../nbs/10_serve.ipynb #9928b051
 class ServeError(ValueError):
     "The server cannot start, e.g. the port is in use"
 

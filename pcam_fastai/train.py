@@ -37,10 +37,14 @@ __all__ = ['LRSuggestion', 'PRESETS', 'DEMO_DATA', 'lr_suggestions', 'find_lr', 
            'fit_two_stage', 'read_history', 'plot_history', 'default_data_dir', 'versions', 'resolve_config',
            'labels_hash', 'run_key', 'train_pcam', 'json_text', 'evaluate_run', 'write_report']
 
-# %% ../nbs/03_train.ipynb #ebf2a7a5
+# %% ../nbs/03_train.ipynb #b8ff563f
 LRSuggestion = namedtuple('LRSuggestion', ['valley', 'slide'])
+LRSuggestion.__doc__ = "The two suggestions of `find_lr`: `valley` (fastai's default) and `slide`"
 
-def lr_suggestions(lrs, losses, num_it:int) -> LRSuggestion:
+def lr_suggestions(lrs, # Learning rates lr_find tried
+                   losses, # Their (smoothed) losses
+                   num_it:int, # Mini-batches lr_find ran
+                  ) -> LRSuggestion:
     "fastai's `valley` and `slide` suggestions, also for short runs (fastai's `slide` fails under ~30 iterations)"
     lrs, losses = torch.tensor([float(l) for l in lrs]), torch.tensor([float(l) for l in losses])
     keep = torch.isfinite(losses)
@@ -84,14 +88,19 @@ def find_lr(learn, # A fastai Learner
         if not show: plt.close(fig)
     return res
 
-# %% ../nbs/03_train.ipynb #93ca7cc4
+# %% ../nbs/03_train.ipynb #ba25f002
 def _lr_repr(lr): return [float(lr.start), float(lr.stop)] if isinstance(lr, slice) else float(lr)
 def _lr_value(r): return slice(*r) if isinstance(r, list) else r
 
 class EpochCheckpoint(Callback):
     "After every epoch, save model and optimizer and record progress, so a killed run resumes at the next epoch"
     order = 90
-    def __init__(self, stage, progress_fn, state): store_attr()
+    def __init__(self,
+                 stage, # Stage name, e.g. stage1-frozen
+                 progress_fn, # progress.json to update
+                 state, # The run state written to it
+                ):
+        store_attr()
     def after_epoch(self):
         done = self.epoch + 1
         if done <= self.state.get('epochs_done', 0): return  # an epoch skipped while resuming
@@ -102,7 +111,12 @@ class EpochCheckpoint(Callback):
 class HistoryLogger(Callback):
     "Append each trained epoch's losses and metrics, with its stage, to a CSV (epochs skipped on resume are not logged)"
     order = 60  # after the Recorder
-    def __init__(self, fname, stage, start_epoch=0): store_attr()
+    def __init__(self,
+                 fname, # CSV to append to
+                 stage, # Stage name for the stage column
+                 start_epoch=0, # First epoch trained (earlier ones were skipped on resume)
+                ):
+        store_attr()
     def after_epoch(self):
         if self.epoch < self.start_epoch: return
         names, vals = self.learn.recorder.metric_names, self.learn.recorder.log
@@ -167,8 +181,9 @@ def fit_two_stage(learn, # A learner from `pcam_learner`
     if is_main(): _write_json(prog_fn, state)
     return {k: v for k, v in log.items()}
 
-# %% ../nbs/03_train.ipynb #e6b745d1
-def read_history(fn:str|Path) -> pd.DataFrame:
+# %% ../nbs/03_train.ipynb #82ee30f7
+def read_history(fn:str|Path, # history.csv written by `HistoryLogger`
+                ) -> pd.DataFrame:
     "Read `history.csv` (a `stage` column, then fastai's epoch, losses, metrics and time) into a frame"
     df = pd.read_csv(fn)
     return df.drop_duplicates(subset=['stage', 'epoch'], keep='last').reset_index(drop=True)  # an epoch rerun after a crash
@@ -190,7 +205,7 @@ def plot_history(history:str|Path|pd.DataFrame, # `history.csv` written during t
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_train.ipynb #08b944df
+# %% ../nbs/03_train.ipynb #4635ce9c
 PRESETS = {
     # The reference notebook: ResNet50, 224 px, bs 64, fp16, 30 + 30 epochs (11.9 h on one RTX 2070)
     'card': dict(arch='resnet50', size=224, bs=64, epochs_frozen=30, epochs_unfrozen=30, pretrained=True, fp16=True,
@@ -213,8 +228,11 @@ def versions() -> dict:
     return dict(pcam_fastai=pcam_fastai.__version__, fastai=fastai.__version__, torch=torch.__version__,
                 torchvision=torchvision.__version__, python=platform.python_version())
 
-# %% ../nbs/03_train.ipynb #02966c90
-def resolve_config(data=None, preset:str='auto', **overrides) -> tuple[str, dict]:
+# %% ../nbs/03_train.ipynb #a3c58f2c
+def resolve_config(data=None, # The data given; None: the built-in synthetic set
+                   preset:str='auto', # 'card', 'cpu-demo' or 'auto'
+                   **overrides, # Settings to change; None values are ignored
+                  ) -> tuple[str, dict]:
     "The preset for `data` (synthetic: 'cpu-demo', real data: 'card') updated with the overrides that are not None"
     if preset == 'auto': preset = 'card' if data is not None else 'cpu-demo'
     if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; choose one of {['auto', *PRESETS]}.")
@@ -222,7 +240,7 @@ def resolve_config(data=None, preset:str='auto', **overrides) -> tuple[str, dict
     if unknown: raise TypeError(f"Unknown settings {sorted(unknown)}; known: {sorted(PRESETS[preset])}.")
     return preset, {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
 
-# %% ../nbs/03_train.ipynb #4304b189
+# %% ../nbs/03_train.ipynb #0dc8291f
 def _is_synthetic(data) -> bool:
     "Whether `data` is (a cache of) the built-in synthetic set"
     data = Path(data)
@@ -234,7 +252,8 @@ def _save(fig, fn):
     fig.savefig(fn, dpi=80); plt.close(fig)
     return fn.name
 
-def labels_hash(data:str|Path) -> str:
+def labels_hash(data:str|Path, # Kaggle folder, array cache or folder set
+               ) -> str:
     "SHA-1 of the labels the run trains on (the cache's labels, or the labels CSV's bytes)"
     data = Path(data)
     if is_cache(data): return load_cache(data, 'train').manifest['labels_sha1']
@@ -244,14 +263,15 @@ def labels_hash(data:str|Path) -> str:
         return hashlib.sha1('\n'.join(rows).encode()).hexdigest()
     return hashlib.sha1((data/'train_labels.csv').read_bytes()).hexdigest()
 
-def run_key(config:dict) -> str:
+def run_key(config:dict, # A run configuration (config.json)
+           ) -> str:
     "What identifies a run: everything that changes the trained model"
     keep = {k: config[k] for k in ('data', 'labels_sha1', 'preset', 'settings', 'lr_frozen', 'lr_unfrozen', 'seed', 'valid_pct',
                                    'weights_path', 'stain_jitter', 'groups')}
     if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-# %% ../nbs/03_train.ipynb #dc063e70
+# %% ../nbs/03_train.ipynb #b54995fe
 def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
     from pcam_fastai.evaluate import predict, binary_metrics, multiclass_metrics
     probs, targs = predict(learn, dl)
@@ -378,8 +398,9 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
               + f', ROC AUC {t["roc_auc"]:.4f} on {t["n"]} patches ({t["split"]})')
     return learn, metrics
 
-# %% ../nbs/03_train.ipynb #0049983d
-def json_text(obj) -> str:
+# %% ../nbs/03_train.ipynb #78f1e497
+def json_text(obj, # JSON-able data
+             ) -> str:
     "JSON that browsers and other strict parsers accept: NaN and infinities become null"
     def clean(o):
         if isinstance(o, float) and not np.isfinite(o): return None
@@ -405,7 +426,12 @@ def _finish(learn, dls, data, run_dir, top_k):
     learn.export(run_dir/'learner.pkl')
     return evaluate_run(learn, dls, data, run_dir, top_k=top_k)
 
-def evaluate_run(learn, dls, data, run_dir:Path, top_k:int=9) -> dict:
+def evaluate_run(learn, # The trained learner
+                 dls, # Its DataLoaders
+                 data, # The data it trained on
+                 run_dir:Path, # Folder for the plots
+                 top_k:int=9, # Patches per top-losses plot
+                ) -> dict:
     "Validation (and official test) metrics with intervals, a Youden threshold from validation, and every plot"
     from pcam_fastai.evaluate import youden_threshold, plot_roc, plot_confusion
     from pcam_fastai.interpret import plot_confident_gallery
@@ -460,7 +486,7 @@ def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k):
     m['plots'] = plots
     return m
 
-# %% ../nbs/03_train.ipynb #de0fbe13
+# %% ../nbs/03_train.ipynb #c12a667e
 def _fmt(v): return f'{v:.4f}' if isinstance(v, float) else str(v)
 
 def _metric_rows(m):
@@ -477,7 +503,10 @@ def _metric_rows(m):
              f"| threshold | {m['threshold']:.3f} ({m['threshold_source']}) | |", f"| patches | {m['n']} ({m['positives']} tumour) | |"]
     return rows
 
-def write_report(run_dir:Path, metrics:dict, config:dict) -> Path:
+def write_report(run_dir:Path, # The run folder
+                 metrics:dict, # metrics.json content
+                 config:dict, # config.json content
+                ) -> Path:
     "`report.md`: the run on one page: data and split, settings, metrics with intervals, and every plot"
     run_dir = Path(run_dir)
     L = [f"# PCam run `{run_dir.name}`", '',
