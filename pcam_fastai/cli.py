@@ -1,4 +1,4 @@
-"""`pcam-fastai download`, `pcam-fastai synth` and `pcam-fastai train`: the Python API as a console script.
+"""`pcam-fastai download`, `cache`, `synth`, `train`, `submit`, `export` and `serve`: the Python API as a console script.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 

@@ -52,7 +52,7 @@ def build_model(arch, # The arch the run was trained with (torchvision or timm n
     if isinstance(fn, str): return create_timm_model(fn, n_out, pretrained=False)[0]
     return create_vision_model(fn, n_out, pretrained=False)
 
-# %% ../nbs/09_export.ipynb #0e43fa75
+# %% ../nbs/09_export.ipynb #70d5ed7c
 class BundleError(ValueError):
     "A bundle folder that is missing files, damaged, or was written by a newer version"
 
@@ -125,7 +125,9 @@ class Bundle:
             self._ort = ort.InferenceSession(str(self.path/'model.onnx'), providers=['CPUExecutionProvider'])
         return self._ort
 
-    def prepare(self, images) -> np.ndarray:
+    def prepare(self,
+                images, # Paths, PIL images, uint8 (H, W, 3) arrays, or an (N, size, size, 3) uint8 batch
+               ) -> np.ndarray:
         "Images as the (N, size, size, 3) uint8 batch the model takes"
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim <= 3): images = [images]
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (self.size, self.size, 3) and images.dtype == np.uint8:
@@ -164,7 +166,7 @@ def load_bundle(path:str|Path, # A folder written by `export_bundle`
     "Load an exported bundle for prediction"
     return Bundle(path, backend)
 
-# %% ../nbs/09_export.ipynb #387cea77
+# %% ../nbs/09_export.ipynb #2893a658
 def _throughput(fn, x:np.ndarray, bs:int=64, min_seconds:float=2.) -> float:
     "Patches per second of `fn` on batches of `bs`, after one warm-up batch"
     fn(x[:bs])

@@ -23,7 +23,7 @@ from .data import PCamDataError, synthetic_patch
 __all__ = ['IMAGE_EXTS', 'SPLIT_DIRS', 'KATHER_CLASSES', 'FolderLayout', 'folder_layout', 'make_synthetic_folders', 'open_rgb',
            'folder_dataloaders', 'folder_test_dl', 'is_folder_dataset']
 
-# %% ../nbs/08_folders.ipynb #0d3f0642
+# %% ../nbs/08_folders.ipynb #ba0b7fd8
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 SPLIT_DIRS = {'train': 'train', 'valid': 'valid', 'val': 'valid', 'validation': 'valid', 'test': 'test'}
 
@@ -33,10 +33,10 @@ def _images(folder:Path) -> list[Path]:
 @dataclass
 class FolderLayout:
     "What `folder_layout` found: the splits, the classes and the files with their labels"
-    root: Path
-    kind: str  # 'splits', 'grouped' or 'flat'
-    classes: list
-    files: dict = field(default_factory=dict)  # split ('all', 'train', 'valid', 'test') -> list of image paths
+    root: Path # The folder given
+    kind: str # 'splits', 'grouped' or 'flat'
+    classes: list # Class names; for two classes [negative, positive]
+    files: dict = field(default_factory=dict) # Split ('all', 'train', 'valid', 'test') -> list of image paths
     def counts(self) -> dict:
         "Images per split and class"
         return {s: {c: sum(parent_label(f) == c for f in fs) for c in self.classes} for s, fs in self.files.items()}

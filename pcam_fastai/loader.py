@@ -113,7 +113,7 @@ class StainJitterBatch(Transform):
         shift = self.strength * 4 * (2 * torch.rand(n, c, 1, 1, device=x.device) - 1)
         return TensorImage(x.as_subclass(torch.Tensor) * scale + shift)
 
-# %% ../nbs/06_loader.ipynb #7c61db73
+# %% ../nbs/06_loader.ipynb #2de9a4a8
 class PatchArrays:
     "Rows `idxs` of cached patches as a dataset: item i is (TensorImage uint8 3x96x96, TensorCategory)"
     def __init__(self,
@@ -184,7 +184,12 @@ class CacheDL(TfmdDL):
 
 class CacheDataLoaders(DataLoaders):
     "`DataLoaders` over an array cache"
-    def test_dl(self, test_items, with_labels:bool=False, bs:int|None=None, **kwargs):
+    def test_dl(self,
+                test_items, # Cache rows (indices into the validation source), a uint8 N x 96 x 96 x 3 array, or patch files
+                with_labels:bool=False, # Yield (image, label) pairs (cache rows only)
+                bs:int|None=None, # Batch size; None: the validation batch size
+                **kwargs, # Accepted for fastai compatibility
+               ):
         "A DataLoader over cache rows of the validation source, a uint8 N x 96 x 96 x 3 array, or patch files"
         kwargs.pop('process', None); kwargs.pop('rm_type_tfms', None)
         src = self.valid.dataset

@@ -10,10 +10,17 @@ BIN = Path(sys.executable).parent
 MODULES = sorted(p.stem for p in (ROOT/'pcam_fastai').glob('*.py') if not p.name.startswith('_'))
 
 
+PROC = """
+import shutil, nbdev.quarto as q
+if shutil.which('quarto') is None: q._ensure_quarto = lambda: print('quarto is not installed: processing only')  # never a sudo install from a test
+q.nbdev_proc_nbs.__wrapped__(force=True)
+"""
+
+
 @pytest.fixture(scope='module')
 def proc():
-    "Run `nbdev-proc-nbs` (what the docs build runs before Quarto) and return the processed folder"
-    res = subprocess.run([str(BIN/'nbdev-proc-nbs')], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    "Run `nbdev-proc-nbs` on every notebook (forced: no cached page is trusted) and return the processed folder"
+    res = subprocess.run([sys.executable, '-c', PROC], cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and 'Exception: Error' not in out, out[-4000:]
     return ROOT/'_proc'
@@ -56,8 +63,13 @@ def test_every_public_name_has_show_doc(proc, module):
 def test_every_parameter_has_a_docment(module):
     missing = []
     for name, obj in public_api(module):
+        if inspect.isclass(obj) and (hasattr(obj, '__dataclass_fields__') or hasattr(obj, '_fields')):  # dataclass, NamedTuple: field comments
+            src = inspect.getsource(obj)
+            missing += [f'{name}.{fl}' for fl in getattr(obj, '_fields', None) or obj.__dataclass_fields__
+                        if not re.search(rf'^\s*{fl}\s*:[^#\n]*#\s*\S', src, flags=re.M)]
+            continue
         if inspect.isclass(obj):
-            if '__init__' not in vars(obj) or hasattr(obj, '__dataclass_fields__'): continue  # inherited, or fields documented in the class
+            if '__init__' not in vars(obj): continue  # inherited: documented where it is defined
             f = obj.__init__
         else: f = obj
         try: params = [n for n, p in inspect.signature(f).parameters.items()
@@ -66,3 +78,20 @@ def test_every_parameter_has_a_docment(module):
         docs = docments(f)
         missing += [f'{name}({p})' for p in params if not docs.get(p)]
     assert not missing, f'pcam_fastai.{module}: parameters without a docment: {missing}'
+
+
+def test_stored_outputs_are_small_and_clean():
+    "What the site shows from the notebooks: no errors, stderr or progress bars; images and texts of modest size"
+    bar = re.compile(r'█|\|----|^\s*Epoch \d+/\d+ :', flags=re.M)
+    for nb in sorted((ROOT/'nbs').rglob('*.ipynb')):
+        if any(p.startswith(('.', '_')) for p in nb.relative_to(ROOT/'nbs').parts): continue
+        for i, c in enumerate(json.loads(nb.read_text())['cells']):
+            for o in c.get('outputs', []):
+                where = f'{nb.name} cell {i}'
+                assert o['output_type'] != 'error', f'{where}: an error is stored'
+                assert not (o['output_type'] == 'stream' and o.get('name') == 'stderr'), f'{where}: stderr is stored'
+                text = ''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/plain', ''))
+                assert not bar.search(text), f'{where}: a progress bar is stored'
+                assert len(text.splitlines()) <= 60, f'{where}: {len(text.splitlines())} lines of text'
+                for k in ('image/png', 'image/jpeg'):
+                    if k in o.get('data', {}): assert len(''.join(o['data'][k])) * 3 / 4 <= 160 * 1024, f'{where}: image over 150 kB'

@@ -6,7 +6,7 @@ Each notebook is executed as `nbdev-test` does (cells flagged `slow` or `eval: f
 written back, then trimmed: no stderr, no progress bars, no HTML widgets, long text cut, and images over MAX_IMAGE_KB dropped
 (with a note). Run `nbdev-clean` afterwards. Rebuilding a notebook from its source drops its outputs: run this last."""
 from __future__ import annotations
-import base64, json, sys, time
+import base64, json, re, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,7 +14,12 @@ MAX_IMAGE_KB, MAX_TEXT_LINES = 150, 40
 BAR = ('█', '|----', '% [')
 
 
-def _is_bar(text:str) -> bool: return any(b in text for b in BAR)
+def _is_bar(text:str) -> bool: return any(b in text for b in BAR) or bool(re.match(r'^\s*Epoch \d+/\d+ :', text))
+
+
+def _lines(text:str) -> list:
+    "The lines a terminal would show: only what follows the last carriage return of each line; no bars, no blank lines"
+    return [l for l in (seg.split('\r')[-1].rstrip() for seg in text.split('\n')) if l.strip() and not _is_bar(l)]
 
 
 def _shrink(png:bytes) -> bytes|None:
@@ -34,7 +39,7 @@ def trim_output(o:dict):
     kind = o.get('output_type')
     if kind == 'stream':
         if o.get('name') == 'stderr': return None
-        lines = [l for l in ''.join(o.get('text', '')).replace('\r', '\n').split('\n') if l.strip() and not _is_bar(l)]
+        lines = _lines(''.join(o.get('text', '')))
         if not lines: return None
         if len(lines) > MAX_TEXT_LINES: lines = lines[:MAX_TEXT_LINES] + [f'... ({len(lines) - MAX_TEXT_LINES} more lines)']
         return dict(o, text='\n'.join(lines) + '\n')
