@@ -90,7 +90,7 @@ def find_lr(learn, # A fastai Learner
         if not show: plt.close(fig)
     return res
 
-# %% ../nbs/03_train.ipynb #9ef58a58
+# %% ../nbs/03_train.ipynb #f6203259
 def _lr_repr(lr): return [float(lr.start), float(lr.stop)] if isinstance(lr, slice) else float(lr)
 def _lr_value(r): return slice(*r) if isinstance(r, list) else r
 
@@ -177,7 +177,9 @@ def fit_two_stage(learn, # A learner from `pcam_learner`
         ckpt = learn.save(stage, with_opt=False)
         log[stage] = dict(epochs=epochs, lr=_lr_repr(lr), seconds=round(time.time() - t0, 1), checkpoint=str(ckpt), resumed_at=start)
         state.update(stage=None, epochs_done=0)
-        if is_main(): _write_json(prog_fn, state)
+        if is_main():
+            _write_json(prog_fn, state)
+            ckpt.with_name(f'{stage}-last.pth').unlink(missing_ok=True)  # model + optimizer (3x the model), only needed to resume this stage
     if log and not loaded: learn.load(list(log)[-1], with_opt=False)  # everything had finished: the final weights
     state.update(complete=True)
     if is_main(): _write_json(prog_fn, state)
@@ -488,7 +490,7 @@ def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k):
     m['plots'] = plots
     return m
 
-# %% ../nbs/03_train.ipynb #3bfc935b
+# %% ../nbs/03_train.ipynb #ca9deb79
 def _fmt(v): return f'{v:.4f}' if isinstance(v, float) else str(v)
 
 def _metric_rows(m):
@@ -540,7 +542,7 @@ def write_report(run_dir:Path, # The run folder
     L += ['## Settings', '', '```json', json.dumps({k: config[k] for k in config if k != 'versions'}, indent=1, default=str), '```', '',
           '## Files', '', '- `model.pth`: the weights as a plain state dict; load with `torch.load(..., weights_only=True)` (safe).',
           '- `learner.pkl`: `learn.export()`, for `load_learner`. It is a pickle, which can run code when loaded: only load files you trust.',
-          '- `metrics.json`, `config.json`, `history.csv`, `models/` (checkpoints after each stage and each epoch).', '',
+          '- `metrics.json`, `config.json`, `history.csv`, `models/` (a checkpoint after each stage).', '',
           f"Versions: {', '.join(f'{k} {v}' for k, v in metrics['versions'].items())}.", '']
     (run_dir/'report.md').write_text('\n'.join(L))
     return run_dir/'report.md'

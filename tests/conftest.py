@@ -11,7 +11,8 @@ BIN = Path(sys.executable).parent
 def run_cli(args, env=None, cwd=None, drop=(), timeout=1200):
     "Run the installed `pcam-fastai` console script in `cwd` (default: a fresh folder); `drop` removes environment variables"
     import tempfile
-    cwd = cwd or tempfile.mkdtemp(prefix='pcam-cli-')
+    if cwd is None:
+        with tempfile.TemporaryDirectory(prefix='pcam-cli-') as d: return run_cli(args, env, d, drop, timeout)
     e = {k: v for k, v in os.environ.items() if k not in drop}
     e.update(env or {})
     return subprocess.run([str(BIN/'pcam-fastai'), *map(str, args)], capture_output=True, text=True,

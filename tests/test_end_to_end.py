@@ -144,6 +144,8 @@ def test_killed_training_resumes(demo_run, tmp_path):
     st = json.loads(prog.read_text())
     assert st['stage'] == 'stage2-unfrozen' and 1 <= st['epochs_done'] < 4, st
     assert not (tmp_path/'run'/'metrics.json').exists()
+    models = tmp_path/'run'/'models'
+    assert sorted(f.name for f in models.glob('*-last.pth')) == ['stage2-unfrozen-last.pth']  # stage 1's went when it finished
     res = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming stage2-unfrozen after epoch {st['epochs_done']}/4" in res.stdout
@@ -151,3 +153,4 @@ def test_killed_training_resumes(demo_run, tmp_path):
     assert list(zip(hist.stage, hist.epoch)) == [('stage1-frozen', 0)] + [('stage2-unfrozen', e) for e in range(4)]
     m = json.loads((tmp_path/'run'/'metrics.json').read_text())
     assert m['stages']['stage2-unfrozen']['resumed_at'] == st['epochs_done']
+    assert sorted(f.name for f in models.glob('*.pth')) == ['stage1-frozen.pth', 'stage2-unfrozen.pth']
