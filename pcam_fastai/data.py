@@ -24,7 +24,7 @@ from fastai.vision.augment import Resize, aug_transforms
 __all__ = ['COMPETITION', 'PATCH_SIZE', 'CENTRE', 'CLASSES', 'TUMOUR_RGB', 'LYMPHOCYTE_RGB', 'open_patch', 'RANDOM_SPLIT',
            'synthetic_patch', 'write_tiff', 'make_synthetic_pcam', 'KaggleDownloadError', 'kaggle_credentials_found',
            'explain_kaggle_error', 'check_zip', 'unzip_safely', 'kaggle_fetch', 'download_pcam', 'PCamDataError',
-           'check_labels', 'read_labels', 'PatchOpener', 'LabelLookup', 'pcam_dataloaders']
+           'check_labels', 'read_labels', 'PatchOpener', 'to_rgb', 'LabelLookup', 'pcam_dataloaders']
 
 # %% ../nbs/00_data.ipynb #99f9d70a
 COMPETITION = 'histopathologic-cancer-detection'
@@ -283,7 +283,24 @@ class PatchOpener:
 
 open_patch = PatchOpener()
 
-# %% ../nbs/00_data.ipynb #e9155a47
+# %% ../nbs/00_data.ipynb #e8809014
+def to_rgb(img:Image.Image, # Any PIL image: gray, palette, RGBA, CMYK, 16-bit, 32-bit integer or float
+           name:str='image', # What to call it in an error message
+          ) -> Image.Image:
+    "8-bit RGB by one fixed rule: 16-bit values divided by 257, float values in [0, 1] multiplied by 255"
+    if img.mode.startswith('I;16') or img.mode in ('I', 'F'):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if img.mode == 'F' and 0 <= lo and hi <= 1: a = a * 255
+        elif img.mode != 'F' and 0 <= lo and hi <= 65535: a = a / 257  # 16-bit: 65535 -> 255
+        else:
+            raise PCamDataError(f"{name} is a {img.mode} image with values {lo:g}..{hi:g}; expected 0..65535 (integers) or 0..1 (floats). "
+                                "Save it as 8- or 16-bit RGB or grayscale.")
+        img = Image.fromarray(a.round().astype(np.uint8))
+    if img.mode == 'P': img = img.convert('RGBA')  # a palette with transparency converts cleanly only through RGBA
+    return img.convert('RGB')  # a new, loaded image even when it already is RGB: the caller may close the file
+
+# %% ../nbs/00_data.ipynb #98125ee7
 class LabelLookup:
     "The class name of a patch file, looked up by its id (the file name without `.tif`)"
     def __init__(self,
