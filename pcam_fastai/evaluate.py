@@ -13,9 +13,12 @@ import matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
 
 # %% auto #0
-__all__ = ['binary_metrics', 'simulate_ci_coverage', 'youden_threshold', 'plot_roc', 'plot_confusion', 'multiclass_metrics',
-           'plot_confusion_matrix', 'predict', 'make_submission', 'check_submission', 'ModelFileError', 'load_weights',
-           'load_run']
+__all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'expected_calibration_error', 'negative_log_likelihood',
+           'sensitivity_at_specificity', 'binary_metrics', 'simulate_ci_coverage', 'youden_threshold',
+           'OperatingThreshold', 'operating_threshold', 'fit_temperature', 'apply_temperature', 'plot_reliability',
+           'plot_roc', 'plot_confusion', 'multiclass_metrics', 'plot_confusion_matrix', 'dihedral_logits',
+           'predict_logits', 'predict', 'make_submission', 'check_submission', 'ModelFileError', 'load_weights',
+           'load_run', 'run_calibration']
 
 # %% ../nbs/07_evaluate.ipynb #5cee8db2
 def _check(probs, targets):
@@ -35,6 +38,38 @@ def _counts(pred, t):
 
 def _div(a, b): return float(a / b) if b else float('nan')
 
+ECE_BINS = 15  # equal-width bins of p(tumour), as in Guo et al. 2017
+
+def expected_calibration_error(probs, # Predicted probability of the positive class
+                               targets, # True labels, 0 or 1
+                               n_bins:int=ECE_BINS, # Equal-width bins over [0, 1]
+                              ) -> float:
+    "Mean |share of positives - mean predicted probability| over equal-width bins of the probability, weighted by bin size"
+    p, t = _check(probs, targets)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)  # p == 1 goes into the last bin
+    n = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, t, n_bins) - np.bincount(bins, p, n_bins))  # per bin: |sum(t) - sum(p)|
+    return float(gap.sum() / n.sum())
+
+def negative_log_likelihood(probs, # Predicted probability of the positive class
+                            targets, # True labels, 0 or 1
+                           ) -> float:
+    "Mean negative log-likelihood of the true labels (natural log), probabilities clipped to machine epsilon as scikit-learn does"
+    p, t = _check(probs, targets)
+    eps = np.finfo(np.float64).eps
+    p = np.clip(p, eps, 1 - eps)
+    return float(-np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)))
+
+def sensitivity_at_specificity(probs, # Predicted probability of the positive class
+                               targets, # True labels, 0 or 1
+                               specificity:float=0.9, # The specificity to hold
+                              ) -> float:
+    "The highest sensitivity reachable at a threshold whose specificity is at least `specificity` (a point on the ROC curve)"
+    p, t = _check(probs, targets)
+    if len(np.unique(t)) < 2: return float('nan')
+    fpr, tpr, _ = roc_curve(t, p)
+    return float(tpr[fpr <= 1 - specificity + 1e-12].max())
+
 def binary_metrics(probs, # Predicted probability of tumour, one per patch
                    targets, # True labels, 0 or 1
                    threshold:float=0.5, # Predict tumour when prob >= threshold
@@ -43,7 +78,7 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
                    seed:int=0, # Seed of the bootstrap
                    threshold_source:str='fixed', # How the threshold was chosen, for the report
                   ) -> dict:
-    "Accuracy, AUC, sensitivity, specificity, precision, F1, counts and bootstrap 95 % CIs"
+    "Accuracy, AUC, balanced accuracy, NLL, ECE, sensitivity (also at 90 % specificity), specificity, precision, F1, counts and bootstrap 95 % CIs"
     p, t = _check(probs, targets)
     if not 0 <= threshold <= 1: raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
     pred = (p >= threshold).astype(int)
@@ -52,6 +87,8 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
     sens, spec, prec = _div(tp, tp + fn), _div(tn, tn + fp), _div(tp, tp + fp)
     res = dict(split=split, n=len(t), positives=int(t.sum()), threshold=float(threshold), threshold_source=threshold_source,
                accuracy=_div(tp + tn, len(t)), roc_auc=float(roc_auc_score(t, p)) if two else float('nan'),
+               balanced_accuracy=(sens + spec) / 2 if two else float('nan'), nll=negative_log_likelihood(p, t),
+               ece=expected_calibration_error(p, t), sensitivity_at_spec90=sensitivity_at_specificity(p, t, 0.9),
                sensitivity=sens, specificity=spec, precision=prec,
                f1=_div(2 * prec * sens, prec + sens) if not (math.isnan(prec) or math.isnan(sens)) else float('nan'),
                tp=tp, fp=fp, tn=tn, fn=fn)
@@ -60,9 +97,14 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, len(t), (n_boot, len(t)))
         accs = ((pred[idx] == t[idx]).mean(1))
+        tps, pos = ((pred[idx] == 1) & (t[idx] == 1)).sum(1), t[idx].sum(1)
+        tns, neg = ((pred[idx] == 0) & (t[idx] == 0)).sum(1), len(t) - pos
+        ok = (pos > 0) & (neg > 0)
+        bals = (tps[ok] / pos[ok] + tns[ok] / neg[ok]) / 2
         aucs = [roc_auc_score(t[i], p[i]) for i in idx if 0 < t[i].sum() < len(i)] if two else []
         res['ci95'] = dict(accuracy=[float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))],
                            roc_auc=[float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if aucs else [float('nan')] * 2,
+                           balanced_accuracy=[float(np.percentile(bals, 2.5)), float(np.percentile(bals, 97.5))] if len(bals) else [float('nan')] * 2,
                            n_boot=n_boot, seed=seed)
     return res
 
@@ -95,34 +137,129 @@ def youden_threshold(probs, # Predicted probability of the positive class
     fpr, tpr, thr = roc_curve(t, p)
     return float(np.clip(thr[np.argmax(tpr - fpr)], 0, 1))
 
+# %% ../nbs/07_evaluate.ipynb #a60668ed
+from typing import NamedTuple
+
+MIN_PER_CLASS = 20  # fewer validation patches of a class than this: the threshold falls back to 0.5
+
+class OperatingThreshold(NamedTuple):
+    "The threshold a run labels with, and where it came from"
+    value: float # Predict the positive class when p(positive) >= value
+    source: str # How it was chosen, in words (goes into every report)
+
+def operating_threshold(probs, # Validation probabilities of the positive class (temperature-scaled)
+                        targets, # Validation labels, 0 or 1
+                        min_per_class:int=MIN_PER_CLASS, # Fewest patches of each class for Youden's J
+                       ) -> OperatingThreshold:
+    "The run's one threshold: Youden's J on validation, or 0.5 when validation cannot support a choice"
+    p, t = _check(probs, targets)
+    pos, neg = int(t.sum()), int(len(t) - t.sum())
+    if min(pos, neg) < min_per_class:
+        return OperatingThreshold(0.5, f"0.5 (fallback: validation has {pos} tumour and {neg} normal patches, fewer than {min_per_class} of a class for Youden's J)")
+    top_neg, low_pos = float(p[t == 0].max()), float(p[t == 1].min())
+    if top_neg < low_pos:
+        if top_neg < 0.5 <= low_pos: return OperatingThreshold(0.5, '0.5 (fallback: validation separates the classes perfectly)')
+        return OperatingThreshold((top_neg + low_pos) / 2, 'middle of the gap (fallback: validation separates the classes perfectly, 0.5 lies outside the gap)')
+    return OperatingThreshold(youden_threshold(p, t), "Youden's J on validation")
+
+# %% ../nbs/07_evaluate.ipynb #2fc7f898
+from scipy.special import log_softmax
+
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+def _check_logits(logits, targets):
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(targets).ravel()
+    if z.ndim != 2 or z.shape[1] < 2: raise ValueError(f"logits must be (N, n_classes) with n_classes >= 2, got shape {z.shape}.")
+    if len(z) != len(y): raise ValueError(f"logits and targets differ in length: {len(z)} vs {len(y)}.")
+    if len(z) == 0: raise ValueError("No logits: nothing to calibrate on.")
+    if not np.isfinite(z).all(): raise ValueError("logits contain NaN or infinite values; check the model's outputs.")
+    if not np.isin(y, np.arange(z.shape[1])).all(): raise ValueError(f"targets must be class indices 0..{z.shape[1] - 1}.")
+    return z, y.astype(int)
+
+def fit_temperature(logits, # Validation logits (N, n_classes), before softmax
+                    targets, # Validation class indices
+                   ) -> float: # T: the calibrated probabilities are softmax(logits / T)
+    "The temperature minimizing the validation NLL of softmax(logits / T) (Guo et al. 2017)"
+    from scipy.optimize import minimize_scalar
+    z, y = _check_logits(logits, targets)
+    nll = lambda log_t: -log_softmax(z / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean()
+    res = minimize_scalar(nll, bounds=np.log(TEMPERATURE_RANGE), method='bounded', options=dict(xatol=1e-5))
+    return float(np.exp(res.x))
+
+def apply_temperature(logits, # Logits (N, n_classes)
+                      temperature:float=1.0, # From `fit_temperature`
+                     ) -> np.ndarray: # Probabilities (N, n_classes)
+    "softmax(logits / temperature)"
+    if not temperature > 0: raise ValueError(f"temperature must be positive, got {temperature}.")
+    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1))
+
+# %% ../nbs/07_evaluate.ipynb #1ccd7c3c
+import textwrap
+
+def _title(ax, title:str, subtitle:str='', width:int=48):
+    "A short bold title with an optional smaller, wrapped second part (long split descriptions go there, never cut)"
+    ax.set_title(title + ('\n' + textwrap.fill(subtitle, width) if subtitle else ''), fontsize=10, loc='center')
+
+def plot_reliability(curves:dict, # {name: probabilities of the positive class}, e.g. before and after temperature scaling
+                     targets, # True labels, 0 or 1
+                     title:str='Reliability', # Plot title (short)
+                     subtitle:str='', # A smaller second line, e.g. the split
+                     n_bins:int=ECE_BINS, # Equal-width bins
+                    ) -> plt.Figure:
+    "Reliability diagram: share of tumour patches against the mean predicted probability per bin, with each curve's ECE, over a histogram of the probabilities"
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.2), gridspec_kw=dict(height_ratios=[3, 1]), sharex=True)
+    ax.plot([0, 1], [0, 1], ':', c='grey', label='perfectly calibrated')
+    edges = np.linspace(0, 1, n_bins + 1)
+    for i, (name, probs) in enumerate(curves.items()):
+        p, t = _check(probs, targets)
+        bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+        n = np.bincount(bins, minlength=n_bins); ok = n > 0
+        mean_p, frac = np.bincount(bins, p, n_bins)[ok] / n[ok], np.bincount(bins, t, n_bins)[ok] / n[ok]
+        ax.plot(mean_p, frac, 'o-', c=f'C{i}', ms=4, label=f'{name}: ECE {expected_calibration_error(p, t):.3f}')
+        axh.hist(p, bins=edges, color=f'C{i}', alpha=0.5)
+    ax.set(ylabel='share of tumour patches', xlim=(0, 1), ylim=(0, 1), aspect='equal')
+    _title(ax, title, subtitle, width=52)
+    ax.legend(loc='upper left', fontsize=8)
+    axh.set(xlabel='predicted p(tumour)', ylabel='patches', yscale='log')
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/07_evaluate.ipynb #d85c0c83
 def plot_roc(probs, # Predicted probability of the positive class
              targets, # True labels, 0 or 1
-             title:str='ROC', # Plot title
+             title:str='ROC', # Plot title (short, e.g. 'ROC, validation')
              ax=None, # Axes to draw on; None: a new figure
+             subtitle:str='', # Smaller line(s) under the title, e.g. the split's description
+             threshold:float|None=None, # Mark the operating point of this threshold
             ) -> plt.Figure:
-    "The ROC curve with its AUC"
+    "The ROC curve with its AUC, and the operating point of the run's threshold"
     p, t = _check(probs, targets)
     fpr, tpr, _ = roc_curve(t, p)
-    fig, ax = (plt.subplots(figsize=(4, 4)) if ax is None else (ax.figure, ax))
-    ax.plot(fpr, tpr, label=f'AUC {roc_auc_score(t, p):.4f}'); ax.plot([0, 1], [0, 1], ':', c='grey')
-    ax.set(xlabel='1 - specificity (false positive rate)', ylabel='sensitivity (true positive rate)', title=title, aspect='equal')
-    ax.legend(loc='lower right'); fig.tight_layout()
+    fig, ax = (plt.subplots(figsize=(4.4, 4.6)) if ax is None else (ax.figure, ax))
+    ax.plot(fpr, tpr, lw=2, label=f'AUC {roc_auc_score(t, p):.3f}'); ax.plot([0, 1], [0, 1], ':', c='grey')
+    if threshold is not None:
+        pred = p >= threshold
+        sens, fp_rate = pred[t == 1].mean(), pred[t == 0].mean()
+        ax.plot(fp_rate, sens, 'o', c='C3', ms=7, label=f'threshold {threshold:.3g}: sens {sens:.2f}, spec {1 - fp_rate:.2f}')
+    ax.set(xlabel='1 - specificity (false positive rate)', ylabel='sensitivity (true positive rate)', aspect='equal', xlim=(-.01, 1.01), ylim=(-.01, 1.01))
+    _title(ax, title, subtitle)
+    ax.legend(loc='lower right', fontsize=8); fig.tight_layout()
     return fig
 
 def plot_confusion(metrics:dict, # A `binary_metrics` result
                    classes=('normal', 'tumour'), # Names of class 0 and class 1
+                   title:str='Confusion', # Plot title (short)
                   ) -> plt.Figure:
-    "The confusion matrix of a `binary_metrics` result, with counts and row percentages"
+    "The confusion matrix of a `binary_metrics` result, with counts and row percentages; the threshold and split underneath the title"
     cm = np.array([[metrics['tn'], metrics['fp']], [metrics['fn'], metrics['tp']]])
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.imshow(cm / cm.sum(1, keepdims=True).clip(1), cmap='Blues', vmin=0, vmax=1)
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, f'{cm[i, j]:,}\n{cm[i, j] / max(cm[i].sum(), 1):.1%}', ha='center', va='center',
+            ax.text(j, i, f'{cm[i, j]:,}\n{cm[i, j] / max(cm[i].sum(), 1):.1%}', ha='center', va='center', fontsize=12,
                     color='white' if cm[i, j] / max(cm[i].sum(), 1) > .5 else 'black')
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=classes, yticklabels=classes, xlabel='predicted', ylabel='actual',
-           title=f"{metrics['split'][:40]}\nthreshold {metrics['threshold']:.2f}")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=classes, yticklabels=classes, xlabel='predicted', ylabel='actual')
+    _title(ax, title, f"threshold {metrics['threshold']:.3g}; {metrics['split'].split(' (')[0]}")
     fig.tight_layout()
     return fig
 
@@ -179,21 +316,39 @@ def plot_confusion_matrix(cm, # Counts, rows = actual, columns = predicted
 import torch
 from .loader import dihedral
 
-def predict(learn, # A learner (also one from `load_learner`)
-            dl, # DataLoader of model-ready batches, e.g. `learn.dls.test_dl(files)` or `learn.dls.valid`
-            tta:bool=False, # Average over the 8 dihedral transforms
-           ) -> tuple: # (probabilities N x n_classes, targets or None)
-    "Softmax probabilities for every patch of `dl`, optionally averaged over the dihedral group"
-    model = learn.model.eval()
+def dihedral_logits(model, # A model in eval mode
+                    xb:torch.Tensor, # Model-ready batch (N, 3, H, W)
+                    tta:bool=False, # Average the logits over the 8 dihedral views
+                   ) -> torch.Tensor: # (N, n_classes) float logits
+    "The model's logits, optionally the mean over the 8 symmetries of the square (a free ensemble for tissue)"
+    if not tta: return model(xb).float()
+    return torch.stack([model(dihedral(xb, k)).float() for k in range(8)]).mean(0)
+
+def _tta(learn, tta): return bool(getattr(learn, 'dihedral_tta', False) if tta is None else tta)
+
+def predict_logits(learn, # A learner
+                   dl, # DataLoader of model-ready batches
+                   tta:bool|None=None, # Mean logits over the 8 dihedral views; None: the learner's `dihedral_tta` (False if unset)
+                  ) -> tuple: # (logits N x n_classes, targets or None)
+    "The model's raw outputs (before softmax) for every patch of `dl`: what `fit_temperature` calibrates"
+    model, tta = learn.model.eval(), _tta(learn, tta)
     dev = next(model.parameters()).device
-    probs, targs = [], []
+    logits, targs = [], []
     with torch.no_grad():
         for b in dl:
-            xb = b[0].to(dev).as_subclass(torch.Tensor)
-            ks = range(8) if tta else [0]
-            probs.append(torch.stack([torch.softmax(model(dihedral(xb, k)).float(), 1) for k in ks]).mean(0).cpu())
+            logits.append(dihedral_logits(model, b[0].to(dev).as_subclass(torch.Tensor), tta).cpu())
             if len(b) > 1: targs.append(b[1].cpu().as_subclass(torch.Tensor))
-    return torch.cat(probs), (torch.cat(targs) if targs else None)
+    return torch.cat(logits), (torch.cat(targs) if targs else None)
+
+def predict(learn, # A learner (also one from `load_learner`)
+            dl, # DataLoader of model-ready batches, e.g. `learn.dls.test_dl(files)` or `learn.dls.valid`
+            tta:bool|None=None, # Mean logits over the 8 dihedral views; None: the learner's `dihedral_tta` (False if unset)
+            temperature:float|None=None, # Divide the logits by this before softmax; None: the learner's `temperature` (1 if unset)
+           ) -> tuple: # (probabilities N x n_classes, targets or None)
+    "Softmax probabilities, temperature-scaled, for every patch of `dl`, optionally from the mean logits over the dihedral group"
+    temp = float(getattr(learn, 'temperature', 1.0) if temperature is None else temperature)
+    logits, targs = predict_logits(learn, dl, tta)
+    return torch.softmax(logits / temp, 1), targs
 
 # %% ../nbs/07_evaluate.ipynb #90f13c3d
 import os
@@ -292,4 +447,16 @@ def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
     dls = make(src, size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'],
                n_items=st['n_items'], num_workers=0, device='cpu' if cpu else None)
     learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=False, path=run_dir, quiet=True)
-    return load_weights(learn, run_dir/'model.pth')
+    load_weights(learn, run_dir/'model.pth')
+    learn.temperature, learn.threshold = run_calibration(run_dir)
+    learn.dihedral_tta = bool(st.get('tta', False))
+    return learn
+
+def run_calibration(run_dir:str|Path, # A run folder written by `train_pcam`
+                   ) -> tuple: # (temperature, operating threshold or None)
+    "The temperature and the operating threshold a finished run chose on validation (1 and None for runs without them)"
+    fn = Path(run_dir)/'metrics.json'
+    if not fn.exists(): return 1.0, None
+    try: m = json.loads(fn.read_text())
+    except json.JSONDecodeError as e: raise ModelFileError(f"{fn} is damaged ({e}); train the run again (--force).") from None
+    return float((m.get('calibration') or {}).get('temperature', 1.0)), (m.get('operating_threshold') or {}).get('value')

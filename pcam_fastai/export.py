@@ -34,15 +34,26 @@ class PatchClassifier(nn.Module):
     def __init__(self, model:nn.Module, # The fastai model (body + head), as trained
                  mean=IMAGENET_MEAN, # Normalization mean, in [0, 1] units
                  std=IMAGENET_STD, # Normalization std, in [0, 1] units
+                 temperature:float=1.0, # The run's calibration: probabilities are softmax(logits / temperature)
+                 tta:bool=False, # Average the logits over the 8 dihedral views (as the run evaluated), inside the graph
                 ):
         super().__init__()
         self.model = model
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1) * 255)
+        self.register_buffer('temperature', torch.tensor(float(temperature)))
+        self.tta = tta
     def normalize(self, x:torch.Tensor) -> torch.Tensor:
         "uint8 (N, H, W, 3) to the normalized float (N, 3, H, W) the model was trained on"
         return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
-    def forward(self, x): return torch.softmax(self.model(self.normalize(x)).float(), 1)
+    def forward(self, x):
+        x = self.normalize(x)
+        if self.tta:  # the 8 symmetries of the square, written out so that the ONNX graph holds them
+            views = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+            views += [v.transpose(-1, -2) for v in views]
+            logits = torch.stack([self.model(v).float() for v in views]).mean(0)
+        else: logits = self.model(x).float()
+        return torch.softmax(logits / self.temperature, 1)
 
 def build_model(arch, # The arch the run was trained with (torchvision or timm name)
                 n_out:int, # Number of classes
@@ -96,7 +107,8 @@ class Bundle:
         if self.meta.get('format', 0) > BUNDLE_FORMAT:
             raise BundleError(f"{self.path} was written by a newer pcam_fastai (format {self.meta['format']}); upgrade pcam_fastai.")
         self.classes, self.positive, self.size = self.meta['classes'], self.meta.get('positive'), int(self.meta['size'])
-        self.threshold = self.meta.get('threshold')
+        self.threshold, self.threshold_source = self.meta.get('threshold'), self.meta.get('threshold_source')
+        self.temperature, self.centre_box = float(self.meta.get('temperature', 1.0)), bool(self.meta.get('centre_box', True))
         if backend == 'auto':
             try: import onnxruntime  # noqa: F401
             except ImportError: backend = 'torch'
@@ -115,7 +127,7 @@ class Bundle:
             model = build_model(self.meta['arch'], len(self.classes))
             try: model.load_state_dict(sd)
             except RuntimeError as e: raise BundleError(f"{fn} does not fit {self.meta['arch']}: {str(e).splitlines()[0][:200]}") from None
-            self._torch = PatchClassifier(model, self.meta['mean'], self.meta['std']).eval()
+            self._torch = PatchClassifier(model, self.meta['mean'], self.meta['std'], self.meta.get('temperature', 1.0), self.meta.get('tta', False)).eval()
         return self._torch
 
     @property
@@ -201,6 +213,11 @@ def _real_patches(data, n:int=16) -> list:
     except Exception: pass  # the data moved or changed: random patches still check the graph
     return []
 
+def _is_folder_set(data) -> bool:
+    from pcam_fastai.folders import is_folder_dataset
+    try: return is_folder_dataset(data)
+    except Exception: return False  # the run's data moved: assume PCam
+
 def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train_pcam` (config.json, metrics.json, model.pth)
                   dest:str|Path|None=None, # Bundle folder; None: `run_dir/bundle`
                   onnx:bool=True, # Also write and check `model.onnx`
@@ -224,15 +241,19 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     model = build_model(arch, len(classes))
     try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
     except Exception as e: raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {str(e).splitlines()[0][:200]}") from None
-    pc = PatchClassifier(model).eval()
+    temperature = float((metrics.get('calibration') or {}).get('temperature', 1.0))
+    op = metrics.get('operating_threshold') if len(classes) == 2 else None
+    tta = bool(cfg['settings'].get('tta', False))
+    pc = PatchClassifier(model, temperature=temperature, tta=tta).eval()
     torch.save(model.state_dict(), dest/'weights.pth')
     meta = dict(format=BUNDLE_FORMAT, arch=arch_name(resolve_arch(arch)), classes=classes, positive=classes[1] if len(classes) == 2 else None,
                 size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                threshold=metrics.get('youden_threshold_valid') if len(classes) == 2 else None,
-                threshold_source='youden on valid' if metrics.get('youden_threshold_valid') is not None and len(classes) == 2 else None,
+                threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, tta=tta,
+                centre_box=not _is_folder_set(cfg.get('data', '')),  # PCam labels the centre 32x32; folder sets label whole patches
                 input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout=f'NHWC RGB, 0-255; resize to {size} x {size} first ({resize})'),
                 output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
                 run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
+                valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
                 n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
                 created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__)
     rng = np.random.default_rng(0)
@@ -264,7 +285,9 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
 
 def _write_export_report(dest:Path, m:dict):
     L = [f"# Inference bundle: {m['arch']}", '',
-         f"Classes: {', '.join(m['classes'])}" + (f" (positive: {m['positive']}, threshold {m['threshold']:.3f} from {m['threshold_source']})" if m.get('threshold') is not None else ''),
+         f"Classes: {', '.join(m['classes'])}" + (f" (positive: {m['positive']}, labelled when p({m['positive']}) >= {m['threshold']:.3g}: {m['threshold_source']})" if m.get('threshold') is not None else ''),
+         f"Probabilities are calibrated: softmax(logits / T) with T = {m.get('temperature', 1.0):.3g}, fitted on validation (inside model.onnx too)"
+         + (", from the logits averaged over the 8 dihedral views (flips and 90-degree rotations), as the run was evaluated." if m.get('tta') else '.'),
          f"Input: uint8 RGB patches, {m['size']}x{m['size']}, NHWC; normalization and softmax are inside the model. "
          f"Other sizes are resized as in training: {m['resize']} ({'torch.nn.functional.interpolate, bilinear, no antialiasing' if m['resize'] == 'torch-bilinear' else 'PIL Image.resize, BILINEAR'}).", '',
          '| measure | value |', '|---|---|', f"| parameters | {m['n_params']/1e6:.2f} M |", f"| weights.pth | {m['weights_mb']} MB |"]

@@ -17,22 +17,54 @@ from fastai.interpret import ClassificationInterpretation
 from fastai.torch_core import to_np, to_device
 
 # %% auto #0
-__all__ = ['gradcam', 'centre_ratio', 'all_preds', 'plot_patches_gradcam', 'top_loss_idxs', 'plot_top_losses_gradcam',
-           'plot_confident_gallery']
+__all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'body_stages', 'gradcam_layer', 'gradcam', 'centre_ratio', 'centre_mass_share',
+           'all_preds', 'outline_centre', 'heatmap_colorbar', 'plot_patches_gradcam', 'top_loss_idxs',
+           'plot_top_losses_gradcam', 'plot_confident_gallery']
 
 # %% ../nbs/02_interpret.ipynb #5a0b53c7
+MIN_CAM_CELLS = 6  # the centre third of PCam (its labelled 32x32 of 96) then spans at least 2x2 cells
+HEATMAP_CMAP = 'inferno'  # every heatmap of the package (plots and the web page): perceptually uniform, dark = no heat
+
+def body_stages(body:torch.nn.Module, # The body of a fastai vision model, `learn.model[0]`
+               ) -> list: # [(name, module)] in definition order
+    "The stages of a CNN body: its children, looking through single-child wrappers (fastai's `TimmBody`, torchvision's `features`)"
+    m = body
+    while True:
+        kids = [(n, c) for n, c in m.named_children() if len(list(c.parameters())) or len(list(c.children()))]
+        if len(kids) == 1 and len(list(kids[0][1].children())): m = kids[0][1]; continue
+        return list(m.named_children()) or [('body', body)]
+
+def gradcam_layer(model:torch.nn.Module, # A fastai vision model (body, head)
+                  xb:torch.Tensor, # A model-ready batch (one image is enough) at the size to explain
+                  min_cells:int=MIN_CAM_CELLS, # Fewest cells per side
+                 ) -> tuple: # (module, its name, its grid side)
+    "The deepest body stage whose feature map has at least `min_cells` cells per side for `xb` (else the body's output)"
+    fired, hooks = [], []
+    for name, mod in body_stages(model[0]):
+        hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: fired.append((name, m, o.shape if torch.is_tensor(o) else None))))
+    was = model.training; model.eval()
+    try:
+        with torch.no_grad(): model[0](xb[:1].to(next(model.parameters()).device).as_subclass(torch.Tensor))
+    finally:
+        for h in hooks: h.remove()
+        model.train(was)
+    grids = [(n, m, min(s[-2:])) for n, m, s in fired if s is not None and len(s) == 4]
+    ok = [g for g in grids if g[2] >= min_cells]
+    if ok: return ok[-1][1], ok[-1][0], ok[-1][2]
+    return (grids[-1][1], grids[-1][0], grids[-1][2]) if grids else (model[0], 'body', None)
+
 def gradcam(learn, # A trained (or any) fastai vision learner
             xb:torch.Tensor, # A batch of model-ready (normalized) images, (N, 3, H, W)
             target:int|torch.Tensor|None=None, # Class index (or one per image) to explain; None: the predicted class
-            layer:torch.nn.Module|None=None, # Layer to explain; None: the body, `learn.model[0]`
+            layer:torch.nn.Module|None=None, # Layer to explain; None: `gradcam_layer`'s choice (the deepest stage with >= 6x6 cells)
             normalize:bool=True, # Scale each map to [0, 1]
            ) -> torch.Tensor: # (N, H, W) non-negative maps at input resolution
     "Grad-CAM maps, one per image, at the input's resolution"
     model = learn.model
-    layer = model[0] if layer is None else layer
     was_training = model.training
     model.eval()
     xb = xb.to(next(model.parameters()).device)
+    if layer is None: layer = gradcam_layer(model, xb)[0]
     try:
         with Hook(layer, lambda m, i, o: o, detach=False) as hook, torch.enable_grad():
             out = model(xb.detach().requires_grad_(True))
@@ -62,14 +94,20 @@ def centre_ratio(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
     inside[h//3:h - h//3, w//3:w - w//3] = True
     return cams[:, inside].mean(1) / cams[:, ~inside].mean(1).clamp_min(1e-12)
 
+def centre_mass_share(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
+                     ) -> torch.Tensor:
+    "Share of each map's total heat inside the centre third (1/9 of the area: a map blind to the centre scores about 0.11)"
+    h, w = cams.shape[-2:]
+    inside = cams[:, h//3:h - h//3, w//3:w - w//3].flatten(1).sum(1)
+    return inside / cams.flatten(1).sum(1).clamp_min(1e-12)
+
 # %% ../nbs/02_interpret.ipynb #3b8f5628
 def all_preds(interp:ClassificationInterpretation, # An interpretation of a learner
              ):
-    "Probabilities and targets for every patch of `interp`'s DataLoader, computed once and kept on `interp`"
+    "Probabilities (as `pcam_fastai.evaluate.predict` gives them: the learner's temperature and TTA) and targets for every patch of `interp`'s DataLoader, computed once and kept on `interp`"
     if getattr(interp, '_all_preds', None) is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            interp._all_preds = interp.learn.get_preds(dl=interp.dl)[:2]
+        from pcam_fastai.evaluate import predict
+        interp._all_preds = predict(interp.learn, interp.dl)
     return interp._all_preds
 
 def _rows(interp, idxs):
@@ -90,46 +128,82 @@ def _rows(interp, idxs):
     finally: interp.learn.metrics = metrics
     return inps, preds, targs, losses
 
+def _wrap(title:str, fig_width:float) -> str:
+    import textwrap
+    return textwrap.fill(title, max(30, int(fig_width * 11)))
+
+def outline_centre(ax, # Axes showing a patch
+                   side:int, # The patch's side in pixels, as drawn
+                   **kwargs, # Passed to `matplotlib.patches.Rectangle`
+                  ):
+    "Outline the centre third of a square patch: PCam's labelled centre 32x32 of 96"
+    from matplotlib.patches import Rectangle
+    kw = dict(fill=False, ec='cyan', lw=1.0, ls='--') | kwargs
+    ax.add_patch(Rectangle((side / 3 - 0.5, side / 3 - 0.5), side / 3, side / 3, **kw))
+
+def heatmap_colorbar(fig, # The figure
+                     cmap:str=HEATMAP_CMAP, # Its heatmaps' colour map
+                     label:str='Grad-CAM (1 = hottest in the patch)', # Bar label
+                    ):
+    "One colour bar at the right of `fig` for heatmaps drawn in [0, 1]"
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    cax = fig.add_axes([0.91, 0.18, 0.015, 0.62])
+    cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax)
+    cb.set_label(label, fontsize=8); cb.ax.tick_params(labelsize=7)
+    return cb
+
 def plot_patches_gradcam(learn, # A trained learner
                          idxs, # Positions in `interp.dl` to show
                          interp:ClassificationInterpretation, # Its interpretation
                          title:str='', # Figure title
                          alpha:float=0.6, # Opacity of the heatmap where it is hottest
-                         cmap:str='magma', # Heatmap colour map
+                         cmap:str=HEATMAP_CMAP, # Heatmap colour map (the web page uses the same)
                          ncols:int|None=None, # Grid columns; None: about square
+                         centre_box:bool=True, # Outline the centre third (PCam's labelled 32x32)
+                         threshold:float|None=None, # The run's operating threshold: labels are p(positive) >= threshold; None: the most likely class
                         ) -> plt.Figure:
-    "Patches with the Grad-CAM of their predicted class; titles: actual / predicted, loss, p(positive class) (or of the prediction)"
+    "Patches with the Grad-CAM of their label, the centre 32x32 outlined and a colour bar; titles: actual / predicted, loss, p(positive class)"
     idxs = torch.as_tensor(idxs, dtype=torch.long)
     k = len(idxs)
     ncols = ncols or max(1, math.ceil(math.sqrt(k)))
     nrows = max(1, math.ceil(k / ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(2.6*ncols, 2.9*nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(2.3*ncols + 0.8, 2.5*nrows + 0.5), squeeze=False)
     for ax in axs.flat: ax.axis('off')
     if k == 0:
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(7, 1.6)); ax.axis('off')
         ax.text(0.5, 0.5, 'None in this set.', ha='center', va='center', fontsize=12)
-        fig.suptitle(title, fontsize=10); return fig
-    inps, preds, targs, losses = _rows(interp, idxs)
-    cams = gradcam(learn, inps, target=preds.argmax(1))
+        fig.suptitle(_wrap(title, 7), fontsize=10); return fig
+    inps, _, targs, _ = _rows(interp, idxs)
+    inps, targs = inps.as_subclass(torch.Tensor), targs.as_subclass(torch.Tensor)
+    from pcam_fastai.evaluate import dihedral_logits
+    with torch.no_grad():  # the probabilities `predict` gives (temperature, TTA), so titles, threshold and reports agree
+        logits = dihedral_logits(learn.model.eval(), inps, getattr(learn, 'dihedral_tta', False)) / float(getattr(learn, 'temperature', 1.0))
+    preds, losses = torch.softmax(logits, 1).cpu(), F.cross_entropy(logits, targs.to(logits.device).long(), reduction='none').cpu()
+    two = preds.shape[1] == 2
+    labels = (preds[:, 1] >= threshold).long() if two and threshold is not None else preds.argmax(1)
+    cams = gradcam(learn, inps, target=labels)
     imgs = learn.dls.valid.decode((inps,))[0]
     vocab = learn.dls.vocab
-    two = preds.shape[1] == 2
     p_pos = preds[:, 1] if two else preds.max(1).values
     p_name = f'p({vocab[1]})' if two else 'p'
     for i, ax in enumerate(axs.flat[:k]):
         img = to_np(imgs[i].permute(1, 2, 0)).astype(np.float32)
         ax.imshow(np.clip(img / (255 if img.max() > 1 else 1), 0, 1))
         cam = to_np(cams[i])  # heat fades to transparent where the map is zero, so the tissue stays readable
-        ax.imshow(cam, cmap=cmap, alpha=alpha*cam, extent=(0, img.shape[1], img.shape[0], 0), vmin=0, vmax=1)
-        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(preds[i].argmax())]}\nloss {max(float(losses[i]), 0.0):.2f}, {p_name} {float(p_pos[i]):.2f}', fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        ax.imshow(cam, cmap=cmap, alpha=alpha*cam, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5), vmin=0, vmax=1)
+        if centre_box: outline_centre(ax, img.shape[0])
+        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(labels[i])]}\nloss {max(float(losses[i]), 0.0):.2f}, {p_name} {float(p_pos[i]):.2f}', fontsize=8)
+    fig.suptitle(_wrap(title, fig.get_figwidth() * 0.85), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.89, 1))
+    heatmap_colorbar(fig, cmap)
     return fig
 
 def top_loss_idxs(interp:ClassificationInterpretation, # An interpretation
                   k:int=9, # How many
                   kind:str='all', # 'all', 'fn' (missed tumour) or 'fp' (false alarms)
+                  threshold:float|None=None, # Operating threshold that decides 'fn'/'fp'; None: the most likely class
                  ) -> torch.Tensor: # Positions, highest loss first
     "Positions of the `k` highest-loss patches, optionally only false negatives or false positives"
     order = interp.losses.argsort(descending=True)
@@ -137,7 +211,7 @@ def top_loss_idxs(interp:ClassificationInterpretation, # An interpretation
     if kind not in ('fn', 'fp'): raise ValueError(f"kind must be 'all', 'fn' or 'fp', not {kind!r}.")
     probs, targs = all_preds(interp)
     if probs.shape[1] != 2: raise ValueError(f"kind={kind!r} needs a binary task; this one has {probs.shape[1]} classes. Use kind='all'.")
-    pred = probs.argmax(1)
+    pred = (probs[:, 1] >= threshold).long() if threshold is not None else probs.argmax(1)
     wrong = (targs == 1) & (pred == 0) if kind == 'fn' else (targs == 0) & (pred == 1)
     return order[wrong[order]][:k]
 
@@ -151,8 +225,8 @@ def plot_top_losses_gradcam(learn, # A trained learner
     "Grid of the `k` highest-loss patches (all, false negatives or false positives) with their Grad-CAM heatmaps"
     interp = interp or ClassificationInterpretation.from_learner(learn, dl=dl)
     names = dict(all='Top losses', fn='False negatives (missed tumour), highest loss first', fp='False positives, highest loss first')
-    return plot_patches_gradcam(learn, top_loss_idxs(interp, k, kind), interp,
-                                title=f'{names[kind]}: actual / predicted, with Grad-CAM of the prediction', **kwargs)
+    return plot_patches_gradcam(learn, top_loss_idxs(interp, k, kind, kwargs.get('threshold')), interp,
+                                title=f'{names[kind]}: actual / predicted, Grad-CAM of the predicted label; dashed: the labelled centre', **kwargs)
 
 def plot_confident_gallery(learn, # A trained learner
                            k:int=4, # Patches per class

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .data import PCamDataError, to_rgb
+from .interpret import HEATMAP_CMAP
 
 # %% auto #0
 __all__ = ['MB', 'IMAGE_FORMATS', 'NO_FILE', 'REQUEST_SLOTS', 'TITLE', 'FORM_SLACK', 'CSS', 'UploadError', 'read_upload',
@@ -67,17 +68,25 @@ def read_upload(name:str, # The file's name, for messages
 def gradcam_overlay(img:Image.Image, # The patch, any size
                     cam:np.ndarray, # Its Grad-CAM map, (H, W), values in [0, 1]
                     size:int|None=None, # Side of the overlay; None: the map's
-                    alpha:float=0.45, # Opacity of the heatmap
+                    alpha:float=0.6, # Opacity of the heatmap where it is hottest
+                    centre_box:bool=True, # Outline the centre third (PCam's labelled 32x32)
                    ) -> Image.Image:
-    "The patch resized to `size` with its Grad-CAM map drawn over it in the jet colormap"
+    "The patch resized to `size` with its Grad-CAM map over it: the package's heatmap colours (`HEATMAP_CMAP`), fading out where the map is zero, the centre third outlined"
     cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
     if cam.ndim != 2: raise ValueError(f'A Grad-CAM map must be 2-D (H, W), got shape {cam.shape}.')
     size = size or cam.shape[0]
     if cam.shape != (size, size):
         cam = np.asarray(Image.fromarray(cam).resize((size, size), Image.BILINEAR))
-    heat = colormaps['jet'](np.clip(cam, 0, 1))[..., :3]
+    cam = np.clip(cam, 0, 1)
+    heat = colormaps[HEATMAP_CMAP](cam)[..., :3]
     base = np.asarray(img.convert('RGB').resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
-    return Image.fromarray((255 * ((1 - alpha) * base + alpha * heat)).round().astype(np.uint8))
+    a = alpha * cam[..., None]  # as in the notebook plots: no heat, no tint
+    out = (255 * ((1 - a) * base + a * heat)).round().astype(np.uint8)
+    lo, hi = size // 3, size - size // 3 - 1  # PCam's labelled centre (32x32 of 96), dashed cyan as in the plots
+    dash = (np.arange(size) // max(1, size // 24)) % 2 == 0
+    for line in ((lo, hi) if centre_box else ()):
+        out[line, lo:hi + 1][dash[lo:hi + 1]] = (0, 255, 255); out[lo:hi + 1, line][dash[lo:hi + 1]] = (0, 255, 255)
+    return Image.fromarray(out)
 
 def to_png_b64(img:Image.Image, # A PIL image
               ) -> str:
@@ -140,8 +149,9 @@ def _decode_and_run(bundle, files:list, max_mb:float, with_patch:bool) -> tuple:
     for (probs, cams), group in zip(out, groups):
         for (name, im), p, cam in zip(group, probs, cams):
             r = dict(name=name, label=bundle.classes[_label_idx(bundle, p)], threshold=getattr(bundle, 'threshold', None),
+                     threshold_source=getattr(bundle, 'threshold_source', None),
                      probabilities={c: round(float(v), 6) for c, v in zip(bundle.classes, p)},
-                     gradcam_png=to_png_b64(gradcam_overlay(im, cam, size)))
+                     gradcam_png=to_png_b64(gradcam_overlay(im, cam, size, centre_box=getattr(bundle, 'centre_box', True))))
             if with_patch:
                 thumb = im.copy(); thumb.thumbnail((384, 384))
                 r['patch_png'] = to_png_b64(thumb)
@@ -208,8 +218,11 @@ class _BodyLimit:
 
 def _model_info(bundle) -> str:
     pos = getattr(bundle, 'positive', None)
+    thr, src = getattr(bundle, 'threshold', None), getattr(bundle, 'threshold_source', None)
     return (f'Model: {len(bundle.classes)} classes ({", ".join(bundle.classes)})'
-            + (f', positive class {pos}' if pos else '') + f'; input {bundle.size}x{bundle.size} pixels.')
+            + (f', positive class {pos}' if pos else '') + f'; input {bundle.size}x{bundle.size} pixels.'
+            + (f' Labelled {pos} when p({pos}) >= {thr:.3g}' + (f' ({src})' if src else '') + '.' if thr is not None and pos else '')
+            + (f' Probabilities are temperature-scaled (T = {bundle.temperature:.3g}, fitted on validation).' if getattr(bundle, 'temperature', 1.0) != 1.0 else ''))
 
 def _card(r:dict, i:int, bundle) -> Div:
     "One result: name, label, probabilities, the patch and its Grad-CAM overlay"
@@ -298,7 +311,8 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
 
     @app.get('/health')
     def health(): return JSONResponse(dict(status='ok', classes=list(bundle.classes), size=int(bundle.size),
-                                           positive=getattr(bundle, 'positive', None), threshold=getattr(bundle, 'threshold', None)))
+                                           positive=getattr(bundle, 'positive', None), threshold=getattr(bundle, 'threshold', None),
+                                           threshold_source=getattr(bundle, 'threshold_source', None)))
     return app
 
 # %% ../nbs/10_serve.ipynb #435f2140

@@ -68,3 +68,12 @@ def launch_chromium(p):
     if os.path.exists(CHROMIUM): return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     try: return p.chromium.launch(args=CHROMIUM_ARGS)  # e.g. after `playwright install chromium` on GitHub
     except Exception as e: pytest.skip(f'no browser: {CHROMIUM} is missing (apt-get install chromium) and playwright has none ({str(e)[:80]})')
+
+
+@pytest.fixture(scope='session')
+def resnet18_weights(tmp_path_factory):
+    "A local torchvision resnet18 weights file (random weights): runs that test the frozen-then-unfrozen recipe use it as 'pretrained'"
+    import torch, torchvision
+    fn = tmp_path_factory.mktemp('weights')/'resnet18-local.pth'
+    torch.manual_seed(0); torch.save(torchvision.models.resnet18().state_dict(), fn)
+    return fn

@@ -91,13 +91,13 @@ def test_half_set_environment_fails_with_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match='torchrun --nproc_per_node N'): init_distributed()
 
 
-def test_train_pcam_on_two_cpu_processes(tmp_path):
+def test_train_pcam_on_two_cpu_processes(tmp_path, resnet18_weights):
     "The CLI's own train, launched with torchrun: one run folder, written once, with world size 2 recorded and each epoch logged once"
     from pcam_fastai.data import make_synthetic_pcam
     data = make_synthetic_pcam(tmp_path/'data', n_train=96, n_test=4, seed=5)
     run = tmp_path/'run'
     res = launch([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'pcam_fastai.cli', 'train',
-                  '--data', data, '--preset', 'cpu-demo', '--size', '32', '--epochs-frozen', '1', '--epochs-unfrozen', '1',
+                  '--data', data, '--preset', 'cpu-demo', '--arch', 'resnet18', '--weights-path', resnet18_weights, '--bs', '32', '--size', '32', '--epochs-frozen', '1', '--epochs-unfrozen', '1',
                   '--lr-find-iters', '10', '--run-dir', run], cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     m = json.loads((run/'metrics.json').read_text())

@@ -23,17 +23,18 @@ def test_train_module_importable_from_fresh_process():
 def test_demo_run_writes_everything(demo_run):
     run, data, res = demo_run
     for f in ('model.pth', 'learner.pkl', 'metrics.json', 'config.json', 'report.md', 'history.csv', 'history.png',
-              'lr_find_frozen.png', 'lr_find_unfrozen.png', 'top_losses_gradcam.png', 'false_negatives_gradcam.png',
-              'false_positives_gradcam.png', 'confident_gallery.png', 'roc_valid.png', 'confusion_valid.png',
-              'models/stage1-frozen.pth', 'models/stage2-unfrozen.pth'):
+              'top_losses_gradcam.png', 'false_negatives_gradcam.png', 'reliability_valid.png',
+              'false_positives_gradcam.png', 'confident_gallery.png', 'roc_valid.png', 'confusion_valid.png', 'models/stage2-unfrozen.pth'):
         assert (run/f).exists() and (run/f).stat().st_size > 0, f
     m = json.loads((run/'metrics.json').read_text())
     assert m['roc_auc'] >= 0.9, m
     assert m['split'].startswith('kaggle-random') and 'optimistic' in m['split']
     assert m['synthetic'] is True and m['preset'] == 'cpu-demo'
-    assert set(m['stages']) == {'stage1-frozen', 'stage2-unfrozen'}
-    lo, hi = m['stages']['stage2-unfrozen']['lr']
-    assert abs(hi/lo - 10) < 1e-6  # discriminative learning rates
+    # from scratch: no frozen stage, one learning rate (the preset's), and the report says so
+    assert set(m['stages']) == {'stage2-unfrozen'} and m['stages']['stage2-unfrozen']['lr'] == m['config']['lr']
+    assert 'Trained from scratch' in (run/'report.md').read_text()
+    op = m['operating_threshold']
+    assert (m['threshold'], m['threshold_source']) == (op['value'], op['source']) and 0 < m['calibration']['temperature']
     # the run says which data and which precision it used
     assert 'built-in synthetic PCam' in res.stdout
     if not torch.cuda.is_available(): assert 'precision: fp32: fp16 was requested but there is no CUDA GPU' in res.stdout
@@ -44,7 +45,7 @@ def test_model_pth_is_a_plain_state_dict(demo_run):
     run, _, _ = demo_run
     sd = torch.load(run/'model.pth', weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
-    assert len(sd) > 100 and sd['0.0.weight'].shape == (64, 3, 7, 7)  # a resnet18 body plus fastai's head
+    assert len(sd) > 100 and sd['0.model.stem.conv.weight'].shape == (32, 3, 3, 3)  # timm's regnetx_002 body plus fastai's head
 
 
 def _positives(data, n=24):
@@ -112,26 +113,27 @@ def test_submission_round_trip(demo_run, tmp_path):
     assert not (tmp_path/'bad.csv').exists()
 
 
-FAST = ['--preset', 'cpu-demo', '--n-items', '160', '--size', '64', '--lr-frozen', '1e-3', '--lr-unfrozen', '1e-3', '--num-workers', '0']
+# the frozen-then-unfrozen recipe (the card's), small: resnet18 from a local weights file
+FAST = ['--preset', 'cpu-demo', '--arch', 'resnet18', '--n-items', '160', '--size', '64', '--lr-frozen', '1e-3', '--lr-unfrozen', '1e-3', '--num-workers', '0']
 
 
-def test_same_seed_same_numbers(demo_run, tmp_path):
+def test_same_seed_same_numbers(demo_run, tmp_path, resnet18_weights):
     from conftest import run_cli
     _, data, _ = demo_run
     ms = []
     for r in ('a', 'b'):
-        res = run_cli(['train', '--data', data, '--run-dir', tmp_path/r, '--epochs-frozen', '1', '--epochs-unfrozen', '1', *FAST])
+        res = run_cli(['train', '--data', data, '--run-dir', tmp_path/r, '--epochs-frozen', '1', '--epochs-unfrozen', '1', *FAST, '--weights-path', resnet18_weights])
         assert res.returncode == 0, res.stderr[-3000:]
         ms.append(json.loads((tmp_path/r/'metrics.json').read_text()))
     for k in ('accuracy', 'roc_auc', 'sensitivity', 'specificity', 'tp', 'fp', 'tn', 'fn'): assert ms[0][k] == ms[1][k], k
     assert pd.read_csv(tmp_path/'a'/'history.csv').train_loss.tolist() == pd.read_csv(tmp_path/'b'/'history.csv').train_loss.tolist()
 
 
-def test_killed_training_resumes(demo_run, tmp_path):
+def test_killed_training_resumes(demo_run, tmp_path, resnet18_weights):
     import os, signal, time
     from conftest import BIN
     _, data, _ = demo_run
-    args = [str(BIN/'pcam-fastai'), 'train', '--data', str(data), '--run-dir', str(tmp_path/'run'), '--epochs-frozen', '1', '--epochs-unfrozen', '4', *FAST]
+    args = [str(BIN/'pcam-fastai'), 'train', '--data', str(data), '--run-dir', str(tmp_path/'run'), '--epochs-frozen', '1', '--epochs-unfrozen', '4', *FAST, '--weights-path', str(resnet18_weights)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     prog, deadline = tmp_path/'run'/'progress.json', time.time() + 600
     while time.time() < deadline and proc.poll() is None:

@@ -61,7 +61,7 @@ def test_offline_pretrained_weights(small_set, tmp_path):
     # An empty torch cache and a proxy that refuses connections: offline on any machine
     env = {'TORCH_HOME': str(tmp_path/'torch'), 'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9',
            'http_proxy': 'http://127.0.0.1:9', 'HTTP_PROXY': 'http://127.0.0.1:9'}
-    res = run_cli(['train', '--data', small_set, '--preset', 'cpu-demo', '--pretrained', 'true'], env=env)
+    res = run_cli(['train', '--data', small_set, '--preset', 'cpu-demo', '--arch', 'resnet18', '--pretrained', 'true'], env=env)
     err = clean_error(res)
     assert 'Could not get ImageNet weights for resnet18' in err
     assert str(tmp_path/'torch'/'hub'/'checkpoints'/'resnet18-') in err  # where to put the file

@@ -10,7 +10,7 @@ def test_idc_layout_50px_trains_on_cpu_demo(tmp_path):
     res = run_cli(['train', '--data', data, '--preset', 'cpu-demo', '--run-dir', tmp_path/'run'], cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     m = json.loads((tmp_path/'run'/'metrics.json').read_text())
-    assert m['classes'] == ['0', '1'] and m['config']['arch'] == 'resnet18' and m['preset'] == 'cpu-demo'
+    assert m['classes'] == ['0', '1'] and m['config']['arch'] == 'regnetx_002' and m['preset'] == 'cpu-demo'
     assert m['split'].startswith('grouped-by-patient') and not m['optimistic']
     print(f"\nIDC-layout 50x50, cpu-demo: accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f} on {m['n_valid']} patches, {m['seconds']} s")
     assert m['roc_auc'] >= 0.8, m['roc_auc']

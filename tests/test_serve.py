@@ -89,7 +89,7 @@ def test_json_refuses_bad_uploads(client):
     r = post(client, [('red.png', encode(make_patch()), 'image/png')] * 17)
     assert r.status_code == 400
     assert r.json()['errors'][0]['error'] == '17 files were uploaded; the limit is 16 per request: upload them in smaller batches.'
-    assert client.get('/health').json() == {'status': 'ok', 'classes': ['normal', 'tumour'], 'size': 96, 'positive': 'tumour', 'threshold': None}
+    assert client.get('/health').json() == {'status': 'ok', 'classes': ['normal', 'tumour'], 'size': 96, 'positive': 'tumour', 'threshold': None, 'threshold_source': None}
 
 
 def test_size_limits():

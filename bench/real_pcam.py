@@ -1,0 +1,184 @@
+"""Real-tissue benchmark: the package's CPU recipe against a gradient-boosting baseline, on the same held-out real PCam tiles.
+
+    python bench/real_pcam.py                                   # ../shared/real-pcam, the cpu-demo preset
+    python bench/real_pcam.py --data DIR --preset cpu-demo --epochs 25 --work /tmp/bench --out results.json
+
+DIR is a Kaggle-layout folder (train/<id>.tif, train_labels.csv). It is split once into a training part and a held-out test
+part by a fixed rule on the ids (sha1("pcam-bench:" + id) % 5 == 0: held out, about 20 %). Then, in one run:
+
+- the package: `train_pcam` on the training part (array cache, its own 80/20 validation split, the temperature and the operating
+  threshold chosen on that validation split), `export_bundle`, and `load_bundle(...).predict` on the held-out files;
+- the baseline: scikit-learn's HistGradientBoostingClassifier on colour and texture features of each patch (below), fitted on
+  the same 80 % of the training part, its threshold chosen by the same rule on the same 20 %.
+
+Both are scored on the held-out part with `binary_metrics` (each at its own validation threshold); one table is printed.
+Nothing about the held-out part is used before that.
+"""
+from __future__ import annotations
+import argparse, hashlib, json, os, shutil, sys, tempfile, time, warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent/'shared'/'real-pcam'
+SALT = 'pcam-bench:'
+
+# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB): optical density = concentrations @ STAINS
+STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_OD = np.linalg.inv(STAINS / np.linalg.norm(STAINS, axis=1, keepdims=True)).astype(np.float32)
+
+
+def is_held_out(patch_id:str) -> bool:
+    "The fixed split rule: about one id in five is held out"
+    return int(hashlib.sha1((SALT + patch_id).encode()).hexdigest(), 16) % 5 == 0
+
+
+def split_folder(src:Path, dest:Path) -> tuple[Path, pd.DataFrame]:
+    "A Kaggle-layout folder of the training part (symlinks to `src`) and the held-out labels"
+    df = pd.read_csv(src/'train_labels.csv', dtype={'id': str})
+    held = np.array([is_held_out(i) for i in df.id])
+    train_dir = dest/'train-part'
+    (train_dir/'train').mkdir(parents=True, exist_ok=True)
+    for i in df.id[~held]:
+        link = train_dir/'train'/f'{i}.tif'
+        if not link.exists(): os.symlink((src/'train'/f'{i}.tif').resolve(), link)
+    df[~held].to_csv(train_dir/'train_labels.csv', index=False)
+    return train_dir, df[held].reset_index(drop=True)
+
+
+def region_features(x:np.ndarray) -> np.ndarray:
+    "Colour (RGB, saturation, H&E optical density) and texture (gradients, Laplacian, grey-level histogram) statistics of (N, h, w, 3) uint8"
+    f = x.astype(np.float32)
+    n = len(f); flat = f.reshape(n, -1, 3)
+    gray = f @ np.array([0.299, 0.587, 0.114], np.float32)
+    hed = (-np.log((flat + 1) / 256)) @ HED_FROM_OD
+    hi, lo = flat.max(2), flat.min(2)
+    sat = (hi - lo) / np.maximum(hi, 1)
+    gy, gx = np.gradient(gray, axis=(1, 2))
+    grad = np.sqrt(gx ** 2 + gy ** 2).reshape(n, -1)
+    lap = np.abs(4 * gray[:, 1:-1, 1:-1] - gray[:, :-2, 1:-1] - gray[:, 2:, 1:-1] - gray[:, 1:-1, :-2] - gray[:, 1:-1, 2:]).reshape(n, -1)
+    g = gray.reshape(n, -1)
+    hist = np.stack([np.histogram(r, bins=8, range=(0, 255))[0] / r.size for r in g])
+    return np.concatenate([flat.mean(1), flat.std(1), *(np.percentile(flat, q, axis=1) for q in (10, 50, 90)),
+                           hed.mean(1), hed.std(1), np.percentile(hed, 90, axis=1),
+                           np.stack([sat.mean(1), sat.std(1), grad.mean(1), grad.std(1), lap.mean(1), lap.std(1),
+                                     (g < 100).mean(1), (g < 150).mean(1), (g > 220).mean(1)], 1), hist], 1)
+
+
+def patch_features(x:np.ndarray) -> np.ndarray:
+    "Features of the whole patch, its centre 48x48 and PCam's labelled centre 32x32"
+    c = x.shape[1] // 2
+    return np.concatenate([region_features(x), region_features(x[:, c-24:c+24, c-24:c+24]), region_features(x[:, c-16:c+16, c-16:c+16])], 1)
+
+
+def read_patches(folder:Path, ids) -> np.ndarray:
+    from PIL import Image
+    from pcam_fastai.data import to_rgb
+    out = []
+    for i in ids:
+        with Image.open(folder/'train'/f'{i}.tif') as im: out.append(np.asarray(to_rgb(im), dtype=np.uint8))
+    return np.stack(out)
+
+
+def baseline(train_dir:Path, held:pd.DataFrame, src:Path, valid_pct:float=0.2, seed:int=42) -> tuple[np.ndarray, dict]:
+    "Gradient boosting on patch features: fitted on 80 % of the training part, threshold chosen on the other 20 %"
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from pcam_fastai.evaluate import operating_threshold
+    from pcam_fastai.loader import split_indices
+    t0 = time.time()
+    tr = pd.read_csv(train_dir/'train_labels.csv', dtype={'id': str})
+    X, y = patch_features(read_patches(train_dir, tr.id)), tr.label.values
+    fit, val = split_indices(len(y), valid_pct, seed)
+    model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, random_state=seed).fit(X[fit], y[fit])
+    thr = operating_threshold(model.predict_proba(X[val])[:, 1], y[val])
+    seconds = time.time() - t0
+    p = model.predict_proba(patch_features(read_patches(src, held.id)))[:, 1]
+    return p, dict(threshold=thr.value, threshold_source=thr.source, train_seconds=round(seconds, 1), n_features=X.shape[1])
+
+
+def package(train_dir:Path, held:pd.DataFrame, src:Path, work:Path, preset:str, epochs:int|None, bs:int|None,
+            arch:str|None, lr:float|None, seed:int) -> tuple[np.ndarray, dict]:
+    "The package end to end: train_pcam (array cache), export_bundle, load_bundle(...).predict on the held-out files"
+    from pcam_fastai.train import train_pcam
+    from pcam_fastai.export import export_bundle, load_bundle
+    run = work/'run'
+    learn, m = train_pcam(train_dir, run_dir=run, cache=work/'cache', preset=preset, epochs_unfrozen=epochs, bs=bs, arch=arch,
+                          lr_unfrozen=lr, seed=seed, num_workers=0, force=True)
+    bundle = export_bundle(run, bench_patches=0)
+    b = load_bundle(bundle)
+    p = b.predict([src/'train'/f'{i}.tif' for i in held.id])[:, 1]
+    train_s = sum(s['seconds'] for s in m['stages'].values())
+    info = dict(threshold=b.threshold, threshold_source=b.threshold_source, train_seconds=round(train_s, 1), run_seconds=m['seconds'],
+                temperature=b.temperature, arch=m['config']['arch'], epochs=m['config']['epochs_unfrozen'], preset=m['preset'],
+                valid=dict(roc_auc=m['roc_auc'], balanced_accuracy=m['balanced_accuracy'], n=m['n_valid']),
+                gradcam_centre_share=m.get('gradcam_centre_share'), run_dir=str(run), bundle=str(bundle))
+    return p, info
+
+
+ROWS = (('roc_auc', 'AUC'), ('balanced_accuracy', 'balanced accuracy'), ('nll', 'NLL'), ('ece', 'ECE (15 bins)'),
+        ('sensitivity_at_spec90', 'sensitivity at specificity 0.90'), ('sensitivity', 'sensitivity at its threshold'),
+        ('specificity', 'specificity at its threshold'), ('threshold', 'threshold (chosen on validation)'), ('train_seconds', 'training seconds'))
+
+
+def table(results:dict) -> str:
+    "The results side by side, as markdown"
+    names = list(results)
+    L = ['| held-out real tiles | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
+    for k, label in ROWS:
+        vals = [results[n].get(k) for n in names]
+        fmt = (lambda v: f'{v:.0f}') if k == 'train_seconds' else (lambda v: f'{v:.3g}') if k == 'threshold' else (lambda v: f'{v:.4f}')
+        L.append(f'| {label} | ' + ' | '.join('-' if v is None else fmt(v) for v in vals) + ' |')
+    return '\n'.join(L)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--data', default=str(DEFAULT_DATA), help='Kaggle-layout folder of real tiles (default: ../shared/real-pcam)')
+    ap.add_argument('--work', default=None, help='Folder for the split, cache, run and bundle (default: a temporary folder, removed at the end)')
+    ap.add_argument('--out', default=None, help='Write the results (and the held-out predictions) as JSON here')
+    ap.add_argument('--preset', default='cpu-demo')
+    ap.add_argument('--epochs', type=int, default=None, help="Epochs (default: the preset's)")
+    ap.add_argument('--bs', type=int, default=None)
+    ap.add_argument('--arch', default=None)
+    ap.add_argument('--lr', type=float, default=None)
+    ap.add_argument('--seed', type=int, default=42)
+    a = ap.parse_args(argv)
+    src = Path(a.data)
+    if not (src/'train_labels.csv').exists() or not (src/'train').is_dir():
+        sys.exit(f'{src} is not a Kaggle-layout folder (train/<id>.tif and train_labels.csv); pass --data DIR.')
+    warnings.filterwarnings('ignore', message=r'`torch.jit.script` is deprecated')
+    from pcam_fastai.evaluate import binary_metrics
+    tmp = None
+    if a.work is None: tmp = tempfile.TemporaryDirectory(prefix='real-pcam-bench-'); work = Path(tmp.name)
+    else: work = Path(a.work); work.mkdir(parents=True, exist_ok=True)
+    try:
+        train_dir, held = split_folder(src, work)
+        n_train = len(pd.read_csv(train_dir/'train_labels.csv'))
+        print(f'real_pcam: {src}: {n_train} training tiles, {len(held)} held out ({int(held.label.sum())} tumour) by sha1("{SALT}" + id) % 5 == 0')
+        y = held.label.values
+        p_gbm, gbm = baseline(train_dir, held, src, seed=a.seed)
+        p_cnn, cnn = package(train_dir, held, src, work, a.preset, a.epochs, a.bs, a.arch, a.lr, a.seed)
+        res = {}
+        for name, p, info in ((f"pcam_fastai {cnn['preset']} ({cnn['arch']}, {cnn['epochs']} epochs)", p_cnn, cnn),
+                              ('gradient boosting on colour/texture features', p_gbm, gbm)):
+            m = binary_metrics(p, y, threshold=info['threshold'], split='held-out real tiles', threshold_source=info['threshold_source'], n_boot=1000)
+            res[name] = dict(m, **{k: v for k, v in info.items() if k not in m})
+        import platform, torch
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}" + (', CUDA' if torch.cuda.is_available() else '')
+        print(f'\nreal_pcam: {len(held)} held-out tiles of {src.name}, {time.strftime("%Y-%m-%d")}, {machine}\n')
+        print(table(res))
+        ci = {n: r['ci95']['roc_auc'] for n, r in res.items()}
+        print('\nAUC 95 % bootstrap intervals: ' + '; '.join(f'{n}: {lo:.3f} - {hi:.3f}' for n, (lo, hi) in ci.items()))
+        if a.out:
+            out = dict(date=time.strftime('%Y-%m-%d'), machine=machine, data=str(src), n_train=n_train, n_held_out=len(held), split_rule=f'sha1("{SALT}" + id) % 5 == 0',
+                       results=res, table=table(res), held_out=dict(ids=held.id.tolist(), labels=y.tolist(), package=p_cnn.tolist(), baseline=p_gbm.tolist()))
+            Path(a.out).write_text(json.dumps(out, indent=1, default=str))
+            print(f'real_pcam: wrote {a.out}')
+        return res
+    finally:
+        if tmp is not None: tmp.cleanup()
+
+
+if __name__ == '__main__': main()
