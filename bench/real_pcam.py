@@ -111,7 +111,7 @@ def package(train_dir:Path, held:pd.DataFrame, src:Path, work:Path, preset:str, 
     p = b.predict([src/'train'/f'{i}.tif' for i in held.id])[:, 1]
     train_s = sum(s['seconds'] for s in m['stages'].values())
     info = dict(threshold=b.threshold, threshold_source=b.threshold_source, train_seconds=round(train_s, 1), run_seconds=m['seconds'],
-                temperature=b.temperature, arch=m['config']['arch'], epochs=m['config']['epochs_unfrozen'], preset=m['preset'],
+                temperature=b.temperature, bias=b.meta.get('bias'), arch=m['config']['arch'], epochs=m['config']['epochs_unfrozen'], preset=m['preset'],
                 valid=dict(roc_auc=m['roc_auc'], balanced_accuracy=m['balanced_accuracy'], n=m['n_valid']),
                 gradcam_centre_share=m.get('gradcam_centre_share'), run_dir=str(run), bundle=str(bundle))
     return p, info

@@ -90,13 +90,13 @@ def train(data:str=None, # Kaggle-layout folder, array cache or folder-per-class
 def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`
            data:str=None, # Kaggle folder (test/, sample_submission.csv) or a cache built from the Kaggle zip; default: the run's data
            out:str='submission.csv', # CSV to write
-           no_tta:bool=False, # Skip the 8-fold dihedral test-time augmentation
+           no_tta:bool=False, # Skip the 8-view dihedral test-time augmentation (default: as the run was evaluated)
           ):
     "Write a Kaggle submission (id,label with probabilities) for the test patches, checked against sample_submission.csv"
     from pcam_fastai.evaluate import load_run, make_submission
     learn = load_run(run_dir, data=data)
     src = data or json.loads((Path(run_dir)/'config.json').read_text())['data']
-    p = make_submission(learn, src, out, tta=not no_tta)
+    p = make_submission(learn, src, out, tta=False if no_tta else None)  # None: as the run evaluated (its calibration's setting)
     print(f'Wrote {p}: {sum(1 for _ in open(p)) - 1} rows, ids and order checked against sample_submission.csv')
 
 def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`

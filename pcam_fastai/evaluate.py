@@ -13,12 +13,12 @@ import matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
 
 # %% auto #0
-__all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'expected_calibration_error', 'negative_log_likelihood',
-           'sensitivity_at_specificity', 'binary_metrics', 'simulate_ci_coverage', 'youden_threshold',
-           'OperatingThreshold', 'operating_threshold', 'fit_temperature', 'apply_temperature', 'plot_reliability',
-           'plot_roc', 'plot_confusion', 'multiclass_metrics', 'plot_confusion_matrix', 'dihedral_logits',
-           'predict_logits', 'predict', 'make_submission', 'check_submission', 'ModelFileError', 'load_weights',
-           'load_run', 'run_calibration']
+__all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expected_calibration_error',
+           'negative_log_likelihood', 'sensitivity_at_specificity', 'binary_metrics', 'simulate_ci_coverage',
+           'youden_threshold', 'OperatingThreshold', 'operating_threshold', 'fit_temperature', 'apply_temperature',
+           'Calibration', 'fit_calibration', 'plot_reliability', 'plot_roc', 'plot_confusion', 'multiclass_metrics',
+           'plot_confusion_matrix', 'dihedral_logits', 'predict_logits', 'predict', 'calibrated_softmax',
+           'make_submission', 'check_submission', 'ModelFileError', 'load_weights', 'load_run', 'run_calibration']
 
 # %% ../nbs/07_evaluate.ipynb #5cee8db2
 def _check(probs, targets):
@@ -101,10 +101,12 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
         tns, neg = ((pred[idx] == 0) & (t[idx] == 0)).sum(1), len(t) - pos
         ok = (pos > 0) & (neg > 0)
         bals = (tps[ok] / pos[ok] + tns[ok] / neg[ok]) / 2
+        eces = [expected_calibration_error(p[i], t[i]) for i in idx[:200]]  # 200 resamples: ECE is slower than the counts
         aucs = [roc_auc_score(t[i], p[i]) for i in idx if 0 < t[i].sum() < len(i)] if two else []
         res['ci95'] = dict(accuracy=[float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))],
                            roc_auc=[float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if aucs else [float('nan')] * 2,
                            balanced_accuracy=[float(np.percentile(bals, 2.5)), float(np.percentile(bals, 97.5))] if len(bals) else [float('nan')] * 2,
+                           ece=[float(np.percentile(eces, 2.5)), float(np.percentile(eces, 97.5))],
                            n_boot=n_boot, seed=seed)
     return res
 
@@ -135,7 +137,9 @@ def youden_threshold(probs, # Predicted probability of the positive class
     p, t = _check(probs, targets)
     if len(np.unique(t)) < 2: raise ValueError("Youden's J needs both classes in the targets.")
     fpr, tpr, thr = roc_curve(t, p)
-    return float(np.clip(thr[np.argmax(tpr - fpr)], 0, 1))
+    best = float(np.clip(thr[np.argmax(tpr - fpr)], 0, 1))
+    lower = p[p < best]  # halfway to the next lower score: the same confusion matrix, and no patch sits on the threshold itself
+    return (best + float(lower.max())) / 2 if len(lower) else best
 
 # %% ../nbs/07_evaluate.ipynb #a60668ed
 from typing import NamedTuple
@@ -187,11 +191,43 @@ def fit_temperature(logits, # Validation logits (N, n_classes), before softmax
     return float(np.exp(res.x))
 
 def apply_temperature(logits, # Logits (N, n_classes)
-                      temperature:float=1.0, # From `fit_temperature`
+                      temperature:float=1.0, # From `fit_temperature` or `fit_calibration`
+                      bias=None, # Per-class offsets added after the division (`fit_calibration`); None: none
                      ) -> np.ndarray: # Probabilities (N, n_classes)
-    "softmax(logits / temperature)"
+    "softmax(logits / temperature + bias)"
     if not temperature > 0: raise ValueError(f"temperature must be positive, got {temperature}.")
-    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1))
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if bias is not None: z = z + np.asarray(bias, dtype=np.float64)[None]
+    return np.exp(log_softmax(z, axis=1))
+
+class Calibration(NamedTuple):
+    "What `fit_calibration` fitted: probabilities are softmax(logits / temperature + bias)"
+    temperature: float # Divides the logits
+    bias: list # Added per class after the division (the first class's is 0)
+    source: str # How it was chosen, in words
+
+BIAS_RANGE = 10.0  # largest |bias| searched
+
+def fit_calibration(logits, # Validation logits (N, n_classes), before softmax
+                    targets, # Validation class indices
+                    bias:bool=True, # Also fit per-class offsets; False: the temperature alone (`fit_temperature`)
+                   ) -> Calibration:
+    "Temperature scaling with a per-class bias (for two classes: Platt scaling of the logit difference), minimizing the validation NLL; none when validation can't support it"
+    from scipy.optimize import minimize
+    z, y = _check_logits(logits, targets)
+    k, counts = z.shape[1], np.bincount(y, minlength=z.shape[1])
+    if counts.min() < min(MIN_PER_CLASS, len(y)) or (counts > 0).sum() < 2:
+        return Calibration(1.0, [0.0] * k, f'none (validation has {counts.tolist()} patches per class, fewer than {MIN_PER_CLASS} of a class)')
+    if k == 2 and (z[y == 0, 1] - z[y == 0, 0]).max() < (z[y == 1, 1] - z[y == 1, 0]).min():
+        return Calibration(1.0, [0.0] * k, 'none (validation separates the classes perfectly: the NLL would push the probabilities to 0 and 1)')
+    T0 = fit_temperature(z, y)
+    if not bias: return Calibration(T0, [0.0] * k, 'temperature fitted on validation')
+    def nll(params):
+        b = np.r_[0.0, params[1:]]
+        return -log_softmax(z / np.exp(params[0]) + b, axis=1)[np.arange(len(y)), y].mean()
+    bounds = [tuple(np.log(TEMPERATURE_RANGE))] + [(-BIAS_RANGE, BIAS_RANGE)] * (k - 1)
+    res = minimize(nll, np.r_[np.log(T0), np.zeros(k - 1)], method='L-BFGS-B', bounds=bounds)
+    return Calibration(float(np.exp(res.x[0])), [0.0, *map(float, res.x[1:])], 'temperature and bias fitted on validation')
 
 # %% ../nbs/07_evaluate.ipynb #1ccd7c3c
 import textwrap
@@ -234,8 +270,11 @@ def plot_roc(probs, # Predicted probability of the positive class
             ) -> plt.Figure:
     "The ROC curve with its AUC, and the operating point of the run's threshold"
     p, t = _check(probs, targets)
-    fpr, tpr, _ = roc_curve(t, p)
     fig, ax = (plt.subplots(figsize=(4.4, 4.6)) if ax is None else (ax.figure, ax))
+    if len(np.unique(t)) < 2:
+        ax.axis('off'); ax.text(0.5, 0.5, 'Only one class in this split:\nno ROC curve.', ha='center', va='center'); _title(ax, title, subtitle)
+        return fig
+    fpr, tpr, _ = roc_curve(t, p)
     ax.plot(fpr, tpr, lw=2, label=f'AUC {roc_auc_score(t, p):.3f}'); ax.plot([0, 1], [0, 1], ':', c='grey')
     if threshold is not None:
         pred = p >= threshold
@@ -344,11 +383,23 @@ def predict(learn, # A learner (also one from `load_learner`)
             dl, # DataLoader of model-ready batches, e.g. `learn.dls.test_dl(files)` or `learn.dls.valid`
             tta:bool|None=None, # Mean logits over the 8 dihedral views; None: the learner's `dihedral_tta` (False if unset)
             temperature:float|None=None, # Divide the logits by this before softmax; None: the learner's `temperature` (1 if unset)
+            bias=None, # Per-class offsets added after the division; None: the learner's `logit_bias` (none if unset)
            ) -> tuple: # (probabilities N x n_classes, targets or None)
-    "Softmax probabilities, temperature-scaled, for every patch of `dl`, optionally from the mean logits over the dihedral group"
-    temp = float(getattr(learn, 'temperature', 1.0) if temperature is None else temperature)
+    "Calibrated softmax probabilities (the learner's temperature and bias) for every patch of `dl`, optionally from the mean logits over the dihedral group"
     logits, targs = predict_logits(learn, dl, tta)
-    return torch.softmax(logits / temp, 1), targs
+    return calibrated_softmax(learn, logits, temperature, bias), targs
+
+def calibrated_softmax(learn, # A learner, possibly with `temperature` and `logit_bias` (set by `train_pcam`, `load_run`)
+                       logits:torch.Tensor, # (N, n_classes)
+                       temperature:float|None=None, # None: the learner's (1 if unset)
+                       bias=None, # None: the learner's (none if unset)
+                      ) -> torch.Tensor:
+    "softmax(logits / temperature + bias) with the learner's calibration"
+    temp = float(getattr(learn, 'temperature', 1.0) if temperature is None else temperature)
+    bias = getattr(learn, 'logit_bias', None) if bias is None else bias
+    z = logits.float() / temp
+    if bias is not None: z = z + torch.as_tensor(bias, dtype=z.dtype, device=z.device)[None]
+    return torch.softmax(z, 1)
 
 # %% ../nbs/07_evaluate.ipynb #90f13c3d
 import os
@@ -358,7 +409,7 @@ import pandas as pd
 def make_submission(learn, # A trained learner (also from `load_learner`)
                     data:str|Path, # Kaggle folder (test/, sample_submission.csv) or an array cache built from Kaggle data
                     out:str|Path='submission.csv', # The CSV to write
-                    tta:bool=True, # Average over the 8 dihedral transforms
+                    tta:bool|None=None, # Mean logits over the 8 dihedral views; None: as the run evaluated (`learn.dihedral_tta`), which its calibration was fitted for
                     bs:int=128, # Batch size
                    ) -> Path: # `out`
     "Predict every Kaggle test patch and write a checked submission CSV (`id,label` with probabilities)"
@@ -444,19 +495,22 @@ def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
     from pcam_fastai.folders import is_folder_dataset, folder_dataloaders
     src = data or cfg['data']
     make = folder_dataloaders if is_folder_dataset(src) else pcam_dataloaders
+    kw = dict(positive=cfg.get('positive')) if make is folder_dataloaders else {}
     dls = make(src, size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'],
-               n_items=st['n_items'], num_workers=0, device='cpu' if cpu else None)
+               n_items=st['n_items'], num_workers=0, device='cpu' if cpu else None, **kw)
     learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=False, path=run_dir, quiet=True)
     load_weights(learn, run_dir/'model.pth')
-    learn.temperature, learn.threshold = run_calibration(run_dir)
+    learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
     learn.dihedral_tta = bool(st.get('tta', False))
     return learn
 
 def run_calibration(run_dir:str|Path, # A run folder written by `train_pcam`
-                   ) -> tuple: # (temperature, operating threshold or None)
-    "The temperature and the operating threshold a finished run chose on validation (1 and None for runs without them)"
+                   ) -> tuple: # (temperature, bias or None, operating threshold or None)
+    "The calibration and the operating threshold a finished run chose on validation (1, None, None for runs without them)"
     fn = Path(run_dir)/'metrics.json'
-    if not fn.exists(): return 1.0, None
+    if not fn.exists(): return 1.0, None, None
     try: m = json.loads(fn.read_text())
     except json.JSONDecodeError as e: raise ModelFileError(f"{fn} is damaged ({e}); train the run again (--force).") from None
-    return float((m.get('calibration') or {}).get('temperature', 1.0)), (m.get('operating_threshold') or {}).get('value')
+    c = m.get('calibration') or {}
+    thr = (m.get('operating_threshold') or {}).get('value', m.get('youden_threshold_valid'))  # runs before the one-threshold rule: their Youden threshold
+    return float(c.get('temperature', 1.0)), c.get('bias'), thr

@@ -36,12 +36,14 @@ class PatchClassifier(nn.Module):
                  std=IMAGENET_STD, # Normalization std, in [0, 1] units
                  temperature:float=1.0, # The run's calibration: probabilities are softmax(logits / temperature)
                  tta:bool=False, # Average the logits over the 8 dihedral views (as the run evaluated), inside the graph
+                 bias=None, # The run's per-class calibration bias, added after the temperature; None: zeros
                 ):
         super().__init__()
         self.model = model
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1) * 255)
         self.register_buffer('temperature', torch.tensor(float(temperature)))
+        self.register_buffer('bias', torch.tensor([float(b) for b in bias] if bias is not None else [0.0]).view(1, -1))
         self.tta = tta
     def normalize(self, x:torch.Tensor) -> torch.Tensor:
         "uint8 (N, H, W, 3) to the normalized float (N, 3, H, W) the model was trained on"
@@ -53,7 +55,7 @@ class PatchClassifier(nn.Module):
             views += [v.transpose(-1, -2) for v in views]
             logits = torch.stack([self.model(v).float() for v in views]).mean(0)
         else: logits = self.model(x).float()
-        return torch.softmax(logits / self.temperature, 1)
+        return torch.softmax(logits / self.temperature + self.bias, 1)
 
 def build_model(arch, # The arch the run was trained with (torchvision or timm name)
                 n_out:int, # Number of classes
@@ -127,7 +129,8 @@ class Bundle:
             model = build_model(self.meta['arch'], len(self.classes))
             try: model.load_state_dict(sd)
             except RuntimeError as e: raise BundleError(f"{fn} does not fit {self.meta['arch']}: {str(e).splitlines()[0][:200]}") from None
-            self._torch = PatchClassifier(model, self.meta['mean'], self.meta['std'], self.meta.get('temperature', 1.0), self.meta.get('tta', False)).eval()
+            self._torch = PatchClassifier(model, self.meta['mean'], self.meta['std'], self.meta.get('temperature', 1.0), self.meta.get('tta', False),
+                                          self.meta.get('bias')).eval()
         return self._torch
 
     @property
@@ -241,14 +244,16 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     model = build_model(arch, len(classes))
     try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
     except Exception as e: raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {str(e).splitlines()[0][:200]}") from None
-    temperature = float((metrics.get('calibration') or {}).get('temperature', 1.0))
+    temperature, bias = float((metrics.get('calibration') or {}).get('temperature', 1.0)), (metrics.get('calibration') or {}).get('bias')
     op = metrics.get('operating_threshold') if len(classes) == 2 else None
+    if op is None and len(classes) == 2 and metrics.get('youden_threshold_valid') is not None:  # a run from before the one-threshold rule
+        op = dict(value=metrics['youden_threshold_valid'], source="Youden's J on validation (older run, uncalibrated)")
     tta = bool(cfg['settings'].get('tta', False))
-    pc = PatchClassifier(model, temperature=temperature, tta=tta).eval()
+    pc = PatchClassifier(model, temperature=temperature, tta=tta, bias=bias).eval()
     torch.save(model.state_dict(), dest/'weights.pth')
     meta = dict(format=BUNDLE_FORMAT, arch=arch_name(resolve_arch(arch)), classes=classes, positive=classes[1] if len(classes) == 2 else None,
                 size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, tta=tta,
+                threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
                 centre_box=not _is_folder_set(cfg.get('data', '')),  # PCam labels the centre 32x32; folder sets label whole patches
                 input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout=f'NHWC RGB, 0-255; resize to {size} x {size} first ({resize})'),
                 output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
@@ -286,7 +291,8 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
 def _write_export_report(dest:Path, m:dict):
     L = [f"# Inference bundle: {m['arch']}", '',
          f"Classes: {', '.join(m['classes'])}" + (f" (positive: {m['positive']}, labelled when p({m['positive']}) >= {m['threshold']:.3g}: {m['threshold_source']})" if m.get('threshold') is not None else ''),
-         f"Probabilities are calibrated: softmax(logits / T) with T = {m.get('temperature', 1.0):.3g}, fitted on validation (inside model.onnx too)"
+         (f"Probabilities are calibrated: softmax(logits / T + bias) with T = {m.get('temperature', 1.0):.3g}, bias {m.get('bias')}, fitted on validation (inside model.onnx too)"
+          if m.get('bias') is not None else 'Probabilities are the softmax of the logits (the run has no calibration)')
          + (", from the logits averaged over the 8 dihedral views (flips and 90-degree rotations), as the run was evaluated." if m.get('tta') else '.'),
          f"Input: uint8 RGB patches, {m['size']}x{m['size']}, NHWC; normalization and softmax are inside the model. "
          f"Other sizes are resized as in training: {m['resize']} ({'torch.nn.functional.interpolate, bilinear, no antialiasing' if m['resize'] == 'torch-bilinear' else 'PIL Image.resize, BILINEAR'}).", '',

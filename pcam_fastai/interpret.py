@@ -18,8 +18,8 @@ from fastai.torch_core import to_np, to_device
 
 # %% auto #0
 __all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'body_stages', 'gradcam_layer', 'gradcam', 'centre_ratio', 'centre_mass_share',
-           'all_preds', 'outline_centre', 'heatmap_colorbar', 'plot_patches_gradcam', 'top_loss_idxs',
-           'plot_top_losses_gradcam', 'plot_confident_gallery']
+           'all_preds', 'outline_centre', 'heatmap_colorbar', 'plot_patches_gradcam', 'calibrated_losses',
+           'top_loss_idxs', 'plot_top_losses_gradcam', 'plot_confident_gallery']
 
 # %% ../nbs/02_interpret.ipynb #5a0b53c7
 MIN_CAM_CELLS = 6  # the centre third of PCam (its labelled 32x32 of 96) then spans at least 2x2 cells
@@ -177,10 +177,10 @@ def plot_patches_gradcam(learn, # A trained learner
         fig.suptitle(_wrap(title, 7), fontsize=10); return fig
     inps, _, targs, _ = _rows(interp, idxs)
     inps, targs = inps.as_subclass(torch.Tensor), targs.as_subclass(torch.Tensor)
-    from pcam_fastai.evaluate import dihedral_logits
-    with torch.no_grad():  # the probabilities `predict` gives (temperature, TTA), so titles, threshold and reports agree
-        logits = dihedral_logits(learn.model.eval(), inps, getattr(learn, 'dihedral_tta', False)) / float(getattr(learn, 'temperature', 1.0))
-    preds, losses = torch.softmax(logits, 1).cpu(), F.cross_entropy(logits, targs.to(logits.device).long(), reduction='none').cpu()
+    from pcam_fastai.evaluate import dihedral_logits, calibrated_softmax
+    with torch.no_grad():  # the probabilities `predict` gives (calibration, TTA), so titles, threshold and reports agree
+        preds = calibrated_softmax(learn, dihedral_logits(learn.model.eval(), inps, getattr(learn, 'dihedral_tta', False))).cpu()
+    losses = F.nll_loss(preds.clamp_min(1e-12).log(), targs.cpu().long(), reduction='none')
     two = preds.shape[1] == 2
     labels = (preds[:, 1] >= threshold).long() if two and threshold is not None else preds.argmax(1)
     cams = gradcam(learn, inps, target=labels)
@@ -200,16 +200,22 @@ def plot_patches_gradcam(learn, # A trained learner
     heatmap_colorbar(fig, cmap)
     return fig
 
+def calibrated_losses(interp:ClassificationInterpretation, # An interpretation of a learner
+                     ) -> torch.Tensor:
+    "Cross-entropy of each patch under the probabilities `all_preds` gives (calibrated, with the run's TTA), not fastai's raw losses"
+    probs, targs = all_preds(interp)
+    return -probs.gather(1, targs.long()[:, None])[:, 0].clamp_min(1e-12).log()
+
 def top_loss_idxs(interp:ClassificationInterpretation, # An interpretation
                   k:int=9, # How many
                   kind:str='all', # 'all', 'fn' (missed tumour) or 'fp' (false alarms)
                   threshold:float|None=None, # Operating threshold that decides 'fn'/'fp'; None: the most likely class
                  ) -> torch.Tensor: # Positions, highest loss first
-    "Positions of the `k` highest-loss patches, optionally only false negatives or false positives"
-    order = interp.losses.argsort(descending=True)
-    if kind == 'all': return order[:k]
-    if kind not in ('fn', 'fp'): raise ValueError(f"kind must be 'all', 'fn' or 'fp', not {kind!r}.")
+    "Positions of the `k` highest-loss patches (the loss of the calibrated probabilities the plots show), optionally only false negatives or false positives"
+    if kind not in ('all', 'fn', 'fp'): raise ValueError(f"kind must be 'all', 'fn' or 'fp', not {kind!r}.")
     probs, targs = all_preds(interp)
+    order = calibrated_losses(interp).argsort(descending=True)
+    if kind == 'all': return order[:k]
     if probs.shape[1] != 2: raise ValueError(f"kind={kind!r} needs a binary task; this one has {probs.shape[1]} classes. Use kind='all'.")
     pred = (probs[:, 1] >= threshold).long() if threshold is not None else probs.argmax(1)
     wrong = (targs == 1) & (pred == 0) if kind == 'fn' else (targs == 0) & (pred == 1)
@@ -226,7 +232,7 @@ def plot_top_losses_gradcam(learn, # A trained learner
     interp = interp or ClassificationInterpretation.from_learner(learn, dl=dl)
     names = dict(all='Top losses', fn='False negatives (missed tumour), highest loss first', fp='False positives, highest loss first')
     return plot_patches_gradcam(learn, top_loss_idxs(interp, k, kind, kwargs.get('threshold')), interp,
-                                title=f'{names[kind]}: actual / predicted, Grad-CAM of the predicted label; dashed: the labelled centre', **kwargs)
+                                title=f'{names[kind]}: actual / predicted, Grad-CAM of the predicted label' + ('; dashed: the labelled centre' if kwargs.get('centre_box', True) else ''), **kwargs)
 
 def plot_confident_gallery(learn, # A trained learner
                            k:int=4, # Patches per class
@@ -236,7 +242,8 @@ def plot_confident_gallery(learn, # A trained learner
     "The most confidently correct patches of each class, with Grad-CAM: what the model is sure about, for contrast"
     interp = interp or ClassificationInterpretation.from_learner(learn)
     probs, targs = all_preds(interp)
-    right = probs.argmax(1) == targs
-    order = interp.losses.argsort()
+    thr = kwargs.get('threshold')
+    right = ((probs[:, 1] >= thr).long() if thr is not None and probs.shape[1] == 2 else probs.argmax(1)) == targs
+    order = calibrated_losses(interp).argsort()
     idxs = torch.cat([order[(right & (targs == c))[order]][:k] for c in range(probs.shape[1])])
     return plot_patches_gradcam(learn, idxs, interp, title='Most confident correct patches per class', ncols=k, **kwargs)

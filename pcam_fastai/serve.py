@@ -222,7 +222,7 @@ def _model_info(bundle) -> str:
     return (f'Model: {len(bundle.classes)} classes ({", ".join(bundle.classes)})'
             + (f', positive class {pos}' if pos else '') + f'; input {bundle.size}x{bundle.size} pixels.'
             + (f' Labelled {pos} when p({pos}) >= {thr:.3g}' + (f' ({src})' if src else '') + '.' if thr is not None and pos else '')
-            + (f' Probabilities are temperature-scaled (T = {bundle.temperature:.3g}, fitted on validation).' if getattr(bundle, 'temperature', 1.0) != 1.0 else ''))
+            + (f' Probabilities are calibrated on validation (temperature {bundle.temperature:.3g}, bias {bundle.meta["bias"][1]:+.3g}).' if (getattr(bundle, 'meta', None) or {}).get('bias') and len(bundle.meta['bias']) == 2 else ''))
 
 def _card(r:dict, i:int, bundle) -> Div:
     "One result: name, label, probabilities, the patch and its Grad-CAM overlay"

@@ -220,7 +220,7 @@ PRESETS = {
                  lr_find_iters=100, n_items=None, lr=None, tta=False),
     # Real tissue on a 2-core CPU, from scratch (ImageNet weights can't be assumed downloadable): timm's regnetx_002 at 96 px
     # trains ~5x faster per image than resnet18 and learned more per CPU-second on real PCam tiles (see the real-tissue tutorial);
-    # no frozen stage (a random body gains nothing from it), one cycle at a fixed learning rate chosen on validation;
+    # no frozen stage (a random body gains nothing from it), one cycle at a fixed learning rate (1e-2, the best of those measured on validation);
     # predictions average the logits over the 8 dihedral views (evaluation, calibration and the exported bundle alike).
     'cpu-demo': dict(arch='regnetx_002', size=96, bs=64, epochs_frozen=0, epochs_unfrozen=25, pretrained=False, fp16=True,
                      lr_find_iters=30, n_items=None, lr=1e-2, tta=True),
@@ -280,6 +280,8 @@ def run_key(config:dict, # A run configuration (config.json)
     "What identifies a run: everything that changes the trained model"
     keep = {k: config[k] for k in ('data', 'labels_sha1', 'preset', 'settings', 'lr_frozen', 'lr_unfrozen', 'seed', 'valid_pct',
                                    'weights_path', 'stain_jitter', 'groups')}
+    # settings added later count only when set, so that runs written before them keep their key
+    keep['settings'] = {k: v for k, v in keep['settings'].items() if not (k in ('lr', 'tta') and v in (None, False))}
     if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -292,7 +294,7 @@ def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
 
 def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 folder, array cache or folder-per-class set; None: the built-in synthetic set
                run_dir:str|Path='runs/pcam', # Folder for the model, plots, metrics and report
-               preset:str='auto', # 'card' (the reference recipe), 'cpu-demo', or 'auto' (card for real data)
+               preset:str='auto', # 'card' (the reference recipe), 'cpu-demo', or 'auto' (card for real data on a GPU, else cpu-demo)
                arch:str|None=None, # Backbone, e.g. 'resnet50'
                size:int|None=None, # Image side in pixels
                bs:int|None=None, # Batch size
@@ -328,7 +330,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
         if is_main(): print(f"train_pcam: trained from scratch, so no frozen stage: its {cfg['epochs_frozen']} epoch(s) are added to the "
                             f"{cfg['epochs_unfrozen']} that train the whole network")
         cfg.update(epochs_unfrozen=cfg['epochs_frozen'] + cfg['epochs_unfrozen'], epochs_frozen=0)
-    if lr_unfrozen is None: lr_unfrozen = cfg.get('lr')
+    if lr_unfrozen is None and not cfg['pretrained']: lr_unfrozen = cfg.get('lr')  # the preset's from-scratch rate; pretrained: lr_find
     if lr_unfrozen is not None and not isinstance(lr_unfrozen, slice) and cfg['pretrained']: lr_unfrozen = slice(lr_unfrozen / 10, lr_unfrozen)
     run_dir = Path(run_dir).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
@@ -412,7 +414,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
           f'({dls.split_name}); {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
     if metrics.get('operating_threshold'):
         c, op = metrics['calibration'], metrics['operating_threshold']
-        print(f'train_pcam: labels use p(tumour) >= {op["value"]:.3g} ({op["source"]}); temperature {c["temperature"]:.3g}: validation NLL '
+        print(f'train_pcam: labels use p({metrics["classes"][1]}) >= {op["value"]:.3g} ({op["source"]}); calibration T = {c["temperature"]:.3g}, bias {c["bias"][1]:+.3g}: validation NLL '
               f'{c["valid_before"]["nll"]:.3f} -> {c["valid_after"]["nll"]:.3f}, ECE {c["valid_before"]["ece"]:.3f} -> {c["valid_after"]["ece"]:.3f}')
     if metrics.get('test'):
         t = metrics['test']
@@ -443,10 +445,10 @@ def _check_feature_grid(learn, size:int):
                          "not a feature grid, so Grad-CAM and the report cannot be made. Use a CNN backbone (resnet50, densenet169, convnext_tiny ...).")
 
 def _finish(learn, dls, data, run_dir, top_k):
-    "Save the model, evaluate (which fits the temperature), then export the learner (rank 0 only in a distributed run)"
+    "Save the model, evaluate (which fits the calibration), then export the learner (rank 0 only in a distributed run)"
     torch.save(learn.model.state_dict(), run_dir/'model.pth')
     m = evaluate_run(learn, dls, data, run_dir, top_k=top_k)
-    learn.export(run_dir/'learner.pkl')  # after evaluate_run: it carries learn.temperature and learn.threshold
+    learn.export(run_dir/'learner.pkl')  # after evaluate_run: it carries learn.temperature, learn.logit_bias and learn.threshold
     return m
 
 def _test_dl(dls, data):
@@ -457,11 +459,11 @@ def _test_dl(dls, data):
     if folder_test_dl(dls) is not None: return folder_test_dl(dls), 'folder-test (held out in test/)'
     return None, None
 
-def _calibration_numbers(logits, targs, temperature):
+def _calibration_numbers(logits, targs, cal):
     from pcam_fastai.evaluate import apply_temperature, negative_log_likelihood, expected_calibration_error
     out = {}
-    for name, t in (('before', 1.0), ('after', temperature)):
-        p = apply_temperature(logits, t)
+    for name, (t, b) in (('before', (1.0, None)), ('after', (cal.temperature, cal.bias))):
+        p = apply_temperature(logits, t, b)
         out[name] = dict(nll=negative_log_likelihood(p[:, 1], targs), ece=expected_calibration_error(p[:, 1], targs))
     return out
 
@@ -472,11 +474,11 @@ def gradcam_centre_share(learn, # A trained binary learner
                         ) -> dict:
     "On correctly classified tumour patches: the mean share of Grad-CAM heat inside PCam's centre third, against its area share 1/9"
     from pcam_fastai.interpret import gradcam, gradcam_layer, centre_mass_share
-    from pcam_fastai.evaluate import dihedral_logits
-    temp, shares, name, cells = float(getattr(learn, 'temperature', 1.0)), [], None, None
+    from pcam_fastai.evaluate import dihedral_logits, calibrated_softmax
+    shares, name, cells = [], None, None
     for b in dl:
         xb, yb = b[0].as_subclass(torch.Tensor), b[1].as_subclass(torch.Tensor)
-        with torch.no_grad(): p = torch.softmax(dihedral_logits(learn.model.eval(), xb, getattr(learn, 'dihedral_tta', False)) / temp, 1)[:, 1].cpu()
+        with torch.no_grad(): p = calibrated_softmax(learn, dihedral_logits(learn.model.eval(), xb, getattr(learn, 'dihedral_tta', False)))[:, 1].cpu()
         keep = ((p >= threshold) & (yb.cpu() == 1)).nonzero()[:, 0]
         if not len(keep): continue
         if name is None: _, name, cells = gradcam_layer(learn.model, xb)
@@ -492,22 +494,24 @@ def evaluate_run(learn, # The trained learner
                  run_dir:Path, # Folder for the plots
                  top_k:int=9, # Patches per top-losses plot
                 ) -> dict:
-    "Fit the temperature and the operating threshold on validation, then validation (and test) metrics with intervals, and every plot"
-    from pcam_fastai.evaluate import (plot_roc, plot_confusion, plot_reliability, predict_logits, fit_temperature, apply_temperature,
-                                      operating_threshold, binary_metrics)
+    "Fit the calibration (temperature and bias) and the operating threshold on validation, then validation (and test) metrics with intervals, and every plot"
+    from pcam_fastai.evaluate import (plot_roc, plot_confusion, plot_reliability, predict_logits, fit_calibration, apply_temperature,
+                                      operating_threshold, binary_metrics, ECE_BINS)
     from pcam_fastai.interpret import plot_confident_gallery
     vdl = dls.valid.new(shuffle=False, drop_last=False)
     vlogits, vtargs = predict_logits(learn, vdl)
-    learn.temperature, learn.threshold = fit_temperature(vlogits.numpy(), vtargs.numpy()), None
+    cal = fit_calibration(vlogits.numpy(), vtargs.numpy())
+    learn.temperature, learn.logit_bias, learn.threshold = cal.temperature, cal.bias, None
     if len(dls.vocab) > 2:
         valid, _, _ = _eval_split(learn, vdl, dls.split_name)
         return _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k)
     vz, vt = vlogits.numpy(), vtargs.numpy()
-    vp = apply_temperature(vz, learn.temperature)[:, 1]
+    vp = apply_temperature(vz, cal.temperature, cal.bias)[:, 1]
+    after = f'after (T = {cal.temperature:.2f}, bias {cal.bias[1]:+.2f})'
     op = operating_threshold(vp, vt)
     learn.threshold = op.value
     valid = binary_metrics(vp, vt, threshold=op.value, split=dls.split_name, threshold_source=op.source)
-    calib = dict(temperature=learn.temperature, fitted_on=dls.split_name, bins=15, **{f'valid_{k}': v for k, v in _calibration_numbers(vz, vt, learn.temperature).items()})
+    calib = dict(temperature=cal.temperature, bias=cal.bias, source=cal.source, fitted_on=dls.split_name, bins=ECE_BINS, **{f'valid_{k}': v for k, v in _calibration_numbers(vz, vt, cal).items()})
     interp = ClassificationInterpretation.from_learner(learn, dl=vdl)
     centre_box = not is_folder_dataset(data)  # PCam's label is about the centre 32x32; folder sets label the whole patch
     kw = dict(interp=interp, threshold=op.value, centre_box=centre_box)
@@ -518,24 +522,26 @@ def evaluate_run(learn, # The trained learner
              _save(plot_history(run_dir/'history.csv'), run_dir/'history.png'),
              _save(plot_roc(vp, vt, 'ROC, validation', subtitle=dls.split_name, threshold=op.value), run_dir/'roc_valid.png'),
              _save(plot_confusion(valid, classes=list(dls.vocab), title='Confusion, validation'), run_dir/'confusion_valid.png'),
-             _save(plot_reliability({'before (T = 1)': apply_temperature(vz)[:, 1], f'after (T = {learn.temperature:.2f})': vp}, vt,
-                                    'Reliability, validation', f'temperature fitted on this split: {dls.split_name}'), run_dir/'reliability_valid.png')]
+             _save(plot_reliability({'before': apply_temperature(vz)[:, 1], after: vp}, vt,
+                                    'Reliability, validation', f'calibration fitted on this split: {dls.split_name}'), run_dir/'reliability_valid.png')]
     plots += [p.name for p in sorted(run_dir.glob('lr_find_*.png'))]
     m = dict(valid, n_valid=valid['n'], test=None, calibration=calib,
              operating_threshold=dict(value=op.value, source=op.source, chosen_on=dls.split_name,
                                       rule="Youden's J on temperature-scaled validation probabilities when validation has >= 20 patches of each class "
                                            "and the classes overlap; else 0.5 (the middle of the gap if 0.5 lies outside a perfect separation)"))
-    if centre_box: m['gradcam_centre_share'] = gradcam_centre_share(learn, vdl, op.value)
+    if centre_box:
+        cs = gradcam_centre_share(learn, vdl, op.value)
+        if cs['grid'] is not None: m['gradcam_centre_share'] = cs
     tdl, test_split = _test_dl(dls, data)
     if tdl is not None:
         tz, tt = (a.numpy() for a in predict_logits(learn, tdl))
-        tp = apply_temperature(tz, learn.temperature)[:, 1]
-        m['test'] = binary_metrics(tp, tt, threshold=op.value, split=test_split, threshold_source=f'{op.source} (chosen on validation)')
-        calib.update({f'test_{k}': v for k, v in _calibration_numbers(tz, tt, learn.temperature).items()})
+        tp = apply_temperature(tz, cal.temperature, cal.bias)[:, 1]
+        m['test'] = binary_metrics(tp, tt, threshold=op.value, split=test_split, threshold_source=op.source)
+        calib.update({f'test_{k}': v for k, v in _calibration_numbers(tz, tt, cal).items()})
         plots += [_save(plot_roc(tp, tt, 'ROC, held-out test', subtitle=test_split, threshold=op.value), run_dir/'roc_test.png'),
                   _save(plot_confusion(m['test'], classes=list(dls.vocab), title='Confusion, held-out test'), run_dir/'confusion_test.png'),
-                  _save(plot_reliability({'before (T = 1)': apply_temperature(tz)[:, 1], f'after (T = {learn.temperature:.2f})': tp}, tt,
-                                         'Reliability, held-out test', f'temperature fitted on validation; {test_split}'), run_dir/'reliability_test.png')]
+                  _save(plot_reliability({'before': apply_temperature(tz)[:, 1], after: tp}, tt,
+                                         'Reliability, held-out test', f'calibration fitted on validation; {test_split}'), run_dir/'reliability_test.png')]
     m['plots'] = plots
     return m
 
@@ -550,7 +556,7 @@ def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k):
              _save(plot_history(run_dir/'history.csv'), run_dir/'history.png'),
              _save(plot_confusion_matrix(valid['confusion'], classes, dls.split_name), run_dir/'confusion_valid.png')]
     plots += [p.name for p in sorted(run_dir.glob('lr_find_*.png'))]
-    m = dict(valid, n_valid=valid['n'], test=None, calibration=dict(temperature=learn.temperature, fitted_on=dls.split_name))
+    m = dict(valid, n_valid=valid['n'], test=None, calibration=dict(temperature=learn.temperature, bias=learn.logit_bias, fitted_on=dls.split_name))
     tdl = folder_test_dl(dls)
     if tdl is not None:
         m['test'] = _eval_split(learn, tdl, 'folder-test (held out in test/)')[0]
@@ -572,8 +578,8 @@ def _metric_rows(m):
             f"| ROC AUC | {_fmt(m['roc_auc'])} | {' - '.join(_fmt(x) for x in ci.get('roc_auc', []))} |",
             f"| balanced accuracy | {_fmt(m.get('balanced_accuracy'))} | {' - '.join(_fmt(x) for x in ci.get('balanced_accuracy', []))} |"]
     rows += [f'| {k} | {_fmt(m[k])} | |' for k in ('sensitivity', 'specificity', 'precision', 'f1') if k in m]
-    rows += [f'| {name} | {_fmt(m[k])} | |' for k, name in (('sensitivity_at_spec90', 'sensitivity at 90 % specificity'), ('nll', 'NLL (temperature-scaled)'),
-                                                            ('ece', 'ECE, 15 bins (temperature-scaled)')) if k in m]
+    rows += [f'| {name} | {_fmt(m[k])} | |' for k, name in (('sensitivity_at_spec90', 'sensitivity at 90 % specificity'), ('nll', 'NLL (calibrated)'),
+                                                            ('ece', 'ECE, 15 bins (calibrated)')) if k in m]
     rows += [f"| confusion (tp / fp / tn / fn) | {m['tp']} / {m['fp']} / {m['tn']} / {m['fn']} | |",
              f"| threshold | {m['threshold']:.3g} ({m['threshold_source']}) | |", f"| patches | {m['n']} ({m['positives']} tumour) | |"]
     return rows
@@ -600,17 +606,18 @@ def write_report(run_dir:Path, # The run folder
               '| metric | value | 95 % CI (bootstrap) |', '|---|---|---|', *_metric_rows(metrics['test']), '']
     op, cal = metrics.get('operating_threshold'), metrics.get('calibration') or {}
     if op:
-        L += ['## Operating threshold', '', f"Patches are labelled tumour when the temperature-scaled p(tumour) >= **{op['value']:.3g}** ({op['source']}, chosen on "
+        L += ['## Operating threshold', '', f"Patches are labelled {metrics['classes'][1]} when the calibrated p({metrics['classes'][1]}) >= **{op['value']:.3g}** ({op['source']}, chosen on "
               f"{op['chosen_on']}). The same number labels the patches in every plot here, in `metrics.json`, in the exported bundle (`bundle.json`) "
               f"and in `pcam-fastai serve`. Rule: {op['rule']}.", '']
     if 'valid_before' in cal:
-        L += ['## Calibration', '', f"One temperature, T = {cal['temperature']:.3g}, fitted on the validation logits after training (softmax(logits / T); "
-              'it changes no ranking, so AUC stays as it is). NLL and ECE (15 equal-width bins of p(tumour)):', '',
+        L += ['## Calibration', '', f"A temperature T = {cal['temperature']:.3g} and a bias b = {cal['bias'][1]:+.3g}, fitted on the validation logits after training "
+              '(p = softmax(logits / T + [0, b]), i.e. Platt scaling of the logit difference; it changes no ranking, so AUC stays as it is). '
+              'NLL and ECE (15 equal-width bins of p(tumour)):', '',
               '| split | NLL before | NLL after | ECE before | ECE after |', '|---|---|---|---|---|']
         for s in ('valid', 'test'):
             if f'{s}_before' in cal:
                 b, a = cal[f'{s}_before'], cal[f'{s}_after']
-                L += [f"| {'validation (T fitted here: optimistic)' if s == 'valid' else 'held-out test'} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |"]
+                L += [f"| {'validation (fitted here: optimistic)' if s == 'valid' else 'held-out test'} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |"]
         L += ['', '![reliability](reliability_valid.png)' + (' ![reliability test](reliability_test.png)' if 'test_before' in cal else ''), '']
     L += ['## Training', '']
     if not metrics['config'].get('pretrained'):
@@ -624,7 +631,7 @@ def write_report(run_dir:Path, # The run folder
     multi = metrics.get('multiclass')
     L += ['## Where the model looks', '']
     cs = metrics.get('gradcam_centre_share')
-    if cs and cs.get('n'):
+    if cs and cs.get('n') and cs.get('grid'):
         L += [f"Grad-CAM of layer `{cs['layer']}` ({cs['grid']}x{cs['grid']} cells), dashed square: the centre 32x32 where PCam's label is defined. "
               f"On {cs['n']} correctly found tumour patches of validation, {cs['mean']:.1%} of the heat lies in that square on average "
               f"(its area is {cs['area_share']:.1%} of the patch: a map blind to the centre would give about that).", '']
