@@ -15,12 +15,12 @@ import pandas as pd
 from PIL import Image
 from fastprogress.fastprogress import progress_bar
 
-from .data import PATCH_SIZE, PCamDataError, check_labels, read_labels, to_rgb
+from .data import PATCH_SIZE, PCamDataError, check_labels, read_labels, to_rgb, image_error_reason
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'PCAM_H5', 'zlib_error', 'PCAM_H5_DATASET', 'PCamCache', 'CacheError', 'decode_patch', 'Source',
-           'kaggle_sources', 'h5_sources', 'gunzip_file', 'download_pcam_h5', 'make_synthetic_pcam_h5', 'build_split',
-           'build_cache', 'cache_splits', 'is_cache', 'load_cache']
+           'folder_stamp', 'kaggle_sources', 'h5_sources', 'gunzip_file', 'download_pcam_h5', 'make_synthetic_pcam_h5',
+           'size_text', 'build_split', 'build_cache', 'cache_splits', 'is_cache', 'load_cache']
 
 # %% ../nbs/05_cache.ipynb #10da5604
 CACHE_VERSION = 1
@@ -44,17 +44,18 @@ def decode_patch(data:bytes, # The file's bytes
                 ) -> np.ndarray|None:
     "Decode one patch file's bytes to a (96, 96, 3) uint8 array, checking it"
     try:
-        im = Image.open(io.BytesIO(data)); im.load()
-    except Exception as e:
-        if on_bad == 'skip': return None
-        raise CacheError(f"Cannot read patch {name}: {e}. It is corrupt or not an image: re-download it, or pass "
-                         "on_bad='skip' (CLI: --on-bad skip) to leave it out of the cache.") from None
-    if im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE):
-        if on_bad == 'skip': return None
-        if on_bad != 'fix':
+        im = Image.open(io.BytesIO(data))  # reads the header only: size and mode are known before any pixel is decoded
+        if (im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE)) and on_bad != 'fix':  # e.g. an 8000x8000 TIFF costs nothing here
+            if on_bad == 'skip': return None
             raise CacheError(f"Patch {name} is {im.size[0]}x{im.size[1]} {im.mode}, not 96x96 RGB. Pass on_bad='fix' to convert "
                              "and resize such patches, or on_bad='skip' to leave them out.")
-        im = to_rgb(im, name).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR)
+        im.load()
+    except CacheError: raise
+    except Exception as e:
+        if on_bad == 'skip': return None
+        raise CacheError(f"Cannot read patch {name}: {image_error_reason(e)}. It is corrupt or not an image: re-download it, or pass "
+                         "on_bad='skip' (CLI: --on-bad skip) to leave it out of the cache.") from None
+    if im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE): im = to_rgb(im, name).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
 # %% ../nbs/05_cache.ipynb #02001ff3
@@ -78,13 +79,30 @@ def _file_reader(get_bytes, names, on_bad):
     def read(i0, i1):
         out, bad = np.zeros((i1 - i0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), []
         for k, name in enumerate(names[i0:i1]):
-            a = decode_patch(get_bytes(name), name, on_bad)
+            try: raw = get_bytes(name)
+            except OSError as e:  # permissions, a symlink loop, a folder named *.tif: no pixels to fix, so 'fix' skips it too
+                if on_bad == 'error':
+                    raise CacheError(f"{name} cannot be read ({e.strerror or e}). Fix or remove it, or pass on_bad='skip' "
+                                     "(CLI: --on-bad skip) to leave it out of the cache.") from None
+                bad.append(i0 + k); continue
+            a = decode_patch(raw, name, on_bad)
             if a is None: bad.append(i0 + k)
             else: out[k] = a
         return out, bad
     return read
 
 def _signature(*parts) -> str: return hashlib.sha1(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+
+def folder_stamp(folder:str|Path, # A folder of patches, e.g. a Kaggle set's train/
+                ) -> str:
+    "SHA-1 of every file's name, size and modification time in `folder` ('' if it is missing): a patch rewritten in place changes it, without reading any pixels"
+    folder, h = Path(folder), hashlib.sha1()
+    if not folder.is_dir(): return ''
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        try: st = e.stat()
+        except OSError: h.update(f'{e.name}\0unreadable\n'.encode()); continue
+        h.update(f'{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()
 
 # %% ../nbs/05_cache.ipynb #313cace7
 def _open_zip(zip_path):
@@ -118,6 +136,9 @@ def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted 
             try: return pd.read_csv(io.BytesIO(zf.read(root + name)), dtype={'id': str})
             except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
                 raise CacheError(f"{src} is corrupt at {name} ({e}). Delete the zip and download again.") from None
+            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+                raise CacheError(f"{src}:{name} is empty or not a CSV ({str(e).splitlines()[0]}); it needs a header id,label. "
+                                 "Download the zip again.") from None
         df = check_labels(csv('train_labels.csv'), files['train'], f'{src.name}:train_labels.csv', 'train')
         get, where = _zip_member(zf, src), lambda split, i: f'{root}{split}/{i}.tif'
         sub = csv('sample_submission.csv') if root + 'sample_submission.csv' in names else None
@@ -128,8 +149,7 @@ def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted 
         sub = pd.read_csv(src/'sample_submission.csv', dtype={'id': str}) if (src/'sample_submission.csv').exists() else None
         files = {'test': {p.name[:-4] for p in os.scandir(src/'test') if p.name.endswith('.tif')} if (src/'test').is_dir() else set()}
         stamp = lambda f: hashlib.sha1(f.read_bytes()).hexdigest() if f.exists() else ''
-        sig = (str(src.resolve()), stamp(src/'train_labels.csv'), stamp(src/'sample_submission.csv'),
-               (src/'train').stat().st_mtime_ns, (src/'test').stat().st_mtime_ns if (src/'test').exists() else 0)
+        sig = (str(src.resolve()), stamp(src/'train_labels.csv'), stamp(src/'sample_submission.csv'), folder_stamp(src/'train'), folder_stamp(src/'test'))
     synthetic = src.is_dir() and (src/'.synthetic.json').exists()
     srcs = [Source('train', df.id, df.label, _file_reader(get, [where('train', i) for i in df.id], on_bad),
                    _signature('kaggle', 'train', *sig, on_bad), 'kaggle', synthetic)]
@@ -247,12 +267,17 @@ def _write_text(fn, text:str):
 
 def _write_json(fn, obj): _write_text(fn, json.dumps(obj, indent=1))
 
+def size_text(n:int, # A number of bytes
+             ) -> str:
+    "Bytes for a person: GiB from 1 GiB up, else MB (a small cache is not '0.00 GiB')"
+    return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 1e6:.3g} MB'
+
 def _allocate(fn, shape):
     "Create the .npy memmap with every byte reserved on disk, so a full disk fails here and not mid-write"
     need = int(np.prod(shape))
     free = shutil.disk_usage(fn.parent).free
     if need > free:
-        raise CacheError(f"Not enough disk space at {fn.parent}: the cache needs {need/2**30:.2f} GiB, {free/2**30:.2f} GiB are free. "
+        raise CacheError(f"Not enough disk space at {fn.parent}: the cache needs {size_text(need)}, {size_text(free)} are free. "
                          "Free space or pass another dest; any existing cache is untouched.")
     mm = np.lib.format.open_memmap(fn, mode='w+', dtype=np.uint8, shape=shape)
     off = mm.offset; del mm
@@ -260,7 +285,7 @@ def _allocate(fn, shape):
         with open(fn, 'r+b') as f: os.posix_fallocate(f.fileno(), off, need)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise CacheError(f"Not enough disk space at {fn.parent} for {need/2**30:.2f} GiB ({e}). "
+            raise CacheError(f"Not enough disk space at {fn.parent} for {size_text(need)} ({e}). "
                              "Free space or pass another dest; any existing cache is untouched.") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL): raise
 
@@ -278,7 +303,11 @@ def build_split(source:Source, # What to cache
         try: fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CacheError(f"Another process is building the {source.split!r} split in {dest}; wait for it, or use another dest.") from None
-        return _build_split(source, dest, chunk, force, verify, show_progress)
+        try: return _build_split(source, dest, chunk, force, verify, show_progress)
+        except OSError as e:
+            if e.errno != errno.ENOSPC: raise
+            raise CacheError(f"The disk at {dest} filled up while the {source.split!r} split was written ({e.strerror}). Free space and run the "
+                             "same command again: it resumes from the last patches written.") from None
 
 def _build_split(source, dest, chunk, force, verify, show_progress):
     final, part, old = dest/source.split, dest/f'{source.split}.partial', dest/f'{source.split}.old'

@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 
 # %% ../nbs/04_cli.ipynb #dba35ce3
 from __future__ import annotations
-import json, sys, warnings
+import inspect, json, sys, warnings
 from pathlib import Path
 
 from fastcore.script import anno_parser, bool_arg
@@ -19,7 +19,8 @@ from .learner import PretrainedWeightsError
 from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'submit', 'export', 'serve', 'user_message', 'main']
+__all__ = ['COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'submit', 'export', 'serve',
+           'user_message', 'main']
 
 # %% ../nbs/04_cli.ipynb #0ce98128
 def download(dest:str='data/pcam', # Folder to download into
@@ -121,6 +122,8 @@ def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. ru
 COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve)
 
 # %% ../nbs/04_cli.ipynb #5ca51c28
+# Each command's first path, which may be given without its flag: `pcam-fastai synth DEST` as well as `--dest DEST`
+FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir')
 USER_ERRORS = (KaggleDownloadError, PCamDataError, PretrainedWeightsError, ValueError, TypeError)  # ModelFileError is a ValueError
 
 def user_message(e:Exception, # An exception a command raised
@@ -144,9 +147,18 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
         print(f'pcam-fastai: unknown command {argv[0]!r}.\n{usage}', file=sys.stderr); return 2
     fn = COMMANDS[argv[0]]
     parser = anno_parser(fn, prog=f'pcam-fastai {argv[0]}')
+    first = FIRST_PATH.get(argv[0])
+    if first: parser.add_argument('first_path', nargs='?', metavar=first.upper(), help=f"the same as --{first.replace('_', '-')}")
     try: args = vars(parser.parse_args(argv[1:]))
     except SystemExit as e: return int(e.code or 0)
     args.pop('pdb', None); args.pop('xtra', None)
+    given = args.pop('first_path', None)
+    if given is not None:
+        default = inspect.signature(fn).parameters[first].default
+        if args[first] not in (None, default) and args[first] != given:
+            print(f"pcam-fastai {argv[0]}: error: {given!r} and --{first.replace('_', '-')} {args[first]!r} name two different paths; give one.", file=sys.stderr)
+            return 2
+        args[first] = given
     try: fn(**args)
     except USER_ERRORS as e:
         print(f'pcam-fastai {argv[0]}: error: {user_message(e)}', file=sys.stderr)

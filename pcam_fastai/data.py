@@ -24,7 +24,8 @@ from fastai.vision.augment import Resize, aug_transforms
 __all__ = ['COMPETITION', 'PATCH_SIZE', 'CENTRE', 'CLASSES', 'TUMOUR_RGB', 'LYMPHOCYTE_RGB', 'open_patch', 'RANDOM_SPLIT',
            'synthetic_patch', 'write_tiff', 'make_synthetic_pcam', 'KaggleDownloadError', 'kaggle_credentials_found',
            'explain_kaggle_error', 'check_zip', 'unzip_safely', 'kaggle_fetch', 'download_pcam', 'PCamDataError',
-           'check_labels', 'read_labels', 'PatchOpener', 'to_rgb', 'LabelLookup', 'pcam_dataloaders']
+           'check_labels', 'read_labels', 'PatchOpener', 'to_rgb', 'image_error_reason', 'LabelLookup',
+           'pcam_dataloaders']
 
 # %% ../nbs/00_data.ipynb #99f9d70a
 COMPETITION = 'histopathologic-cancer-detection'
@@ -232,6 +233,7 @@ def check_labels(df:pd.DataFrame, # The labels CSV as read
                  files:set, # Ids that have an image
                  csv:str='train_labels.csv', # The CSV's name, for messages
                  folder:str='train', # The image folder's name, for messages
+                 other_case:set=frozenset(), # Ids whose image ends in another case of .tif (e.g. .TIF), for a hint
                 ) -> pd.DataFrame: # Columns `id`, `label` (int), in the CSV's order
     "Check a labels table against the ids that have images; each problem gets its own message"
     if not {'id', 'label'} <= set(df.columns):
@@ -240,10 +242,16 @@ def check_labels(df:pd.DataFrame, # The labels CSV as read
     dup = df.id[df.id.duplicated()]
     if len(dup): raise PCamDataError(f"{csv} lists {len(dup)} duplicate ids ({_first(set(dup))}). Keep one row per id.")
     bad = df[~df.label.isin([0, 1])]
-    if len(bad): raise PCamDataError(f"{csv} has {len(bad)} labels that are not 0 or 1 (e.g. id {bad.id.iloc[0]}: {bad.label.iloc[0]!r}).")
+    if len(bad):
+        v = bad.label.iloc[0]
+        raise PCamDataError(f"{csv} has {len(bad)} labels that are not 0 or 1 (e.g. id {bad.id.iloc[0]}: {v.item() if isinstance(v, np.generic) else v!r}).")
     no_image = set(df.id) - files
-    if no_image: raise PCamDataError(f"{len(no_image)} ids in {csv} have no {folder}/<id>.tif ({_first(no_image)}). "
-                                     "Re-download or unzip again, or drop those rows from the CSV.")
+    if no_image:
+        spaced, cased = [i for i in no_image if i != i.strip()], no_image & set(other_case)
+        hint = ((f" {len(spaced)} of those ids have leading or trailing spaces ({_first([repr(i) for i in spaced])}): strip them in the CSV." if spaced else '')
+                + (f" {len(cased)} of them have an image whose name ends in another case ({_first(cased)}.TIF ...): rename the files to end in .tif." if cased else ''))
+        raise PCamDataError(f"{len(no_image)} ids in {csv} have no {folder}/<id>.tif ({_first(no_image)})." + (hint or
+                            " Re-download or unzip again, or drop those rows from the CSV."))
     no_label = files - set(df.id)
     if no_label: raise PCamDataError(f"{len(no_label)} images in {folder}/ have no row in {csv} ({_first(no_label)}). "
                                      "Add their labels, or move them out of the folder.")
@@ -259,9 +267,14 @@ def read_labels(path:str|Path, # Folder in the Kaggle layout
         raise PCamDataError(f"{path/csv} not found. `path` must be a folder in the Kaggle layout "
                             f"(train/, train_labels.csv); download it with `pcam-fastai download` or make one with `make_synthetic_pcam`.")
     if not (path/folder).is_dir(): raise PCamDataError(f"{path/folder} is not a folder of .tif patches; is the zip fully unpacked?")
-    df = pd.read_csv(path/csv, dtype={'id': str})
-    files = {e.name[:-4] for e in os.scandir(path/folder) if e.name.endswith('.tif')}
-    return check_labels(df, files, csv, folder)
+    try: df = pd.read_csv(path/csv, dtype={'id': str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise PCamDataError(f"{path/csv} is empty or not a CSV ({str(e).splitlines()[0]}). It needs a header line id,label and one row per patch "
+                            "in train/; re-download it, or write it again.") from None
+    names = [e.name for e in os.scandir(path/folder)]
+    files = {n[:-4] for n in names if n.endswith('.tif')}
+    other_case = {n[:-4] for n in names if n.lower().endswith('.tif') and not n.endswith('.tif')}
+    return check_labels(df, files, csv, folder, other_case)
 
 # %% ../nbs/00_data.ipynb #c122efcd
 class PatchOpener:
@@ -299,6 +312,15 @@ def to_rgb(img:Image.Image, # Any PIL image: gray, palette, RGBA, CMYK, 16-bit, 
         img = Image.fromarray(a.round().astype(np.uint8))
     if img.mode == 'P': img = img.convert('RGBA')  # a palette with transparency converts cleanly only through RGBA
     return img.convert('RGB')  # a new, loaded image even when it already is RGB: the caller may close the file
+
+def image_error_reason(e:Exception, # What PIL (or a decoder) raised on an in-memory file
+                      ) -> str:
+    "PIL's message without the repr of the in-memory file it read (`<_io.BytesIO object at 0x...>`)"
+    import re
+    from PIL import UnidentifiedImageError
+    if isinstance(e, UnidentifiedImageError): return 'its format is not recognised'
+    return re.sub(r'\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>', '', str(e)).strip() or type(e).__name__
+
 
 # %% ../nbs/00_data.ipynb #98125ee7
 class LabelLookup:

@@ -469,11 +469,12 @@ def load_weights(learn, # The learner to load into
                  fn:str|Path, # A state dict saved with `torch.save(model.state_dict(), fn)`, e.g. a run's `model.pth`
                 ):
     "Load a state dict with `weights_only=True` (no code runs), with clear errors for corrupt or foreign files"
+    from pcam_fastai.learner import weights_load_reason
     fn = Path(fn)
     if not fn.exists(): raise ModelFileError(f"{fn} does not exist.")
     try: sd = torch.load(fn, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ModelFileError(f"{fn} is not a readable PyTorch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        raise ModelFileError(f"{fn} is not a readable PyTorch weights file ({weights_load_reason(e)}). "
                              "It may be truncated, or not a state dict; load only model.pth files written by pcam-fastai.") from None
     if not isinstance(sd, dict): raise ModelFileError(f"{fn} holds a {type(sd).__name__}, not a state dict.")
     try: learn.model.load_state_dict(sd)

@@ -103,6 +103,10 @@ class Bundle:
                 ):
         self.path = Path(path)
         if not (self.path/'bundle.json').exists():
+            if (self.path/'bundle'/'bundle.json').exists():
+                raise BundleError(f"{self.path} is a run folder, not a bundle; its bundle is {self.path/'bundle'}: use that path.")
+            if (self.path/'config.json').exists():
+                raise BundleError(f"{self.path} is a run folder without a bundle; export one first: pcam-fastai export --run-dir {self.path}")
             raise BundleError(f"{self.path} has no bundle.json; export a run first: pcam-fastai export --run-dir RUN --dest {self.path}")
         try: self.meta = json.loads((self.path/'bundle.json').read_text())
         except json.JSONDecodeError as e: raise BundleError(f"{self.path}/bundle.json is damaged ({e}); export again.") from None
@@ -234,58 +238,66 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     for f in ('config.json', 'model.pth'):
         if not (run_dir/f).exists(): raise ModelFileError(f"{run_dir} has no {f}; is it a finished run folder written by pcam-fastai train?")
     cfg = json.loads((run_dir/'config.json').read_text())
-    metrics = json.loads((run_dir/'metrics.json').read_text()) if (run_dir/'metrics.json').exists() else {}
+    try: metrics = json.loads((run_dir/'metrics.json').read_text()) if (run_dir/'metrics.json').exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{run_dir/'metrics.json'} is damaged (not JSON: {e}); train the run again (pcam-fastai train ... --force).") from None
     classes = cfg.get('classes') or metrics.get('classes') or list(CLASSES)
     arch, size = cfg['settings']['arch'], int(cfg['settings']['size'])
     from pcam_fastai.cache import is_cache
     resize = cfg.get('resize') or ('torch-bilinear' if is_cache(cfg.get('data', '')) else 'pil-bilinear')
     dest = Path(dest) if dest else run_dir/'bundle'
-    dest.mkdir(parents=True, exist_ok=True)
     model = build_model(arch, len(classes))
     try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
     except Exception as e: raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {str(e).splitlines()[0][:200]}") from None
-    temperature, bias = float((metrics.get('calibration') or {}).get('temperature', 1.0)), (metrics.get('calibration') or {}).get('bias')
-    op = metrics.get('operating_threshold') if len(classes) == 2 else None
-    if op is None and len(classes) == 2 and metrics.get('youden_threshold_valid') is not None:  # a run from before the one-threshold rule
-        op = dict(value=metrics['youden_threshold_valid'], source="Youden's J on validation (older run, uncalibrated)")
-    tta = bool(cfg['settings'].get('tta', False))
-    pc = PatchClassifier(model, temperature=temperature, tta=tta, bias=bias).eval()
-    torch.save(model.state_dict(), dest/'weights.pth')
-    meta = dict(format=BUNDLE_FORMAT, arch=arch_name(resolve_arch(arch)), classes=classes, positive=classes[1] if len(classes) == 2 else None,
-                size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
-                centre_box=not _is_folder_set(cfg.get('data', '')),  # PCam labels the centre 32x32; folder sets label whole patches
-                input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout=f'NHWC RGB, 0-255; resize to {size} x {size} first ({resize})'),
-                output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
-                run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
-                valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
-                n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
-                created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (max(bench_patches, 8), size, size, 3), dtype=np.uint8)
-    if check_images is None: check_images = _real_patches(cfg.get('data', ''))
-    for f in ('model.onnx', 'report.md'): (dest/f).unlink(missing_ok=True)  # nothing stale from an earlier export
-    _write_text(dest/'bundle.json', json_text(meta))
-    b = load_bundle(dest, backend='torch')
-    xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]
-    if onnx:
-        _export_onnx(pc, dest/'model.onnx', size)
-        bo = load_bundle(dest, backend='onnx')
-        diff = float(np.abs(bo.predict(xc) - b.predict(xc)).max())
-        meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))
-        if diff > atol:
-            for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md'): (dest/f).unlink(missing_ok=True)
-            raise ModelFileError(f"ONNX and torch disagree by {diff:.2e} (> {atol:g}) on {len(xc)} patches; no bundle was written to {dest}. "
-                                 "Export with onnx=False (CLI: --no-onnx) and serve with torch.")
-    if bench_patches:
-        with torch.inference_mode(): meta['torch_patches_per_s'] = round(_throughput(lambda a: b.torch_model(torch.from_numpy(a)), x, bs), 1)
-        if onnx: meta['onnx_patches_per_s'] = round(_throughput(lambda a: bo.onnx_session.run(None, {'patches': a}), x, bs), 1)
-        meta.update(bench_batch=bs, bench_device='cpu', bench_threads=torch.get_num_threads())
-    _write_text(dest/'bundle.json', json_text(meta))
-    _write_export_report(dest, meta)
-    print(f"export_bundle: {dest}: {meta['arch']}, {meta['n_params']/1e6:.1f} M parameters, weights {meta['weights_mb']} MB"
-          + (f", ONNX {meta['onnx_mb']} MB (max |ONNX - torch| = {meta['onnx_max_abs_diff']:.1e})" if onnx else '')
-          + (f"; CPU batch {bs}: torch {meta['torch_patches_per_s']} patches/s" + (f", onnxruntime {meta['onnx_patches_per_s']}" if onnx else '') if bench_patches else ''))
+    created = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        temperature, bias = float((metrics.get('calibration') or {}).get('temperature', 1.0)), (metrics.get('calibration') or {}).get('bias')
+        op = metrics.get('operating_threshold') if len(classes) == 2 else None
+        if op is None and len(classes) == 2 and metrics.get('youden_threshold_valid') is not None:  # a run from before the one-threshold rule
+            op = dict(value=metrics['youden_threshold_valid'], source="Youden's J on validation (older run, uncalibrated)")
+        tta = bool(cfg['settings'].get('tta', False))
+        pc = PatchClassifier(model, temperature=temperature, tta=tta, bias=bias).eval()
+        torch.save(model.state_dict(), dest/'weights.pth')
+        meta = dict(format=BUNDLE_FORMAT, arch=arch_name(resolve_arch(arch)), classes=classes, positive=classes[1] if len(classes) == 2 else None,
+                    size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                    threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
+                    centre_box=not _is_folder_set(cfg.get('data', '')),  # PCam labels the centre 32x32; folder sets label whole patches
+                    input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout=f'NHWC RGB, 0-255; resize to {size} x {size} first ({resize})'),
+                    output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
+                    run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
+                    valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
+                    n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
+                    created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__)
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (max(bench_patches, 8), size, size, 3), dtype=np.uint8)
+        if check_images is None: check_images = _real_patches(cfg.get('data', ''))
+        for f in ('model.onnx', 'report.md'): (dest/f).unlink(missing_ok=True)  # nothing stale from an earlier export
+        _write_text(dest/'bundle.json', json_text(meta))
+        b = load_bundle(dest, backend='torch')
+        xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]
+        if onnx:
+            _export_onnx(pc, dest/'model.onnx', size)
+            bo = load_bundle(dest, backend='onnx')
+            diff = float(np.abs(bo.predict(xc) - b.predict(xc)).max())
+            meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))
+            if diff > atol:
+                for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md'): (dest/f).unlink(missing_ok=True)
+                raise ModelFileError(f"ONNX and torch disagree by {diff:.2e} (> {atol:g}) on {len(xc)} patches; no bundle was written to {dest}. "
+                                     "Export with onnx=False (CLI: --no-onnx) and serve with torch.")
+        if bench_patches:
+            with torch.inference_mode(): meta['torch_patches_per_s'] = round(_throughput(lambda a: b.torch_model(torch.from_numpy(a)), x, bs), 1)
+            if onnx: meta['onnx_patches_per_s'] = round(_throughput(lambda a: bo.onnx_session.run(None, {'patches': a}), x, bs), 1)
+            meta.update(bench_batch=bs, bench_device='cpu', bench_threads=torch.get_num_threads())
+        _write_text(dest/'bundle.json', json_text(meta))
+        _write_export_report(dest, meta)
+        print(f"export_bundle: {dest}: {meta['arch']}, {meta['n_params']/1e6:.1f} M parameters, weights {meta['weights_mb']} MB"
+              + (f", ONNX {meta['onnx_mb']} MB (max |ONNX - torch| = {meta['onnx_max_abs_diff']:.1e})" if onnx else '')
+              + (f"; CPU batch {bs}: torch {meta['torch_patches_per_s']} patches/s" + (f", onnxruntime {meta['onnx_patches_per_s']}" if onnx else '') if bench_patches else ''))
+    except BaseException:  # a failed export leaves nothing: no half bundle, no empty folder
+        for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md', 'bundle.json.tmp'): (dest/f).unlink(missing_ok=True)
+        if created and dest.is_dir() and not any(dest.iterdir()): dest.rmdir()
+        raise
     return dest
 
 def _write_export_report(dest:Path, m:dict):

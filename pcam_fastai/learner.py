@@ -20,8 +20,8 @@ from fastai.vision.core import imagenet_stats
 import fastai.callback.schedule  # adds fit_one_cycle and lr_find to Learner
 
 # %% auto #0
-__all__ = ['resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'ensure_weights', 'load_body_weights',
-           'choose_precision', 'macro_roc_auc', 'pcam_learner']
+__all__ = ['resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'weights_load_reason', 'ensure_weights',
+           'load_body_weights', 'choose_precision', 'macro_roc_auc', 'pcam_learner']
 
 # %% ../nbs/01_learner.ipynb #e5aa8378
 _HEAD_CHILDREN = ('avgpool', 'classifier', 'fc', 'head', 'pool', 'global_pool')
@@ -59,7 +59,7 @@ def resolve_arch(arch): # A torchvision or timm model name like 'resnet50', or a
     timm_names = _timm_names()
     if timm_names and _timm_is_model(name): return name
     known = torchvision.models.list_models(module=torchvision.models)
-    close = difflib.get_close_matches(name, known + timm_names, n=5, cutoff=0.6)
+    close = difflib.get_close_matches(name, sorted(set(known) | set(timm_names)), n=5, cutoff=0.6)  # a name in both lists is suggested once
     raise ValueError(f"Unknown arch {arch!r}. Use a torchvision classification model name such as 'resnet50', 'vgg16_bn', "
                      f"'mobilenet_v2', 'wide_resnet50_2', 'densenet169', or a timm model name"
                      + (f"; did you mean {', '.join(close)}?" if close else '.')
@@ -80,6 +80,17 @@ def weights_info(arch, # A torchvision model name or function
     fn = resolve_arch(arch)
     url = torchvision.models.get_model_weights(fn).DEFAULT.url
     return url, Path(torch.hub.get_dir())/'checkpoints'/Path(url).name
+
+# %% ../nbs/01_learner.ipynb #b05ea884
+def weights_load_reason(e:Exception, # What `torch.load(..., weights_only=True)` raised
+                       ) -> str:
+    "Why a weights file did not load, in one line, without torch's advice to retry with `weights_only=False` (which can run code from the file)"
+    msg = str(e)
+    if 'Weights only load failed' in msg or 'weights_only' in msg:
+        return 'it holds pickled Python objects, not only tensors, and pcam_fastai never loads files in a way that can run their code'
+    first = msg.strip().splitlines()[0][:200] if msg.strip() else ''
+    return f'{type(e).__name__}: {first}' if first else type(e).__name__
+
 
 # %% ../nbs/01_learner.ipynb #588ae292
 def _weights_error(arch, err) -> PretrainedWeightsError:
@@ -110,7 +121,7 @@ def load_body_weights(learn:Learner, # A learner made by `vision_learner`
     fn = resolve_arch(arch)
     try: sd = torch.load(weights_path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise PretrainedWeightsError(f"{weights_path} is not a readable torch state dict ({e}). "
+        raise PretrainedWeightsError(f"{weights_path} is not a readable torch state dict ({weights_load_reason(e)}). "
                                      f"Use the file from {weights_info(fn)[0]}.") from None
     full = fn(weights=None)
     try: full.load_state_dict(sd)

@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/serve.html.md"""
 
 # %% ../nbs/10_serve.ipynb #bd095567
 from __future__ import annotations
-import base64, errno, io, re, socket, sys, threading, time, traceback, uuid
+import asyncio, base64, ctypes, errno, io, re, socket, sys, threading, time, traceback, uuid
 from copy import copy
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,12 +22,13 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .data import PCamDataError, to_rgb
+from .data import PCamDataError, to_rgb, image_error_reason
 from .interpret import HEATMAP_CMAP
 
 # %% auto #0
-__all__ = ['MB', 'IMAGE_FORMATS', 'NO_FILE', 'REQUEST_SLOTS', 'TITLE', 'FORM_SLACK', 'CSS', 'UploadError', 'read_upload',
-           'gradcam_overlay', 'to_png_b64', 'classify', 'serve_app', 'ServeError', 'serve_in_thread', 'serve']
+__all__ = ['MB', 'IMAGE_FORMATS', 'NO_FILE', 'REQUEST_SLOTS', 'TITLE', 'FORM_SLACK', 'CSS', 'SECURITY_HEADERS', 'MAX_WAITING',
+           'UploadError', 'read_upload', 'gradcam_overlay', 'to_png_b64', 'classify', 'check_bundle_loads', 'serve_app',
+           'ServeError', 'serve_in_thread', 'serve']
 
 # %% ../nbs/10_serve.ipynb #6727ee57
 class UploadError(ValueError):
@@ -37,10 +38,7 @@ MB = 1_000_000  # bytes in a MB, as in the limits and messages
 
 def _mb(n:float) -> str: return f'{n / MB:.3g} MB'
 
-def _reason(e:Exception) -> str:
-    "PIL's message without the repr of the in-memory file"
-    if isinstance(e, UnidentifiedImageError): return 'its format is not recognised'
-    return re.sub(r'\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>', '', str(e)).strip() or type(e).__name__
+def _reason(e:Exception) -> str: return image_error_reason(e)
 
 IMAGE_FORMATS = ('PNG', 'JPEG', 'TIFF', 'BMP', 'WEBP', 'GIF')  # what patches come as; Pillow's other readers are not exposed
 
@@ -109,26 +107,34 @@ def _label_idx(bundle, p) -> int:
     if thr is not None and len(bundle.classes) == 2: return int(p[1] >= thr)
     return int(p.argmax())
 
-def _run_model(bundle, imgs:list) -> tuple:
-    "Probabilities (N, C) and Grad-CAM maps (N, H, W) of the predicted labels for `imgs`, checked"
+def _run_model(bundle, imgs:list, with_gradcam:bool=True) -> tuple:
+    "Probabilities (N, C) and Grad-CAM maps (N, H, W) of the predicted labels for `imgs` (None without `with_gradcam`), checked"
     with _MODEL_LOCK:
         probs = np.asarray(bundle.predict(imgs), dtype=np.float64)
         if probs.shape != (len(imgs), len(bundle.classes)):
             raise ValueError(f'predict returned shape {probs.shape}; expected {(len(imgs), len(bundle.classes))}.')
         if not np.isfinite(probs).all(): raise ValueError('predict returned NaN or infinite probabilities.')
+        if not with_gradcam: return probs, [None] * len(imgs)
         labels = np.array([_label_idx(bundle, p) for p in probs])
         cams = np.asarray(bundle.gradcam(imgs, target=labels), dtype=np.float32)  # explain the label shown, not another class
     if cams.ndim != 3 or len(cams) != len(imgs): raise ValueError(f'gradcam returned shape {cams.shape}; expected (N, H, W).')
     return probs, cams
 
-def _classify(bundle, files:list, max_mb:float=5, max_files:int=16, with_patch:bool=False) -> tuple:
+def _classify(bundle, files:list, max_mb:float=5, max_files:int=16, with_patch:bool=False, with_gradcam:bool=True) -> tuple:
     "`classify`, and the HTTP status that goes with its answer"
     if not files: return dict(results=[], errors=[dict(name=None, error=NO_FILE)]), 400
     if len(files) > max_files:
         return dict(results=[], errors=[dict(name=None, error=f'{len(files)} files were uploaded; the limit is {max_files} per request: upload them in smaller batches.')]), 400
-    with _REQUEST_SEM: return _decode_and_run(bundle, files, max_mb, with_patch)
+    with _REQUEST_SEM:
+        try: return _decode_and_run(bundle, files, max_mb, with_patch, with_gradcam)
+        finally: _return_freed_memory()
 
-def _decode_and_run(bundle, files:list, max_mb:float, with_patch:bool) -> tuple:
+def _return_freed_memory():
+    "Hand freed heap pages back to the system (glibc keeps them otherwise, so one burst of large decodes would stay in the server's RSS)"
+    try: ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError): pass  # not glibc (macOS, musl): nothing to do
+
+def _decode_and_run(bundle, files:list, max_mb:float, with_patch:bool, with_gradcam:bool=True) -> tuple:
     "Decode the files, run the model on the readable ones, and build the answer with its HTTP status"
     errors, ok = [], []
     for name, data in files:
@@ -136,12 +142,12 @@ def _decode_and_run(bundle, files:list, max_mb:float, with_patch:bool) -> tuple:
         except UploadError as e: errors.append(dict(name=name, error=str(e)))
     if not ok: return dict(results=[], errors=errors), 400
     try:
-        out, groups = [_run_model(bundle, [im for _, im in ok])], [ok]
+        out, groups = [_run_model(bundle, [im for _, im in ok], with_gradcam)], [ok]
     except Exception:
         traceback.print_exc(file=sys.stderr)
         out, groups = [], []
         for item in ok:  # one at a time, so one image the model fails on does not spoil the rest
-            try: out.append(_run_model(bundle, [item[1]])); groups.append([item])
+            try: out.append(_run_model(bundle, [item[1]], with_gradcam)); groups.append([item])
             except Exception as e:
                 traceback.print_exc(file=sys.stderr)
                 errors.append(dict(name=item[0], error=f'{item[0]}: the model failed on it ({type(e).__name__}: {e}).'))
@@ -150,8 +156,8 @@ def _decode_and_run(bundle, files:list, max_mb:float, with_patch:bool) -> tuple:
         for (name, im), p, cam in zip(group, probs, cams):
             r = dict(name=name, label=bundle.classes[_label_idx(bundle, p)], threshold=getattr(bundle, 'threshold', None),
                      threshold_source=getattr(bundle, 'threshold_source', None),
-                     probabilities={c: round(float(v), 6) for c, v in zip(bundle.classes, p)},
-                     gradcam_png=to_png_b64(gradcam_overlay(im, cam, size, centre_box=getattr(bundle, 'centre_box', True))))
+                     probabilities={c: round(float(v), 6) for c, v in zip(bundle.classes, p)})
+            if cam is not None: r['gradcam_png'] = to_png_b64(gradcam_overlay(im, cam, size, centre_box=getattr(bundle, 'centre_box', True)))
             if with_patch:
                 thumb = im.copy(); thumb.thumbnail((384, 384))
                 r['patch_png'] = to_png_b64(thumb)
@@ -163,9 +169,25 @@ def classify(bundle, # A `Bundle`: `classes`, `size`, `predict` and `gradcam`
              max_mb:float=5, # Largest accepted file, in MB
              max_files:int=16, # Most files in one call
              with_patch:bool=False, # Also return each patch (at most 384 px) as base64 PNG, under 'patch_png'
+             with_gradcam:bool=True, # Explain each label with a Grad-CAM overlay (base64 PNG, ~20 kB each), under 'gradcam_png'
             ) -> dict: # {'results': [{'name', 'label', 'probabilities', 'gradcam_png'}], 'errors': [{'name', 'error'}]}
     "Classify uploaded images and explain each with Grad-CAM; unusable files become errors, not exceptions"
-    return _classify(bundle, files, max_mb, max_files, with_patch)[0]
+    return _classify(bundle, files, max_mb, max_files, with_patch, with_gradcam)[0]
+
+# %% ../nbs/10_serve.ipynb #49626d18
+def check_bundle_loads(bundle, # A `Bundle` (or an object with `size`, `predict` and `gradcam`)
+                      ):
+    "Run one blank patch through the bundle's model and load its Grad-CAM weights, so that a server never starts healthy with a model it cannot run"
+    from pcam_fastai.export import BundleError
+    try:
+        bundle.predict(np.zeros((1, int(bundle.size), int(bundle.size), 3), np.uint8))
+        getattr(bundle, 'torch_model', None)  # a Bundle loads weights.pth (Grad-CAM) on first use: now, not at the first upload
+    except BundleError: raise
+    except Exception as e:
+        where = getattr(bundle, 'path', 'the bundle')
+        raise BundleError(f"{where} cannot be served: its model does not run ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+                          "The files may be damaged or incomplete; export the run again (pcam-fastai export --run-dir RUN).") from None
+
 
 # %% ../nbs/10_serve.ipynb #7fff50cc
 TITLE = 'pcam_fastai: patch classifier'
@@ -188,14 +210,45 @@ class _TooLarge(Exception): pass
 def _too_large_msg(n:int, limit:int, max_files:int, max_mb:float) -> str:
     return f'The upload is {_mb(n)}; the limit is {_mb(limit)} per request ({max_files} files of at most {_mb(max_mb * MB)}).'
 
+# The page has no script, loads nothing from elsewhere, and shows images as data: URLs; it may not be framed (clickjacking)
+SECURITY_HEADERS = {'x-content-type-options': 'nosniff', 'x-frame-options': 'DENY', 'referrer-policy': 'no-referrer',
+                    'content-security-policy': "default-src 'none'; img-src data:; style-src 'unsafe-inline'; form-action 'self'; "
+                                               "frame-ancestors 'none'; base-uri 'none'"}
+
+class _SecurityHeaders:
+    "ASGI middleware: `SECURITY_HEADERS` on every response"
+    def __init__(self, app): self.app = app
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http': return await self.app(scope, receive, send)
+        async def with_headers(msg):
+            if msg['type'] == 'http.response.start':
+                have = {k.lower() for k, _ in msg.get('headers', [])}
+                msg['headers'] = list(msg.get('headers', [])) + [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k.encode() not in have]
+            await send(msg)
+        await self.app(scope, receive, with_headers)
+
+MAX_WAITING = 32  # uploads queued for a request slot; more get 503 "busy" (a waiting upload holds only the server's small read buffer)
+
 class _BodyLimit:
-    "ASGI middleware: refuse POST bodies over `limit` bytes with 413, from Content-Length if given, else while reading"
+    "ASGI middleware: at most `REQUEST_SLOTS` uploads are read and processed at once, `MAX_WAITING` wait, more get 503; bodies over `limit` bytes get 413"
     def __init__(self, app, limit:int, max_files:int, max_mb:float, respond):
         self.app, self.limit, self.max_files, self.max_mb, self.respond = app, limit, max_files, max_mb, respond
+        self.slots, self.waiting = asyncio.Semaphore(REQUEST_SLOTS), 0
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http' or scope['method'] not in ('POST', 'PUT'): return await self.app(scope, receive, send)
         cl = Headers(scope=scope).get('content-length')
         if cl and cl.isdigit() and int(cl) > self.limit: return await self._refuse(scope, receive, send, int(cl), '')
+        if self.waiting >= MAX_WAITING:
+            resp = self.respond(Request(scope, receive), f'The server is busy ({REQUEST_SLOTS} uploads in progress, {self.waiting} waiting); '
+                                'try again in a few seconds.', 503)
+            resp.headers['Retry-After'] = '5'
+            return await resp(scope, receive, send)
+        self.waiting += 1
+        try: await self.slots.acquire()  # the body is read only once a slot is free: memory is bounded by the slots, not by the clients
+        finally: self.waiting -= 1
+        try: await self._limited(scope, receive, send)
+        finally: self.slots.release()
+    async def _limited(self, scope, receive, send):
         seen, started = 0, False
         async def counted_receive():
             nonlocal seen
@@ -244,22 +297,24 @@ def _page(bundle, max_mb:float, max_files:int, results=(), errors=()) -> tuple:
                  Form(Input(type='file', name='files', id='files', multiple=True, accept='image/*'),
                       Button('Classify', type='submit', id='submit'),
                       P(f'Up to {max_files} image patches (PNG, TIFF, JPEG...) of at most {_mb(max_mb * MB)} each. '
-                        'Scripts: POST the same form to ', Code('/api/predict'), ' for JSON.', cls='hint'),
+                        'Scripts: POST the same form (the files in the field ', Code('files'), ') to ', Code('/api/predict'),
+                        ' for JSON; add ', Code('?gradcam=1'), ' for the Grad-CAM overlays. For example: ',
+                        Code("curl -F files=@patch1.png -F files=@patch2.tif 'http://HOST:PORT/api/predict?gradcam=1'"), cls='hint'),
                       action='/predict', method='post', enctype='multipart/form-data', id='upload'),
                  Div(*[P(e['error'], cls='error') for e in errors], id='errors'),
                  Div(*[_card(r, i, bundle) for i, r in enumerate(results)], id='results')))
 
-async def _uploads(req:Request) -> list:
-    "(name, bytes) of every file in the form; a file input left empty by a browser is no file"
-    form, out = await req.form(), []
+async def _uploads(req:Request, with_fields:bool=False) -> list|tuple:
+    "(name, bytes) of every file in the form (a file input left empty by a browser is no file); with `with_fields`, also the text fields"
+    form, out, fields = await req.form(), [], {}
     for k, v in form.multi_items():
-        if not isinstance(v, UploadFile): continue
+        if not isinstance(v, UploadFile): fields[k] = str(v); continue
         name = (v.filename or '').replace('\\', '/').rsplit('/', 1)[-1]
         data = await v.read()
         await v.close()
         if not name and not data: continue
         out.append((name or f'upload {len(out) + 1}', data))
-    return out
+    return (out, fields) if with_fields else out
 
 def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with `pcam_fastai.export.load_bundle`)
               max_mb:float=5, # Largest accepted file, in MB (10^6 bytes)
@@ -272,6 +327,7 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
     missing = [a for a in ('classes', 'size', 'predict', 'gradcam') if not hasattr(bundle, a)]
     if missing:
         raise TypeError(f'serve_app needs a Bundle or the path of a bundle folder; got a {type(bundle).__name__!r} object without {", ".join(missing)}.')
+    check_bundle_loads(bundle)
     if not max_mb > 0: raise ValueError(f'max_mb must be positive, got {max_mb}.')
     if not (isinstance(max_files, int) and max_files >= 1): raise ValueError(f'max_files must be a positive integer, got {max_files!r}.')
     limit = int(max_files * max_mb * MB) + FORM_SLACK
@@ -286,9 +342,12 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
     def bad_request(req, exc):  # a malformed form: the page or JSON, not a bare text error
         return respond(req, f'The upload could not be read: {exc.detail}', 400)
 
+    def not_found(req, exc):  # with a content type, like every other answer
+        return respond(req, f'Nothing at {req.url.path}: the page is /, JSON answers come from POST /api/predict and GET /health.', 404)
+
     app = FastHTML(title=TITLE, htmx=False, surreal=False, canonical=False, sess_cls=None, secret_key=uuid.uuid4().hex,
-                   middleware=[Middleware(_BodyLimit, limit=limit, max_files=max_files, max_mb=max_mb, respond=respond)],
-                   exception_handlers={400: bad_request})
+                   middleware=[Middleware(_SecurityHeaders), Middleware(_BodyLimit, limit=limit, max_files=max_files, max_mb=max_mb, respond=respond)],
+                   exception_handlers={400: bad_request, 404: not_found})
     app.state.bundle = bundle
 
     @app.get('/')
@@ -305,8 +364,9 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
 
     @app.post('/api/predict')
     async def api_predict(req:Request):
-        files = await _uploads(req)
-        res, status = await run_in_threadpool(_classify, bundle, files, max_mb, max_files, False)
+        files, fields = await _uploads(req, with_fields=True)
+        want = req.query_params.get('gradcam', fields.get('gradcam', '0')).strip().lower() in ('1', 'true', 'yes', 'on')
+        res, status = await run_in_threadpool(_classify, bundle, files, max_mb, max_files, False, want)
         return JSONResponse(res, status)
 
     @app.get('/health')

@@ -33,9 +33,10 @@ from .distributed import (init_distributed, is_main, world_size, barrier, broadc
 from .folders import is_folder_dataset, folder_dataloaders, folder_test_dl, folder_layout
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEMO_DATA', 'LRSuggestion', 'lr_suggestions', 'find_lr', 'EpochCheckpoint', 'HistoryLogger',
+__all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'LRSuggestion', 'lr_suggestions', 'find_lr', 'EpochCheckpoint', 'HistoryLogger',
            'fit_two_stage', 'read_history', 'plot_history', 'default_data_dir', 'versions', 'resolve_config',
-           'labels_hash', 'run_key', 'train_pcam', 'json_text', 'gradcam_centre_share', 'evaluate_run', 'write_report']
+           'labels_hash', 'run_key', 'headline', 'file_sha256', 'reopen_finished_run', 'train_pcam', 'json_text',
+           'gradcam_centre_share', 'evaluate_run', 'write_report']
 
 # %% ../nbs/03_train.ipynb #7c1103d1
 class LRSuggestion(NamedTuple):
@@ -226,6 +227,7 @@ PRESETS = {
                      lr_find_iters=30, n_items=None, lr=1e-2, tta=True),
 }
 DEMO_DATA = dict(n_train=600, n_test=50, seed=42)
+DEMO_EPOCHS = 6  # the built-in synthetic set is separated perfectly after 3-4 epochs; the preset's 25 are for real tiles
 
 def default_data_dir() -> Path:
     "Where the built-in synthetic set is written: `$PCAM_FASTAI_HOME/synthetic-pcam`, default `~/.pcam_fastai`"
@@ -285,6 +287,53 @@ def run_key(config:dict, # A run configuration (config.json)
     if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+# %% ../nbs/03_train.ipynb #50a0f3e0
+def headline(metrics:dict, # A run's metrics.json content
+            ) -> str:
+    "The lines `train_pcam` prints about a run: validation accuracy and AUC, the operating threshold and calibration, held-out test"
+    lines = [f'train_pcam: accuracy {metrics["accuracy"]:.4f}, ROC AUC {metrics["roc_auc"]:.4f} on {metrics["n_valid"]} validation patches '
+             f'({str(metrics.get("split", "")).split(" (")[0]})']
+    if metrics.get('operating_threshold'):
+        c, op = metrics['calibration'], metrics['operating_threshold']
+        lines.append(f'train_pcam: labels use p({metrics["classes"][1]}) >= {op["value"]:.3g} ({op["source"]}); calibration T = {c["temperature"]:.3g}, '
+                     f'bias {(c.get("bias") or [0, 0])[1]:+.3g}: validation NLL {c["valid_before"]["nll"]:.3f} -> {c["valid_after"]["nll"]:.3f}, '
+                     f'ECE {c["valid_before"]["ece"]:.3f} -> {c["valid_after"]["ece"]:.3f}')
+    if metrics.get('test'):
+        t = metrics['test']
+        lines.append(f'train_pcam: held-out test: accuracy {t["accuracy"]:.4f}' + ('' if t.get('multiclass') else f', balanced accuracy {t["balanced_accuracy"]:.4f} at the validation threshold')
+                     + f', ROC AUC {t["roc_auc"]:.4f} on {t["n"]} patches ({t["split"]})')
+    return '\n'.join(lines)
+
+def file_sha256(fn:str|Path, # A file
+               ) -> str:
+    "SHA-256 of a file's bytes, read in 1 MB blocks"
+    h = hashlib.sha256()
+    with open(fn, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
+def reopen_finished_run(run_dir:Path, # A run folder whose config.json has this run's key
+                        dls, # The run's DataLoaders
+                        cfg:dict, # The run's settings
+                       ) -> tuple|None: # (learner, metrics), or None when a file is damaged
+    "A finished run's learner rebuilt from `model.pth` (weights only: `learner.pkl` is never unpickled) with its calibration, after checking its files"
+    from pcam_fastai.evaluate import load_weights, run_calibration, ModelFileError
+    try:
+        try: metrics = json.loads((run_dir/'metrics.json').read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ModelFileError(f"{run_dir/'metrics.json'} is not valid JSON ({e})") from None
+        want = metrics.get('model_sha256')
+        if want and file_sha256(run_dir/'model.pth') != want:
+            raise ModelFileError(f"{run_dir/'model.pth'} has changed since training finished (its SHA-256 differs from the one in metrics.json)")
+        learn = pcam_learner(dls, cfg['arch'], pretrained=False, fp16=cfg['fp16'], path=run_dir, quiet=True)
+        load_weights(learn, run_dir/'model.pth')
+    except ModelFileError as e:
+        if is_main(): print(f'train_pcam: {run_dir} looked like a finished run of this configuration, but {e}. Training it again.')
+        return None
+    learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
+    learn.dihedral_tta = bool(cfg.get('tta'))
+    return learn, metrics
+
+
 # %% ../nbs/03_train.ipynb #b2219bf9
 def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
     from pcam_fastai.evaluate import predict, binary_metrics, multiclass_metrics
@@ -325,6 +374,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                                  epochs_unfrozen=epochs_unfrozen, pretrained=pretrained, fp16=fp16,
                                  lr_find_iters=lr_find_iters, n_items=n_items)
     if weights_path is not None: cfg['pretrained'] = True  # a weights file means ImageNet weights, from disk
+    if data is None and preset == 'cpu-demo' and epochs_unfrozen is None: cfg['epochs_unfrozen'] = DEMO_EPOCHS  # plumbing, not science
     resolve_arch(cfg['arch'])  # an unknown arch fails before anything else
     if not cfg['pretrained'] and cfg['epochs_frozen']:  # a random body: nothing to keep frozen
         if is_main(): print(f"train_pcam: trained from scratch, so no frozen stage: its {cfg['epochs_frozen']} epoch(s) are added to the "
@@ -336,7 +386,10 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     if data is None:
         data = run_on_main(make_synthetic_pcam, default_data_dir(), **DEMO_DATA)
         if is_main(): print(f'train_pcam: no data given, using the built-in synthetic PCam at {data} '
-              f'({DEMO_DATA["n_train"]} patches; numbers on it check the plumbing, not the science)')
+              f'({DEMO_DATA["n_train"]} patches, {cfg["epochs_unfrozen"]} epochs; numbers on it check the plumbing, not the science)')
+    if not Path(data).exists():
+        raise PCamDataError(f"The data path {data} does not exist. Pass a Kaggle-layout folder, the Kaggle zip (with --cache), an array cache "
+                            "or a folder-per-class set; pcam-fastai download fetches PCam.")
     synthetic = data is not None and _is_synthetic(data)
     if cache is not None:
         from pcam_fastai.cache import build_cache
@@ -372,14 +425,16 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                   resize='torch-bilinear' if is_cache(data) else 'pil-bilinear')  # how patches reach `size`: an export must do the same
     key = run_key(config)
     old, finished = broadcast_value(((json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').exists() else None),
-                                     all((run_dir/f).exists() for f in ('model.pth', 'metrics.json', 'learner.pkl'))))
+                                     all((run_dir/f).exists() for f in ('model.pth', 'metrics.json'))))
     if old and not force:
         if old.get('key') == key and finished:
-            if is_main(): print(f'train_pcam: {run_dir} already holds a finished run of this configuration (key {key}); skipping training. '
-                  'Pass force=True (CLI: --force) to train again.')
-            from fastai.learner import load_learner
-            return load_learner(run_dir/'learner.pkl', cpu=not cuda), json.loads((run_dir/'metrics.json').read_text())
-        if old.get('key') != key and (finished or (run_dir/'progress.json').exists()):
+            done = reopen_finished_run(run_dir, dls, cfg)
+            if done is not None:
+                if is_main(): print(f'train_pcam: {run_dir} already holds a finished run of this configuration (key {key}); skipping training '
+                                    f'(force=True, CLI: --force, trains again).\n{headline(done[1])}')
+                return done
+            force = True  # its files are damaged (reopen_finished_run said which): train it again
+        elif old.get('key') != key and (finished or (run_dir/'progress.json').exists()):
             raise PCamDataError(f"{run_dir} holds a run with another configuration (key {old.get('key')}, now {key}). "
                                 "Use another run_dir (CLI: --run-dir), or force=True (--force) to replace it.")
     if force and is_main():
@@ -408,18 +463,9 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                    synthetic=synthetic, preset=preset, config=cfg, seed=seed, key=key, compute_precision=learn.precision,
                    weights=learn.weights, device=config['device'], stages=stages, seconds=round(time.time() - t_start, 1),
                    versions=versions(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    _write_text(run_dir/'metrics.json', json_text(metrics))  # with model.pth and learner.pkl, it marks a finished run
+    _write_text(run_dir/'metrics.json', json_text(metrics))  # with model.pth (whose checksum it records), it marks a finished run
     write_report(run_dir, metrics, config)
-    print(f'train_pcam: accuracy {metrics["accuracy"]:.4f}, ROC AUC {metrics["roc_auc"]:.4f} on {metrics["n_valid"]} validation patches '
-          f'({dls.split_name}); {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
-    if metrics.get('operating_threshold'):
-        c, op = metrics['calibration'], metrics['operating_threshold']
-        print(f'train_pcam: labels use p({metrics["classes"][1]}) >= {op["value"]:.3g} ({op["source"]}); calibration T = {c["temperature"]:.3g}, bias {c["bias"][1]:+.3g}: validation NLL '
-              f'{c["valid_before"]["nll"]:.3f} -> {c["valid_after"]["nll"]:.3f}, ECE {c["valid_before"]["ece"]:.3f} -> {c["valid_after"]["ece"]:.3f}')
-    if metrics.get('test'):
-        t = metrics['test']
-        print(f'train_pcam: held-out test: accuracy {t["accuracy"]:.4f}' + ('' if t.get('multiclass') else f', balanced accuracy {t["balanced_accuracy"]:.4f} at the validation threshold')
-              + f', ROC AUC {t["roc_auc"]:.4f} on {t["n"]} patches ({t["split"]})')
+    print(headline(metrics) + f'\ntrain_pcam: {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
     return learn, metrics
 
 # %% ../nbs/03_train.ipynb #23a85de5
@@ -446,8 +492,10 @@ def _check_feature_grid(learn, size:int):
 
 def _finish(learn, dls, data, run_dir, top_k):
     "Save the model, evaluate (which fits the calibration), then export the learner (rank 0 only in a distributed run)"
-    torch.save(learn.model.state_dict(), run_dir/'model.pth')
+    tmp = run_dir/'model.pth.partial'
+    torch.save(learn.model.state_dict(), tmp); os.replace(tmp, run_dir/'model.pth')  # a crash leaves no half-written model
     m = evaluate_run(learn, dls, data, run_dir, top_k=top_k)
+    m['model_sha256'] = file_sha256(run_dir/'model.pth')  # a later run of the same configuration checks it before skipping training
     learn.export(run_dir/'learner.pkl')  # after evaluate_run: it carries learn.temperature, learn.logit_bias and learn.threshold
     return m
 

@@ -163,7 +163,7 @@ def test_killed_build_resumes(tmp_path):
 
 def test_cache_loader_trains_as_well_as_files(demo_run, tmp_path):
     run, data, _ = demo_run
-    res = run_cli(['train', '--data', data, '--cache', tmp_path/'cache', '--run-dir', tmp_path/'run', '--preset', 'cpu-demo'])
+    res = run_cli(['train', '--data', data, '--cache', tmp_path/'cache', '--run-dir', tmp_path/'run', '--preset', 'cpu-demo', '--epochs-unfrozen', '6'])  # as many as the demo run
     assert res.returncode == 0, res.stderr[-3000:]
     files_m = json.loads((run/'metrics.json').read_text())
     cache_m = json.loads((tmp_path/'run'/'metrics.json').read_text())

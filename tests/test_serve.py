@@ -59,7 +59,7 @@ def client():
 
 def test_json_png_and_tiff(client):
     r = post(client, [('red.png', encode(make_patch()), 'image/png'),
-                      ('blue.tif', encode(make_patch((60, 50, 210), size=50), 'TIFF'), 'image/tiff')])
+                      ('blue.tif', encode(make_patch((60, 50, 210), size=50), 'TIFF'), 'image/tiff')], url='/api/predict?gradcam=1')
     assert r.status_code == 200, r.text
     out = r.json()
     assert out['errors'] == []
@@ -69,6 +69,20 @@ def test_json_png_and_tiff(client):
         overlay = Image.open(io.BytesIO(__import__('base64').b64decode(x['gradcam_png'])))
         assert overlay.size == (96, 96) and overlay.mode == 'RGB'
     assert out['results'][0]['probabilities']['tumour'] > 0.8
+
+
+def test_gradcam_only_on_request_and_safe_headers(client):
+    files = [('red.png', encode(make_patch()), 'image/png')]
+    plain = post(client, files).json()['results'][0]
+    assert 'gradcam_png' not in plain and set(plain) >= {'name', 'label', 'probabilities', 'threshold'}
+    assert 'gradcam_png' in client.post('/api/predict', files=[('files', files[0])], data={'gradcam': 'true'}).json()['results'][0]
+    assert 'Grad-CAM overlay for red.png' in post(client, files, url='/predict').text  # the page always shows it
+    page = client.get('/')
+    assert "curl -F files=@patch1.png" in page.text
+    for r in (page, post(client, files), client.get('/nowhere'), client.get('/api/nowhere')):
+        assert r.headers['x-content-type-options'] == 'nosniff' and r.headers['x-frame-options'] == 'DENY'
+        assert "default-src 'none'" in r.headers['content-security-policy'] and r.headers.get('content-type')
+    assert client.get('/nowhere').status_code == 404 and client.get('/api/nowhere').json()['errors'][0]['error'].startswith('Nothing at /api/nowhere')
 
 
 def test_json_refuses_bad_uploads(client):
@@ -215,6 +229,7 @@ def test_bundle_path_loaded_with_load_bundle(monkeypatch, tmp_path):
     calls = []
     fake = types.ModuleType('pcam_fastai.export')
     fake.load_bundle = lambda path: calls.append(path) or FakeBundle(size=64)
+    fake.BundleError = type('BundleError', (ValueError,), {})
     monkeypatch.setitem(sys.modules, 'pcam_fastai.export', fake)
     c = TestClient(serve_app(tmp_path/'bundle'))
     assert calls == [tmp_path/'bundle'] and c.get('/health').json()['size'] == 64
@@ -224,7 +239,7 @@ def test_threshold_decides_label_and_heatmap_explains_it():
     "A binary bundle's validation threshold decides the label, the Grad-CAM explains that label, and the answer says which threshold"
     fb = FakeBundle(threshold=0.95)
     c = TestClient(serve_app(fb))
-    res = post(c, [('red.png', encode(make_patch()))]).json()['results'][0]
+    res = post(c, [('red.png', encode(make_patch()))], url='/api/predict?gradcam=1').json()['results'][0]
     p = res['probabilities']['tumour']
     assert 0.5 < p < 0.95, p  # more likely tumour, but below the threshold chosen on validation
     assert res['label'] == 'normal' and res['threshold'] == 0.95
@@ -238,3 +253,39 @@ def test_postscript_is_not_decoded():
     eps = b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n'
     r = post(c, [('x.eps', eps)])
     assert r.status_code == 400 and 'is not an image PIL can read' in r.json()['errors'][0]['error']
+
+
+def _rss_mb(pid, field='VmRSS'):
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith(field + ':'): return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='reads the memory of the server process from /proc (Linux)')
+def test_serve_memory_is_bounded_under_concurrent_uploads(tmp_path):
+    "Many clients at once, each with 16 incompressible 1-megapixel PNGs (3 MB each): the server reads two uploads at a time, so its memory stays bounded"
+    import concurrent.futures as cf
+    n_clients, n_files, side = int(os.environ.get('PCAM_FASTAI_MEM_CLIENTS', 32)), 16, 1024
+    buf = io.BytesIO(); Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format='PNG')
+    png = buf.getvalue()
+    slots = os.environ.get('PCAM_FASTAI_MEM_SLOTS')  # to measure the server without the bound: its number of request slots
+    script = tmp_path/'run.py'
+    script.write_text(f'import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n'
+                      'from test_serve import FakeBundle\nimport pcam_fastai.serve as s\n' + (f's.REQUEST_SLOTS = {slots}\n' if slots else '')
+                      + 's.serve(FakeBundle(), port=0)\n')
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(' on ')[1].split()[0]
+        files = [('files', (f'noise{i}.png', png, 'image/png')) for i in range(n_files)]
+        def upload(_):
+            with httpx.Client(timeout=300) as c: return c.post(f'{url}/api/predict', files=files).status_code
+        assert upload(0) == 200  # warm: the libraries, the first decode
+        idle = _rss_mb(proc.pid)
+        with cf.ThreadPoolExecutor(n_clients) as ex: codes = list(ex.map(upload, range(n_clients)))
+        peak, after = _rss_mb(proc.pid, 'VmHWM'), _rss_mb(proc.pid)
+    finally:
+        proc.kill(); proc.wait()
+    print(f'\nserver RSS: idle {idle:.0f} MB, peak {peak:.0f} MB, after the burst {after:.0f} MB '
+          f'({n_clients} clients x {n_files} files of {len(png) / 1e6:.1f} MB, {side}x{side})')
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2, codes
+    assert peak - idle < 1000, (idle, peak)  # the documented bound: 1 GB above idle (2 slots x 16 files x (5 MB body + 12 MB decoded at 4 MP))
+    assert after - idle < 500, (idle, after)  # and the memory is handed back
