@@ -75,6 +75,8 @@ def find_lr(learn, # A fastai Learner
     except ValueError:
         if stop_div is not None: raise
         # A nearly converged model has a tiny loss, so fastai's "4x the best loss" divergence test fires at once
+        print(f'find_lr: the loss rose above 4x its minimum after {len(learn.recorder.lrs)} of {num_it} steps, too few to suggest a rate; '
+              'searching again over the whole range without stopping early (expected for a nearly trained model)')
         learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, stop_div=False, show_plot=False, suggest_funcs=None)
         res = lr_suggestions(learn.recorder.lrs, learn.recorder.losses, num_it)
     if show or fname:
@@ -169,9 +171,14 @@ def fit_two_stage(learn, # A learner from `pcam_learner`
                 sug = run_on_main(find_lr, learn, num_it=lr_find_iters, fname=plot_dir/f'lr_find_{stage.split("-")[1]}.png', show=show,
                                   title=f'lr_find, body {"frozen" if frozen else "unfrozen"}')
                 lr = sug.valley if frozen or not discriminative else slice(sug.valley/10, sug.valley)
+                if is_main(): print(f"fit_two_stage: lr_find chose {sug.valley:.2e} (valley; slide {sug.slide:.2e})")
             state.update(stage=stage, epochs_done=0, lr=_lr_repr(lr))
             if is_main(): _write_json(prog_fn, state)
         loaded = True
+        if is_main():
+            lr_txt = f'slice({lr.start:.2e}, {lr.stop:.2e})' if isinstance(lr, slice) else f'{lr:.2e}'
+            print(f"fit_two_stage: stage {1 if frozen else 2}: body {'frozen' if frozen else 'unfrozen'}, lr {lr_txt}, "
+                  f"{epochs} epoch{'s' if epochs != 1 else ''}" + (f' (from epoch {start + 1})' if start else ''))
         t0 = time.time()
         with distrib_fit_ctx(learn):  # N processes (accelerate launch / torchrun): DistributedDataParallel; one process: as is
             learn.fit_one_cycle(epochs, lr, start_epoch=start,

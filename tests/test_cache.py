@@ -190,3 +190,36 @@ def test_grouped_split_holds_out_whole_slides(kaggle_set, tmp_path):
     slides.iloc[5:].to_csv(tmp_path/'partial.csv', index=False)
     with pytest.raises(Exception, match='have no slide in'):
         cache_dataloaders(tmp_path/'cache', size=96, groups=tmp_path/'partial.csv', device='cpu')
+
+
+def test_patch_rewritten_in_place_is_noticed(kaggle_set, tmp_path):
+    folder, _ = kaggle_set
+    bad, labels = _bad_copy(folder, tmp_path)
+    build_cache(bad, tmp_path/'cache', show_progress=False)
+    first = labels.id[0]
+    new = np.full((96, 96, 3), 7, np.uint8)
+    mtime = (bad/'train').stat().st_mtime_ns
+    Image.fromarray(new).save(bad/'train'/f'{first}.tif')  # same name, in place: the folder's own mtime does not change
+    os.utime(bad/'train', ns=(mtime, mtime))
+    build_cache(bad, tmp_path/'cache', show_progress=False)
+    c = load_cache(tmp_path/'cache')
+    assert (c.images[c.ids.index(first)] == new).all(), 'the cache still holds the old pixels'
+
+
+def test_unreadable_patch_is_a_message_or_skipped(kaggle_set, tmp_path):
+    folder, _ = kaggle_set
+    bad, labels = _bad_copy(folder, tmp_path)
+    victim = bad/'train'/f'{labels.id[3]}.tif'
+    victim.unlink(); victim.mkdir()  # a folder named *.tif: reading it raises IsADirectoryError
+    err = clean_error(run_main(['cache', bad, tmp_path/'c1']))
+    assert f'{victim} cannot be read' in err and '--on-bad skip' in err
+    assert run_main(['cache', bad, tmp_path/'c2', '--on-bad', 'skip']).returncode == 0
+    m = json.loads((tmp_path/'c2'/'train'/'manifest.json').read_text())
+    assert m['skipped'] == [labels.id[3]] and m['n_kept'] == len(labels) - 1
+
+
+def test_disk_full_while_writing_is_a_message(kaggle_set, tmp_path):
+    folder, _ = kaggle_set
+    with mock.patch('numpy.save', side_effect=OSError(errno.ENOSPC, 'No space left on device')):
+        err = clean_error(run_main(['cache', folder, tmp_path/'cache']))
+    assert 'filled up while' in err and 'run the same command again' in err

@@ -19,6 +19,8 @@ def tiny_run(small_set, tmp_path_factory):
     run = tmp_path_factory.mktemp('integrity')/'run'
     res = run_main(['train', '--data', small_set, '--run-dir', run, *TINY])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert 'fit_two_stage: stage 2: body unfrozen, lr 1.00e-02, 1 epoch' in res.stdout  # each stage's table is labelled
+    assert 'kaggle-random-80/20 (' not in res.stdout.splitlines()[-1]  # the long split description stays in the report
     return run
 
 
