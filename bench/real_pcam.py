@@ -118,8 +118,16 @@ def package(train_dir:Path, held:pd.DataFrame, src:Path, work:Path, preset:str, 
 
 
 ROWS = (('roc_auc', 'AUC'), ('balanced_accuracy', 'balanced accuracy'), ('nll', 'NLL'), ('ece', 'ECE (15 bins)'),
+        ('ece_floor', 'ECE of a perfectly calibrated model with these scores (noise floor)'),
         ('sensitivity_at_spec90', 'sensitivity at specificity 0.90'), ('sensitivity', 'sensitivity at its threshold'),
         ('specificity', 'specificity at its threshold'), ('threshold', 'threshold (chosen on validation)'), ('train_seconds', 'training seconds'))
+
+
+def ece_floor(p:np.ndarray, n_draws:int=200, seed:int=0) -> float:
+    "The ECE that a perfectly calibrated model with these scores would show on this many tiles: labels drawn as Bernoulli(p), mean of `n_draws`"
+    from pcam_fastai.evaluate import expected_calibration_error
+    rng = np.random.default_rng(seed)
+    return float(np.mean([expected_calibration_error(p, (rng.random(len(p)) < p).astype(int)) for _ in range(n_draws)]))
 
 
 def table(results:dict) -> str:
@@ -164,7 +172,7 @@ def main(argv=None):
         for name, p, info in ((f"pcam_fastai {cnn['preset']} ({cnn['arch']}, {cnn['epochs']} epochs)", p_cnn, cnn),
                               ('gradient boosting on colour/texture features', p_gbm, gbm)):
             m = binary_metrics(p, y, threshold=info['threshold'], split='held-out real tiles', threshold_source=info['threshold_source'], n_boot=1000)
-            res[name] = dict(m, **{k: v for k, v in info.items() if k not in m})
+            res[name] = dict(m, ece_floor=ece_floor(p), **{k: v for k, v in info.items() if k not in m})
         import platform, torch
         machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}" + (', CUDA' if torch.cuda.is_available() else '')
         print(f'\nreal_pcam: {len(held)} held-out tiles of {src.name}, {time.strftime("%Y-%m-%d")}, {machine}\n')

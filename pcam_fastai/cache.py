@@ -98,7 +98,7 @@ def folder_stamp(folder:str|Path, # A folder of patches, e.g. a Kaggle set's tra
     "SHA-1 of every file's name, size and modification time in `folder` ('' if it is missing): a patch rewritten in place changes it, without reading any pixels"
     folder, h = Path(folder), hashlib.sha1()
     if not folder.is_dir(): return ''
-    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+    for e in sorted((e for e in os.scandir(folder) if not e.name.startswith('.')), key=lambda e: e.name):  # not .DS_Store and the like
         try: st = e.stat()
         except OSError: h.update(f'{e.name}\0unreadable\n'.encode()); continue
         h.update(f'{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())

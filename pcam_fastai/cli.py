@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 
 # %% ../nbs/04_cli.ipynb #dba35ce3
 from __future__ import annotations
-import inspect, json, sys, warnings
+import errno, json, sys, warnings
 from pathlib import Path
 
 from fastcore.script import anno_parser, bool_arg
@@ -94,9 +94,9 @@ def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
            no_tta:bool=False, # Skip the 8-view dihedral test-time augmentation (default: as the run was evaluated)
           ):
     "Write a Kaggle submission (id,label with probabilities) for the test patches, checked against sample_submission.csv"
-    from pcam_fastai.evaluate import load_run, make_submission
+    from pcam_fastai.evaluate import load_run, make_submission, read_run_json
     learn = load_run(run_dir, data=data)
-    src = data or json.loads((Path(run_dir)/'config.json').read_text())['data']
+    src = data or read_run_json(Path(run_dir)/'config.json')['data']
     p = make_submission(learn, src, out, tta=False if no_tta else None)  # None: as the run evaluated (its calibration's setting)
     print(f'Wrote {p}: {sum(1 for _ in open(p)) - 1} rows, ids and order checked against sample_submission.csv')
 
@@ -154,8 +154,8 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     args.pop('pdb', None); args.pop('xtra', None)
     given = args.pop('first_path', None)
     if given is not None:
-        default = inspect.signature(fn).parameters[first].default
-        if args[first] not in (None, default) and args[first] != given:
+        flag = '--' + first.replace('_', '-')
+        if any(a == flag or a.startswith(flag + '=') for a in argv[1:]) and args[first] != given:
             print(f"pcam-fastai {argv[0]}: error: {given!r} and --{first.replace('_', '-')} {args[first]!r} name two different paths; give one.", file=sys.stderr)
             return 2
         args[first] = given
@@ -166,6 +166,11 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     except KeyboardInterrupt:
         print(f'pcam-fastai {argv[0]}: interrupted; checkpoints saved so far are kept.', file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC: raise
+        print(f'pcam-fastai {argv[0]}: error: the disk is full ({e.filename or "writing"}): free some space and run the same command again '
+              '(training resumes at its last finished epoch).', file=sys.stderr)
+        return 2
     finally: _leave_process_group()
     return 0
 

@@ -238,6 +238,10 @@ def check_labels(df:pd.DataFrame, # The labels CSV as read
     "Check a labels table against the ids that have images; each problem gets its own message"
     if not {'id', 'label'} <= set(df.columns):
         raise PCamDataError(f"{csv} must have columns id,label; it has {list(df.columns)}.")
+    empty = df.id.isna() | (df.id.astype(str).str.strip() == '')
+    if empty.any():
+        rows = (np.flatnonzero(empty.values) + 2).tolist()  # line numbers in the file: the header is line 1
+        raise PCamDataError(f"{csv} has {int(empty.sum())} rows with an empty id (line {_first(rows)}). Give every row the id of its patch, or drop it.")
     df = df[['id', 'label']].astype({'id': str})
     dup = df.id[df.id.duplicated()]
     if len(dup): raise PCamDataError(f"{csv} lists {len(dup)} duplicate ids ({_first(set(dup))}). Keep one row per id.")

@@ -18,7 +18,8 @@ __all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expe
            'youden_threshold', 'OperatingThreshold', 'operating_threshold', 'fit_temperature', 'apply_temperature',
            'Calibration', 'fit_calibration', 'plot_reliability', 'plot_roc', 'plot_confusion', 'multiclass_metrics',
            'plot_confusion_matrix', 'dihedral_logits', 'predict_logits', 'predict', 'calibrated_softmax',
-           'make_submission', 'check_submission', 'ModelFileError', 'load_weights', 'load_run', 'run_calibration']
+           'make_submission', 'check_submission', 'ModelFileError', 'read_run_json', 'file_sha256',
+           'verify_model_checksum', 'load_weights', 'load_run', 'run_calibration']
 
 # %% ../nbs/07_evaluate.ipynb #5cee8db2
 def _check(probs, targets):
@@ -460,10 +461,42 @@ def check_submission(sub:pd.DataFrame, # The submission to check
                             f"or a different order); nothing written.")
 
 # %% ../nbs/07_evaluate.ipynb #6e3e23c3
-import json
+import hashlib, json
 
 class ModelFileError(ValueError):
     "A model file is unreadable or does not fit the model; the message says what to do"
+
+def read_run_json(fn:str|Path, # A run folder's config.json or metrics.json
+                  fix:str='train the run again (pcam-fastai train ... --force)', # What to tell the user when it is damaged
+                 ) -> dict:
+    "A run folder's JSON file, or a `ModelFileError` that names the file and says what to do when it is missing or damaged"
+    fn = Path(fn)
+    if not fn.exists(): raise ModelFileError(f"{fn} does not exist; is {fn.parent} a run folder written by pcam-fastai train?")
+    try: out = json.loads(fn.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ModelFileError(f"{fn} is damaged (not JSON: {e}); {fix}.") from None
+    if not isinstance(out, dict): raise ModelFileError(f"{fn} holds a JSON {type(out).__name__}, not an object; {fix}.")
+    return out
+
+def file_sha256(fn:str|Path, # A file
+               ) -> str:
+    "SHA-256 of a file's bytes, read in 1 MB blocks"
+    h = hashlib.sha256()
+    with open(fn, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
+def verify_model_checksum(run_dir:str|Path, # A run folder
+                          metrics:dict|None=None, # Its metrics.json content; None: read it
+                         ) -> bool: # True if checked, False for a run that recorded no checksum (trained before pcam_fastai recorded one)
+    "Raise `ModelFileError` if `model.pth` is not the file training wrote (its SHA-256 differs from the one in metrics.json)"
+    run_dir = Path(run_dir)
+    if metrics is None: metrics = read_run_json(run_dir/'metrics.json') if (run_dir/'metrics.json').exists() else {}
+    want = metrics.get('model_sha256')
+    if not want: return False
+    try: have = file_sha256(run_dir/'model.pth')
+    except OSError as e: raise ModelFileError(f"{run_dir/'model.pth'} cannot be read ({e.strerror or e})") from None
+    if have != want: raise ModelFileError(f"{run_dir/'model.pth'} has changed since training finished (its SHA-256 differs from the one in metrics.json)")
+    return True
 
 def load_weights(learn, # The learner to load into
                  fn:str|Path, # A state dict saved with `torch.save(model.state_dict(), fn)`, e.g. a run's `model.pth`
@@ -490,8 +523,7 @@ def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
     from pcam_fastai.data import pcam_dataloaders
     from pcam_fastai.learner import pcam_learner
     run_dir = Path(run_dir)
-    if not (run_dir/'config.json').exists(): raise ModelFileError(f"{run_dir} has no config.json; is it a run folder written by pcam-fastai train?")
-    cfg = json.loads((run_dir/'config.json').read_text())
+    cfg = read_run_json(run_dir/'config.json')
     st = cfg['settings']
     from pcam_fastai.folders import is_folder_dataset, folder_dataloaders
     src = data or cfg['data']
@@ -500,6 +532,7 @@ def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
     dls = make(src, size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'],
                n_items=st['n_items'], num_workers=0, device='cpu' if cpu else None, **kw)
     learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=False, path=run_dir, quiet=True)
+    verify_model_checksum(run_dir)
     load_weights(learn, run_dir/'model.pth')
     learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
     learn.dihedral_tta = bool(st.get('tta', False))
@@ -510,8 +543,7 @@ def run_calibration(run_dir:str|Path, # A run folder written by `train_pcam`
     "The calibration and the operating threshold a finished run chose on validation (1, None, None for runs without them)"
     fn = Path(run_dir)/'metrics.json'
     if not fn.exists(): return 1.0, None, None
-    try: m = json.loads(fn.read_text())
-    except json.JSONDecodeError as e: raise ModelFileError(f"{fn} is damaged ({e}); train the run again (--force).") from None
+    m = read_run_json(fn)
     c = m.get('calibration') or {}
     thr = (m.get('operating_threshold') or {}).get('value', m.get('youden_threshold_valid'))  # runs before the one-threshold rule: their Youden threshold
     return float(c.get('temperature', 1.0)), c.get('bias'), thr

@@ -17,8 +17,8 @@ import torch.nn as nn
 from PIL import Image
 
 from .data import CLASSES, to_rgb
-from .learner import resolve_arch, arch_name
-from .evaluate import ModelFileError
+from .learner import resolve_arch, arch_name, weights_load_reason
+from .evaluate import ModelFileError, read_run_json, verify_model_checksum
 from .train import json_text
 from .cache import _write_text
 
@@ -237,10 +237,10 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     run_dir = Path(run_dir)
     for f in ('config.json', 'model.pth'):
         if not (run_dir/f).exists(): raise ModelFileError(f"{run_dir} has no {f}; is it a finished run folder written by pcam-fastai train?")
-    cfg = json.loads((run_dir/'config.json').read_text())
-    try: metrics = json.loads((run_dir/'metrics.json').read_text()) if (run_dir/'metrics.json').exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{run_dir/'metrics.json'} is damaged (not JSON: {e}); train the run again (pcam-fastai train ... --force).") from None
+    if dest is not None and (Path(dest).resolve() == run_dir.resolve() or (Path(dest)/'config.json').exists()):  # a failed export cleans dest
+        raise ModelFileError(f"dest {dest} is a run folder; write the bundle into a folder of its own (default: {run_dir/'bundle'}).")
+    cfg = read_run_json(run_dir/'config.json')
+    metrics = read_run_json(run_dir/'metrics.json') if (run_dir/'metrics.json').exists() else {}
     classes = cfg.get('classes') or metrics.get('classes') or list(CLASSES)
     arch, size = cfg['settings']['arch'], int(cfg['settings']['size'])
     from pcam_fastai.cache import is_cache
@@ -248,7 +248,10 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     dest = Path(dest) if dest else run_dir/'bundle'
     model = build_model(arch, len(classes))
     try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
-    except Exception as e: raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:
+        why = str(e).splitlines()[0][:200] if isinstance(e, RuntimeError) and 'state_dict' in str(e) else weights_load_reason(e)
+        raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {why}. Train the run again (--force).") from None
+    verify_model_checksum(run_dir, metrics)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     try:

@@ -86,8 +86,10 @@ def weights_load_reason(e:Exception, # What `torch.load(..., weights_only=True)`
                        ) -> str:
     "Why a weights file did not load, in one line, without torch's advice to retry with `weights_only=False` (which can run code from the file)"
     msg = str(e)
-    if 'Weights only load failed' in msg or 'weights_only' in msg:
+    if 'Unsupported global' in msg:
         return 'it holds pickled Python objects, not only tensors, and pcam_fastai never loads files in a way that can run their code'
+    if 'Weights only load failed' in msg or 'weights_only' in msg or isinstance(e, (EOFError, RuntimeError)) or 'pickle' in type(e).__name__.lower():
+        return 'it is not a PyTorch weights file: damaged, truncated, or another format'
     first = msg.strip().splitlines()[0][:200] if msg.strip() else ''
     return f'{type(e).__name__}: {first}' if first else type(e).__name__
 

@@ -27,8 +27,8 @@ from .interpret import HEATMAP_CMAP
 
 # %% auto #0
 __all__ = ['MB', 'IMAGE_FORMATS', 'NO_FILE', 'REQUEST_SLOTS', 'TITLE', 'FORM_SLACK', 'CSS', 'SECURITY_HEADERS', 'MAX_WAITING',
-           'UploadError', 'read_upload', 'gradcam_overlay', 'to_png_b64', 'classify', 'check_bundle_loads', 'serve_app',
-           'ServeError', 'serve_in_thread', 'serve']
+           'WAIT_S', 'BODY_S', 'UploadError', 'read_upload', 'gradcam_overlay', 'to_png_b64', 'classify',
+           'check_bundle_loads', 'serve_app', 'ServeError', 'serve_in_thread', 'serve']
 
 # %% ../nbs/10_serve.ipynb #6727ee57
 class UploadError(ValueError):
@@ -206,6 +206,7 @@ figure { margin: 0; text-align: center; }
 """
 
 class _TooLarge(Exception): pass
+class _TooSlow(Exception): pass
 
 def _too_large_msg(n:int, limit:int, max_files:int, max_mb:float) -> str:
     return f'The upload is {_mb(n)}; the limit is {_mb(limit)} per request ({max_files} files of at most {_mb(max_mb * MB)}).'
@@ -228,31 +229,40 @@ class _SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 MAX_WAITING = 32  # uploads queued for a request slot; more get 503 "busy" (a waiting upload holds only the server's small read buffer)
+WAIT_S, BODY_S = 120, 60  # longest wait for a slot (then 503), longest time to receive a body once its slot is taken (then 408): a stalled client cannot hold a slot
 
 class _BodyLimit:
     "ASGI middleware: at most `REQUEST_SLOTS` uploads are read and processed at once, `MAX_WAITING` wait, more get 503; bodies over `limit` bytes get 413"
     def __init__(self, app, limit:int, max_files:int, max_mb:float, respond):
         self.app, self.limit, self.max_files, self.max_mb, self.respond = app, limit, max_files, max_mb, respond
-        self.slots, self.waiting = asyncio.Semaphore(REQUEST_SLOTS), 0
+        self._loop, self.slots, self.waiting = None, None, 0
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http' or scope['method'] not in ('POST', 'PUT'): return await self.app(scope, receive, send)
         cl = Headers(scope=scope).get('content-length')
         if cl and cl.isdigit() and int(cl) > self.limit: return await self._refuse(scope, receive, send, int(cl), '')
-        if self.waiting >= MAX_WAITING:
-            resp = self.respond(Request(scope, receive), f'The server is busy ({REQUEST_SLOTS} uploads in progress, {self.waiting} waiting); '
-                                'try again in a few seconds.', 503)
-            resp.headers['Retry-After'] = '5'
-            return await resp(scope, receive, send)
-        self.waiting += 1
-        try: await self.slots.acquire()  # the body is read only once a slot is free: memory is bounded by the slots, not by the clients
-        finally: self.waiting -= 1
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop: self._loop, self.slots, self.waiting = loop, asyncio.Semaphore(REQUEST_SLOTS), 0  # one per event loop
+        if not self.slots.locked(): await self.slots.acquire()  # a free slot: taken at once (acquire does not suspend)
+        else:  # the body is read only once a slot is free: memory is bounded by the slots, not by the clients
+            if self.waiting >= MAX_WAITING: return await self._busy(scope, receive, send)
+            self.waiting += 1
+            try: await asyncio.wait_for(self.slots.acquire(), WAIT_S)
+            except asyncio.TimeoutError: return await self._busy(scope, receive, send)
+            finally: self.waiting -= 1
         try: await self._limited(scope, receive, send)
         finally: self.slots.release()
+    async def _busy(self, scope, receive, send):
+        resp = self.respond(Request(scope, receive), f'The server is busy ({REQUEST_SLOTS} uploads in progress, {self.waiting} waiting); '
+                            'try again in a few seconds.', 503)
+        resp.headers['Retry-After'] = '5'
+        await resp(scope, receive, send)
     async def _limited(self, scope, receive, send):
         seen, started = 0, False
+        deadline = asyncio.get_running_loop().time() + BODY_S
         async def counted_receive():
             nonlocal seen
-            msg = await receive()
+            try: msg = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0.001))
+            except asyncio.TimeoutError: raise _TooSlow() from None
             if msg['type'] == 'http.request':
                 seen += len(msg.get('body', b''))
                 if seen > self.limit: raise _TooLarge()
@@ -265,6 +275,9 @@ class _BodyLimit:
         except _TooLarge:
             if started: raise
             await self._refuse(scope, receive, send, seen, 'more than ')
+        except _TooSlow:
+            if started: raise
+            await self.respond(Request(scope, receive), f'The upload took longer than {BODY_S} s to arrive ({_mb(seen)} received); send it again.', 408)(scope, receive, send)
     async def _refuse(self, scope, receive, send, n, more):
         msg = _too_large_msg(n, self.limit, self.max_files, self.max_mb).replace('is ', f'is {more}', 1)
         await self.respond(Request(scope, receive), msg, 413)(scope, receive, send)

@@ -35,7 +35,7 @@ from .folders import is_folder_dataset, folder_dataloaders, folder_test_dl, fold
 # %% auto #0
 __all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'LRSuggestion', 'lr_suggestions', 'find_lr', 'EpochCheckpoint', 'HistoryLogger',
            'fit_two_stage', 'read_history', 'plot_history', 'default_data_dir', 'versions', 'resolve_config',
-           'labels_hash', 'run_key', 'headline', 'file_sha256', 'reopen_finished_run', 'train_pcam', 'json_text',
+           'labels_hash', 'run_key', 'headline', 'reopen_finished_run', 'train_pcam', 'json_text',
            'gradcam_centre_share', 'evaluate_run', 'write_report']
 
 # %% ../nbs/03_train.ipynb #7c1103d1
@@ -75,8 +75,8 @@ def find_lr(learn, # A fastai Learner
     except ValueError:
         if stop_div is not None: raise
         # A nearly converged model has a tiny loss, so fastai's "4x the best loss" divergence test fires at once
-        print(f'find_lr: the loss rose above 4x its minimum after {len(learn.recorder.lrs)} of {num_it} steps, too few to suggest a rate; '
-              'searching again over the whole range without stopping early (expected for a nearly trained model)')
+        print(f'find_lr: the search stopped after {len(learn.recorder.lrs)} of {num_it} steps (the loss diverged, or was not finite), too few '
+              'to suggest a rate; searching again over the whole range without stopping early (expected for a nearly trained model)')
         learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, stop_div=False, show_plot=False, suggest_funcs=None)
         res = lr_suggestions(learn.recorder.lrs, learn.recorder.losses, num_it)
     if show or fname:
@@ -155,6 +155,7 @@ def fit_two_stage(learn, # A learner from `pcam_learner`
         if is_main(): (plot_dir/'history.csv').unlink(missing_ok=True)
     state.update(spec=spec); state.setdefault('log', {})
     log, loaded = state['log'], False
+    n_stages = sum(1 for e in (epochs_frozen, epochs_unfrozen) if e)
     for stage, epochs, frozen in (('stage1-frozen', epochs_frozen, True), ('stage2-unfrozen', epochs_unfrozen, False)):
         if not epochs: continue
         if stage in log: continue  # finished before an interruption
@@ -177,7 +178,7 @@ def fit_two_stage(learn, # A learner from `pcam_learner`
         loaded = True
         if is_main():
             lr_txt = f'slice({lr.start:.2e}, {lr.stop:.2e})' if isinstance(lr, slice) else f'{lr:.2e}'
-            print(f"fit_two_stage: stage {1 if frozen else 2}: body {'frozen' if frozen else 'unfrozen'}, lr {lr_txt}, "
+            print(f"fit_two_stage: stage {1 if frozen or n_stages == 1 else 2} of {n_stages}: body {'frozen' if frozen else 'unfrozen'}, lr {lr_txt}, "
                   f"{epochs} epoch{'s' if epochs != 1 else ''}" + (f' (from epoch {start + 1})' if start else ''))
         t0 = time.time()
         with distrib_fit_ctx(learn):  # N processes (accelerate launch / torchrun): DistributedDataParallel; one process: as is
@@ -307,36 +308,37 @@ def headline(metrics:dict, # A run's metrics.json content
                      f'ECE {c["valid_before"]["ece"]:.3f} -> {c["valid_after"]["ece"]:.3f}')
     if metrics.get('test'):
         t = metrics['test']
-        lines.append(f'train_pcam: held-out test: accuracy {t["accuracy"]:.4f}' + ('' if t.get('multiclass') else f', balanced accuracy {t["balanced_accuracy"]:.4f} at the validation threshold')
+        lines.append(f'train_pcam: held-out test: accuracy {t["accuracy"]:.4f}' + ('' if t.get('multiclass') or 'balanced_accuracy' not in t else f', balanced accuracy {t["balanced_accuracy"]:.4f} at the validation threshold')
                      + f', ROC AUC {t["roc_auc"]:.4f} on {t["n"]} patches ({t["split"]})')
     return '\n'.join(lines)
 
-def file_sha256(fn:str|Path, # A file
-               ) -> str:
-    "SHA-256 of a file's bytes, read in 1 MB blocks"
-    h = hashlib.sha256()
-    with open(fn, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
+def _old_config(run_dir:Path, force:bool) -> dict|None:
+    "The config.json of an earlier run in `run_dir` (None if there is none, or a damaged one is to be replaced with `force`)"
+    from pcam_fastai.evaluate import read_run_json, ModelFileError
+    if not (run_dir/'config.json').exists(): return None
+    try: return read_run_json(run_dir/'config.json', fix='pass force=True (CLI: --force) to train this run folder again, or use another run_dir')
+    except ModelFileError:
+        if force: return None
+        raise
 
 def reopen_finished_run(run_dir:Path, # A run folder whose config.json has this run's key
                         dls, # The run's DataLoaders
                         cfg:dict, # The run's settings
                        ) -> tuple|None: # (learner, metrics), or None when a file is damaged
     "A finished run's learner rebuilt from `model.pth` (weights only: `learner.pkl` is never unpickled) with its calibration, after checking its files"
-    from pcam_fastai.evaluate import load_weights, run_calibration, ModelFileError
+    from pcam_fastai.evaluate import load_weights, run_calibration, read_run_json, verify_model_checksum, ModelFileError
     try:
-        try: metrics = json.loads((run_dir/'metrics.json').read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ModelFileError(f"{run_dir/'metrics.json'} is not valid JSON ({e})") from None
-        want = metrics.get('model_sha256')
-        if want and file_sha256(run_dir/'model.pth') != want:
-            raise ModelFileError(f"{run_dir/'model.pth'} has changed since training finished (its SHA-256 differs from the one in metrics.json)")
+        metrics = read_run_json(run_dir/'metrics.json', fix='it is trained again')
+        checked = verify_model_checksum(run_dir, metrics)  # False: a run from before checksums (its model is only load-checked)
         learn = pcam_learner(dls, cfg['arch'], pretrained=False, fp16=cfg['fp16'], path=run_dir, quiet=True)
         load_weights(learn, run_dir/'model.pth')
-    except ModelFileError as e:
-        if is_main(): print(f'train_pcam: {run_dir} looked like a finished run of this configuration, but {e}. Training it again.')
+        learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
+        headline(metrics)  # the summary a reopened run prints: an incomplete metrics.json fails here, not later
+    except (ModelFileError, KeyError, TypeError, AttributeError, ValueError, OSError) as e:
+        why = str(e).rstrip('.') if isinstance(e, ModelFileError) else f'its metrics.json is incomplete or damaged ({type(e).__name__}: {e})'
+        if is_main(): print(f'train_pcam: {run_dir} looked like a finished run of this configuration, but {why}. Training it again.')
         return None
-    learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
+    if not checked and is_main(): print(f'train_pcam: {run_dir} records no checksum of model.pth (trained by an older pcam_fastai); it loads, so it is reused.')
     learn.dihedral_tta = bool(cfg.get('tta'))
     return learn, metrics
 
@@ -431,8 +433,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                   positive=getattr(dls, 'positive', None) if is_folder_dataset(data) else None,
                   resize='torch-bilinear' if is_cache(data) else 'pil-bilinear')  # how patches reach `size`: an export must do the same
     key = run_key(config)
-    old, finished = broadcast_value(((json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').exists() else None),
-                                     all((run_dir/f).exists() for f in ('model.pth', 'metrics.json'))))
+    old, finished = broadcast_value((_old_config(run_dir, force), all((run_dir/f).exists() for f in ('model.pth', 'metrics.json'))))
     if old and not force:
         if old.get('key') == key and finished:
             done = reopen_finished_run(run_dir, dls, cfg)
@@ -500,8 +501,10 @@ def _check_feature_grid(learn, size:int):
 def _finish(learn, dls, data, run_dir, top_k):
     "Save the model, evaluate (which fits the calibration), then export the learner (rank 0 only in a distributed run)"
     tmp = run_dir/'model.pth.partial'
-    torch.save(learn.model.state_dict(), tmp); os.replace(tmp, run_dir/'model.pth')  # a crash leaves no half-written model
+    try: torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, tmp); os.replace(tmp, run_dir/'model.pth')  # CPU tensors: loads anywhere
+    finally: tmp.unlink(missing_ok=True)  # a crash or a full disk leaves no half-written model
     m = evaluate_run(learn, dls, data, run_dir, top_k=top_k)
+    from pcam_fastai.evaluate import file_sha256
     m['model_sha256'] = file_sha256(run_dir/'model.pth')  # a later run of the same configuration checks it before skipping training
     learn.export(run_dir/'learner.pkl')  # after evaluate_run: it carries learn.temperature, learn.logit_bias and learn.threshold
     return m

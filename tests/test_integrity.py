@@ -19,8 +19,9 @@ def tiny_run(small_set, tmp_path_factory):
     run = tmp_path_factory.mktemp('integrity')/'run'
     res = run_main(['train', '--data', small_set, '--run-dir', run, *TINY])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert 'fit_two_stage: stage 2: body unfrozen, lr 1.00e-02, 1 epoch' in res.stdout  # each stage's table is labelled
-    assert 'kaggle-random-80/20 (' not in res.stdout.splitlines()[-1]  # the long split description stays in the report
+    assert 'fit_two_stage: stage 1 of 1: body unfrozen, lr 1.00e-02, 1 epoch' in res.stdout  # each stage's table is labelled
+    summary = next(l for l in res.stdout.splitlines() if 'ROC AUC' in l and 'validation patches' in l)
+    assert summary.endswith('(kaggle-random-80/20)'), summary  # the split's long description stays in the report
     return run
 
 
@@ -53,10 +54,10 @@ def _damage_metrics(run): (run/'metrics.json').write_text('{"accuracy": 0.9, ')
 
 
 @pytest.mark.parametrize('damage, says', [(_damage_truncate, 'has changed since training finished'),
-                                          (_damage_metrics, 'is not valid JSON')])
+                                          (_damage_metrics, 'metrics.json is damaged (not JSON')])
 def test_damaged_finished_run_is_trained_again(tiny_run, small_set, tmp_path, damage, says):
     from pcam_fastai.evaluate import load_run
-    from pcam_fastai.train import file_sha256
+    from pcam_fastai.evaluate import file_sha256
     run = _copy(tiny_run, tmp_path/'run')
     damage(run)
     res = run_main(['train', '--data', small_set, '--run-dir', run, *TINY])
@@ -93,8 +94,15 @@ def test_serve_on_a_run_folder_points_at_its_bundle(tiny_bundle, tmp_path):
     assert res.returncode == 2 and f'pcam-fastai export --run-dir {run}' in res.stderr, res.stderr[-2000:]
 
 
-def test_failed_export_leaves_nothing(tiny_run, tmp_path):
+def test_failed_export_leaves_nothing(tiny_run, tmp_path, monkeypatch):
+    import pcam_fastai.export as ex
     run = _copy(tiny_run, tmp_path/'run')
+    shutil.rmtree(run/'bundle', ignore_errors=True)
+    def broken_onnx(*a, **k): raise RuntimeError('simulated ONNX export failure')
+    monkeypatch.setattr(ex, '_export_onnx', broken_onnx)  # fails after weights.pth and bundle.json are written
+    with pytest.raises(RuntimeError, match='simulated'): ex.export_bundle(run, bench_patches=0)
+    assert not (run/'bundle').exists()
+    monkeypatch.undo()
     shutil.rmtree(run/'bundle', ignore_errors=True)
     (run/'model.pth').write_bytes(b'not a model')
     res = run_main(['export', '--run-dir', run, '--bench-patches', '0'])
@@ -103,3 +111,15 @@ def test_failed_export_leaves_nothing(tiny_run, tmp_path):
     (run/'metrics.json').write_text('garbage')
     res = run_main(['export', '--run-dir', run, '--bench-patches', '0'])
     assert res.returncode == 2 and 'metrics.json is damaged' in res.stderr and 'Expecting value' not in res.stderr.split('(')[0], res.stderr
+
+
+def test_damaged_config_is_named(tiny_run, small_set, tmp_path):
+    from conftest import clean_error
+    run = _copy(tiny_run, tmp_path/'run')
+    (run/'config.json').write_text('{"key": ')
+    for args in (['submit', '--run-dir', run, '--out', tmp_path/'s.csv'], ['export', '--run-dir', run, '--bench-patches', '0'],
+                 ['train', '--data', small_set, '--run-dir', run, *TINY]):
+        err = clean_error(run_main(args))
+        assert f"{run/'config.json'} is damaged (not JSON" in err, (args[0], err)
+    assert '--force' in err
+    assert run_main(['train', '--data', small_set, '--run-dir', run, *TINY, '--force']).returncode == 0

@@ -289,3 +289,31 @@ def test_serve_memory_is_bounded_under_concurrent_uploads(tmp_path):
     assert set(codes) <= {200, 503} and codes.count(200) >= 2, codes
     assert peak - idle < 1000, (idle, peak)  # the documented bound: 1 GB above idle (2 slots x 16 files x (5 MB body + 12 MB decoded at 4 MP))
     assert after - idle < 500, (idle, after)  # and the memory is handed back
+
+
+def test_busy_and_stalled_uploads(monkeypatch):
+    "Two uploads are read at a time and MAX_WAITING wait; one more is told 503 (with Retry-After); a stalled body gets 408 and frees its slot"
+    import asyncio
+    import pcam_fastai.serve as s
+    monkeypatch.setattr(s, 'MAX_WAITING', 1)
+    monkeypatch.setattr(s, 'BODY_S', 1.0)
+    app = serve_app(FakeBundle())
+    scope = lambda: {'type': 'http', 'method': 'POST', 'path': '/api/predict', 'raw_path': b'/api/predict', 'query_string': b'',
+                     'headers': [(b'content-type', b'multipart/form-data; boundary=xyz')], 'http_version': '1.1', 'scheme': 'http',
+                     'server': ('test', 80), 'client': ('client', 1), 'root_path': ''}
+    async def run():
+        async def stalled(): await asyncio.sleep(3600)  # a client that sent its headers and then nothing
+        sent = [[] for _ in range(4)]
+        def sender(i):
+            async def send(m): sent[i].append(m)
+            return send
+        tasks = [asyncio.create_task(app(scope(), stalled, sender(i))) for i in range(4)]
+        await asyncio.sleep(0.3)
+        early = [next((m for m in x if m['type'] == 'http.response.start'), None) for x in sent]
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)  # the stalled bodies time out: every request gets an answer
+        return early, [next(m for m in x if m['type'] == 'http.response.start') for x in sent]
+    early, final = asyncio.run(run())
+    assert [m['status'] if m else None for m in early] == [None, None, None, 503]  # 2 reading, 1 waiting, 1 refused at once
+    headers = dict(early[3]['headers'])
+    assert headers[b'retry-after'] == b'5' and headers[b'x-frame-options'] == b'DENY'
+    assert [m['status'] for m in final] == [408, 408, 408, 503]  # the waiting one got a slot once a stalled one timed out
