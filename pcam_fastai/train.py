@@ -303,7 +303,9 @@ def headline(metrics:dict, # A run's metrics.json content
              f'({str(metrics.get("split", "")).split(" (")[0]})']
     if metrics.get('operating_threshold'):
         c, op = metrics['calibration'], metrics['operating_threshold']
-        lines.append(f'train_pcam: labels use p({metrics["classes"][1]}) >= {op["value"]:.3g} ({op["source"]}); calibration T = {c["temperature"]:.3g}, '
+        v, src = f'{op["value"]:.3g}', op['source']
+        rule = src[len(v) + 1:] if src.startswith(v + ' (') else f'({src})'  # '0.5 (fallback: ...)' is not repeated after the value
+        lines.append(f'train_pcam: labels use p({metrics["classes"][1]}) >= {v} {rule}; calibration T = {c["temperature"]:.3g}, '
                      f'bias {(c.get("bias") or [0, 0])[1]:+.3g}: validation NLL {c["valid_before"]["nll"]:.3f} -> {c["valid_after"]["nll"]:.3f}, '
                      f'ECE {c["valid_before"]["ece"]:.3f} -> {c["valid_after"]["ece"]:.3f}')
     if metrics.get('test'):
