@@ -38,7 +38,6 @@ MB = 1_000_000  # bytes in a MB, as in the limits and messages
 
 def _mb(n:float) -> str: return f'{n / MB:.3g} MB'
 
-def _reason(e:Exception) -> str: return image_error_reason(e)
 
 IMAGE_FORMATS = ('PNG', 'JPEG', 'TIFF', 'BMP', 'WEBP', 'GIF')  # what patches come as; Pillow's other readers are not exposed
 
@@ -59,8 +58,8 @@ def read_upload(name:str, # The file's name, for messages
         return to_rgb(img, name)  # the rule training used
     except UploadError: raise
     except PCamDataError as e: raise UploadError(str(e)) from None  # a mode or value range to_rgb refuses
-    except Image.DecompressionBombError as e: raise UploadError(f'{name} is too large to decode safely: {_reason(e)}') from None
-    except Exception as e: raise UploadError(f'{name} is not an image PIL can read: {_reason(e)}.') from None
+    except Image.DecompressionBombError as e: raise UploadError(f'{name} is too large to decode safely: {image_error_reason(e)}') from None
+    except Exception as e: raise UploadError(f'{name} is not an image PIL can read: {image_error_reason(e)}.') from None
 
 # %% ../nbs/10_serve.ipynb #62813f43
 def gradcam_overlay(img:Image.Image, # The patch, any size
