@@ -6,7 +6,7 @@ the per-core rate of the stage that feeds the device, and the peak RSS while ite
 Settings (from issue 3): bs 64, size 224, CPU, 10 batches after a warm-up. The 220k cache is synthetic
 (random patches written straight into the cache format: 6.1 GB on disk), so it fits on a machine without Kaggle.
 """
-import argparse, gc, os, resource, shutil, sys, tempfile, time, warnings
+import argparse, os, tempfile, time, warnings
 from pathlib import Path
 
 warnings.filterwarnings('ignore')
@@ -42,7 +42,8 @@ def main():
     from fastai.vision.augment import Resize, aug_transforms
     from fastai.data.transforms import Normalize
     from fastai.vision.core import imagenet_stats
-    from pcam_fastai.data import make_synthetic_pcam, pcam_dataloaders
+    from pcam_fastai.data import make_synthetic_pcam
+    from pcam_fastai.sources import pcam_dataloaders
     from pcam_fastai.cache import build_cache, load_cache
     from pcam_fastai.loader import PatchArrays
 

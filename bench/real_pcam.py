@@ -15,7 +15,7 @@ Both are scored on the held-out part with `binary_metrics` (each at its own vali
 Nothing about the held-out part is used before that.
 """
 from __future__ import annotations
-import argparse, hashlib, json, os, shutil, sys, tempfile, time, warnings
+import argparse, hashlib, json, os, sys, tempfile, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,7 @@ def patch_features(x:np.ndarray) -> np.ndarray:
 
 def read_patches(folder:Path, ids) -> np.ndarray:
     from PIL import Image
-    from pcam_fastai.data import to_rgb
+    from pcam_fastai.core import to_rgb
     out = []
     for i in ids:
         with Image.open(folder/'train'/f'{i}.tif') as im: out.append(np.asarray(to_rgb(im), dtype=np.uint8))

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from pcam_fastai.data import make_synthetic_pcam, pcam_dataloaders
+from pcam_fastai.data import make_synthetic_pcam
+from pcam_fastai.sources import pcam_dataloaders
 from pcam_fastai.learner import pcam_learner, resolve_arch
 from pcam_fastai.interpret import gradcam
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 TIMEOUT = 240  # seconds per launch; a hung collective must fail the test, not the CI job
+CHECK = Path(__file__).parent/'ddp_check.py'  # the check program: not part of the package
 LAUNCH_ENV = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'ACCELERATE_USE_CPU')
 
 
@@ -43,8 +44,10 @@ def check_ddp(ranks, single):
 def single(tmp_path_factory):
     "The same run in one process (in this process: no launcher, world size 1)"
     for v in LAUNCH_ENV: assert v not in os.environ or v == 'ACCELERATE_USE_CPU', f'{v} is set: the reference must run alone'
-    from pcam_fastai.distributed import main
-    res = main([str(tmp_path_factory.mktemp('single'))])
+    out = tmp_path_factory.mktemp('single')
+    run = launch([sys.executable, CHECK, out], cwd=out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((out/'rank0.json').read_text())
     assert (res['world_size'], res['backend'], res['train_batches']) == (1, 'none', res['single_process_batches'])
     return res
 
@@ -52,7 +55,7 @@ def single(tmp_path_factory):
 def test_torchrun_two_cpu_processes(single, tmp_path):
     out = tmp_path/'out'
     res = launch([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                  '-m', 'pcam_fastai.distributed', out, '--lr-find'], cwd=tmp_path)
+                  CHECK, out, '--lr-find'], cwd=tmp_path)
     print(f'torchrun: {res.seconds:.0f} s')
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     ranks = read_ranks(out, 2)
@@ -68,7 +71,7 @@ def test_accelerate_launch_multi_gpu_flag_runs_two_cpu_processes(single, tmp_pat
     "`accelerate launch --multi_gpu` uses torchrun underneath; without GPUs, init_distributed picks gloo"
     out = tmp_path/'out'
     res = launch([Path(sys.executable).parent/'accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-                  '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'pcam_fastai.distributed', out], cwd=tmp_path)
+                  '--mixed_precision', 'no', '--dynamo_backend', 'no', CHECK, out], cwd=tmp_path)
     print(f'accelerate launch: {res.seconds:.0f} s')
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     check_ddp(read_ranks(out, 2), single)

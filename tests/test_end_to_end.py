@@ -14,7 +14,7 @@ def test_console_script_installed():
 
 def test_train_module_importable_from_fresh_process():
     code = ("import sys; from pcam_fastai.train import train_pcam, fit_two_stage, find_lr, PRESETS, LRSuggestion; "
-            "from pcam_fastai.data import pcam_dataloaders; "
+            "from pcam_fastai.sources import pcam_dataloaders; "
             "assert 'kaggle' not in sys.modules, 'kaggle must be imported lazily'; print('ok')")
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stderr[-2000:]
@@ -130,7 +130,7 @@ def test_same_seed_same_numbers(demo_run, tmp_path, resnet18_weights):
 
 
 def test_killed_training_resumes(demo_run, tmp_path, resnet18_weights):
-    import os, signal, time
+    import signal, time
     from conftest import BIN
     _, data, _ = demo_run
     args = [str(BIN/'pcam-fastai'), 'train', '--data', str(data), '--run-dir', str(tmp_path/'run'), '--epochs-frozen', '1', '--epochs-unfrozen', '4', *FAST, '--weights-path', str(resnet18_weights)]

@@ -49,7 +49,8 @@ def test_corrupt_tiff_is_named(small_set, tmp_path):
 
 
 def test_corrupt_tiff_in_python(small_set, tmp_path):
-    from pcam_fastai.data import pcam_dataloaders, PCamDataError
+    from pcam_fastai.sources import pcam_dataloaders
+    from pcam_fastai.core import PCamDataError
     bad = _copy(small_set, tmp_path/'bad')
     dls = pcam_dataloaders(bad, size=96, bs=8, num_workers=0)
     victim = dls.valid.items[0]

@@ -1,6 +1,5 @@
 "`pcam-fastai export` on the README's demo run: ONNX agrees with torch in onnxruntime, the bundle predicts like the learner, and it serves in a real browser."
-import json, os
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 
 from pcam_fastai.evaluate import (binary_metrics, expected_calibration_error, fit_temperature, apply_temperature, predict_logits,
-                                  operating_threshold, negative_log_likelihood)
+                                  negative_log_likelihood)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT/'tests'/'data'/'real-pcam-100'

@@ -42,5 +42,14 @@ def test_metadata_lives_in_pyproject():
     assert not (ROOT/'settings.ini').exists()
     import tomllib
     cfg = tomllib.loads((ROOT/'pyproject.toml').read_text())
-    assert cfg['tool']['nbdev']['tst_flags'] == 'slow'
+    assert cfg['tool']['nbdev']['tst_flags'].split() == ['slow', 'realdata']
     assert 'pcam-fastai' in cfg['project']['scripts']
+
+
+def test_readme_test_command_runs_the_slow_tier():
+    "CI runs the README's test command: it must include the slow notebook cells and every pytest test"
+    import re
+    readme = (ROOT/'README.md').read_text()
+    cmds = re.findall(r'```sh\n(.*?)\n```', readme, re.S)
+    test_cmd = cmds[1]  # .ci/run takes the second ```sh block as the test command
+    assert 'nbdev-test --flags slow' in test_cmd and '-m' not in test_cmd.split('pytest', 1)[1], test_cmd
