@@ -301,6 +301,7 @@ def build_split(source:Source, # What to cache
             raise CacheError(f"The disk at {dest} filled up while the {source.split!r} split was written ({e.strerror}). Free space and run the "
                              "same command again: it resumes from the last patches written.") from None
 
+# %% ../nbs/02_cache.ipynb #73c01714
 def _build_split(source, dest, chunk, force, verify, show_progress):
     final, part, old = dest/source.split, dest/f'{source.split}.partial', dest/f'{source.split}.old'
     if not final.exists() and old.exists(): os.replace(old, final)  # a crash between the two renames of a swap

@@ -17,17 +17,23 @@ from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
 from fastai.vision.core import PILImage
 
-from .core import PATCH_SIZE, PCamError, PCamDataError, UsageError
+from .core import PATCH_SIZE, PCamError, PCamDataError, UsageError, Split
 
 # %% auto #0
-__all__ = ['COMPETITION', 'RANDOM_SPLIT', 'TUMOUR_RGB', 'LYMPHOCYTE_RGB', 'NO_CREDENTIALS', 'open_patch', 'synthetic_patch',
-           'write_tiff', 'make_synthetic_pcam', 'KaggleDownloadError', 'kaggle_credentials_found', 'kaggle_api',
-           'explain_kaggle_error', 'check_zip', 'unzip_safely', 'kaggle_fetch', 'download_pcam', 'check_labels',
-           'read_labels', 'PatchOpener']
+__all__ = ['COMPETITION', 'RANDOM_SPLIT', 'TUMOUR_RGB', 'LYMPHOCYTE_RGB', 'NO_CREDENTIALS', 'open_patch', 'random_split',
+           'synthetic_patch', 'write_tiff', 'make_synthetic_pcam', 'KaggleDownloadError', 'kaggle_credentials_found',
+           'kaggle_api', 'explain_kaggle_error', 'check_zip', 'unzip_safely', 'kaggle_fetch', 'download_pcam',
+           'check_labels', 'read_labels', 'PatchOpener']
 
 # %% ../nbs/01_data.ipynb #99f9d70a
 COMPETITION = 'histopathologic-cancer-detection'
-RANDOM_SPLIT = 'kaggle-random-80/20 (optimistic: patches of one slide fall on both sides)'  # the reference notebook's split of train/
+def random_split(valid_pct:float=0.2, # Fraction of the patches that validate
+                ) -> Split:
+    "The reference notebook's random split of the Kaggle train folder: optimistic, since patches of one slide fall on both sides"
+    v = round(100 * valid_pct)
+    return Split(f'kaggle-random-{100 - v}/{v}', 'optimistic: patches of one slide fall on both sides', optimistic=True)
+
+RANDOM_SPLIT = random_split(0.2)
 
 # %% ../nbs/01_data.ipynb #d28d35a1
 def _nuclei(img, rng, n, r_lo, r_hi, colour, box=None):

@@ -73,10 +73,11 @@ def sensitivity_at_specificity(probs, # Predicted probability of the positive cl
     fpr, tpr, _ = roc_curve(t, p)
     return float(tpr[fpr <= 1 - specificity + 1e-12].max())
 
+# %% ../nbs/08_evaluate.ipynb #a0892b68
 def binary_metrics(probs, # Predicted probability of tumour, one per patch
                    targets, # True labels, 0 or 1
                    threshold:float=0.5, # Predict tumour when prob >= threshold
-                   split:str='valid', # Where the numbers come from, e.g. 'pcam-official-test'
+                   split='valid', # Where the numbers come from: a `Split` or its name, e.g. 'pcam-official-test'
                    n_boot:int=1000, # Bootstrap resamples for the confidence intervals (0: none)
                    seed:int=0, # Seed of the bootstrap
                    threshold_source:str='fixed', # How the threshold was chosen, for the report
@@ -88,7 +89,7 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
     tp, fp, tn, fn = _counts(pred, t)
     two = len(np.unique(t)) == 2
     sens, spec, prec = _div(tp, tp + fn), _div(tn, tn + fp), _div(tp, tp + fp)
-    res = dict(split=split, n=len(t), positives=int(t.sum()), threshold=float(threshold), threshold_source=threshold_source,
+    res = dict(split=str(split), n=len(t), positives=int(t.sum()), threshold=float(threshold), threshold_source=threshold_source,
                accuracy=_div(tp + tn, len(t)), roc_auc=float(roc_auc_score(t, p)) if two else float('nan'),
                balanced_accuracy=(sens + spec) / 2 if two else float('nan'), nll=negative_log_likelihood(p, t),
                ece=expected_calibration_error(p, t), sensitivity_at_spec90=sensitivity_at_specificity(p, t, 0.9),
@@ -211,6 +212,7 @@ class Calibration(NamedTuple):
 
 BIAS_RANGE = 10.0  # largest |bias| searched
 
+# %% ../nbs/08_evaluate.ipynb #4bd62620
 def fit_calibration(logits, # Validation logits (N, n_classes), before softmax
                     targets, # Validation class indices
                     bias:bool=True, # Also fit per-class offsets; False: the temperature alone (`fit_temperature`)
@@ -327,7 +329,7 @@ def multiclass_metrics(probs, # Predicted probabilities, (N, n_classes), rows su
     bal = lambda pr, tt: float(np.mean([(pr[tt == c] == c).mean() for c in np.unique(tt)]))
     try: auc = float(roc_auc_score(t, p / p.sum(1, keepdims=True), multi_class='ovr', average='macro', labels=range(len(classes))))
     except ValueError: auc = float('nan')  # a class without examples in this split
-    res = dict(split=split, n=len(t), multiclass=True, classes=list(classes), accuracy=float((pred == t).mean()),
+    res = dict(split=str(split), n=len(t), multiclass=True, classes=list(classes), accuracy=float((pred == t).mean()),
                balanced_accuracy=bal(pred, t), macro_f1=float(f1[present].mean()), roc_auc=auc,
                per_class={c: dict(precision=float(prec[i]), recall=float(rec[i]), f1=float(f1[i]), support=int(sup[i])) for i, c in enumerate(classes)},
                confusion=confusion_matrix(t, pred, labels=range(len(classes))).tolist())
@@ -416,25 +418,10 @@ def make_submission(learn, # A trained learner (also from `load_learner`)
                     bs:int=128, # Batch size
                    ) -> Path: # `out`
     "Predict every Kaggle test patch and write a checked submission CSV (`id,label` with probabilities)"
-    from pcam_fastai.cache import is_cache, load_cache
-    from pcam_fastai.loader import CacheDataLoaders
-    data, out = Path(data), Path(out)
-    if is_cache(data):
-        c = load_cache(data, 'test')
-        if not (c.labels == -1).all(): raise PCamDataError(f"The 'test' split at {data} is labelled (official PCam): use it for metrics, not for a Kaggle submission.")
-        if not c.keep.all(): raise PCamDataError(f"{int((~c.keep).sum())} test patches were skipped when caching; a submission needs every id. Rebuild the cache with on_bad='fix'.")
-        ids = c.ids
-        if not isinstance(learn.dls, CacheDataLoaders): raise PCamDataError("This learner was trained from files: pass the Kaggle folder, not the cache.")
-        dl = _cache_test_dl(learn, c, bs)
-        sample = ids
-    else:
-        if not (data/'sample_submission.csv').exists(): raise PCamDataError(f"{data/'sample_submission.csv'} not found: pass the Kaggle folder or cache.")
-        sample = pd.read_csv(data/'sample_submission.csv', dtype={'id': str}).id.tolist()
-        ids = sample
-        files = [data/'test'/f'{i}.tif' for i in ids]
-        missing = [f for f in files if not f.exists()]
-        if missing: raise PCamDataError(f"{len(missing)} ids of sample_submission.csv have no test/<id>.tif (e.g. {missing[0].name}).")
-        dl = learn.dls.test_dl(files, bs=bs)
+    from pcam_fastai.sources import open_source
+    out = Path(out)
+    ids, dl = open_source(data).submission_dl(learn, bs)
+    sample = ids
     probs, _ = predict(learn, dl, tta=tta)
     p = probs[:, 1].numpy()
     if len(p) != len(sample): raise PCamDataError(f"Got {len(p)} predictions for {len(sample)} rows of sample_submission.csv; nothing written.")
@@ -444,10 +431,6 @@ def make_submission(learn, # A trained learner (also from `load_learner`)
     tmp = out.with_name(out.name + '.partial')
     sub.to_csv(tmp, index=False); os.replace(tmp, out)
     return out
-
-def _cache_test_dl(learn, c, bs):
-    from pcam_fastai.loader import PatchArrays
-    return learn.dls.valid.new(PatchArrays(c.images, c.labels, np.arange(len(c.ids)), with_labels=False, split_idx=1), bs=bs, shuffle=False, drop_last=False)
 
 def check_submission(sub:pd.DataFrame, # The submission to check
                      sample_ids:list, # Ids of sample_submission.csv, in order
@@ -515,22 +498,19 @@ def load_weights(learn, # The learner to load into
         raise ModelFileError(f"{fn} does not fit this model ({str(e).splitlines()[0][:200]} ...): it was trained with another arch or head.") from None
     return learn
 
+# %% ../nbs/08_evaluate.ipynb #57ab2b3f
 def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
              data:str|Path|None=None, # Data for the learner's DataLoaders; None: the run's own data
              cpu:bool=True, # Load onto the CPU
             ):
     "Rebuild a run's learner from `config.json` and load `model.pth` safely (no pickle)"
-    from pcam_fastai.sources import pcam_dataloaders
+    from pcam_fastai.sources import open_source
     from pcam_fastai.learner import pcam_learner
     run_dir = Path(run_dir)
     cfg = read_run_json(run_dir/'config.json')
     st = cfg['settings']
-    from pcam_fastai.folders import is_folder_dataset, folder_dataloaders
-    src = data or cfg['data']
-    make = folder_dataloaders if is_folder_dataset(src) else pcam_dataloaders
-    kw = dict(positive=cfg.get('positive')) if make is folder_dataloaders else {}
-    dls = make(src, size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'],
-               n_items=st['n_items'], num_workers=0, device='cpu' if cpu else None, **kw)
+    dls = open_source(data or cfg['data']).dataloaders(size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'], n_items=st['n_items'],
+                                                        num_workers=0, device='cpu' if cpu else None, positive=cfg.get('positive'))
     learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=False, path=run_dir, quiet=True)
     verify_model_checksum(run_dir)
     load_weights(learn, run_dir/'model.pth')

@@ -17,7 +17,7 @@ from fastai.data.transforms import FuncSplitter, RandomSplitter, IntToFloatTenso
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.augment import Resize, ResizeMethod, aug_transforms
 
-from .core import PCamDataError, UsageError, to_rgb
+from .core import PCamDataError, UsageError, Split, to_rgb
 from .data import synthetic_patch
 
 # %% auto #0
@@ -57,6 +57,7 @@ def _order_binary(classes:list, positive:str|None, root) -> list:
         positive = a if score(a) > score(b) else b
     return [c for c in classes if c != positive] + [positive]
 
+# %% ../nbs/03_folders.ipynb #91b8103c
 def folder_layout(root:str|Path, # A folder of class folders, with an optional train/valid/test level or a patient level above them
                   positive:str|None=None, # For two classes: the positive (disease) class; None: guessed from the names, else sorted order
                  ) -> FolderLayout:
@@ -162,7 +163,7 @@ def folder_dataloaders(root:str|Path, # A folder-per-class patch set (see `folde
     if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
     if lay.kind == 'splits':
         train, valid = lay.files['train'], lay.files.get('valid', [])
-        if valid: split_name = 'folder-valid (as given in valid/)'
+        if valid: split = Split('folder-valid', 'as given in valid/')
     else: train, valid = lay.files['all'], []
     if n_items: train = random.Random(seed).sample(train, min(n_items, len(train)))
     if valid:
@@ -173,10 +174,10 @@ def folder_dataloaders(root:str|Path, # A folder-per-class patch set (see `folde
         if len(groups) < 2: raise PCamDataError(f"{root} has one patient folder; a patient-level split needs at least two.")
         held = set(random.Random(seed).sample(groups, min(len(groups) - 1, max(1, round(valid_pct * len(groups))))))
         items, splitter = train, FuncSplitter(lambda f: _group_of(f) in held)
-        split_name = f'grouped-by-patient ({len(held)} of {len(groups)} patients held out)'
+        split = Split('grouped-by-patient', f'{len(held)} of {len(groups)} patients held out')
     else:
         items, splitter = train, RandomSplitter(valid_pct, seed=seed)
-        split_name = f'random-{round(100*(1-valid_pct))}/{round(100*valid_pct)} (optimistic if patches of one slide fall on both sides)'
+        split = Split(f'random-{round(100*(1-valid_pct))}/{round(100*valid_pct)}', 'optimistic if patches of one slide fall on both sides', optimistic=True)
     block = DataBlock(blocks=(TransformBlock(type_tfms=open_rgb, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=lay.classes)),
                       get_y=parent_label, splitter=splitter, item_tfms=Resize(size, method=ResizeMethod.Squish),
                       batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0., max_lighting=0.1),
@@ -188,10 +189,11 @@ def folder_dataloaders(root:str|Path, # A folder-per-class patch set (see `folde
     missing = sorted(set(lay.classes) - {parent_label(f) for f in dls.valid.items})
     if missing: warnings.warn(f"The validation split of {root} has no {', '.join(missing)} images: their recall and AUC are undefined there "
                               "(reported as NaN). Add them to valid/, or use more data or patients.")
-    dls.split_name, dls.layout, dls.positive = split_name, lay, lay.positive
+    dls.split, dls.split_name, dls.layout, dls.positive = split, str(split), lay, lay.positive
     dls.test_items = lay.files.get('test', [])
     return dls
 
+# %% ../nbs/03_folders.ipynb #ab875ef5
 def folder_test_dl(dls, # DataLoaders from `folder_dataloaders`
                    bs:int|None=None, # Batch size; None: that of `dls`
                   ):

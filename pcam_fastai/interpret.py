@@ -55,6 +55,7 @@ def gradcam_layer(model:torch.nn.Module, # A fastai vision model (body, head)
     if ok: return ok[-1][1], ok[-1][0], ok[-1][2]
     return (grids[-1][1], grids[-1][0], grids[-1][2]) if grids else (model[0], 'body', None)
 
+# %% ../nbs/09_interpret.ipynb #5ddd47bc
 def gradcam(learn, # A trained (or any) fastai vision learner
             xb:torch.Tensor, # A batch of model-ready (normalized) images, (N, 3, H, W)
             target:int|torch.Tensor|None=None, # Class index (or one per image) to explain; None: the predicted class
@@ -155,6 +156,7 @@ def heatmap_colorbar(fig, # The figure
     cb.set_label(label, fontsize=8); cb.ax.tick_params(labelsize=7)
     return cb
 
+# %% ../nbs/09_interpret.ipynb #20146d9c
 def plot_patches_gradcam(learn, # A trained learner
                          idxs, # Positions in `interp.dl` to show
                          interp:ClassificationInterpretation, # Its interpretation
@@ -208,6 +210,7 @@ def calibrated_losses(interp:ClassificationInterpretation, # An interpretation o
     probs, targs = all_preds(interp)
     return -probs.gather(1, targs.long()[:, None])[:, 0].clamp_min(1e-12).log()
 
+# %% ../nbs/09_interpret.ipynb #db9ef200
 def top_loss_idxs(interp:ClassificationInterpretation, # An interpretation
                   k:int=9, # How many
                   kind:str='all', # 'all', 'fn' (missed tumour) or 'fp' (false alarms)

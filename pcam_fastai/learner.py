@@ -169,6 +169,7 @@ def _timm_weights_error(name, err) -> PretrainedWeightsError:
         f"  2. or pass weights_path='/path/to/{name}.safetensors' or .pth (CLI: --weights-path)\n"
         f"  3. or train from scratch with pretrained=False (CLI: --pretrained false); expect lower accuracy on real data.")
 
+# %% ../nbs/06_learner.ipynb #e679b5c7
 def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai vision DataLoaders)
                  arch='resnet50', # torchvision or timm model name, or a model function
                  pretrained:bool=True, # Start from ImageNet weights

@@ -22,8 +22,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import TensorImage, TensorCategory, default_device
 from fastai.vision.core import imagenet_stats
 
-from .core import CLASSES, PATCH_SIZE, PCamDataError, UsageError
-from .data import RANDOM_SPLIT, open_patch
+from .core import CLASSES, PATCH_SIZE, PCamDataError, UsageError, Split
+from .data import random_split, open_patch
 from .cache import load_cache, cache_splits, CacheError
 
 # %% auto #0
@@ -83,6 +83,7 @@ class ResizeBatch(Transform):
         if t.dtype == torch.uint8 and t.is_cuda: t = t.float()  # uint8 interpolation is a CPU fast path
         return TensorImage(F.interpolate(t, size=(self.size, self.size), mode='bilinear', align_corners=False, antialias=False))
 
+# %% ../nbs/04_loader.ipynb #1bfdcc53
 class NormalizeBatch(Transform):
     "uint8 (0-255) to float, normalized in place with `mean` and `std` given for 0-1 images; decodes to 0-1 floats"
     order = 90
@@ -178,6 +179,7 @@ class PatchArrays:
     def new_empty(self):
         return PatchArrays(np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), np.zeros(0, np.int8), [], self.vocab, self.with_labels, self.split_idx)
 
+# %% ../nbs/04_loader.ipynb #392b83f0
 class CacheDL(TfmdDL):
     "A fastai DataLoader whose batches are one gather from a `PatchArrays`"
     def create_batches(self, samps):
@@ -205,9 +207,9 @@ class CacheDataLoaders(DataLoaders):
         return self.valid.new(ds, bs=bs or self.valid.bs, shuffle=False, drop_last=False, **kwargs)
 
 # %% ../nbs/04_loader.ipynb #b5f8ea50
-OFFICIAL_VALID = 'pcam-official-valid (slide-disjoint from train)'
-OFFICIAL_TEST = 'pcam-official-test (slide-disjoint from train and valid)'
-GROUPED_SPLIT = 'kaggle-grouped-by-slide (slides held out whole)'
+OFFICIAL_VALID = Split('pcam-official-valid', 'slide-disjoint from train')
+OFFICIAL_TEST = Split('pcam-official-test', 'slide-disjoint from train and valid')
+GROUPED_SPLIT = Split('kaggle-grouped-by-slide', 'slides held out whole')
 
 def split_indices(n:int, # Rows to split
                   valid_pct:float=0.2, # Fraction for validation
@@ -263,7 +265,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
         train_ds, valid_ds, name = PatchArrays(tr.images, tr.labels, rows), PatchArrays(va.images, va.labels, vrows, split_idx=1), OFFICIAL_VALID
     else:
         if n_items: rows = rows[:n_items]
-        grp, name = None, RANDOM_SPLIT
+        grp, name = None, random_split(valid_pct)
         if groups is not None:
             gdf = pd.read_csv(groups, dtype={'id': str})
             if not {'id', 'slide'} <= set(gdf.columns): raise PCamDataError(f"{groups} must have columns id,slide.")
@@ -278,7 +280,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
     tfms = batch_tfms(size, max_zoom, stain_jitter)
     kw = dict(bs=bs, num_workers=num_workers, device=device, after_batch=tfms)
     dls = CacheDataLoaders(CacheDL(train_ds, shuffle=True, drop_last=len(train_ds) > bs, **kw), CacheDL(valid_ds, **kw), path=path, device=device)
-    dls.split_name, dls.c = name, len(CLASSES)
+    dls.split, dls.split_name, dls.c = name, str(name), len(CLASSES)
     return dls
 
 def cache_test_dl(dls:CacheDataLoaders, # DataLoaders from `cache_dataloaders`

@@ -17,7 +17,7 @@ from pcam_fastai.data import make_synthetic_pcam
 from pcam_fastai.sources import pcam_dataloaders
 from pcam_fastai.learner import pcam_learner
 from pcam_fastai.distributed import init_distributed, is_main, rank, world_size, barrier, run_on_main, distrib_fit_ctx
-from pcam_fastai.train import find_lr
+from pcam_fastai.training import find_lr
 
 
 class BatchCounter(Callback):

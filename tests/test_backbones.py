@@ -7,6 +7,8 @@ from pcam_fastai.sources import pcam_dataloaders
 from pcam_fastai.learner import pcam_learner, resolve_arch
 from pcam_fastai.interpret import gradcam
 
+pytestmark = pytest.mark.slow  # trains models, starts processes or builds pages: the fast loop skips these
+
 ARCHS = ['resnet50', 'vgg16_bn', 'mobilenet_v2', 'wide_resnet50_2', 'densenet169', 'convnext_atto']  # the last one is timm's
 
 

@@ -134,6 +134,7 @@ def test_full_disk_leaves_old_cache_untouched(kaggle_set, tmp_path):
     assert load_cache(tmp_path/'cache').images.shape[0] == 120
 
 
+@pytest.mark.slow
 def test_killed_build_resumes(tmp_path):
     import pcam_fastai.cache as pc
     folder = make_synthetic_pcam(tmp_path/'pcam', n_train=4000, n_test=0, seed=9, show_progress=False)
@@ -161,6 +162,7 @@ def test_killed_build_resumes(tmp_path):
         assert np.array_equal(c.images[i], np.asarray(Image.open(folder/'train'/f'{df.id[i]}.tif')))
 
 
+@pytest.mark.slow
 def test_cache_loader_trains_as_well_as_files(demo_run, tmp_path):
     run, data, _ = demo_run
     res = run_cli(['train', '--data', data, '--cache', tmp_path/'cache', '--run-dir', tmp_path/'run', '--preset', 'cpu-demo', '--epochs-unfrozen', '6'])  # as many as the demo run
@@ -181,7 +183,7 @@ def test_grouped_split_holds_out_whole_slides(kaggle_set, tmp_path):
     slides = pd.DataFrame(dict(id=df.id, slide=[f'slide{i % 12}' for i in range(len(df))]))
     slides.to_csv(tmp_path/'slides.csv', index=False)
     dls = cache_dataloaders(tmp_path/'cache', size=96, bs=8, groups=tmp_path/'slides.csv', device='cpu')
-    assert dls.split_name == GROUPED_SPLIT
+    assert dls.split == GROUPED_SPLIT and dls.split_name == str(GROUPED_SPLIT)
     ids = load_cache(tmp_path/'cache').ids
     slide_of = dict(zip(slides.id, slides.slide))
     tr = {slide_of[ids[i]] for i in dls.train_ds.idxs}

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains models, starts processes or builds pages: the fast loop skips these
+
 TIMEOUT = 240  # seconds per launch; a hung collective must fail the test, not the CI job
 CHECK = Path(__file__).parent/'ddp_check.py'  # the check program: not part of the package
 LAUNCH_ENV = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'ACCELERATE_USE_CPU')

@@ -12,6 +12,7 @@ MODULES = sorted(p.stem for p in (ROOT/'pcam_fastai').glob('*.py') if not p.name
 
 PROC = """
 import shutil, nbdev.quarto as q
+
 if shutil.which('quarto') is None: q._ensure_quarto = lambda: print('quarto is not installed: processing only')  # never a sudo install from a test
 q.nbdev_proc_nbs.__wrapped__(force=True)
 """
@@ -38,6 +39,7 @@ def public_api(module):
             if (inspect.isfunction(getattr(m, n)) or inspect.isclass(getattr(m, n))) and getattr(getattr(m, n), '__module__', '') == m.__name__]
 
 
+@pytest.mark.slow  # nbdev-proc-nbs on every notebook: about 40 s
 def test_every_page_has_a_title(proc):
     pages = sorted((ROOT/'nbs').rglob('*.ipynb'))
     assert len(pages) >= 16
@@ -51,6 +53,7 @@ def test_every_page_has_a_title(proc):
 
 
 @pytest.mark.parametrize('module', MODULES)
+@pytest.mark.slow  # nbdev-proc-nbs on every notebook: about 40 s
 def test_every_public_name_has_show_doc(proc, module):
     nb = source_nb(module)
     text = '\n'.join(''.join(c['source']) for c in json.loads((proc/nb).read_text())['cells'] if c['cell_type'] == 'code')

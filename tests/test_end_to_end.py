@@ -7,13 +7,16 @@ import torch
 
 from conftest import BIN
 
+import pytest
+pytestmark = pytest.mark.slow  # trains models, starts processes or builds pages: the fast loop skips these
+
 
 def test_console_script_installed():
     assert (BIN/'pcam-fastai').exists()
 
 
 def test_train_module_importable_from_fresh_process():
-    code = ("import sys; from pcam_fastai.train import train_pcam, fit_two_stage, find_lr, PRESETS, LRSuggestion; "
+    code = ("import sys; from pcam_fastai.train import train_pcam, PRESETS; from pcam_fastai.training import fit_two_stage, find_lr, LRSuggestion; "
             "from pcam_fastai.sources import pcam_dataloaders; "
             "assert 'kaggle' not in sys.modules, 'kaggle must be imported lazily'; print('ok')")
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)

@@ -11,6 +11,7 @@ KAGGLE_VARS = ('KAGGLE_USERNAME', 'KAGGLE_KEY', 'KAGGLE_API_TOKEN', 'KAGGLE_CONF
 
 
 
+@pytest.mark.slow
 def test_download_without_kaggle_credentials(tmp_path):
     res = run_cli(['download', '--dest', tmp_path/'pcam'], env={'HOME': str(tmp_path)}, drop=KAGGLE_VARS)
     err = clean_error(res)
@@ -38,6 +39,7 @@ def test_images_without_labels(small_set, tmp_path):
     assert '2 images in train/ have no row in train_labels.csv' in err
 
 
+@pytest.mark.slow
 def test_corrupt_tiff_is_named(small_set, tmp_path):
     bad = _copy(small_set, tmp_path/'bad')
     df = pd.read_csv(bad/'train_labels.csv')
@@ -58,6 +60,7 @@ def test_corrupt_tiff_in_python(small_set, tmp_path):
     with pytest.raises(PCamDataError, match=f'Cannot read patch {victim}'): list(dls.valid)
 
 
+@pytest.mark.slow
 def test_offline_pretrained_weights(small_set, tmp_path):
     # An empty torch cache and a proxy that refuses connections: offline on any machine
     env = {'TORCH_HOME': str(tmp_path/'torch'), 'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9',

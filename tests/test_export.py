@@ -7,6 +7,8 @@ import torch
 
 from conftest import run_cli, run_main, clean_error, launch_chromium
 
+pytestmark = pytest.mark.slow  # trains models, starts processes or builds pages: the fast loop skips these
+
 
 
 @pytest.fixture(scope='module')

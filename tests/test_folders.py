@@ -3,6 +3,9 @@ import json
 
 from conftest import run_cli, run_main, clean_error
 
+import pytest
+pytestmark = pytest.mark.slow  # trains models, starts processes or builds pages: the fast loop skips these
+
 
 def test_idc_layout_50px_trains_on_cpu_demo(tmp_path):
     from pcam_fastai.folders import make_synthetic_folders

@@ -5,6 +5,8 @@ import pytest
 
 from conftest import run_main
 
+pytestmark = pytest.mark.slow  # trains models, starts processes or builds pages: the fast loop skips these
+
 TINY = ['--size', '32', '--bs', '16', '--epochs-unfrozen', '1', '--num-workers', '0']
 
 

@@ -54,6 +54,7 @@ def real_run(tmp_path_factory):
     return learn, m, tmp/'run', bundle, out.getvalue()
 
 
+@pytest.mark.slow
 def test_temperature_scaling_on_real_predictions(real_run):
     "A deliberately overconfident version of a real model (logits x 6): temperature scaling lowers NLL and ECE, AUC unchanged"
     learn, m, run, _, _ = real_run
@@ -69,6 +70,7 @@ def test_temperature_scaling_on_real_predictions(real_run):
     assert c['valid_after']['nll'] <= c['valid_before']['nll'] + 1e-9  # the run's own fit never makes validation NLL worse
 
 
+@pytest.mark.slow
 def test_one_threshold_everywhere(real_run):
     "metrics.json, bundle.json, report.md, the CLI summary's source and the served JSON carry the same threshold"
     from starlette.testclient import TestClient
@@ -96,6 +98,7 @@ def test_one_threshold_everywhere(real_run):
     assert client.get('/health').json()['threshold'] == thr
 
 
+@pytest.mark.slow
 def test_gradcam_sanity_checks_on_real_tiles(real_run):
     "Adebayo et al. 2018: maps of the trained model differ from those of the same model re-initialised; maps of different patches differ"
     from pcam_fastai.interpret import gradcam, gradcam_layer
@@ -122,6 +125,7 @@ def test_gradcam_sanity_checks_on_real_tiles(real_run):
     assert np.median(between) < 0.6 and len(peaks) >= len(ok) // 4
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end(tmp_path):
     "bench/real_pcam.py on the 100 committed real tiles: both models trained, one table, results written"
     out = tmp_path/'res.json'

@@ -145,6 +145,7 @@ def test_html_page(client):
     with pytest.raises(TypeError, match='serve_app needs a Bundle or the path of a bundle folder'): serve_app(object())
 
 
+@pytest.mark.slow
 def test_serve_process(tmp_path):
     "`serve` in its own process prints the URL, answers, and stops cleanly on Ctrl+C"
     script = tmp_path/'run.py'
@@ -174,6 +175,7 @@ def test_port_in_use():
             serve(FakeBundle(), port=port)
 
 
+@pytest.mark.slow
 def test_browser(tmp_path):
     "The page in headless Chromium: upload, result card with overlay, an empty file's error, then a valid upload again"
     from playwright.sync_api import sync_playwright
@@ -260,6 +262,7 @@ def _rss_mb(pid, field='VmRSS'):
         if line.startswith(field + ':'): return int(line.split()[1]) / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='reads the memory of the server process from /proc (Linux)')
 def test_serve_memory_is_bounded_under_concurrent_uploads(tmp_path):
     "Many clients at once, each with 16 incompressible 1-megapixel PNGs (3 MB each): the server reads two uploads at a time, so its memory stays bounded"
