@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 
 # %% ../nbs/15_cli.ipynb #dba35ce3
 from __future__ import annotations
-import errno, inspect, sys, warnings
+import errno, inspect, sys, typing, warnings
 from pathlib import Path
 
 from fastcore.script import anno_parser, bool_arg
@@ -19,8 +19,8 @@ from .data import COMPETITION, download_pcam, make_synthetic_pcam
 from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 
 # %% auto #0
-__all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'train_command',
-           'submit', 'export', 'serve', 'user_message', 'main']
+__all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'cli_type',
+           'train_command', 'submit', 'export', 'serve', 'user_message', 'main']
 
 # %% ../nbs/15_cli.ipynb #0ce98128
 def download(dest:str='data/pcam', # Folder to download into
@@ -61,7 +61,8 @@ def synth(dest:str='data/synthetic-pcam', # Folder to write the synthetic set in
 # %% ../nbs/15_cli.ipynb #c8e109cb
 CLI_HIDDEN = ('show',)  # train_pcam parameters that make no sense on a command line
 
-def train(pretrained:bool_arg=None, # Start from ImageNet weights: true or false (default: from the preset)
+def train(*, # keywords only: the command line names every option
+          pretrained:bool_arg=None, # Start from ImageNet weights: true or false (default: from the preset)
           fp16:bool_arg=None, # Mixed precision on CUDA: true or false (default: from the preset)
           **kwargs, # The other parameters of `train_pcam`, with their defaults and docs (see `train_command`)
          ):
@@ -69,12 +70,20 @@ def train(pretrained:bool_arg=None, # Start from ImageNet weights: true or false
     from pcam_fastai.train import train_pcam
     train_pcam(pretrained=pretrained, fp16=fp16, **kwargs)
 
+def cli_type(annotation, # A parameter's annotation in `train_pcam`, e.g. `int|None`
+            ):
+    "What argparse parses an option as: `int|None` as int, `str|Path|None` as str (argparse names the type in its errors)"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if not args: return annotation
+    return str if str in args else args[0]
+
 def train_command():
     "`train` with `train_pcam`'s signature and docs: imports the training code, so only when the command is `train`"
     if getattr(train, '__delwrap__', None) is None:
         from pcam_fastai.train import train_pcam  # imports torch, timm and matplotlib: not for the other commands
         own = inspect.signature(train, eval_str=True).parameters
-        params = [own.get(p.name, p) for p in inspect.signature(train_pcam, eval_str=True).parameters.values() if p.name not in CLI_HIDDEN]
+        params = [own.get(p.name) or p.replace(annotation=cli_type(p.annotation), kind=p.KEYWORD_ONLY)
+                  for p in inspect.signature(train_pcam, eval_str=True).parameters.values() if p.name not in CLI_HIDDEN]
         train.__signature__, train.__delwrap__ = inspect.Signature(params), train_pcam  # docments reads the rest of the docs from train_pcam
     return train
 

@@ -90,7 +90,9 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
     dest = Path(dest)
     spec = dict(n_train=n_train, n_test=n_test, seed=seed, pos_frac=pos_frac, version=1)
     marker = dest/'.synthetic.json'
-    if not force and marker.exists() and json.loads(marker.read_text()) == spec: return dest
+    try: done = not force and marker.exists() and json.loads(marker.read_text()) == spec
+    except (OSError, ValueError): done = False  # a damaged marker: write the set again
+    if done: return dest
     if n_train < 2 or n_test < 0: raise UsageError(f"n_train must be >= 2 and n_test >= 0, got n_train={n_train}, n_test={n_test}.")
     marker.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
     rng = np.random.default_rng(seed)

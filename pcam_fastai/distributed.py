@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from fastai.distributed import DistributedDL
 
-from .core import UsageError
+from .core import PCamError, UsageError
 
 # %% auto #0
-__all__ = ['world_size', 'rank', 'is_main', 'init_distributed', 'comm_device', 'patch_distributed_dl', 'barrier',
+__all__ = ['world_size', 'rank', 'is_main', 'LaunchError', 'init_distributed', 'comm_device', 'patch_distributed_dl', 'barrier',
            'broadcast_value', 'single_process', 'run_on_main', 'distrib_fit_ctx', 'bn_types', 'revert_sync_batchnorm']
 
 # %% ../nbs/07_distributed.ipynb #18f17b56
@@ -40,6 +40,9 @@ def is_main() -> bool:
     return rank() == 0
 
 # %% ../nbs/07_distributed.ipynb #c1ec233e
+class LaunchError(PCamError, RuntimeError):
+    "The processes were launched in a way that cannot work (a missing rank variable, more processes than GPUs)"
+
 def _use_cpu() -> bool:
     "Whether to run on CPUs: no CUDA, or `accelerate launch --cpu`"
     return not torch.cuda.is_available() or os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
@@ -51,20 +54,20 @@ def init_distributed() -> str|None: # The backend ('nccl' or 'gloo'), or None in
     n = int(os.environ.get('WORLD_SIZE') or 1)
     if n <= 1: return None
     missing = [v for v in ('RANK', 'MASTER_ADDR', 'MASTER_PORT') if not os.environ.get(v)]
-    if missing: raise RuntimeError(f"WORLD_SIZE={n} is set but {', '.join(missing)} not: start the processes with "
+    if missing: raise LaunchError(f"WORLD_SIZE={n} is set but {', '.join(missing)} not: start the processes with "
                                    "`torchrun --nproc_per_node N ...` or `accelerate launch --multi_gpu --num_processes N ...`, "
                                    "or unset WORLD_SIZE to train in one process.")
     cpu = _use_cpu()
     if not cpu:
         local_n, gpus = int(os.environ.get('LOCAL_WORLD_SIZE') or n), torch.cuda.device_count()
-        if local_n > gpus: raise RuntimeError(f"{local_n} processes on this machine but only {gpus} GPU(s): launch at most {gpus} "
+        if local_n > gpus: raise LaunchError(f"{local_n} processes on this machine but only {gpus} GPU(s): launch at most {gpus} "
                                               "per machine (--nproc_per_node / --num_processes), or add --cpu to accelerate launch "
                                               "(or set CUDA_VISIBLE_DEVICES='') to run on CPUs with gloo.")
     from accelerate import PartialState
     # rank 0 may work alone for a long time (building an array cache, evaluating): wait for it, not the 10-minute default
     state = PartialState(cpu=cpu, timeout=timedelta(hours=int(os.environ.get('PCAM_FASTAI_DIST_TIMEOUT_H', 6))))
     if not dist.is_initialized():
-        raise RuntimeError(f"accelerate did not start a process group (distributed type {state.distributed_type}, "
+        raise LaunchError(f"accelerate did not start a process group (distributed type {state.distributed_type}, "
                            f"WORLD_SIZE={n}). Launch with torchrun or `accelerate launch --multi_gpu`.")
     return str(dist.get_backend())
 

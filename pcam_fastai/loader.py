@@ -255,6 +255,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
     "fastai `DataLoaders` reading batches straight from an array cache"
     path = Path(path)
     if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
+    if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
     tr = load_cache(path, 'train')
     rows = np.flatnonzero(tr.keep & (tr.labels >= 0))
     if len(rows) < 2: raise CacheError(f"The train split at {path} has {len(rows)} labelled patches.")
@@ -267,7 +268,8 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
         if n_items: rows = rows[:n_items]
         grp, name = None, random_split(valid_pct)
         if groups is not None:
-            gdf = pd.read_csv(groups, dtype={'id': str})
+            try: gdf = pd.read_csv(groups, dtype={'id': str})
+            except (OSError, ValueError) as e: raise PCamDataError(f"Cannot read the groups CSV {groups}: {e}") from None
             if not {'id', 'slide'} <= set(gdf.columns): raise PCamDataError(f"{groups} must have columns id,slide.")
             m = dict(zip(gdf.id, gdf.slide))
             missing = [tr.ids[i] for i in rows if tr.ids[i] not in m]

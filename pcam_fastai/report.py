@@ -18,9 +18,15 @@ from .interpret import plot_top_losses_gradcam
 from .training import plot_history
 
 # %% auto #0
-__all__ = ['gradcam_centre_share', 'evaluate_run', 'headline', 'write_report']
+__all__ = ['short_split_name', 'gradcam_centre_share', 'evaluate_run', 'headline', 'write_report']
 
 # %% ../nbs/11_report.ipynb #e0830413
+def short_split_name(dls, # DataLoaders of a run
+                    ) -> str:
+    "The split's short name, for a plot (DataLoaders built elsewhere may only have `split_name`)"
+    split = getattr(dls, 'split', None)
+    return split.name if split is not None else dls.split_name.split(' (')[0]
+
 def _save(fig, fn):
     fig.savefig(fn, dpi=80); plt.close(fig)
     return fn.name
@@ -96,10 +102,10 @@ def evaluate_run(learn, # The trained learner
              _save(plot_top_losses_gradcam(learn, k=top_k, kind='fp', **kw), run_dir/'false_positives_gradcam.png'),
              _save(plot_confident_gallery(learn, k=4, **kw), run_dir/'confident_gallery.png'),
              _save(plot_history(run_dir/'history.csv'), run_dir/'history.png'),
-             _save(plot_roc(vp, vt, 'ROC, validation', subtitle=dls.split.name, threshold=op.value), run_dir/'roc_valid.png'),
+             _save(plot_roc(vp, vt, 'ROC, validation', subtitle=short_split_name(dls), threshold=op.value), run_dir/'roc_valid.png'),
              _save(plot_confusion(valid, classes=list(dls.vocab), title='Confusion, validation'), run_dir/'confusion_valid.png'),
              _save(plot_reliability({'before': apply_temperature(vz)[:, 1], after: vp}, vt,
-                                    'Reliability, validation', f'calibration fitted on this split: {dls.split.name}'), run_dir/'reliability_valid.png')]
+                                    'Reliability, validation', f'calibration fitted on this split: {short_split_name(dls)}'), run_dir/'reliability_valid.png')]
     plots += [p.name for p in sorted(run_dir.glob('lr_find_*.png'))]
     m = dict(valid, n_valid=valid['n'], test=None, calibration=calib,
              operating_threshold=dict(value=op.value, source=op.source, chosen_on=dls.split_name,
@@ -131,12 +137,12 @@ def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k, source):
     plots = [_save(plot_top_losses_gradcam(learn, k=top_k, interp=interp, centre_box=False), run_dir/'top_losses_gradcam.png'),
              _save(plot_confident_gallery(learn, k=2, interp=interp, centre_box=False), run_dir/'confident_gallery.png'),
              _save(plot_history(run_dir/'history.csv'), run_dir/'history.png'),
-             _save(plot_confusion_matrix(valid['confusion'], classes, dls.split.name), run_dir/'confusion_valid.png')]
+             _save(plot_confusion_matrix(valid['confusion'], classes, short_split_name(dls)), run_dir/'confusion_valid.png')]
     plots += [p.name for p in sorted(run_dir.glob('lr_find_*.png'))]
     m = dict(valid, n_valid=valid['n'], test=None, calibration=dict(temperature=learn.temperature, bias=learn.logit_bias, fitted_on=dls.split_name))
-    tdl, _ = source.test_dl(dls)
+    tdl, test_split = source.test_dl(dls)
     if tdl is not None:
-        m['test'] = _eval_split(learn, tdl, 'folder-test (held out in test/)')[0]
+        m['test'] = _eval_split(learn, tdl, test_split)[0]
         plots.append(_save(plot_confusion_matrix(m['test']['confusion'], classes, 'test'), run_dir/'confusion_test.png'))
     m['plots'] = plots
     return m

@@ -90,10 +90,14 @@ class DataSource:
     def synthetic(self) -> bool:
         "Whether this is (a copy of) the built-in synthetic set"
         return (self.path/'.synthetic.json').exists()
-    def labels_hash(self) -> str: raise NotImplementedError
-    def dataloaders(self, size:int, bs:int, **kwargs): raise NotImplementedError
+    def labels_hash(self) -> str:
+        "SHA-1 of the labels a run trains on: part of the run's identity"
+        raise NotImplementedError
+    def dataloaders(self, size:int, bs:int, **kwargs):
+        "fastai `DataLoaders` with the recipe's augmentation and this data's validation split (`dls.split`)"
+        raise NotImplementedError
     def test_dl(self, dls) -> tuple:
-        "A labelled held-out test DataLoader and its split's name, or (None, None)"
+        "A labelled held-out test DataLoader and its `Split`, or (None, None)"
         return None, None
     def submission_dl(self, learn, bs:int=128) -> tuple:
         "(ids, DataLoader) of Kaggle's unlabelled test patches, in the order of the submission"
@@ -110,7 +114,8 @@ class KaggleFolder(DataSource):
     def submission_dl(self, learn, bs:int=128) -> tuple:
         sample = self.path/'sample_submission.csv'
         if not sample.exists(): raise PCamDataError(f"{sample} not found: pass the Kaggle folder or cache.")
-        ids = pd.read_csv(sample, dtype={'id': str}).id.tolist()
+        try: ids = pd.read_csv(sample, dtype={'id': str}).id.tolist()
+        except (OSError, ValueError, AttributeError) as e: raise PCamDataError(f"Cannot read {sample} as id,label rows: {e}") from None
         files = [self.path/'test'/f'{i}.tif' for i in ids]
         missing = [f for f in files if not f.exists()]
         if missing: raise PCamDataError(f"{len(missing)} ids of sample_submission.csv have no test/<id>.tif (e.g. {missing[0].name}).")

@@ -35,7 +35,8 @@ def test_arch_suggestions_once():
 
 
 def test_labels_csv_messages(tmp_path):
-    from pcam_fastai.data import read_labels, PCamDataError
+    from pcam_fastai.data import read_labels
+    from pcam_fastai.core import PCamDataError
     root = _kaggle(tmp_path/'empty', ['a'], [0]); (root/'train_labels.csv').write_text('')
     with pytest.raises(PCamDataError, match='train_labels.csv is empty or not a CSV'): read_labels(root)
     root = _kaggle(tmp_path/'two', ['a', 'b'], [0, 2])
