@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from fastcore.basics import patch
 
 from .core import CLASSES, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
 from .learner import resolve_arch, arch_name, weights_load_reason
@@ -146,40 +147,44 @@ class Bundle:
             self._ort = ort.InferenceSession(str(self.path/'model.onnx'), providers=['CPUExecutionProvider'])
         return self._ort
 
-    def prepare(self,
-                images, # Paths, PIL images, uint8 (H, W, 3) arrays, or an (N, size, size, 3) uint8 batch
-               ) -> np.ndarray:
-        "Images as the (N, size, size, 3) uint8 batch the model takes"
-        if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim <= 3): images = [images]
-        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (self.size, self.size, 3) and images.dtype == np.uint8:
-            return images
-        arrs = [_as_rgb(im, self.size, self.meta.get('resize', 'pil-bilinear')) for im in images]
-        if not arrs: raise UsageError("No images given.")
-        return np.stack(arrs)
-
-    def predict(self, images, # Paths, PIL images, uint8 (H, W, 3) arrays, or an (N, size, size, 3) uint8 batch
-                bs:int=64, # Batch size
-               ) -> np.ndarray: # (N, n_classes) probabilities
-        "Class probabilities for `images`"
-        x = self.prepare(images)
-        out = []
-        for i in range(0, len(x), bs):
-            xb = x[i:i+bs]
-            if self.backend == 'onnx': out.append(self.onnx_session.run(None, {'patches': xb})[0])
-            else:
-                with torch.no_grad(): out.append(self.torch_model(torch.from_numpy(xb)).numpy())
-        return np.concatenate(out)
-
-    def gradcam(self, images, # As for `predict`
-                target=None, # Class index to explain; None: the predicted class
-               ) -> np.ndarray: # (N, size, size) maps in [0, 1]
-        "Grad-CAM maps of `images` (from the torch model)"
-        from pcam_fastai.interpret import gradcam
-        pc = self.torch_model
-        xb = pc.normalize(torch.from_numpy(self.prepare(images)))
-        return gradcam(SimpleNamespace(model=pc.model), xb, target=target).numpy()
-
     def __repr__(self): return f"Bundle({self.meta['arch']}, classes={self.classes}, size={self.size}, backend={self.backend!r})"
+
+# %% ../nbs/13_export.ipynb #6d849f78
+@patch
+def prepare(self:Bundle,
+            images, # Paths, PIL images, uint8 (H, W, 3) arrays, or an (N, size, size, 3) uint8 batch
+           ) -> np.ndarray:
+    "Images as the (N, size, size, 3) uint8 batch the model takes"
+    if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim <= 3): images = [images]
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (self.size, self.size, 3) and images.dtype == np.uint8:
+        return images
+    arrs = [_as_rgb(im, self.size, self.meta.get('resize', 'pil-bilinear')) for im in images]
+    if not arrs: raise UsageError("No images given.")
+    return np.stack(arrs)
+
+@patch
+def predict(self:Bundle, images, # Paths, PIL images, uint8 (H, W, 3) arrays, or an (N, size, size, 3) uint8 batch
+            bs:int=64, # Batch size
+           ) -> np.ndarray: # (N, n_classes) probabilities
+    "Class probabilities for `images`"
+    x = self.prepare(images)
+    out = []
+    for i in range(0, len(x), bs):
+        xb = x[i:i+bs]
+        if self.backend == 'onnx': out.append(self.onnx_session.run(None, {'patches': xb})[0])
+        else:
+            with torch.no_grad(): out.append(self.torch_model(torch.from_numpy(xb)).numpy())
+    return np.concatenate(out)
+
+@patch
+def gradcam(self:Bundle, images, # As for `predict`
+            target=None, # Class index to explain; None: the predicted class
+           ) -> np.ndarray: # (N, size, size) maps in [0, 1]
+    "Grad-CAM maps of `images` (from the torch model)"
+    from pcam_fastai.interpret import gradcam
+    pc = self.torch_model
+    xb = pc.normalize(torch.from_numpy(self.prepare(images)))
+    return gradcam(SimpleNamespace(model=pc.model), xb, target=target).numpy()
 
 # %% ../nbs/13_export.ipynb #4367387f
 def load_bundle(path:str|Path, # A folder written by `export_bundle`
@@ -218,6 +223,41 @@ def _run_source(data):
     try: return open_source(data)
     except Exception: return None
 
+# %% ../nbs/13_export.ipynb #5f62116a
+def _run_model(run_dir, arch, classes):
+    "The run's network with the weights of model.pth, loaded without unpickling anything"
+    model = build_model(arch, len(classes))
+    try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
+    except Exception as e:
+        why = str(e).splitlines()[0][:200] if isinstance(e, RuntimeError) and 'state_dict' in str(e) else weights_load_reason(e)
+        raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {why}. Train the run again (--force).") from None
+    return model
+
+def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source) -> dict:
+    "What bundle.json says: the model, its input and output, its preprocessing, calibration and threshold, and the run's validation numbers"
+    return dict(format=BUNDLE_FORMAT, arch=arch_name(resolve_arch(cfg['settings']['arch'])), classes=classes, positive=classes[1] if len(classes) == 2 else None,
+                size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
+                centre_box=source.centre_labelled if source else True,  # PCam labels the centre 32x32; folder sets label whole patches
+                input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout=f'NHWC RGB, 0-255; resize to {size} x {size} first ({resize})'),
+                output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
+                run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
+                valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
+                n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
+                created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__)
+
+def _export_checked_onnx(pc, dest, size, bundle, xc, atol, meta):
+    "Write model.onnx and check it against torch on `xc`; the ONNX bundle, or an error (and no bundle) when they disagree"
+    _export_onnx(pc, dest/'model.onnx', size)
+    bo = load_bundle(dest, backend='onnx')
+    diff = float(np.abs(bo.predict(xc) - bundle.predict(xc)).max())
+    meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))
+    if diff > atol:
+        for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md'): (dest/f).unlink(missing_ok=True)
+        raise ModelFileError(f"ONNX and torch disagree by {diff:.2e} (> {atol:g}) on {len(xc)} patches; no bundle was written to {dest}. "
+                             "Export with onnx=False (CLI: --no-onnx) and serve with torch.")
+    return bo
+
 # %% ../nbs/13_export.ipynb #ef8eccd4
 def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train_pcam` (config.json, metrics.json, model.pth)
                   dest:str|Path|None=None, # Bundle folder; None: `run_dir/bundle`
@@ -240,11 +280,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     source = _run_source(cfg.get('data', ''))
     resize = cfg.get('resize') or (source.resize if source else 'pil-bilinear')
     dest = Path(dest) if dest else run_dir/'bundle'
-    model = build_model(arch, len(classes))
-    try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
-    except Exception as e:
-        why = str(e).splitlines()[0][:200] if isinstance(e, RuntimeError) and 'state_dict' in str(e) else weights_load_reason(e)
-        raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {why}. Train the run again (--force).") from None
+    model = _run_model(run_dir, arch, classes)
     verify_model_checksum(run_dir, metrics)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
@@ -256,16 +292,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         tta = bool(cfg['settings'].get('tta', False))
         pc = PatchClassifier(model, temperature=temperature, tta=tta, bias=bias).eval()
         torch.save(model.state_dict(), dest/'weights.pth')
-        meta = dict(format=BUNDLE_FORMAT, arch=arch_name(resolve_arch(arch)), classes=classes, positive=classes[1] if len(classes) == 2 else None,
-                    size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                    threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
-                    centre_box=source.centre_labelled if source else True,  # PCam labels the centre 32x32; folder sets label whole patches
-                    input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout=f'NHWC RGB, 0-255; resize to {size} x {size} first ({resize})'),
-                    output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
-                    run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
-                    valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
-                    n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
-                    created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__)
+        meta = _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source)
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (max(bench_patches, 8), size, size, 3), dtype=np.uint8)
         if check_images is None: check_images = _sample_patches(source)
@@ -273,15 +300,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         write_text_atomic(dest/'bundle.json', json_text(meta))
         b = load_bundle(dest, backend='torch')
         xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]
-        if onnx:
-            _export_onnx(pc, dest/'model.onnx', size)
-            bo = load_bundle(dest, backend='onnx')
-            diff = float(np.abs(bo.predict(xc) - b.predict(xc)).max())
-            meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))
-            if diff > atol:
-                for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md'): (dest/f).unlink(missing_ok=True)
-                raise ModelFileError(f"ONNX and torch disagree by {diff:.2e} (> {atol:g}) on {len(xc)} patches; no bundle was written to {dest}. "
-                                     "Export with onnx=False (CLI: --no-onnx) and serve with torch.")
+        bo = _export_checked_onnx(pc, dest, size, b, xc, atol, meta) if onnx else None
         if bench_patches:
             with torch.inference_mode(): meta['torch_patches_per_s'] = round(_throughput(lambda a: b.torch_model(torch.from_numpy(a)), x, bs), 1)
             if onnx: meta['onnx_patches_per_s'] = round(_throughput(lambda a: bo.onnx_session.run(None, {'patches': a}), x, bs), 1)
