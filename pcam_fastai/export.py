@@ -149,7 +149,7 @@ class Bundle:
 
     def __repr__(self): return f"Bundle({self.meta['arch']}, classes={self.classes}, size={self.size}, backend={self.backend!r})"
 
-# %% ../nbs/13_export.ipynb #6d849f78
+# %% ../nbs/13_export.ipynb #e17542ca
 @patch
 def prepare(self:Bundle,
             images, # Paths, PIL images, uint8 (H, W, 3) arrays, or an (N, size, size, 3) uint8 batch
@@ -223,7 +223,7 @@ def _run_source(data):
     try: return open_source(data)
     except Exception: return None
 
-# %% ../nbs/13_export.ipynb #5f62116a
+# %% ../nbs/13_export.ipynb #c5b42a76
 def _run_model(run_dir, arch, classes):
     "The run's network with the weights of model.pth, loaded without unpickling anything"
     model = build_model(arch, len(classes))
