@@ -26,7 +26,7 @@ from .loader import cache_dataloaders, cache_test_dl, CacheDataLoaders, PatchArr
 
 # %% auto #0
 __all__ = ['FOLDER_TEST', 'LabelLookup', 'pcam_dataloaders', 'DataSource', 'KaggleFolder', 'ArrayCache', 'FolderSet',
-           'open_source']
+           'check_data_path', 'open_source']
 
 # %% ../nbs/05_sources.ipynb #5437cad0
 class LabelLookup:
@@ -165,13 +165,19 @@ class FolderSet(DataSource):
         files = [f for fs in folder_layout(self.path).files.values() for f in fs]
         return files[::max(1, len(files) // n)][:n]
 
-def open_source(path:str|Path, # A Kaggle-layout folder, an array cache or a folder-per-class set
-               ) -> DataSource:
-    "Look at `path` once and say what it holds"
+def check_data_path(path:str|Path, # A data path given by the user
+                   ) -> Path:
+    "`path`, or a clear error when it does not exist"
     path = Path(path)
     if not path.exists():
         raise PCamDataError(f"The data path {path} does not exist. Pass a Kaggle-layout folder, the Kaggle zip (with --cache), an array cache "
                             "or a folder-per-class set; pcam-fastai download fetches PCam.")
+    return path
+
+def open_source(path:str|Path, # A Kaggle-layout folder, an array cache or a folder-per-class set
+               ) -> DataSource:
+    "Look at `path` once and say what it holds"
+    path = check_data_path(path)
     if path.is_dir():
         if is_cache(path): return ArrayCache(path)
         if (path/'train_labels.csv').exists() or (path/'sample_submission.csv').exists(): return KaggleFolder(path)  # train/ or test/ of Kaggle

@@ -15,7 +15,7 @@ from fastai.torch_core import set_seed
 
 from .core import PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic
 from .data import make_synthetic_pcam
-from .sources import open_source, DataSource
+from .sources import open_source, check_data_path, DataSource
 from .learner import pcam_learner, resolve_arch
 from .distributed import init_distributed, is_main, world_size, barrier, broadcast_value, run_on_main
 from .training import fit_two_stage, lr_repr, versions
@@ -124,7 +124,7 @@ def _open_data(data, cache, cfg) -> DataSource:
         if is_main(): print(f'train_pcam: no data given, using the built-in synthetic PCam at {data} '
               f'({DEMO_DATA["n_train"]} patches, {cfg["epochs_unfrozen"]} epochs; numbers on it check the plumbing, not the science)')
     if cache is not None:
-        if not Path(data).exists(): open_source(data)  # says that the path does not exist
+        check_data_path(data)  # before caching: a missing path gets the same message as without a cache
         from pcam_fastai.cache import build_cache
         if is_main(): print(f'train_pcam: caching {data} as arrays in {cache} (once; later runs reuse it)')
         data = run_on_main(build_cache, data, cache)
