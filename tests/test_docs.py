@@ -1,5 +1,5 @@
 "The docs site's pages: `nbdev-proc-nbs` processes every notebook, every page has a title, and every public name is documented."
-import importlib, inspect, json, re, subprocess, sys
+import ast, importlib, inspect, json, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,20 @@ def test_every_public_name_has_show_doc(proc, module):
     documented = set(re.findall(r'show_doc\(([\w.]+)', text))
     missing = [n for n, _ in public_api(module) if n not in documented]
     assert not missing, f'{nb}: no show_doc section for {missing}'
+
+
+def test_no_slow_cell_runs_in_the_docs():
+    "The docs build runs every cell that imports something, whatever its flags: a slow cell that imports and then uses state from other slow cells fails there"
+    bad = []
+    for nb in sorted((ROOT/'nbs').glob('*.ipynb')):
+        for i, cell in enumerate(json.loads(nb.read_text())['cells']):
+            src = ''.join(cell['source'])
+            flags = ' '.join(l for l in src.splitlines() if l.startswith('#|'))
+            if cell['cell_type'] != 'code' or not re.search(r'\b(slow|realdata)\b', flags) or 'eval: false' in flags: continue
+            body = ast.parse('\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('%', '!')))).body
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in body) and not all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in body):
+                bad.append(f'{nb.name} cell {i}')
+    assert not bad, f'slow cells that import and run code (move the imports to the notebook\'s import cell): {bad}'
 
 
 @pytest.mark.parametrize('module', MODULES)
