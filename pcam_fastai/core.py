@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
 
 # %% auto #0
 __all__ = ['PATCH_SIZE', 'CENTRE', 'CLASSES', 'Split', 'PCamError', 'UsageError', 'UsageTypeError', 'PCamDataError',
-           'write_text_atomic', 'write_json_atomic', 'json_text', 'to_rgb', 'image_error_reason']
+           'write_text_atomic', 'write_json_atomic', 'json_text', 'cuda_in_use', 'compute_device', 'to_rgb',
+           'image_error_reason']
 
 # %% ../nbs/00_core.ipynb #c0821cb4
 PATCH_SIZE = 96
@@ -69,6 +71,17 @@ def json_text(obj, # JSON-able data
         if isinstance(o, (list, tuple)): return [clean(v) for v in o]
         return o
     return json.dumps(clean(obj), indent=2, allow_nan=False, default=str)
+
+# %% ../nbs/00_core.ipynb #3f64d29f
+def cuda_in_use(cuda:bool|None=None, # Whether a CUDA GPU is present; None: detect
+               ) -> bool:
+    "Whether this process computes on CUDA: a GPU is there and `ACCELERATE_USE_CPU` (set by `accelerate launch --cpu`) is not"
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return bool(cuda) and os.environ.get('ACCELERATE_USE_CPU', '').lower() not in ('1', 'true', 'yes')
+
+def compute_device() -> torch.device:
+    "Where batches and the model go by default: this process's GPU when `cuda_in_use()`, else the CPU"
+    return torch.device('cuda', torch.cuda.current_device()) if cuda_in_use() else torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #d33c2033
 def to_rgb(img:Image.Image, # Any PIL image: gray, palette, RGBA, CMYK, 16-bit, 32-bit integer or float

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from fastai.distributed import DistributedDL
 
-from .core import PCamError, UsageError
+from .core import PCamError, UsageError, cuda_in_use
 
 # %% auto #0
-__all__ = ['world_size', 'rank', 'is_main', 'LaunchError', 'init_distributed', 'comm_device', 'patch_distributed_dl', 'barrier',
-           'broadcast_value', 'single_process', 'run_on_main', 'distrib_fit_ctx', 'bn_types', 'revert_sync_batchnorm']
+__all__ = ['world_size', 'rank', 'is_main', 'rank_seed', 'LaunchError', 'init_distributed', 'comm_device', 'patch_distributed_dl',
+           'barrier', 'broadcast_value', 'single_process', 'run_on_main', 'distrib_fit_ctx', 'bn_types',
+           'revert_sync_batchnorm']
 
 # %% ../nbs/07_distributed.ipynb #18f17b56
 _single = [False]  # True inside `single_process()`
@@ -39,13 +40,14 @@ def is_main() -> bool:
     "Whether this is rank 0, the process that writes files, plots and reports"
     return rank() == 0
 
+def rank_seed(seed:int, # The run's seed
+             ) -> int:
+    "The seed for this process's own random draws (augmentation): `seed + rank()`, so N processes don't draw the same augmentation for the same batch position"
+    return seed + rank()
+
 # %% ../nbs/07_distributed.ipynb #c1ec233e
 class LaunchError(PCamError, RuntimeError):
     "The processes were launched in a way that cannot work (a missing rank variable, more processes than GPUs)"
-
-def _use_cpu() -> bool:
-    "Whether to run on CPUs: no CUDA, or `accelerate launch --cpu`"
-    return not torch.cuda.is_available() or os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
 
 def init_distributed() -> str|None: # The backend ('nccl' or 'gloo'), or None in a single process
     "Join the process group that torchrun or accelerate launch describe (nccl on GPUs, gloo on CPUs), once"
@@ -57,7 +59,7 @@ def init_distributed() -> str|None: # The backend ('nccl' or 'gloo'), or None in
     if missing: raise LaunchError(f"WORLD_SIZE={n} is set but {', '.join(missing)} not: start the processes with "
                                    "`torchrun --nproc_per_node N ...` or `accelerate launch --multi_gpu --num_processes N ...`, "
                                    "or unset WORLD_SIZE to train in one process.")
-    cpu = _use_cpu()
+    cpu = not cuda_in_use()
     if not cpu:
         local_n, gpus = int(os.environ.get('LOCAL_WORLD_SIZE') or n), torch.cuda.device_count()
         if local_n > gpus: raise LaunchError(f"{local_n} processes on this machine but only {gpus} GPU(s): launch at most {gpus} "
@@ -151,7 +153,7 @@ _announced = [False]
 
 @contextmanager
 def distrib_fit_ctx(learn, # A fastai Learner
-                    sync_bn:bool|None=None, # SyncBatchNorm across processes; None: on CUDA only (PyTorch has no CPU SyncBatchNorm)
+                    sync_bn:bool=False, # SyncBatchNorm across processes (GPUs only); off: 64 images per GPU give stable batch statistics, and it costs an all-reduce per BatchNorm layer per step
                     quiet:bool=False, # Don't print the "distributed: N processes" line
                     **kwargs, # Passed to fastai's `distrib_ctx` (and on to accelerate's `Accelerator`)
                    ):
@@ -161,9 +163,8 @@ def distrib_fit_ctx(learn, # A fastai Learner
         yield learn
         return
     cuda = 'nccl' in backend
-    if sync_bn is None: sync_bn = cuda
     if sync_bn and not cuda: raise UsageError(f"sync_bn=True needs GPUs (nccl); this run uses {backend} on CPUs, where PyTorch "
-                                              "has no SyncBatchNorm. Pass sync_bn=False or None.")
+                                              "has no SyncBatchNorm. Pass sync_bn=False.")
     if not quiet and is_main() and not _announced[0]:
         print(f"distributed: {world_size()} processes on {backend}" + (" (SyncBatchNorm)" if sync_bn else ""), flush=True)
     _announced[0] = True

@@ -12,16 +12,16 @@ import numpy as np
 import matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .core import PCamError, PCamDataError, UsageError
+from .core import PCamError, PCamDataError, UsageError, cuda_in_use
 
 # %% auto #0
 __all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expected_calibration_error',
            'negative_log_likelihood', 'sensitivity_at_specificity', 'binary_metrics', 'simulate_ci_coverage',
            'youden_threshold', 'OperatingThreshold', 'operating_threshold', 'fit_temperature', 'apply_temperature',
            'Calibration', 'fit_calibration', 'plot_reliability', 'plot_roc', 'plot_confusion', 'multiclass_metrics',
-           'plot_confusion_matrix', 'dihedral_logits', 'predict_logits', 'predict', 'calibrated_softmax',
-           'make_submission', 'check_submission', 'ModelFileError', 'read_run_json', 'file_sha256',
-           'verify_model_checksum', 'load_weights', 'load_run', 'run_calibration']
+           'plot_confusion_matrix', 'dihedral_logits', 'inference_autocast', 'predict_logits', 'predict',
+           'calibrated_softmax', 'make_submission', 'check_submission', 'ModelFileError', 'read_run_json',
+           'file_sha256', 'verify_model_checksum', 'load_weights', 'load_run', 'run_calibration']
 
 # %% ../nbs/08_evaluate.ipynb #5cee8db2
 def _check(probs, targets):
@@ -370,6 +370,16 @@ def dihedral_logits(model, # A model in eval mode
 
 def _tta(learn, tta): return bool(getattr(learn, 'dihedral_tta', False) if tta is None else tta)
 
+def inference_autocast(learn, # A learner
+                      ):
+    "The autocast the learner trains in (bf16 or fp16 on CUDA, from its `MixedPrecision` callback), so that `predict` agrees with fastai's `get_preds`; a no-op in fp32 and on a CPU"
+    import contextlib
+    from fastai.callback.fp16 import MixedPrecision
+    mp = next((cb for cb in getattr(learn, 'cbs', []) if isinstance(cb, MixedPrecision)), None)
+    on_cuda = next(learn.model.parameters()).is_cuda
+    if mp is None or not on_cuda: return contextlib.nullcontext()
+    return torch.autocast('cuda', dtype=torch.bfloat16 if mp.amp_mode.value == 'bf16' else torch.float16)
+
 def predict_logits(learn, # A learner
                    dl, # DataLoader of model-ready batches
                    tta:bool|None=None, # Mean logits over the 8 dihedral views; None: the learner's `dihedral_tta` (False if unset)
@@ -378,9 +388,9 @@ def predict_logits(learn, # A learner
     model, tta = learn.model.eval(), _tta(learn, tta)
     dev = next(model.parameters()).device
     logits, targs = [], []
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(learn):  # logits come out as fp32 (`dihedral_logits`)
         for b in dl:
-            logits.append(dihedral_logits(model, b[0].to(dev).as_subclass(torch.Tensor), tta).cpu())
+            logits.append(dihedral_logits(model, b[0].to(dev, non_blocking=True).as_subclass(torch.Tensor), tta).cpu())
             if len(b) > 1: targs.append(b[1].cpu().as_subclass(torch.Tensor))
     return torch.cat(logits), (torch.cat(targs) if targs else None)
 
@@ -496,22 +506,25 @@ def load_weights(learn, # The learner to load into
     try: learn.model.load_state_dict(sd)
     except RuntimeError as e:
         raise ModelFileError(f"{fn} does not fit this model ({str(e).splitlines()[0][:200]} ...): it was trained with another arch or head.") from None
+    dev = getattr(getattr(learn, 'dls', None), 'device', None)
+    if dev is not None: learn.model.to(dev)  # fastai moves the model only when fitting: predictions would run on the CPU
     return learn
 
 # %% ../nbs/08_evaluate.ipynb #57ab2b3f
 def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
              data:str|Path|None=None, # Data for the learner's DataLoaders; None: the run's own data
-             cpu:bool=True, # Load onto the CPU
+             cpu:bool|None=None, # Load onto the CPU; None: the GPU when `cuda_in_use()`
             ):
     "Rebuild a run's learner from `config.json` and load `model.pth` safely (no pickle)"
     from pcam_fastai.sources import open_source
     from pcam_fastai.learner import pcam_learner
     run_dir = Path(run_dir)
+    if cpu is None: cpu = not cuda_in_use()
     cfg = read_run_json(run_dir/'config.json')
     st = cfg['settings']
     dls = open_source(data or cfg['data']).dataloaders(size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'], n_items=st['n_items'],
                                                         num_workers=0, device='cpu' if cpu else None, positive=cfg.get('positive'))
-    learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=False, path=run_dir, quiet=True)
+    learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=st.get('fp16', False), path=run_dir, quiet=True)  # on a GPU: the precision it trained in
     verify_model_checksum(run_dir)
     load_weights(learn, run_dir/'model.pth')
     learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)

@@ -17,7 +17,7 @@ from fastai.data.transforms import FuncSplitter, RandomSplitter, IntToFloatTenso
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.augment import Resize, ResizeMethod, aug_transforms
 
-from .core import PCamDataError, UsageError, Split, to_rgb
+from .core import PCamDataError, UsageError, Split, to_rgb, compute_device
 from .data import synthetic_patch
 
 # %% auto #0
@@ -182,7 +182,7 @@ def folder_dataloaders(root:str|Path, # A folder-per-class patch set (see `folde
                       get_y=parent_label, splitter=splitter, item_tfms=Resize(size, method=ResizeMethod.Squish),
                       batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0., max_lighting=0.1),
                                   Normalize.from_stats(*imagenet_stats)])
-    kw = dict(bs=bs, device=device)
+    kw = dict(bs=bs, device=compute_device() if device is None else device)  # fastai's default ignores `accelerate launch --cpu`
     if num_workers is not None: kw['num_workers'] = num_workers
     dls = block.dataloaders(items, **kw)
     if len(dls.valid_ds) == 0: raise PCamDataError(f"The validation split of {root} is empty; add images to valid/ or raise valid_pct.")

@@ -17,8 +17,9 @@ from fastai.metrics import accuracy, RocAucBinary, AccumMetric, ActivationType
 from fastai.vision.learner import vision_learner, model_meta, create_body, _default_meta, default_split
 from fastai.vision.core import imagenet_stats
 
-from .core import PCamError, UsageError
+from .core import PCamError, UsageError, cuda_in_use
 import fastai.callback.schedule  # noqa: F401 (adds fit_one_cycle and lr_find to Learner)
+import fastai.callback.channelslast  # noqa: F401 (adds to_channelslast to Learner)
 
 # %% auto #0
 __all__ = ['resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'weights_load_reason', 'ensure_weights',
@@ -135,17 +136,26 @@ def load_body_weights(learn:Learner, # A learner made by `vision_learner`
     learn.model[0].load_state_dict(body.state_dict())
 
 # %% ../nbs/06_learner.ipynb #0d0f1947
-def choose_precision(fp16:bool, # Whether fp16 mixed precision was asked for
-                     cuda:bool|None=None, # Whether a CUDA GPU is present; None: detect
-                    ) -> tuple[bool, str]: # (use AMP, a sentence saying what precision is used)
+def choose_precision(fp16:bool, # Whether mixed precision was asked for (the card's `fp16`)
+                     cuda:bool|None=None, # Whether this process computes on CUDA; None: `cuda_in_use()`
+                     capability:tuple[int, int]|None=None, # The GPU's compute capability; None: `torch.cuda.get_device_capability()`
+                    ) -> tuple[str|None, str]: # ('bf16', 'fp16' or None for fp32; a sentence saying what precision is used)
     "Decide the training precision and explain it in one line"
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if fp16 and cuda: return True, 'fp16 mixed precision (PyTorch AMP on CUDA)'
-    if fp16: return False, ('fp32: fp16 was requested but there is no CUDA GPU; fastai would silently train in fp32 on the CPU, '
+    cuda = cuda_in_use() if cuda is None else cuda
+    if fp16 and cuda:
+        major, minor = capability or torch.cuda.get_device_capability()
+        if major >= 8: return 'bf16', f'bf16 mixed precision (PyTorch AMP on CUDA; compute capability {major}.{minor} has bf16 tensor cores: fp16 speed, no loss scaling)'
+        return 'fp16', f'fp16 mixed precision (PyTorch AMP with loss scaling on CUDA; compute capability {major}.{minor} has no bf16 tensor cores)'
+    if fp16: return None, ('fp32: fp16 was requested but there is no CUDA GPU; fastai would silently train in fp32 on the CPU, '
                             'and bf16 autocast is ~11x slower than fp32 on CPUs without AVX-512')
-    return False, 'fp32 (fp16 not requested)'
+    return None, 'fp32 (fp16 not requested)'
 
 # %% ../nbs/06_learner.ipynb #2693e861
+def _batches_on_cuda(dls) -> bool:
+    "Whether `dls` put their batches on a GPU (a learner for CPU batches, e.g. `load_run(cpu=True)` on a GPU host, stays fp32)"
+    dev = getattr(dls, 'device', None)
+    return cuda_in_use() if dev is None else torch.device(dev).type == 'cuda'
+
 def _normalizes(dls) -> bool:
     "Whether `dls` already normalize their batches (fastai's `Normalize`, or the array-cache loader's `NormalizeBatch`)"
     from fastai.data.transforms import Normalize
@@ -205,8 +215,11 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
         if pretrained:
             load_body_weights(learn, fn, weights_path)
             learn.freeze()
-    amp, learn.precision = choose_precision(fp16)
-    if amp: learn.to_fp16()
+    on_cuda = _batches_on_cuda(dls)
+    amp, learn.precision = choose_precision(fp16, cuda=on_cuda)
+    if on_cuda:  # channels-last model (fastai's ChannelsLast) and, when asked for, autocast in bf16 or fp16
+        learn.to_channelslast(use_amp=amp is not None, amp_mode=amp or 'fp16')
+        learn.precision += ', channels-last'
     learn.arch_name = arch_name(fn)
     learn.weights = str(weights_path) if weights_path else ('ImageNet (torchvision DEFAULT)' if pretrained and not isinstance(fn, str)
                                                            else 'ImageNet (timm default)' if pretrained else 'random init (pretrained=False)')

@@ -18,7 +18,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from .core import CLASSES, PATCH_SIZE, PCamDataError, UsageError, Split
+from .core import CLASSES, PATCH_SIZE, PCamDataError, UsageError, Split, compute_device
 from .data import random_split, open_patch, read_labels
 from .cache import is_cache, cache_splits, load_cache
 from .folders import is_folder_dataset, folder_layout, folder_dataloaders, folder_test_dl
@@ -69,7 +69,7 @@ def pcam_dataloaders(path:str|Path, # Folder in the Kaggle layout (train/, train
                       item_tfms=Resize(size) if size != PATCH_SIZE else None,
                       batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0., max_lighting=0.1),
                                   Normalize.from_stats(*imagenet_stats)])
-    kw = dict(bs=bs, device=device)
+    kw = dict(bs=bs, device=compute_device() if device is None else device)  # fastai's default ignores `accelerate launch --cpu`
     if num_workers is not None: kw['num_workers'] = num_workers
     dls = block.dataloaders(files, **kw)
     dls.split = random_split(valid_pct)

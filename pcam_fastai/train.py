@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 from fastai.torch_core import set_seed
 
-from .core import PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic
+from .core import PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic, cuda_in_use
 from .data import make_synthetic_pcam
 from .sources import open_source, check_data_path, DataSource
 from .learner import pcam_learner, resolve_arch
-from .distributed import init_distributed, is_main, world_size, barrier, broadcast_value, run_on_main
+from .distributed import init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main
 from .training import fit_two_stage, lr_repr, versions
 from .report import evaluate_run, headline, write_report
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'default_data_dir', 'resolve_config', 'run_key', 'reopen_finished_run',
-           'train_pcam']
+           'seed_run', 'train_pcam']
 
 # %% ../nbs/12_train.ipynb #7eb746ea
 PRESETS = {
@@ -53,7 +53,7 @@ def resolve_config(data=None, # The data given; None: the built-in synthetic set
                    **overrides, # Settings to change; None values are ignored
                   ) -> tuple[str, dict]:
     "The preset for `data` (real data on a GPU: 'card'; the synthetic set, or any data on a CPU: 'cpu-demo') updated with the overrides that are not None"
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    cuda = cuda_in_use() if cuda is None else cuda
     if preset == 'auto': preset = 'card' if data is not None and cuda else 'cpu-demo'
     if preset not in PRESETS: raise UsageError(f"Unknown preset {preset!r}; choose one of {['auto', *PRESETS]}.")
     unknown = set(overrides) - set(PRESETS[preset])
@@ -102,10 +102,19 @@ def reopen_finished_run(run_dir:Path, # A run folder whose config.json has this 
     learn.dihedral_tta = bool(cfg.get('tta'))
     return learn, metrics
 
+# %% ../nbs/12_train.ipynb #027dbf4f
+def seed_run(seed:int, # The run's seed
+             deterministic:bool=False, # cuDNN deterministic kernels and no autotuning: bit-identical GPU reruns, slower
+            ):
+    "Seed python, numpy and torch (fastai's `set_seed`); on a GPU let cuDNN autotune its kernels unless `deterministic`"
+    set_seed(seed, reproducible=deterministic)
+    torch.backends.cudnn.deterministic = deterministic  # set both ways: fastai's set_seed only ever switches it on
+    torch.backends.cudnn.benchmark = not deterministic  # one input shape: the kernel search pays once (no effect on a CPU)
+
 # %% ../nbs/12_train.ipynb #e802e086
 def _recipe(data, preset, weights_path, lr_unfrozen, **overrides):
     "The preset and its settings after the overrides, and the stage-2 learning rate: (preset, cfg, lr_unfrozen)"
-    preset, cfg = resolve_config(data, preset, cuda=torch.cuda.is_available(), **overrides)
+    preset, cfg = resolve_config(data, preset, cuda=cuda_in_use(), **overrides)
     if weights_path is not None: cfg['pretrained'] = True  # a weights file means ImageNet weights, from disk
     if data is None and preset == 'cpu-demo' and overrides.get('epochs_unfrozen') is None: cfg['epochs_unfrozen'] = DEMO_EPOCHS  # plumbing, not science
     resolve_arch(cfg['arch'])  # an unknown arch fails before anything else
@@ -148,19 +157,20 @@ def _reopen_or_clear(run_dir, key, force, dls, cfg):
         for f in ('progress.json', 'history.csv', 'metrics.json', 'model.pth', 'learner.pkl'): (run_dir/f).unlink(missing_ok=True)
     return None
 
-def _make_learner(dls, preset, cfg, weights_path, run_dir, seed):
+def _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic):
     "The learner of the run, after saying what will be trained where"
-    cuda = torch.cuda.is_available()
+    cuda = cuda_in_use()
     if is_main(): print(f'train_pcam: preset {preset!r} on {"CUDA" if cuda else "CPU"}: ' + ', '.join(f'{k}={v}' for k, v in cfg.items()))
     if preset == 'card' and not cuda and is_main():
         print('train_pcam: warning: the card recipe on a CPU is very slow (ResNet50 at 224 px trains at ~3 img/s on 2 cores); '
               'for a quick run pass preset="cpu-demo" (CLI: --preset cpu-demo) or a smaller --size/--arch.')
-    set_seed(seed, reproducible=True)
+    seed_run(seed, deterministic)  # the same initial weights in every process
     if cfg['pretrained'] and weights_path is None:  # one download, by rank 0, in a distributed run
         from pcam_fastai.learner import ensure_weights
         run_on_main(ensure_weights, resolve_arch(cfg['arch']))
     learn = pcam_learner(dls, cfg['arch'], pretrained=cfg['pretrained'], fp16=cfg['fp16'], weights_path=weights_path, path=run_dir, quiet=not is_main())
     _check_feature_grid(learn, cfg['size'])
+    if world_size() > 1: seed_run(rank_seed(seed), deterministic)  # each process its own augmentation draws
     learn.dihedral_tta = bool(cfg.get('tta'))  # evaluation, calibration, threshold and the bundle: mean logits over the 8 dihedral views
     return learn
 
@@ -188,6 +198,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                cache:str|Path|None=None, # Decode `data` (folder, zip or h5 folder) once into an array cache here (or reuse it), and train from it
                stain_jitter:float=0., # Colour jitter strength (array cache only)
                groups:str|Path|None=None, # CSV `id,slide`: hold out whole slides (Kaggle data in an array cache)
+               deterministic:bool=False, # cuDNN deterministic mode: bit-identical reruns on a GPU, slower (CPU runs are reproducible anyway)
                force:bool=False, # Train even if `run_dir` holds a finished run of the same configuration, or replace another one
                positive:str|None=None, # Folder sets with two classes: the positive class; None: guessed from the names
               ): # (learner, metrics dict)
@@ -198,7 +209,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                                        epochs_unfrozen=epochs_unfrozen, pretrained=pretrained, fp16=fp16, lr_find_iters=lr_find_iters, n_items=n_items)
     run_dir = Path(run_dir).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
     source = _open_data(data, cache, cfg)
-    set_seed(seed, reproducible=True)
+    seed_run(seed, deterministic)
     dls = source.dataloaders(size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed, n_items=cfg['n_items'], num_workers=num_workers,
                              stain_jitter=stain_jitter, groups=groups, positive=positive)
     if getattr(dls, 'positive', None) and is_main(): print(f'train_pcam: folder set {source.path}: classes {list(dls.vocab)}, positive class '
@@ -211,8 +222,8 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     key = run_key(config)
     done = _reopen_or_clear(run_dir, key, force, dls, cfg)
     if done is not None: return done
-    learn = _make_learner(dls, preset, cfg, weights_path, run_dir, seed)
-    config.update(key=key, split=dls.split_name, classes=list(dls.vocab), device='cuda' if torch.cuda.is_available() else 'cpu',
+    learn = _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic)
+    config.update(key=key, split=dls.split_name, classes=list(dls.vocab), device='cuda' if cuda_in_use() else 'cpu', deterministic=deterministic,
                   precision=learn.precision, weights=learn.weights, world_size=world_size(), global_bs=cfg['bs'] * world_size(),
                   versions=versions(), started=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     if is_main(): write_text_atomic(run_dir/'config.json', json.dumps(config, indent=2))
