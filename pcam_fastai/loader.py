@@ -25,6 +25,7 @@ from fastai.vision.core import imagenet_stats
 from .core import CLASSES, PATCH_SIZE, PCamDataError, UsageError, Split, compute_device
 from .data import random_split, open_patch
 from .cache import load_cache, cache_splits, CacheError
+from .stain import HEDJitterBatch
 
 # %% auto #0
 __all__ = ['OFFICIAL_VALID', 'OFFICIAL_TEST', 'GROUPED_SPLIT', 'dihedral', 'DihedralBatch', 'RandomCropBatch', 'ResizeBatch',
@@ -248,10 +249,11 @@ def split_indices(n:int, # Rows to split
 def batch_tfms(size:int=224, # Output side in pixels
                max_zoom:float=1.1, # Largest random zoom (training)
                stain_jitter:float=0., # Colour jitter strength (training); 0: none
+               stain_aug:float=0., # Stain augmentation in H&E space (training; `HEDJitterBatch`); 0: none
               ) -> list:
     "The batch pipeline: dihedral, crop, resize, normalize (and optionally stain jitter)"
     return [DihedralBatch(), RandomCropBatch(max_zoom), ResizeBatch(size), NormalizeBatch(),
-            *([StainJitterBatch(stain_jitter)] if stain_jitter else [])]
+            *([StainJitterBatch(stain_jitter)] if stain_jitter else []), *([HEDJitterBatch(stain_aug)] if stain_aug else [])]
 
 def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                       size:int=224, # Side of the images the model sees
@@ -260,6 +262,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                       seed:int=42, # Seed of that split
                       max_zoom:float=1.1, # Largest random zoom (crop)
                       stain_jitter:float=0., # Strength of the per-channel colour jitter (0: off; try 0.05)
+                      stain_aug:float=0., # Strength of the stain augmentation in H&E space (0: off; Tellez et al.: 0.05 light, 0.2 strong)
                       groups:str|Path|None=None, # CSV `id,slide` mapping patches to slides: a grouped split (Kaggle cache)
                       n_items:int|None=None, # Use only the first `n_items` patches of each split (quick runs)
                       num_workers:int=0, # Worker processes (0 is fastest, see above)
@@ -292,7 +295,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
         train_ds, valid_ds = PatchArrays(tr.images, tr.labels, rows[t]), PatchArrays(tr.images, tr.labels, rows[v], split_idx=1)
     train_ds.split_idx = 0
     device = compute_device() if device is None else device
-    tfms = batch_tfms(size, max_zoom, stain_jitter)
+    tfms = batch_tfms(size, max_zoom, stain_jitter, stain_aug)
     kw = dict(bs=bs, num_workers=num_workers, device=device, after_batch=tfms)
     dls = CacheDataLoaders(CacheDL(train_ds, shuffle=True, drop_last=len(train_ds) > bs, **kw), CacheDL(valid_ds, **kw), path=path, device=device)
     dls.split, dls.split_name, dls.c = name, str(name), len(CLASSES)

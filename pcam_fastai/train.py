@@ -69,6 +69,7 @@ def run_key(config:dict, # A run configuration (config.json)
     # settings added later count only when set, so that runs written before them keep their key
     keep['settings'] = {k: v for k, v in keep['settings'].items() if not (k in ('lr', 'tta') and v in (None, False))}
     if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
+    if config.get('stain_aug'): keep['stain_aug'] = config['stain_aug']
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 # %% ../nbs/12_train.ipynb #a5de6deb
@@ -197,6 +198,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                show:bool=False, # Also show plots (in a notebook)
                cache:str|Path|None=None, # Decode `data` (folder, zip or h5 folder) once into an array cache here (or reuse it), and train from it
                stain_jitter:float=0., # Colour jitter strength (array cache only)
+               stain_aug:float=0., # Stain augmentation in H&E space, strength 0-1 (array cache only; Tellez et al.: 0.05 light, 0.2 strong)
                groups:str|Path|None=None, # CSV `id,slide`: hold out whole slides (Kaggle data in an array cache)
                deterministic:bool=False, # cuDNN deterministic mode: bit-identical reruns on a GPU, slower (CPU runs are reproducible anyway)
                force:bool=False, # Train even if `run_dir` holds a finished run of the same configuration, or replace another one
@@ -211,12 +213,12 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     source = _open_data(data, cache, cfg)
     seed_run(seed, deterministic)
     dls = source.dataloaders(size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed, n_items=cfg['n_items'], num_workers=num_workers,
-                             stain_jitter=stain_jitter, groups=groups, positive=positive)
+                             stain_jitter=stain_jitter, stain_aug=stain_aug, groups=groups, positive=positive)
     if getattr(dls, 'positive', None) and is_main(): print(f'train_pcam: folder set {source.path}: classes {list(dls.vocab)}, positive class '
                                                            f'{dls.positive!r} (pass positive=/--positive to choose another); split: {dls.split_name}')
     config = dict(data=str(source.path), labels_sha1=source.labels_hash(), preset=preset, settings=cfg, lr_frozen=lr_frozen,
                   lr_unfrozen=lr_repr(lr_unfrozen) if lr_unfrozen is not None else None,
-                  seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None, stain_jitter=stain_jitter,
+                  seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None, stain_jitter=stain_jitter, stain_aug=stain_aug,
                   groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k,
                   positive=getattr(dls, 'positive', None), resize=source.resize)  # how patches reach `size`: an export must do the same
     key = run_key(config)

@@ -14,9 +14,9 @@ def modules() -> dict:
     for f in sorted(PKG.glob('*.py')):
         if f.name.startswith('_'): continue
         text = f.read_text()
-        nb = re.search(r'^# %% \.\./nbs/(\d+)_\w+\.ipynb', text, re.M)
+        nb = re.search(r'^# %% \.\./nbs/(\d+)([a-z]?)_\w+\.ipynb', text, re.M)  # 03a comes after 03, as in fastai's 09b
         assert nb, f'{f.name} has no "# %% ../nbs/NN_name.ipynb" cell marker: is it exported by nbdev?'
-        out[f.stem] = (int(nb.group(1)), ast.parse(text))
+        out[f.stem] = ((int(nb.group(1)), nb.group(2)), ast.parse(text))
     return out
 
 
@@ -44,7 +44,8 @@ def test_the_modules_are_found():
 
 def test_each_module_imports_only_modules_of_earlier_notebooks():
     "Reading the notebooks in their numbered order is reading the package in dependency order"
-    late = [f'{m} ({MODULES[m][0]:02d}) imports {d} ({MODULES[d][0]:02d})' for m, deps in EDGES.items() for d in deps
+    num = lambda m: '%02d%s' % MODULES[m][0]
+    late = [f'{m} ({num(m)}) imports {d} ({num(d)})' for m, deps in EDGES.items() for d in deps
             if d in MODULES and MODULES[d][0] >= MODULES[m][0]]
     assert not late, late
 
