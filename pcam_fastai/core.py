@@ -80,8 +80,11 @@ def cuda_in_use(cuda:bool|None=None, # Whether a CUDA GPU is present; None: dete
     return bool(cuda) and os.environ.get('ACCELERATE_USE_CPU', '').lower() not in ('1', 'true', 'yes')
 
 def compute_device() -> torch.device:
-    "Where batches and the model go by default: this process's GPU when `cuda_in_use()`, else the CPU"
-    return torch.device('cuda', torch.cuda.current_device()) if cuda_in_use() else torch.device('cpu')
+    "Where batches and the model go by default: this process's GPU when `cuda_in_use()`, Apple's MPS (as fastai would), else the CPU"
+    if cuda_in_use(): return torch.device('cuda', torch.cuda.current_device())
+    cpu_asked = os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
+    if not cpu_asked and not torch.cuda.is_available() and torch.backends.mps.is_available(): return torch.device('mps')
+    return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #d33c2033
 def to_rgb(img:Image.Image, # Any PIL image: gray, palette, RGBA, CMYK, 16-bit, 32-bit integer or float

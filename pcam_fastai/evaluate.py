@@ -390,7 +390,7 @@ def predict_logits(learn, # A learner
     logits, targs = [], []
     with torch.no_grad(), inference_autocast(learn):  # logits come out as fp32 (`dihedral_logits`)
         for b in dl:
-            logits.append(dihedral_logits(model, b[0].to(dev, non_blocking=True).as_subclass(torch.Tensor), tta).cpu())
+            logits.append(dihedral_logits(model, b[0].to(dev, non_blocking=dev.type == 'cuda').as_subclass(torch.Tensor), tta).cpu())
             if len(b) > 1: targs.append(b[1].cpu().as_subclass(torch.Tensor))
     return torch.cat(logits), (torch.cat(targs) if targs else None)
 

@@ -193,7 +193,8 @@ class PatchArrays:
 class CacheDL(TfmdDL):
     "A fastai DataLoader whose batches are one gather from a `PatchArrays`; to a GPU through pinned memory, without blocking"
     def create_batches(self, samps):
-        to_gpu = self.device is not None and torch.device(self.device).type == 'cuda' and self.num_workers == 0
+        # fake_l holds the real worker count (fastai sets self.num_workers to 1 in the main process); in a worker it is > 0
+        to_gpu = self.device is not None and torch.device(self.device).type == 'cuda' and self.fake_l.num_workers == 0
         for pos in self.chunkify(samps):
             b = self.dataset.batch(pos)
             # fastai then calls `to_device`, a no-op for tensors already there

@@ -206,6 +206,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
               ): # (learner, metrics dict)
     "Train and evaluate a PCam classifier end to end, calibrate it and choose its threshold on validation, and write everything, with a report, into `run_dir`"
     t_start = time.time()
+    if not 0 <= stain_aug <= 1: raise UsageError(f"stain_aug must be between 0 and 1 (Tellez et al.: 0.05 light, 0.2 strong), got {stain_aug}.")  # before any cache is built
     init_distributed()  # joins the process group when started by accelerate launch or torchrun; nothing in one process
     preset, cfg, lr_unfrozen = _recipe(data, preset, weights_path, lr_unfrozen, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
                                        epochs_unfrozen=epochs_unfrozen, pretrained=pretrained, fp16=fp16, lr_find_iters=lr_find_iters, n_items=n_items)
