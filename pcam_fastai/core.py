@@ -73,17 +73,18 @@ def json_text(obj, # JSON-able data
     return json.dumps(clean(obj), indent=2, allow_nan=False, default=str)
 
 # %% ../nbs/00_core.ipynb #3f64d29f
+def _cpu_asked() -> bool: return os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')  # accelerate launch --cpu
+
 def cuda_in_use(cuda:bool|None=None, # Whether a CUDA GPU is present; None: detect
                ) -> bool:
     "Whether this process computes on CUDA: a GPU is there and `ACCELERATE_USE_CPU` (set by `accelerate launch --cpu`) is not"
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    return bool(cuda) and os.environ.get('ACCELERATE_USE_CPU', '').lower() not in ('1', 'true', 'yes')
+    return bool(cuda) and not _cpu_asked()
 
 def compute_device() -> torch.device:
     "Where batches and the model go by default: this process's GPU when `cuda_in_use()`, Apple's MPS (as fastai would), else the CPU"
     if cuda_in_use(): return torch.device('cuda', torch.cuda.current_device())
-    cpu_asked = os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
-    if not cpu_asked and not torch.cuda.is_available() and torch.backends.mps.is_available(): return torch.device('mps')
+    if not _cpu_asked() and not torch.cuda.is_available() and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #d33c2033
