@@ -14,7 +14,7 @@ from fastcore.script import anno_parser, bool_arg
 # fastai 2.8 decorates a layer with torch.jit.script, which torch >= 2.10 deprecates: noise for a CLI user
 warnings.filterwarnings('ignore', message=r'`torch.jit.script` is deprecated', category=FutureWarning)
 
-from .core import PCamError
+from .core import PCamError, UsageError
 from .data import COMPETITION, download_pcam, make_synthetic_pcam
 from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 
@@ -44,10 +44,21 @@ def cache(src:str, # The Kaggle zip, its extracted folder, or a folder of the of
           dest:str, # Cache root to write
           on_bad:str='error', # Unreadable or non-96x96-RGB patches: error, skip or fix
           force:bool=False, # Rebuild even if cached
+          stain_norm:str='none', # Also write a stain-normalized copy: macenko, reinhard or none
+          stain_ref:str=None, # Reference image(s) for the normalization (a file or a folder); default: training patches of the default split
          ):
     "Decode PCam once into a memory-mapped array cache (restartable; train on it with --data DEST)"
+    if stain_norm not in ('none', 'macenko', 'reinhard'): raise UsageError(f"Unknown --stain-norm {stain_norm!r}; choose macenko, reinhard or none.")
     out = build_cache(src, dest, on_bad=on_bad, force=force)
     print(f'Cached {", ".join(cache_splits(out))} in {out}. Train on it with: pcam-fastai train --data {out}')
+    if stain_norm != 'none':
+        from pcam_fastai.sources import open_source  # these import torch: only when asked
+        from pcam_fastai.stain import normalize_cache
+        from pcam_fastai.train import fit_stain_normalizer
+        normalizer, said = fit_stain_normalizer(open_source(out), stain_norm, stain_ref)
+        normed = normalize_cache(out, normalizer, force=force)
+        print(f'Stain-normalized ({stain_norm}, fitted on {said}) into {normed}. Train on it with: pcam-fastai train --data {normed} '
+              f'(or --data {out} --stain-norm {stain_norm}, which reuses it)')
 
 def synth(dest:str='data/synthetic-pcam', # Folder to write the synthetic set into
           n_train:int=600, # Labelled patches

@@ -511,6 +511,17 @@ def load_weights(learn, # The learner to load into
     return learn
 
 # %% ../nbs/08_evaluate.ipynb #57ab2b3f
+def _run_stain(cfg:dict, source) -> dict:
+    "The `stain_norm` argument that makes `source`'s patches reach the model normalized as the run's were (a raw cache: on every batch)"
+    if not cfg.get('stain_norm'): return {}
+    from pcam_fastai.stain import StainNormalizer, cache_normalizer
+    want = StainNormalizer.from_dict(cfg['stain_norm'])
+    have = cache_normalizer(source.path) if source.path.is_dir() else None
+    if have is None: return dict(stain_norm=want)  # raw patches: normalized on the fly, exactly as the run's
+    if have.to_dict() != want.to_dict():
+        raise UsageError(f"{source.path} holds patches normalized with another reference than the run's; pass the raw cache, or the run's own data ({cfg['data']}).")
+    return {}
+
 def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
              data:str|Path|None=None, # Data for the learner's DataLoaders; None: the run's own data
              cpu:bool|None=None, # Load onto the CPU; None: the GPU when `cuda_in_use()`
@@ -522,8 +533,9 @@ def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
     if cpu is None: cpu = not cuda_in_use()
     cfg = read_run_json(run_dir/'config.json')
     st = cfg['settings']
-    dls = open_source(data or cfg['data']).dataloaders(size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'], n_items=st['n_items'],
-                                                        num_workers=0, device='cpu' if cpu else None, positive=cfg.get('positive'))
+    source = open_source(data or cfg['data'])
+    dls = source.dataloaders(size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'], n_items=st['n_items'], num_workers=0,
+                             device='cpu' if cpu else None, positive=cfg.get('positive'), **_run_stain(cfg, source))
     learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=st.get('fp16', False), path=run_dir, quiet=True)  # on a GPU: the precision it trained in
     verify_model_checksum(run_dir)
     load_weights(learn, run_dir/'model.pth')

@@ -21,6 +21,7 @@ from .core import CLASSES, PCamError, UsageError, UsageTypeError, to_rgb, json_t
 from .learner import resolve_arch, arch_name, weights_load_reason
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
 from .sources import open_source
+from .stain import StainNormalizer, StainError
 
 
 # %% auto #0
@@ -71,10 +72,11 @@ def build_model(arch, # The arch the run was trained with (torchvision or timm n
 class BundleError(PCamError, ValueError):
     "A bundle folder that is missing files, damaged, or was written by a newer version"
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: bundles that stain-normalize (`stain_norm`); the others are still written as 1, which older versions read
 
-def _as_rgb(img, size:int, resize:str='pil-bilinear') -> np.ndarray:
-    "One image (path, PIL image or array) as a (size, size, 3) uint8 array, resized the way the run's training loader did"
+def _as_rgb(img, size:int, resize:str='pil-bilinear', normalizer=None) -> np.ndarray:
+    "One image (path, PIL image or array) as a (size, size, 3) uint8 array, stain-normalized at its own size (as in training) and resized the way the run's training loader did"
+    name = str(img) if isinstance(img, (str, Path)) else 'an image'
     if isinstance(img, (str, Path)):
         try:
             with Image.open(img) as im: img = to_rgb(im, str(img))
@@ -90,6 +92,7 @@ def _as_rgb(img, size:int, resize:str='pil-bilinear') -> np.ndarray:
         img = Image.fromarray(a[..., :3])
     elif isinstance(img, Image.Image): img = to_rgb(img)
     else: raise UsageTypeError(f"Images must be file paths, PIL images or uint8 arrays, not {type(img).__name__}.")
+    if normalizer is not None and (normed := normalizer.normalize(np.asarray(img, dtype=np.uint8), name)) is not None: img = Image.fromarray(normed)
     if img.size == (size, size): return np.asarray(img, dtype=np.uint8)
     if resize == 'torch-bilinear':  # the array cache's loader: torch bilinear on uint8, no antialiasing (like cv2.INTER_LINEAR)
         t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
@@ -117,6 +120,8 @@ class Bundle:
         self.classes, self.positive, self.size = self.meta['classes'], self.meta.get('positive'), int(self.meta['size'])
         self.threshold, self.threshold_source = self.meta.get('threshold'), self.meta.get('threshold_source')
         self.temperature, self.centre_box = float(self.meta.get('temperature', 1.0)), bool(self.meta.get('centre_box', True))
+        try: self.stain_normalizer = StainNormalizer.from_dict(self.meta['stain_norm']) if self.meta.get('stain_norm') else None
+        except StainError as e: raise BundleError(f"{self.path}/bundle.json: {e}".replace('train the run again', 'export the run again')) from None
         if backend == 'auto':
             try: import onnxruntime  # noqa: F401
             except ImportError: backend = 'torch'
@@ -154,11 +159,11 @@ class Bundle:
 def prepare(self:Bundle,
             images, # Paths, PIL images, uint8 (H, W, 3) arrays, or an (N, size, size, 3) uint8 batch
            ) -> np.ndarray:
-    "Images as the (N, size, size, 3) uint8 batch the model takes"
+    "Images as the (N, size, size, 3) uint8 batch the model takes: stain-normalized (when the run was) and resized as in training"
     if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim <= 3): images = [images]
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (self.size, self.size, 3) and images.dtype == np.uint8:
-        return images
-    arrs = [_as_rgb(im, self.size, self.meta.get('resize', 'pil-bilinear')) for im in images]
+        return images if self.stain_normalizer is None else self.stain_normalizer.normalize_many(images)[0]
+    arrs = [_as_rgb(im, self.size, self.meta.get('resize', 'pil-bilinear'), self.stain_normalizer) for im in images]
     if not arrs: raise UsageError("No images given.")
     return np.stack(arrs)
 
@@ -235,11 +240,14 @@ def _run_model(run_dir, arch, classes):
 
 def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source) -> dict:
     "What bundle.json says: the model, its input and output, its preprocessing, calibration and threshold, and the run's validation numbers"
-    return dict(format=BUNDLE_FORMAT, arch=arch_name(resolve_arch(cfg['settings']['arch'])), classes=classes, positive=classes[1] if len(classes) == 2 else None,
+    stain = cfg.get('stain_norm')
+    return dict(format=2 if stain else 1, arch=arch_name(resolve_arch(cfg['settings']['arch'])), classes=classes, positive=classes[1] if len(classes) == 2 else None,
                 size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                 threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
                 centre_box=source.centre_labelled if source else True,  # PCam labels the centre 32x32; folder sets label whole patches
-                input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout=f'NHWC RGB, 0-255; resize to {size} x {size} first ({resize})'),
+                input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout='NHWC RGB, 0-255; ' + (f"stain-normalize first ({stain['method']}, stain_norm below; Bundle.predict does it), then resize to {size} x {size} ({resize})"
+                                                                     if stain else f'resize to {size} x {size} first ({resize})')),
+                stain_norm=stain,
                 output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
                 run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
                 valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
@@ -323,6 +331,8 @@ def _write_export_report(dest:Path, m:dict):
          (f"Probabilities are calibrated: softmax(logits / T + bias) with T = {m.get('temperature', 1.0):.3g}, bias {m.get('bias')}, fitted on validation (inside model.onnx too)"
           if m.get('bias') is not None else 'Probabilities are the softmax of the logits (the run has no calibration)')
          + (", from the logits averaged over the 8 dihedral views (flips and 90-degree rotations), as the run was evaluated." if m.get('tta') else '.'),
+         *([f"Patches are stain-normalized first ({m['stain_norm']['method']}, to the run's reference; patches with too little tissue are left as they are): "
+            "`Bundle.predict` does it; model.onnx does not, so other callers must normalize first."] if m.get('stain_norm') else []),
          f"Input: uint8 RGB patches, {m['size']}x{m['size']}, NHWC; normalization and softmax are inside the model. "
          f"Other sizes are resized as in training: {m['resize']} ({'torch.nn.functional.interpolate, bilinear, no antialiasing' if m['resize'] == 'torch-bilinear' else 'PIL Image.resize, BILINEAR'}).", '',
          '| measure | value |', '|---|---|', f"| parameters | {m['n_params']/1e6:.2f} M |", f"| weights.pth | {m['weights_mb']} MB |"]

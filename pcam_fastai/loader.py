@@ -25,7 +25,7 @@ from fastai.vision.core import imagenet_stats
 from .core import CLASSES, PATCH_SIZE, PCamDataError, UsageError, Split, compute_device
 from .data import random_split, open_patch
 from .cache import load_cache, cache_splits, CacheError
-from .stain import HEDJitterBatch
+from .stain import HEDJitterBatch, StainNormalizeBatch, cache_normalizer
 
 # %% auto #0
 __all__ = ['OFFICIAL_VALID', 'OFFICIAL_TEST', 'GROUPED_SPLIT', 'dihedral', 'DihedralBatch', 'RandomCropBatch', 'ResizeBatch',
@@ -212,10 +212,10 @@ class CacheDataLoaders(DataLoaders):
         kwargs.pop('process', None); kwargs.pop('rm_type_tfms', None)
         src = self.valid.dataset
         items = list(test_items) if not isinstance(test_items, np.ndarray) else test_items
-        if isinstance(items, np.ndarray) and items.ndim == 4:
-            ds = PatchArrays(items.astype(np.uint8), np.zeros(len(items), np.int8), np.arange(len(items)), src.vocab, with_labels, 1)
-        elif len(items) and isinstance(items[0], (str, Path)):
-            arr = np.stack([np.asarray(open_patch(f)) for f in items]) if items else np.zeros((0, 96, 96, 3), np.uint8)
+        if (isinstance(items, np.ndarray) and items.ndim == 4) or (len(items) and isinstance(items[0], (str, Path))):
+            arr = items.astype(np.uint8) if isinstance(items, np.ndarray) else np.stack([np.asarray(open_patch(f)) for f in items])
+            if getattr(self, 'stain_norm_at', None) == 'cache':  # the cache holds normalized patches; these raw ones are normalized here, the same way
+                arr = self.stain_normalizer.normalize_many(arr, [str(f) for f in items] if not isinstance(items, np.ndarray) else None)[0]
             ds = PatchArrays(arr, np.zeros(len(arr), np.int8), np.arange(len(arr)), src.vocab, with_labels, 1)
         else:
             ds = PatchArrays(src.images, src.labels, np.asarray(items, dtype=np.int64), src.vocab, with_labels, 1)
@@ -251,9 +251,10 @@ def batch_tfms(size:int=224, # Output side in pixels
                max_zoom:float=1.1, # Largest random zoom (training)
                stain_jitter:float=0., # Colour jitter strength (training); 0: none
                stain_aug:float=0., # Stain augmentation in H&E space (training; `HEDJitterBatch`); 0: none
+               stain_norm=None, # A fitted `StainNormalizer` applied to every batch first (`StainNormalizeBatch`); None: none
               ) -> list:
-    "The batch pipeline: dihedral, crop, resize, normalize (and optionally stain jitter)"
-    return [DihedralBatch(), RandomCropBatch(max_zoom), ResizeBatch(size), NormalizeBatch(),
+    "The batch pipeline: (stain normalization,) dihedral, crop, resize, normalize (and optionally stain jitter)"
+    return [*([StainNormalizeBatch(stain_norm)] if stain_norm is not None else []), DihedralBatch(), RandomCropBatch(max_zoom), ResizeBatch(size), NormalizeBatch(),
             *([StainJitterBatch(stain_jitter)] if stain_jitter else []), *([HEDJitterBatch(stain_aug)] if stain_aug else [])]
 
 def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
@@ -264,6 +265,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                       max_zoom:float=1.1, # Largest random zoom (crop)
                       stain_jitter:float=0., # Strength of the per-channel colour jitter (0: off; try 0.05)
                       stain_aug:float=0., # Strength of the stain augmentation in H&E space (0: off; Tellez et al.: 0.05 light, 0.2 strong)
+                      stain_norm=None, # A fitted `StainNormalizer` applied to every batch on the device; None: none (a normalized cache needs none)
                       groups:str|Path|None=None, # CSV `id,slide` mapping patches to slides: a grouped split (Kaggle cache)
                       n_items:int|None=None, # Use only the first `n_items` patches of each split (quick runs)
                       num_workers:int=0, # Worker processes (0 is fastest, see above)
@@ -273,6 +275,9 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
     path = Path(path)
     if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
     if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
+    cached_norm = cache_normalizer(path)
+    if stain_norm is not None and cached_norm is not None:
+        raise UsageError(f"{path} holds patches already stain-normalized ({cached_norm.method}); pass no stain_norm, or train on the raw cache it was made from.")
     tr = load_cache(path, 'train')
     rows = np.flatnonzero(tr.keep & (tr.labels >= 0))
     if len(rows) < 2: raise CacheError(f"The train split at {path} has {len(rows)} labelled patches.")
@@ -296,10 +301,12 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
         train_ds, valid_ds = PatchArrays(tr.images, tr.labels, rows[t]), PatchArrays(tr.images, tr.labels, rows[v], split_idx=1)
     train_ds.split_idx = 0
     device = compute_device() if device is None else device
-    tfms = batch_tfms(size, max_zoom, stain_jitter, stain_aug)
+    tfms = batch_tfms(size, max_zoom, stain_jitter, stain_aug, stain_norm)
     kw = dict(bs=bs, num_workers=num_workers, device=device, after_batch=tfms)
     dls = CacheDataLoaders(CacheDL(train_ds, shuffle=True, drop_last=len(train_ds) > bs, **kw), CacheDL(valid_ds, **kw), path=path, device=device)
     dls.split, dls.split_name, dls.c = name, str(name), len(CLASSES)
+    # where patches are stain-normalized: 'batch' (the pipeline does it), 'cache' (they were; `test_dl` normalizes raw patches), None
+    dls.stain_normalizer, dls.stain_norm_at = (stain_norm, 'batch') if stain_norm is not None else (cached_norm, 'cache') if cached_norm else (None, None)
     return dls
 
 def cache_test_dl(dls:CacheDataLoaders, # DataLoaders from `cache_dataloaders`

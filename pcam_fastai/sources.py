@@ -50,15 +50,16 @@ def pcam_dataloaders(path:str|Path, # Folder in the Kaggle layout (train/, train
                      device=None, # Device for batches; None: the GPU if there is one
                      stain_jitter:float=0., # Colour jitter strength (array cache only)
                      stain_aug:float=0., # Stain augmentation strength in H&E space (array cache only)
+                     stain_norm=None, # A fitted `StainNormalizer` applied to every batch (array cache only)
                      groups:str|Path|None=None, # CSV `id,slide` for a split that holds out whole slides (array cache only)
                     ):
     "fastai `DataLoaders` for PCam: a Kaggle-layout folder, or an array cache from `build_cache` (much faster)"
     path = Path(path)
     if is_cache(path):
         return cache_dataloaders(path, size=size, bs=bs, valid_pct=valid_pct, seed=seed, max_zoom=max_zoom, stain_jitter=stain_jitter,
-                                 stain_aug=stain_aug, groups=groups, n_items=n_items, num_workers=num_workers or 0, device=device)
-    if stain_jitter or stain_aug or groups is not None:
-        raise UsageError("stain_jitter, stain_aug and groups need the array cache: build one with build_cache (CLI: pcam-fastai cache) and pass its folder.")
+                                 stain_aug=stain_aug, stain_norm=stain_norm, groups=groups, n_items=n_items, num_workers=num_workers or 0, device=device)
+    if stain_jitter or stain_aug or stain_norm is not None or groups is not None:
+        raise UsageError("stain_jitter, stain_aug, stain normalization and groups need the array cache: build one with build_cache (CLI: pcam-fastai cache) and pass its folder.")
     if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
     if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
     df = read_labels(path)
@@ -155,8 +156,9 @@ class FolderSet(DataSource):
         "SHA-1 of the file list with its labels (the folder names)"
         rows = sorted(f'{s}/{f.relative_to(self.path)}' for s, fs in folder_layout(self.path).files.items() for f in fs)
         return hashlib.sha1('\n'.join(rows).encode()).hexdigest()
-    def dataloaders(self, size:int, bs:int, stain_jitter:float=0., stain_aug:float=0., groups=None, **kwargs):
-        if stain_jitter or stain_aug or groups: raise UsageError("stain_jitter, stain_aug and groups work on PCam array caches; a folder set is split by its "
+    def dataloaders(self, size:int, bs:int, stain_jitter:float=0., stain_aug:float=0., stain_norm=None, groups=None, **kwargs):
+        if stain_jitter or stain_aug or stain_norm is not None or groups:
+            raise UsageError("stain_jitter, stain_aug, stain normalization and groups work on PCam array caches; a folder set is split by its "
                                                     "train/valid folders or its patient folders.")
         return folder_dataloaders(self.path, size=size, bs=bs, **kwargs)
     def test_dl(self, dls) -> tuple:

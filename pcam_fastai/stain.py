@@ -6,7 +6,8 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/stain.html.md"""
 
 # %% ../nbs/03a_stain.ipynb #ec609fcb
 from __future__ import annotations
-import math
+import copy, hashlib, json, math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,11 +15,13 @@ from fastcore.basics import store_attr
 from fasttransform import Transform
 from fastai.torch_core import TensorImage
 
-from .core import PCamDataError, UsageError
+from .core import PCamDataError, UsageError, to_rgb, write_json_atomic
+from .cache import Source, build_split, cache_splits, load_cache
 
 # %% auto #0
-__all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitterBatch', 'stain_shift', 'StainError',
-           'tissue_fraction', 'StainNormalizer']
+__all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'STAIN_FILE', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitterBatch', 'stain_shift',
+           'StainError', 'tissue_fraction', 'StainNormalizer', 'choose_reference', 'read_reference',
+           'StainNormalizeBatch', 'cache_normalizer', 'normalize_cache']
 
 # %% ../nbs/03a_stain.ipynb #0fbeca60
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29],   # haematoxylin's RGB optical-density vector (Ruifrok & Johnston 2001)
@@ -76,13 +79,18 @@ def stain_shift(x:torch.Tensor, # RGB images (N, 3, H, W), 0-255
 class StainError(PCamDataError):
     "A patch (or the reference) cannot be stain-normalized: too little tissue, or the estimate failed"
 
+def _stained_share(t:torch.Tensor, beta:float=0.15, io:float=240) -> float:
+    "`tissue_fraction` of one (3, H, W) uint8 tensor, on its device"
+    od = -torch.log((t.reshape(3, -1).float() + 1) / io)
+    return float((od >= beta).all(0).float().mean())
+
 def tissue_fraction(patch:np.ndarray, # uint8 RGB patch (H, W, 3)
                     beta:float=0.15, # Optical-density threshold of a stained pixel (Macenko's default)
                     io:float=240, # Transmitted light intensity (torchstain's default)
                    ) -> float:
     "Share of the pixels that hold stain: optical density at least `beta` in every channel"
-    od = -np.log((patch.reshape(-1, 3).astype(np.float32) + 1) / io)
-    return float((od >= beta).all(1).mean())
+    return _stained_share(torch.from_numpy(np.require(patch, requirements=['C', 'W'])).permute(2, 0, 1), beta, io)
+
 
 # %% ../nbs/03a_stain.ipynb #679e756d
 METHODS = ('macenko', 'reinhard')
@@ -99,18 +107,18 @@ class StainNormalizer:
         from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
         self.method, self.min_tissue, self.on_bad = method, min_tissue, on_bad
         self._lib = TorchMacenkoNormalizer() if method == 'macenko' else TorchReinhardNormalizer()
-        self.fitted = False
+        self.fitted, self._on_device = False, {}
 
-    def fit(self, reference:np.ndarray): # One uint8 RGB patch (H, W, 3), or several (N, H, W, 3)
-        "Learn the reference staining"
-        ref = np.asarray(reference)
-        if ref.dtype != np.uint8 or ref.shape[-1] != 3 or ref.ndim not in (3, 4):
-            raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); got {ref.dtype} {ref.shape}.")
-        wide = np.concatenate(list(ref), axis=1) if ref.ndim == 4 else ref
-        if (tf := tissue_fraction(wide)) < self.min_tissue:
+    def fit(self, reference): # One uint8 RGB patch (H, W, 3), several (N, H, W, 3), or a list of patches of any sizes
+        "Learn the reference staining (from all the reference pixels together)"
+        refs = [np.asarray(reference)] if np.asarray(reference[0]).ndim == 2 else [np.asarray(r) for r in reference]
+        if not refs or any(r.dtype != np.uint8 or r.ndim != 3 or r.shape[-1] != 3 for r in refs):
+            raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); got {[(str(r.dtype), r.shape) for r in refs[:3]]}.")
+        pixels = np.concatenate([r.reshape(-1, 3) for r in refs])[None]  # both methods use the set of pixels, not their layout
+        if (tf := tissue_fraction(pixels)) < self.min_tissue:
             raise StainError(f"The stain reference holds too little tissue ({tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed): choose patches full of tissue.")
-        self._lib.fit(torch.from_numpy(np.ascontiguousarray(wide)).permute(2, 0, 1))
-        self.fitted = True
+        self._lib.fit(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+        self.fitted, self._on_device = True, {}
         return self
 
     def to_dict(self) -> dict:
@@ -139,24 +147,47 @@ class StainNormalizer:
         out.fitted = True
         return out
 
+    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_on_device'}  # no GPU tensors in a pickle
+    def __setstate__(self, d): self.__dict__.update(d, _on_device={})
+
+    def _lib_on(self, device):
+        "torchstain's normalizer with the reference on `device` (copied there once)"
+        device = torch.device(device)
+        if device.type == 'cpu': return self._lib
+        if device not in self._on_device:
+            lib = copy.copy(self._lib)
+            for a in ('HERef', 'maxCRef', 'target_means', 'target_stds'):
+                if torch.is_tensor(getattr(lib, a, None)): setattr(lib, a, getattr(lib, a).to(device))
+            self._on_device[device] = lib
+        return self._on_device[device]
+
     def _check_fitted(self):
         if not self.fitted: raise UsageError("This StainNormalizer is not fitted: call .fit(reference_patches) first.")
+
+    def normalize_tensor(self, t:torch.Tensor, # One uint8 RGB patch (3, H, W), on the CPU or a GPU
+                         name:str='patch', # What to call it in an error
+                        ) -> torch.Tensor|None: # The normalized patch, uint8 (3, H, W) on `t`'s device; None when skipped
+        "The patch with the reference's staining, computed on the patch's device; None (`on_bad='skip'`) or a `StainError` when it can't be normalized"
+        self._check_fitted()
+        if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[0] != 3: raise UsageError(f"{name}: stain normalization takes uint8 RGB (3, H, W); got {t.dtype} {tuple(t.shape)}.")
+        if (tf := _stained_share(t)) < self.min_tissue: return self._bad(name, f'{tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed')
+        if t.reshape(3, -1).float().std(1, unbiased=False).max() < 1: return self._bad(name, 'it is a single colour, with no stain vectors to estimate')
+        lib = self._lib_on(t.device)
+        try: out = lib.normalize(t, stains=False)[0] if self.method == 'macenko' else lib.normalize(t)
+        except (RuntimeError, IndexError) as e: return self._bad(name, f'the {self.method} estimate failed: {e}')
+        out = out.float()
+        # torchstain casts to integers itself, so a failed (NaN) estimate arrives as black pixels, not as NaN
+        if not torch.isfinite(out).all() or out.max() < 1: return self._bad(name, f'the {self.method} estimate failed (a black result)')
+        return out.clamp(0, 255).round().to(torch.uint8).permute(2, 0, 1)
 
     def normalize(self, patch:np.ndarray, # One uint8 RGB patch (H, W, 3)
                   name:str='patch', # What to call it in an error
                  ) -> np.ndarray|None: # The normalized patch, uint8 (H, W, 3); None when skipped
         "The patch with the reference's staining; None (`on_bad='skip'`) or a `StainError` when it can't be normalized"
-        self._check_fitted()
-        if (tf := tissue_fraction(patch)) < self.min_tissue: return self._bad(name, f'{tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed')
-        if patch.reshape(-1, 3).std(0).max() < 1: return self._bad(name, 'it is a single colour, with no stain vectors to estimate')
-        t = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
-        try:
-            out = self._lib.normalize(t, stains=False)[0] if self.method == 'macenko' else self._lib.normalize(t)
-        except (RuntimeError, IndexError) as e: return self._bad(name, f'the {self.method} estimate failed: {e}')
-        out = out.float()
-        # torchstain casts to integers itself, so a failed (NaN) estimate arrives as black pixels, not as NaN
-        if not torch.isfinite(out).all() or out.max() < 1: return self._bad(name, f'the {self.method} estimate failed (a black result)')
-        return out.clamp(0, 255).round().to(torch.uint8).numpy()
+        if not (isinstance(patch, np.ndarray) and patch.dtype == np.uint8 and patch.ndim == 3 and patch.shape[-1] == 3):
+            raise UsageError(f"{name}: stain normalization takes a uint8 RGB (H, W, 3) array; got {getattr(patch, 'dtype', type(patch).__name__)} {getattr(patch, 'shape', '')}.")
+        out = self.normalize_tensor(torch.from_numpy(np.require(patch, requirements=['C', 'W'])).permute(2, 0, 1), name)
+        return None if out is None else out.permute(1, 2, 0).contiguous().numpy()
 
     def _bad(self, name, why):
         if self.on_bad == 'raise': raise StainError(f"{name} cannot be stain-normalized: {why}. Pass on_bad='skip' to leave such patches as they are.")
@@ -173,3 +204,87 @@ class StainNormalizer:
             if res is None: skipped.append(name)
             else: out[i] = res
         return out, skipped
+
+# %% ../nbs/03a_stain.ipynb #2f28a010
+def choose_reference(patches:np.ndarray, # uint8 candidate patches (N, H, W, 3), e.g. the first training patches
+                     k:int=8, # How many to keep
+                    ) -> np.ndarray: # (k, H, W, 3)
+    "The `k` patches with the most tissue: the default stain reference"
+    fractions = np.array([tissue_fraction(p) for p in patches])
+    return np.asarray(patches)[np.argsort(-fractions, kind='stable')[:k]]
+
+def read_reference(path:str|Path, # An image file, or a folder of them (.png, .jpg, .tif)
+                  ) -> list: # uint8 RGB arrays (H, W, 3)
+    "Reference patches for `StainNormalizer.fit` from your own image files"
+    from PIL import Image
+    path = Path(path)
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.tif', '.tiff')) if path.is_dir() else [path]
+    if not path.exists() or not files: raise UsageError(f"The stain reference {path} {'has no .png, .jpg or .tif images' if path.exists() else 'does not exist'}; pass an image file or a folder of them.")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im: out.append(np.asarray(to_rgb(im, str(f)), dtype=np.uint8))
+        except Exception as e: raise UsageError(f"Cannot read the stain reference {f}: {e}") from None
+    return out
+
+# %% ../nbs/03a_stain.ipynb #5969d986
+class StainNormalizeBatch(Transform):
+    "Stain-normalize each patch of a uint8 batch on its device with a fitted `StainNormalizer`, in training and inference alike"
+    order = 5  # first: on the patches as they were read, before any augmentation
+    def __init__(self, normalizer:StainNormalizer): # Fitted
+        if not getattr(normalizer, 'fitted', False): raise UsageError("StainNormalizeBatch needs a fitted StainNormalizer: call .fit(reference_patches) first.")
+        self.normalizer = normalizer
+    def encodes(self, x:TensorImage):
+        t = x.as_subclass(torch.Tensor)
+        if t.dtype != torch.uint8: raise UsageError(f"StainNormalizeBatch takes uint8 batches as read from the cache (order {self.order}, first); got {t.dtype}.")
+        out = t.clone()
+        for i in range(len(t)):
+            res = self.normalizer.normalize_tensor(t[i], f'patch {i} of the batch')
+            if res is not None: out[i] = res
+        return TensorImage(out)
+
+# %% ../nbs/03a_stain.ipynb #5d3aa01d
+STAIN_FILE = 'stain.json'  # in a normalized cache's root: the normalizer, and whether the cache is complete
+
+def cache_normalizer(path:str|Path, # A cache root
+                    ) -> StainNormalizer|None: # None: a cache of raw patches
+    "The normalizer a cache's patches were normalized with, from its `stain.json`"
+    fn = Path(path)/STAIN_FILE
+    if not fn.exists(): return None
+    try: info = json.loads(fn.read_text())
+    except (OSError, ValueError) as e: raise StainError(f"{fn} is damaged ({e}); build the normalized cache again (pcam-fastai cache --stain-norm ...).") from None
+    if not info.get('complete'):
+        raise StainError(f"The stain-normalized cache at {path} is incomplete (its build was interrupted); run the same command again to finish it.")
+    return StainNormalizer.from_dict(info.get('normalizer') or {})
+
+def normalize_cache(src:str|Path, # A cache root from `build_cache`, of raw patches
+                    normalizer:StainNormalizer, # Fitted
+                    dest:str|Path|None=None, # Root of the normalized cache; None: `src/stain-<method>-<hash of the normalizer>`
+                    chunk:int=1024, # Patches per write
+                    force:bool=False, # Normalize again even if `dest` is complete
+                    show_progress:bool=True, # Progress bars with the rate
+                   ) -> Path: # `dest`
+    "A copy of an array cache with every patch stain-normalized once: restartable and verified like `build_cache`, the normalizer in `stain.json`"
+    src = Path(src)
+    if not cache_splits(src): raise UsageError(f"{src} is not an array cache; build one first (pcam-fastai cache SRC DEST).")
+    if (src/STAIN_FILE).exists(): raise UsageError(f"{src} is already stain-normalized; normalize the raw cache it was made from.")
+    d = normalizer.to_dict()
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    dest = Path(dest) if dest else src/f'stain-{normalizer.method}-{digest}'
+    info = dict(normalizer=d, source=str(src.resolve()), complete=False)
+    if not force and (dest/STAIN_FILE).exists():
+        try: old = json.loads((dest/STAIN_FILE).read_text())
+        except ValueError: old = {}
+        if old.get('normalizer') != d and cache_splits(dest):
+            raise UsageError(f"{dest} holds patches normalized another way; pass another dest, or force=True to replace them.")
+    dest.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(dest/STAIN_FILE, info)  # first, so that an interrupted build is never taken for raw patches
+    for split in cache_splits(src):
+        c = load_cache(src, split)
+        def read(i0, i1, c=c):
+            return normalizer.normalize_many(np.asarray(c.images[i0:i1]), c.ids[i0:i1])[0], [i for i in range(i0, i1) if not c.keep[i]]
+        sig = hashlib.sha1(f"{c.manifest['signature']}:{digest}".encode()).hexdigest()[:16]
+        build_split(Source(split, c.ids, c.labels, read, sig, c.manifest['layout'], c.manifest.get('synthetic', False)), dest,
+                    chunk=chunk, force=force, show_progress=show_progress)
+    write_json_atomic(dest/STAIN_FILE, {**info, 'complete': True, 'splits': cache_splits(src)})
+    return dest

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from fastai.torch_core import set_seed
 
-from .core import PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic, cuda_in_use
+from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic, cuda_in_use
 from .data import make_synthetic_pcam
-from .sources import open_source, check_data_path, DataSource
+from .sources import open_source, check_data_path, DataSource, ArrayCache
+from .stain import METHODS, StainNormalizer, choose_reference, read_reference, normalize_cache, cache_normalizer
 from .learner import pcam_learner, resolve_arch
 from .distributed import init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main
 from .training import fit_two_stage, lr_repr, versions
@@ -23,7 +24,7 @@ from .report import evaluate_run, headline, write_report
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'default_data_dir', 'resolve_config', 'run_key', 'reopen_finished_run',
-           'seed_run', 'train_pcam']
+           'seed_run', 'fit_stain_normalizer', 'train_pcam']
 
 # %% ../nbs/12_train.ipynb #7eb746ea
 PRESETS = {
@@ -70,6 +71,7 @@ def run_key(config:dict, # A run configuration (config.json)
     keep['settings'] = {k: v for k, v in keep['settings'].items() if not (k in ('lr', 'tta') and v in (None, False))}
     if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
     if config.get('stain_aug'): keep['stain_aug'] = config['stain_aug']
+    if config.get('stain_norm'): keep.update(stain_norm=config['stain_norm'], stain_norm_at=config.get('stain_norm_at'))
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 # %% ../nbs/12_train.ipynb #a5de6deb
@@ -140,6 +142,32 @@ def _open_data(data, cache, cfg) -> DataSource:
         data = run_on_main(build_cache, data, cache)
     return open_source(data)
 
+def fit_stain_normalizer(source:DataSource, # The run's data: an array cache of raw patches
+                         method:str, # 'macenko' or 'reinhard'
+                         ref:str|Path|None=None, # Reference image(s) (a file or a folder); None: training patches
+                         **split_kw, # The run's split (valid_pct, seed, n_items, groups), so that only training patches are chosen
+                        ) -> tuple[StainNormalizer, str]: # (the fitted normalizer, what it was fitted on)
+    "A stain normalizer fitted on `ref`, or on the 8 training patches with the most tissue among the first 500 of the run's split"
+    normalizer = StainNormalizer(method)  # an unknown method fails here, before anything is read
+    if not isinstance(source, ArrayCache):
+        raise UsageError(f"Stain normalization works on PCam array caches; {source.path} is a {source.kind}. Pass cache=DIR (CLI: --cache DIR) to decode it once into one.")
+    if cache_normalizer(source.path) is not None:
+        raise UsageError(f"{source.path} is already stain-normalized: train on it without stain_norm (its normalizer is used), or pass the raw cache it was made from.")
+    if ref is not None: return normalizer.fit(read_reference(ref)), f'the reference {ref}'
+    # training patches only: a reference from validation would let it shape the data the run is judged on
+    train_ds = source.dataloaders(**{'size': PATCH_SIZE, 'bs': 64, **split_kw}, num_workers=0, device='cpu').train_ds
+    return normalizer.fit(choose_reference(train_ds.read_rows(train_ds.idxs[:500]))), 'the 8 training patches with the most tissue among the first 500'
+
+def _stain_data(source, method, at, ref, split_kw):
+    "The data to train on and the normalizer for its batches: applied once into a normalized cache (`at='cache'`) or to every batch (`at='batch'`)"
+    if method in (None, 'none'): return source, None
+    normalizer, said = fit_stain_normalizer(source, method, ref, **split_kw)
+    if at == 'batch':
+        if is_main(): print(f'train_pcam: {method} stain normalization fitted on {said}; applied to every batch on the device')
+        return source, normalizer
+    if is_main(): print(f'train_pcam: {method} stain normalization fitted on {said}; normalizing the cache once (later runs reuse it)')
+    return open_source(run_on_main(normalize_cache, source.path, normalizer)), None
+
 def _reopen_or_clear(run_dir, key, force, dls, cfg):
     "A finished run of this configuration, reopened (learner, metrics); else None, with the folder cleared of an old run's files when training again"
     old, finished = broadcast_value((_old_config(run_dir, force), all((run_dir/f).exists() for f in ('model.pth', 'metrics.json'))))
@@ -199,6 +227,9 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                cache:str|Path|None=None, # Decode `data` (folder, zip or h5 folder) once into an array cache here (or reuse it), and train from it
                stain_jitter:float=0., # Colour jitter strength (array cache only)
                stain_aug:float=0., # Stain augmentation in H&E space, strength 0-1 (array cache only; Tellez et al.: 0.05 light, 0.2 strong)
+               stain_norm:str|None=None, # Stain normalization: 'macenko', 'reinhard', or None/'none' (array cache only); stored with the run and its bundle
+               stain_norm_at:str='cache', # Where: 'cache' (once, into a normalized copy of the cache) or 'batch' (every batch, on the device)
+               stain_ref:str|Path|None=None, # Reference image(s) for the normalization (a file or a folder); None: 8 training patches with the most tissue
                groups:str|Path|None=None, # CSV `id,slide`: hold out whole slides (Kaggle data in an array cache)
                deterministic:bool=False, # cuDNN deterministic mode: bit-identical reruns on a GPU, slower (CPU runs are reproducible anyway)
                force:bool=False, # Train even if `run_dir` holds a finished run of the same configuration, or replace another one
@@ -207,21 +238,26 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     "Train and evaluate a PCam classifier end to end, calibrate it and choose its threshold on validation, and write everything, with a report, into `run_dir`"
     t_start = time.time()
     if not 0 <= stain_aug <= 1: raise UsageError(f"stain_aug must be between 0 and 1 (Tellez et al.: 0.05 light, 0.2 strong), got {stain_aug}.")  # before any cache is built
+    if stain_norm not in (None, 'none', *METHODS): raise UsageError(f"Unknown stain normalization {stain_norm!r}; choose one of {list(METHODS)} or 'none'.")
+    if stain_norm_at not in ('cache', 'batch'): raise UsageError(f"stain_norm_at must be 'cache' (normalize once into a normalized cache) or 'batch' (on every batch), got {stain_norm_at!r}.")
     init_distributed()  # joins the process group when started by accelerate launch or torchrun; nothing in one process
     preset, cfg, lr_unfrozen = _recipe(data, preset, weights_path, lr_unfrozen, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
                                        epochs_unfrozen=epochs_unfrozen, pretrained=pretrained, fp16=fp16, lr_find_iters=lr_find_iters, n_items=n_items)
     run_dir = Path(run_dir).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
     source = _open_data(data, cache, cfg)
+    split_kw = dict(size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed, n_items=cfg['n_items'], groups=groups)
+    source, batch_norm = _stain_data(source, stain_norm, stain_norm_at, stain_ref, split_kw)
     seed_run(seed, deterministic)
-    dls = source.dataloaders(size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed, n_items=cfg['n_items'], num_workers=num_workers,
-                             stain_jitter=stain_jitter, stain_aug=stain_aug, groups=groups, positive=positive)
+    dls = source.dataloaders(**split_kw, num_workers=num_workers, stain_jitter=stain_jitter, stain_aug=stain_aug, stain_norm=batch_norm, positive=positive)
+    stain = getattr(dls, 'stain_normalizer', None)  # also set when `data` is a normalized cache
     if getattr(dls, 'positive', None) and is_main(): print(f'train_pcam: folder set {source.path}: classes {list(dls.vocab)}, positive class '
                                                            f'{dls.positive!r} (pass positive=/--positive to choose another); split: {dls.split_name}')
     config = dict(data=str(source.path), labels_sha1=source.labels_hash(), preset=preset, settings=cfg, lr_frozen=lr_frozen,
                   lr_unfrozen=lr_repr(lr_unfrozen) if lr_unfrozen is not None else None,
                   seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None, stain_jitter=stain_jitter, stain_aug=stain_aug,
                   groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k,
-                  positive=getattr(dls, 'positive', None), resize=source.resize)  # how patches reach `size`: an export must do the same
+                  positive=getattr(dls, 'positive', None), resize=source.resize,  # how patches reach `size`: an export must do the same
+                  stain_norm=stain.to_dict() if stain else None, stain_norm_at=getattr(dls, 'stain_norm_at', None), stain_ref=str(stain_ref) if stain_ref else None)
     key = run_key(config)
     done = _reopen_or_clear(run_dir, key, force, dls, cfg)
     if done is not None: return done
