@@ -223,6 +223,11 @@ def write_report(run_dir:Path, # The run folder
                 L += [f"| {'validation (fitted here: optimistic)' if s == 'valid' else 'held-out test'} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |"]
         L += ['', '![reliability](reliability_valid.png)' + (' ![reliability test](reliability_test.png)' if 'test_before' in cal else ''), '']
     L += ['## Training', '']
+    stain, sn = [], config.get('stain_norm')
+    if sn: stain.append(f"{sn['method'].capitalize()} normalization ({'once, into a normalized cache' if config.get('stain_norm_at') == 'cache' else 'on every batch'}) "
+                        f"to a reference of {('`' + config['stain_ref'] + '`') if config.get('stain_ref') else 'training patches'}; the bundle and the server apply it too")
+    if config.get('stain_aug'): stain.append(f"H&E augmentation (HED jitter) of strength {config['stain_aug']}")
+    if stain: L += ['Stain handling: ' + '; '.join(stain) + '.', '']
     if not metrics['config'].get('pretrained'):
         L += ['Trained from scratch (random initialization): there is no frozen stage, because a random body gains nothing from training the head '
               'alone; every epoch trains the whole network with one learning rate (one cycle).', '']

@@ -111,6 +111,7 @@ class StainNormalizer:
 
     def fit(self, reference): # One uint8 RGB patch (H, W, 3), several (N, H, W, 3), or a list of patches of any sizes
         "Learn the reference staining (from all the reference pixels together)"
+        if len(reference) == 0: raise UsageError("The stain reference is empty: pass one or more uint8 RGB patches.")
         refs = [np.asarray(reference)] if np.asarray(reference[0]).ndim == 2 else [np.asarray(r) for r in reference]
         if not refs or any(r.dtype != np.uint8 or r.ndim != 3 or r.shape[-1] != 3 for r in refs):
             raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); got {[(str(r.dtype), r.shape) for r in refs[:3]]}.")
@@ -272,19 +273,26 @@ def normalize_cache(src:str|Path, # A cache root from `build_cache`, of raw patc
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     dest = Path(dest) if dest else src/f'stain-{normalizer.method}-{digest}'
     info = dict(normalizer=d, source=str(src.resolve()), complete=False)
+    old = {}
     if not force and (dest/STAIN_FILE).exists():
         try: old = json.loads((dest/STAIN_FILE).read_text())
-        except ValueError: old = {}
+        except ValueError: pass
         if old.get('normalizer') != d and cache_splits(dest):
             raise UsageError(f"{dest} holds patches normalized another way; pass another dest, or force=True to replace them.")
     dest.mkdir(parents=True, exist_ok=True)
+    done = old.get('left_as_they_were', {}) if not force and (dest/STAIN_FILE).exists() and old.get('complete') else {}
     write_json_atomic(dest/STAIN_FILE, info)  # first, so that an interrupted build is never taken for raw patches
     for split in cache_splits(src):
-        c = load_cache(src, split)
-        def read(i0, i1, c=c):
-            return normalizer.normalize_many(np.asarray(c.images[i0:i1]), c.ids[i0:i1])[0], [i for i in range(i0, i1) if not c.keep[i]]
+        c, left = load_cache(src, split), set()
+        def read(i0, i1, c=c, left=left):
+            out, skipped = normalizer.normalize_many(np.asarray(c.images[i0:i1]), c.ids[i0:i1])
+            left.update(skipped)  # a set: the build's verification reads some patches twice
+            return out, [i for i in range(i0, i1) if not c.keep[i]]
         sig = hashlib.sha1(f"{c.manifest['signature']}:{digest}".encode()).hexdigest()[:16]
         build_split(Source(split, c.ids, c.labels, read, sig, c.manifest['layout'], c.manifest.get('synthetic', False)), dest,
                     chunk=chunk, force=force, show_progress=show_progress)
-    write_json_atomic(dest/STAIN_FILE, {**info, 'complete': True, 'splits': cache_splits(src)})
+        if left or split not in done: done[split] = len(left)  # a split reused as it was (nothing read) keeps its count
+        if show_progress and done[split]: print(f'normalize_cache: {split}: {done[split]} of {len(c.ids)} patches could not be normalized '
+                                                f'(too little tissue, or a single colour) and were left as they were')
+    write_json_atomic(dest/STAIN_FILE, {**info, 'complete': True, 'splits': cache_splits(src), 'left_as_they_were': done})
     return dest

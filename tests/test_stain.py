@@ -64,6 +64,7 @@ def test_cli_cache_train_export_serve_normalize_alike(raw_cache, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert list((tmp_path/'c').glob('stain-macenko-*')) == normed  # reused, not normalized again
     assert json.loads((tmp_path/'run'/'config.json').read_text())['data'] == str(normed[0].resolve())
+    assert 'Stain handling: Macenko normalization (once, into a normalized cache)' in (tmp_path/'run'/'report.md').read_text()
     b = check_bundle_predicts_like_learner(tmp_path/'run', load_run(tmp_path/'run', cpu=True), tmp_path/'c', 'cache')
     tile = odd_patches()[-1]
     buf = io.BytesIO(); Image.fromarray(tile).save(buf, format='PNG')
