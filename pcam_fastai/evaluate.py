@@ -513,10 +513,15 @@ def load_weights(learn, # The learner to load into
 # %% ../nbs/08_evaluate.ipynb #57ab2b3f
 def _run_stain(cfg:dict, source) -> dict:
     "The `stain_norm` argument that makes `source`'s patches reach the model normalized as the run's were (a raw cache: on every batch)"
-    if not cfg.get('stain_norm'): return {}
     from pcam_fastai.stain import StainNormalizer, cache_normalizer
-    want = StainNormalizer.from_dict(cfg['stain_norm'])
     have = cache_normalizer(source.path) if source.path.is_dir() else None
+    if not cfg.get('stain_norm'):
+        if have is not None: raise UsageError(f"{source.path} holds stain-normalized patches ({have.method}) and this run was trained on raw ones; pass the raw cache.")
+        return {}
+    want = StainNormalizer.from_dict(cfg['stain_norm'])
+    if source.kind != 'array cache':
+        raise UsageError(f"This run stain-normalizes its patches ({want.method}) through an array cache, and {source.path} is a {source.kind}; pass the run's "
+                         f"cache ({cfg['data']}), or cache this data first (pcam-fastai cache).")
     if have is None: return dict(stain_norm=want)  # raw patches: normalized on the fly, exactly as the run's
     if have.to_dict() != want.to_dict():
         raise UsageError(f"{source.path} holds patches normalized with another reference than the run's; pass the raw cache, or the run's own data ({cfg['data']}).")

@@ -202,6 +202,22 @@ class CacheDL(TfmdDL):
 
 class CacheDataLoaders(DataLoaders):
     "`DataLoaders` over an array cache"
+    def new_empty(self):
+        "Empty `DataLoaders` (what `learn.export` keeps) that still know how their patches are stain-normalized"
+        res = super().new_empty()
+        res.stain_normalizer, res.stain_norm_at = getattr(self, 'stain_normalizer', None), getattr(self, 'stain_norm_at', None)
+        return res
+
+    def check_stain(self, path:str|Path): # A cache root whose patches these loaders are to read
+        "Fail when the patches of the cache at `path` are not stain-normalized the way these loaders' model was trained"
+        have, at, want = cache_normalizer(path), getattr(self, 'stain_norm_at', None), getattr(self, 'stain_normalizer', None)
+        if at is None and have is None: return
+        if at is None: why = f"it holds stain-normalized patches ({have.method}) and the model was trained on raw ones"
+        elif at == 'batch' and have is not None: why = 'it holds stain-normalized patches and the model normalizes every batch itself (they would be normalized twice)'
+        elif at == 'cache' and (have is None or have.to_dict() != want.to_dict()):
+            why = f"the model was trained on patches normalized with its own {want.method} reference and this cache {'holds raw patches' if have is None else 'used another'}"
+        else: return
+        raise UsageError(f"The cache at {path} does not fit this model: {why}. Pass the run's own data, or its raw cache through load_run.")
     def test_dl(self,
                 test_items, # Cache rows (indices into the validation source), a uint8 N x 96 x 96 x 3 array, or patch files
                 with_labels:bool=False, # Yield (image, label) pairs (cache rows only)
@@ -314,6 +330,7 @@ def cache_test_dl(dls:CacheDataLoaders, # DataLoaders from `cache_dataloaders`
                   split:str='test', # The held-out split
                  ) -> CacheDL:
     "A DataLoader over a whole held-out split of the cache, with labels"
+    dls.check_stain(path)
     c = load_cache(path, split)
     if (c.labels[c.keep] < 0).any(): raise CacheError(f"The {split!r} split at {path} has no labels (e.g. the Kaggle test folder): use it for a submission, not for metrics.")
     return dls.valid.new(PatchArrays(c.images, c.labels, np.flatnonzero(c.keep), split_idx=1), shuffle=False, drop_last=False)

@@ -141,6 +141,7 @@ class ArrayCache(DataSource):
         if not c.keep.all(): raise PCamDataError(f"{int((~c.keep).sum())} test patches were skipped when caching; a submission needs every id. Rebuild the cache with on_bad='fix'.")
         if not isinstance(learn.dls, CacheDataLoaders):
             raise PCamDataError("This learner was trained from files: pass the Kaggle folder, not the cache.")
+        learn.dls.check_stain(self.path)
         ds = PatchArrays(c.images, c.labels, np.arange(len(c.ids)), with_labels=False, split_idx=1)
         return list(c.ids), learn.dls.valid.new(ds, bs=bs, shuffle=False, drop_last=False)
     def sample_patches(self, n:int=16) -> list: return list(load_cache(self.path, 'train').images[:n])

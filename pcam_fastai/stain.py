@@ -173,10 +173,12 @@ class StainNormalizer:
         if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[0] != 3: raise UsageError(f"{name}: stain normalization takes uint8 RGB (3, H, W); got {t.dtype} {tuple(t.shape)}.")
         if (tf := _stained_share(t)) < self.min_tissue: return self._bad(name, f'{tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed')
         if t.reshape(3, -1).float().std(1, unbiased=False).max() < 1: return self._bad(name, 'it is a single colour, with no stain vectors to estimate')
-        lib = self._lib_on(t.device)
-        try: out = lib.normalize(t, stains=False)[0] if self.method == 'macenko' else lib.normalize(t)
-        except (RuntimeError, IndexError) as e: return self._bad(name, f'the {self.method} estimate failed: {e}')
-        out = out.float()
+        # float32 always (under a predict's autocast, eigh fails in half precision); Reinhard on the CPU (torchstain's Lab tables live there)
+        src = t if self.method == 'macenko' else t.cpu()
+        with torch.autocast(t.device.type, enabled=False):
+            try: out = self._lib_on(src.device).normalize(src, stains=False)[0] if self.method == 'macenko' else self._lib.normalize(src)
+            except (RuntimeError, IndexError) as e: return self._bad(name, f'the {self.method} estimate failed: {e}')
+        out = out.float().to(t.device)
         # torchstain casts to integers itself, so a failed (NaN) estimate arrives as black pixels, not as NaN
         if not torch.isfinite(out).all() or out.max() < 1: return self._bad(name, f'the {self.method} estimate failed (a black result)')
         return out.clamp(0, 255).round().to(torch.uint8).permute(2, 0, 1)
@@ -256,7 +258,8 @@ def cache_normalizer(path:str|Path, # A cache root
     except (OSError, ValueError) as e: raise StainError(f"{fn} is damaged ({e}); build the normalized cache again (pcam-fastai cache --stain-norm ...).") from None
     if not info.get('complete'):
         raise StainError(f"The stain-normalized cache at {path} is incomplete (its build was interrupted); run the same command again to finish it.")
-    return StainNormalizer.from_dict(info.get('normalizer') or {})
+    try: return StainNormalizer.from_dict(info.get('normalizer') or {})
+    except StainError: raise StainError(f"{fn} is incomplete or damaged; build the normalized cache again (normalize_cache with force=True).") from None
 
 def normalize_cache(src:str|Path, # A cache root from `build_cache`, of raw patches
                     normalizer:StainNormalizer, # Fitted
@@ -272,11 +275,13 @@ def normalize_cache(src:str|Path, # A cache root from `build_cache`, of raw patc
     d = normalizer.to_dict()
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     dest = Path(dest) if dest else src/f'stain-{normalizer.method}-{digest}'
+    if dest.resolve() == src.resolve() or (cache_splits(dest) and not (dest/STAIN_FILE).exists()):
+        raise UsageError(f"{dest} holds a cache of raw patches; write the normalized copy into a folder of its own (default: inside {src}).")
     info = dict(normalizer=d, source=str(src.resolve()), complete=False)
     old = {}
     if not force and (dest/STAIN_FILE).exists():
         try: old = json.loads((dest/STAIN_FILE).read_text())
-        except ValueError: pass
+        except ValueError: raise UsageError(f"{dest/STAIN_FILE} is damaged; pass force=True to normalize {dest} again.") from None
         if old.get('normalizer') != d and cache_splits(dest):
             raise UsageError(f"{dest} holds patches normalized another way; pass another dest, or force=True to replace them.")
     dest.mkdir(parents=True, exist_ok=True)

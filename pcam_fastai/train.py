@@ -150,7 +150,9 @@ def fit_stain_normalizer(source:DataSource, # The run's data: an array cache of 
     "A stain normalizer fitted on `ref`, or on the 8 training patches with the most tissue among the first 500 of the run's split"
     normalizer = StainNormalizer(method)  # an unknown method fails here, before anything is read
     if not isinstance(source, ArrayCache):
-        raise UsageError(f"Stain normalization works on PCam array caches; {source.path} is a {source.kind}. Pass cache=DIR (CLI: --cache DIR) to decode it once into one.")
+        raise UsageError(f"Stain normalization works on PCam array caches; {source.path} is a {source.kind}. "
+                         + ("Pass cache=DIR (CLI: --cache DIR) to decode it once into one." if source.kind == 'Kaggle-layout folder' else
+                            "Folder-per-class sets can't be stain-normalized yet; normalize the images beforehand (StainNormalizer.normalize_many)."))
     if cache_normalizer(source.path) is not None:
         raise UsageError(f"{source.path} is already stain-normalized: train on it without stain_norm (its normalizer is used), or pass the raw cache it was made from.")
     if ref is not None: return normalizer.fit(read_reference(ref)), f'the reference {ref}'
@@ -239,6 +241,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     t_start = time.time()
     if not 0 <= stain_aug <= 1: raise UsageError(f"stain_aug must be between 0 and 1 (Tellez et al.: 0.05 light, 0.2 strong), got {stain_aug}.")  # before any cache is built
     if stain_norm not in (None, 'none', *METHODS): raise UsageError(f"Unknown stain normalization {stain_norm!r}; choose one of {list(METHODS)} or 'none'.")
+    if stain_ref is not None and not Path(stain_ref).exists(): raise UsageError(f"The stain reference {stain_ref} does not exist; pass an image file or a folder of them.")
     if stain_norm_at not in ('cache', 'batch'): raise UsageError(f"stain_norm_at must be 'cache' (normalize once into a normalized cache) or 'batch' (on every batch), got {stain_norm_at!r}.")
     init_distributed()  # joins the process group when started by accelerate launch or torchrun; nothing in one process
     preset, cfg, lr_unfrozen = _recipe(data, preset, weights_path, lr_unfrozen, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
@@ -257,7 +260,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                   seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None, stain_jitter=stain_jitter, stain_aug=stain_aug,
                   groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k,
                   positive=getattr(dls, 'positive', None), resize=source.resize,  # how patches reach `size`: an export must do the same
-                  stain_norm=stain.to_dict() if stain else None, stain_norm_at=getattr(dls, 'stain_norm_at', None), stain_ref=str(stain_ref) if stain_ref else None)
+                  stain_norm=stain.to_dict() if stain else None, stain_norm_at=getattr(dls, 'stain_norm_at', None), stain_ref=str(stain_ref) if stain_ref and stain else None)
     key = run_key(config)
     done = _reopen_or_clear(run_dir, key, force, dls, cfg)
     if done is not None: return done

@@ -26,13 +26,13 @@ def odd_patches():
     return np.stack([np.full((96, 96, 3), 255, np.uint8), np.full((96, 96, 3), (180, 90, 160), np.uint8), gray, tile])
 
 
-def check_bundle_predicts_like_learner(run_dir, learn, raw_cache, at, onnx=True):
+def check_bundle_predicts_like_learner(run_dir, learn, raw_cache, at, onnx=True, method='macenko'):
     "The run's bundle, fed raw patches, predicts what the learner predicts; so does the run reloaded"
     from pcam_fastai.cache import load_cache
     from pcam_fastai.export import export_bundle, load_bundle
     from pcam_fastai.evaluate import predict, load_run
     cfg = json.loads((run_dir/'config.json').read_text())
-    assert (cfg['stain_norm']['method'], cfg['stain_norm_at']) == ('macenko', at)
+    assert (cfg['stain_norm']['method'], cfg['stain_norm_at']) == (method, at)
     assert (cfg['data'] != str(raw_cache.resolve())) == (at == 'cache')  # cache: trained on the normalized copy
     raw = np.concatenate([np.asarray(load_cache(raw_cache).images[:30]), odd_patches()])
     ref = predict(learn, learn.dls.test_dl(raw))[0].numpy()
@@ -66,6 +66,8 @@ def test_cli_cache_train_export_serve_normalize_alike(raw_cache, tmp_path):
     assert json.loads((tmp_path/'run'/'config.json').read_text())['data'] == str(normed[0].resolve())
     assert 'Stain handling: Macenko normalization (once, into a normalized cache)' in (tmp_path/'run'/'report.md').read_text()
     b = check_bundle_predicts_like_learner(tmp_path/'run', load_run(tmp_path/'run', cpu=True), tmp_path/'c', 'cache')
+    from fastai.learner import load_learner
+    assert load_learner(tmp_path/'run'/'learner.pkl', cpu=True).dls.stain_norm_at == 'cache'  # our own file: the exported learner still normalizes raw patches
     tile = odd_patches()[-1]
     buf = io.BytesIO(); Image.fromarray(tile).save(buf, format='PNG')
     got = classify(b, [('tile.png', buf.getvalue())], with_gradcam=False)['results'][0]['probabilities']
@@ -75,18 +77,23 @@ def test_cli_cache_train_export_serve_normalize_alike(raw_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_batch_normalized_run_bundle_predicts_like_the_learner(raw_cache, tmp_path):
-    "A run normalizing every batch on the device (nothing written): its bundle predicts what the learner predicts"
+def test_batch_normalized_run_bundle_predicts_like_the_learner(tmp_path):
+    "A run normalizing every batch with Reinhard (nothing written): its bundle predicts what the learner predicts"
+    from pcam_fastai.cache import build_cache
     from pcam_fastai.train import train_pcam
+    raw_cache = build_cache(FIXTURE, tmp_path/'cache', show_progress=False)
     learn, _ = train_pcam(raw_cache, run_dir=tmp_path/'run', preset='cpu-demo', epochs_unfrozen=1, lr_find_iters=5, num_workers=0,
-                          stain_norm='macenko', stain_norm_at='batch')
+                          stain_norm='reinhard', stain_norm_at='batch')
     assert not list(raw_cache.glob('stain-*'))
-    check_bundle_predicts_like_learner(tmp_path/'run', learn, raw_cache, 'batch', onnx=False)  # ONNX: in the test above
+    check_bundle_predicts_like_learner(tmp_path/'run', learn, raw_cache, 'batch', onnx=False, method='reinhard')  # ONNX: in the test above
 
 
-def test_stain_norm_bad_input(raw_cache, tmp_path):
-    "Wrong settings fail before any work, with what to do"
+def test_stain_norm_bad_input(tmp_path):
+    "Wrong settings fail before any work, with what to do; a model never reads a cache normalized otherwise than it was trained"
+    from pcam_fastai.cache import build_cache
+    from pcam_fastai.loader import cache_dataloaders
     from pcam_fastai.core import UsageError
+    raw_cache = build_cache(FIXTURE, tmp_path/'cache', show_progress=False)
     from pcam_fastai.train import train_pcam
     from pcam_fastai.stain import StainNormalizer, normalize_cache, choose_reference
     from pcam_fastai.cache import load_cache
@@ -95,6 +102,10 @@ def test_stain_norm_bad_input(raw_cache, tmp_path):
     with pytest.raises(UsageError, match='array caches'): train_pcam(FIXTURE, run_dir=tmp_path/'r', stain_norm='macenko')
     normed = normalize_cache(raw_cache, StainNormalizer('macenko').fit(choose_reference(np.asarray(load_cache(raw_cache).images[:20]))), show_progress=False)
     with pytest.raises(UsageError, match='already stain-normalized'): train_pcam(normed, run_dir=tmp_path/'r', stain_norm='macenko')
+    with pytest.raises(UsageError, match='does not exist'): train_pcam(raw_cache, run_dir=tmp_path/'r', stain_norm='macenko', stain_ref=tmp_path/'no.png')
+    with pytest.raises(UsageError, match='holds a cache of raw patches'): normalize_cache(raw_cache, StainNormalizer('macenko').fit(choose_reference(np.asarray(load_cache(raw_cache).images[:20]))), dest=raw_cache)
+    with pytest.raises(UsageError, match='trained on raw ones'): cache_dataloaders(raw_cache, device='cpu').check_stain(normed)
+    with pytest.raises(UsageError, match='holds raw patches'): cache_dataloaders(normed, device='cpu').check_stain(raw_cache)
     res = run_main(['cache', FIXTURE, tmp_path/'c', '--stain-norm', 'staintools'])
     assert res.returncode != 0 and 'Unknown --stain-norm' in res.stdout + res.stderr and not (tmp_path/'c').exists()
 
