@@ -7,6 +7,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 # %% ../nbs/15_cli.ipynb #dba35ce3
 from __future__ import annotations
 import errno, inspect, sys, typing, warnings
+from typing import Annotated
 from pathlib import Path
 
 from fastcore.script import anno_parser, bool_arg
@@ -20,7 +21,7 @@ from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 
 # %% auto #0
 __all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'cli_type',
-           'train_command', 'submit', 'export', 'serve', 'user_message', 'main']
+           'train_command', 'submit', 'export', 'serve', 'slide', 'user_message', 'main']
 
 # %% ../nbs/15_cli.ipynb #0ce98128
 def download(dest:str='data/pcam', # Folder to download into
@@ -58,7 +59,7 @@ def cache(src:str, # The Kaggle zip, its extracted folder, or a folder of the of
         normalizer, said = fit_stain_normalizer(open_source(out), stain_norm, stain_ref)
         normed = normalize_cache(out, normalizer, force=force)
         print(f'Stain-normalized ({stain_norm}, fitted on {said}) into {normed}. Train on it with: pcam-fastai train --data {normed} '
-              f'(or --data {out} --stain-norm {stain_norm}, which reuses it)')
+              f'(or --data {out} --stain-norm {stain_norm}, which reuses it with the default split, --seed 42 --valid-pct 0.2' + (f' and --stain-ref {stain_ref})' if stain_ref else ')'))
 
 def synth(dest:str='data/synthetic-pcam', # Folder to write the synthetic set into
           n_train:int=600, # Labelled patches
@@ -131,11 +132,28 @@ def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. ru
     from pcam_fastai.serve import serve as _serve
     _serve(bundle, host=host, port=port, max_mb=max_mb, max_files=max_files)
 
-COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve)
+def slide(slides:Annotated[str, {'nargs': '+', 'opt': False}], # Whole-slide images OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, ...)
+          bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
+          out:str='slides', # Output folder: one sub-folder per slide (heatmap.png, tiles.csv, tumour.geojson, slide.json)
+          mpp:float=None, # µm per pixel of the slides, overriding their metadata (needed when a file records none)
+          stride:float=None, # Distance between tiles, in tiles (default 1: side by side; 0.5 for a smoother map)
+          min_tissue:float=0.1, # Tiles with a smaller share of tissue are background
+          tissue_threshold:int=None, # HSV saturation (0-255) above which a pixel is tissue (default: Otsu's, within 20-30)
+          bs:int=64, # Tiles per batch
+          force:bool=False, # Redo slides whose outputs are complete
+         ):
+    "Tumour heatmaps of whole slides with a bundle: tiles at the model's resolution, tissue only; resumable"
+    from pcam_fastai.slide import slide_heatmap
+    for s in slide_heatmap(slides, bundle, out, mpp=mpp, stride=stride, min_tissue=min_tissue, tissue_threshold=tissue_threshold, bs=bs, force=force):
+        mx = s.get('max_probability')
+        print(f"{Path(s['slide']).name}: {s['tiles_classified']:,} tissue tiles classified ({s['tiles_background']:,} background), tumour area "
+              f"{s['tumour_area_mm2']:.3g} mm2 at p >= {s['threshold']:.3g}, max p {'-' if mx is None else f'{mx:.3f}'}; outputs in {Path(out)/Path(s['slide']).stem}")
+
+COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve, slide=slide)
 
 # %% ../nbs/15_cli.ipynb #5ca51c28
 # Each command's first path, which may be given without its flag: `pcam-fastai synth DEST` as well as `--dest DEST`
-FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir')
+FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir')  # slide: its slides are positional
 USER_ERRORS = (PCamError,)  # what the user can fix: one line; anything else is a bug and shows its traceback
 
 def user_message(e:Exception, # An exception a command raised

@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['PATCH_SIZE', 'CENTRE', 'CLASSES', 'Split', 'PCamError', 'UsageError', 'UsageTypeError', 'PCamDataError',
+__all__ = ['PATCH_SIZE', 'PCAM_MPP', 'CENTRE', 'CLASSES', 'Split', 'PCamError', 'UsageError', 'UsageTypeError', 'PCamDataError',
            'write_text_atomic', 'write_json_atomic', 'json_text', 'cuda_in_use', 'compute_device', 'to_rgb',
            'image_error_reason']
 
 # %% ../nbs/00_core.ipynb #c0821cb4
 PATCH_SIZE = 96
+PCAM_MPP = 0.972  # µm per pixel of PCam's patches: Camelyon16's level 2 (10x), where they were cut
 CENTRE = slice(32, 64)  # PCam's label is about this centre 32x32 region only
 CLASSES = ['normal', 'tumour']  # label 0, label 1
 

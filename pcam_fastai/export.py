@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 from fastcore.basics import patch
 
-from .core import CLASSES, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
+from .core import CLASSES, PCAM_MPP, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
 from .learner import resolve_arch, arch_name, weights_load_reason
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
 from .sources import open_source
@@ -248,6 +248,7 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
                 input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout='NHWC RGB, 0-255; ' + (f"stain-normalize first ({stain['method']}, stain_norm below; Bundle.predict does it), then resize to {size} x {size} ({resize})"
                                                                      if stain else f'resize to {size} x {size} first ({resize})')),
                 stain_norm=stain,
+                mpp=PCAM_MPP if source is None or source.centre_labelled else None,  # the resolution of its training patches (PCam's); folder sets: unknown
                 output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
                 run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
                 valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
