@@ -13,7 +13,9 @@ It prints, and writes as JSON (after every figure, so a run cut short keeps what
 - host syncs per training step, split into this package's code and the rest (fastai, torch);
 - Grad-CAM and 8-way TTA under autocast, against fp32 (finite, and how far apart);
 - a run trained on the GPU by `train_pcam`, exported, and loaded in a CPU-only process (`CUDA_VISIBLE_DEVICES=''`):
-  `torch.load(model.pth, weights_only=True)` and `load_bundle(...).predict`.
+  `torch.load(model.pth, weights_only=True)` and `load_bundle(...).predict`;
+- the bundle on this device (`device='auto'`: onnxruntime-gpu, else torch on the GPU) against the CPU, in patches/s and how far
+  apart, and `slide_heatmap` on a sparse slide of real-size (40,000 px) with that bundle, in tiles/s.
 The data are the package's synthetic patches: speed does not depend on what the pixels show.
 """
 import argparse, collections, json, os, subprocess, sys, tempfile, time, traceback, warnings
@@ -241,6 +243,30 @@ def run_all(out, work, arch, size, n, warm, steps, bs, big_bs, smoke):
         diff = float(np.abs(np.asarray(r.pop('bundle_probs')) - np.asarray(p_here)).max())
         log(out, 'export.cpu_only_process', dict(r, bundle_max_abs_diff_vs_this_process=round(diff, 6)))
     section(out, 'export', export)
+
+    def bundle_and_slide():
+        "The exported bundle where a slide user runs it: on this device (auto) against the CPU, then a sparse slide's heatmap"
+        from PIL import Image
+        from pcam_fastai.export import load_bundle
+        from pcam_fastai.slide import make_sparse_slide, slide_heatmap
+        dest = work/'run'/'bundle'
+        if not (dest/'bundle.json').exists(): return log(out, 'bundle_on_device', 'skipped: the export section did not finish')
+        b, b_cpu = load_bundle(dest), load_bundle(dest, device='cpu')
+        x = np.random.default_rng(0).integers(0, 256, (64 if smoke else 1024, size, size, 3), dtype=np.uint8)
+        b.predict(x[:bs], bs=bs)  # warm-up
+        sync(); t = time.perf_counter(); p = b.predict(x, bs=big_bs); sync(); s_dev = time.perf_counter() - t
+        t = time.perf_counter(); p_cpu = b_cpu.predict(x[:64], bs=64); s_cpu = time.perf_counter() - t
+        log(out, 'bundle_on_device', dict(backend=b.backend, device=str(b.device), patches_per_s=round(len(x) / s_dev, 1),
+                                          cpu_backend=b_cpu.backend, cpu_patches_per_s=round(64 / s_cpu, 1),
+                                          max_abs_diff_vs_cpu=float(np.abs(p[:64] - p_cpu).max())))
+        files = sorted((src/'train').glob('*.tif'))[:64]
+        patches = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])
+        side = 8_000 if smoke else 40_000
+        slide = make_sparse_slide(work/'sparse.tif', patches, np.zeros(len(patches), int), width=side, height=side, islands=4)
+        res = slide_heatmap(slide.path, b, work/'slides', tissue_threshold=20, min_tissue=0.05, show_progress=False, force=True)[0]
+        log(out, 'slide_on_device', dict(side_px=side, tiles_classified=res['tiles_classified'], tiles_per_second=res['tiles_per_second'],
+                                         seconds=res['seconds'], backend=res['model_backend'], device=res['model_device'], peak_GiB=peak_gib()))
+    section(out, 'bundle_and_slide', bundle_and_slide)
 
     log(out, 'total_seconds', round(time.time() - t_start, 1))
     print('\n' + table(), flush=True)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 from fastcore.basics import patch
 
-from .core import CLASSES, PCAM_MPP, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
+from .core import CLASSES, PCAM_MPP, compute_device, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
 from .learner import resolve_arch, arch_name, weights_load_reason
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
 from .sources import open_source
@@ -25,8 +25,8 @@ from .stain import StainNormalizer, StainError
 
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'PatchClassifier', 'build_model', 'BundleError', 'Bundle',
-           'load_bundle', 'export_bundle']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'PatchClassifier', 'build_model', 'BundleError', 'bundle_device',
+           'Bundle', 'load_bundle', 'export_bundle']
 
 # %% ../nbs/13_export.ipynb #c3c3fa92
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -101,10 +101,32 @@ def _as_rgb(img, size:int, resize:str='pil-bilinear', normalizer=None) -> np.nda
     return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)  # fastai's Resize on files (squish for folder sets)
 
 # %% ../nbs/13_export.ipynb #963e132d
+def bundle_device(device:str|torch.device='auto', # 'cpu', 'cuda', 'cuda:N', 'mps', or 'auto' (`compute_device`: the GPU when there is one)
+                 ) -> torch.device:
+    "The device a bundle computes on, checked: a clear error for a GPU that is not there"
+    if isinstance(device, str) and device == 'auto': return compute_device()
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError): d = None
+    if d is None or d.type not in ('cpu', 'cuda', 'mps'):
+        raise UsageError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', not {device!r}.")
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f"device={str(device)!r}, but torch sees no CUDA GPU here (torch {torch.__version__}, CUDA build {torch.version.cuda}); use device='cpu' or 'auto'.")
+    if d.type == 'cuda' and d.index is not None and d.index >= torch.cuda.device_count():
+        raise UsageError(f"device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+    if d.type == 'mps' and not torch.backends.mps.is_available(): raise UsageError("device='mps', but torch sees no Apple GPU here; use device='cpu' or 'auto'.")
+    return d
+
+def _onnx_devices() -> set:
+    "The device types the installed onnxruntime runs on: {'cpu'}, {'cpu', 'cuda'}, or none without onnxruntime"
+    try: import onnxruntime as ort
+    except ImportError: return set()
+    return {'cpu'} | ({'cuda'} if 'CUDAExecutionProvider' in ort.get_available_providers() else set())
+
 class Bundle:
     "An exported model: `predict(images)` gives class probabilities, `gradcam(images)` shows where it looked"
     def __init__(self, path:str|Path, # A folder written by `export_bundle`
-                 backend:str='auto', # 'onnx', 'torch', or 'auto' (onnx when onnxruntime is installed)
+                 backend:str='auto', # 'onnx', 'torch', or 'auto': onnx when onnxruntime is installed and can run on `device`, else torch
+                 device:str='auto', # 'cpu', 'cuda', 'cuda:N', 'mps', or 'auto': the GPU when torch sees one (`compute_device`), else the CPU
                 ):
         self.path = Path(path)
         if not (self.path/'bundle.json').exists():
@@ -122,11 +144,16 @@ class Bundle:
         self.temperature, self.centre_box = float(self.meta.get('temperature', 1.0)), bool(self.meta.get('centre_box', True))
         try: self.stain_normalizer = StainNormalizer.from_dict(self.meta['stain_norm']) if self.meta.get('stain_norm') else None
         except StainError as e: raise BundleError(f"{self.path}/bundle.json: {e}".replace('train the run again', 'export the run again')) from None
+        if backend not in ('onnx', 'torch', 'auto'): raise UsageError(f"backend must be 'onnx', 'torch' or 'auto', not {backend!r}.")
+        self.device = bundle_device(device)
+        ort_devices = _onnx_devices()
         if backend == 'auto':
-            try: import onnxruntime  # noqa: F401
-            except ImportError: backend = 'torch'
-            else: backend = 'onnx' if (self.path/'model.onnx').exists() else 'torch'
-        if backend not in ('onnx', 'torch'): raise UsageError(f"backend must be 'onnx', 'torch' or 'auto', not {backend!r}.")
+            backend = 'onnx' if (self.path/'model.onnx').exists() and self.device.type in ort_devices else 'torch'  # a GPU without onnxruntime-gpu: torch on the GPU
+        elif backend == 'onnx' and self.device.type not in ort_devices:
+            if not ort_devices: raise UsageError("backend='onnx' needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for CUDA); or use backend='torch'.")
+            if device == 'auto': self.device = torch.device('cpu')  # asked for onnx by name: onnxruntime where it can run
+            else: raise UsageError(f"backend='onnx' on {self.device} needs onnxruntime's CUDA provider, which this onnxruntime lacks: pip install onnxruntime-gpu, "
+                                   "or use backend='torch' (or 'auto') to run on the GPU with torch, or device='cpu'.")
         self.backend, self._torch, self._ort = backend, None, None
 
     @property
@@ -141,7 +168,7 @@ class Bundle:
             try: model.load_state_dict(sd)
             except RuntimeError as e: raise BundleError(f"{fn} does not fit {self.meta['arch']}: {str(e).splitlines()[0][:200]}") from None
             self._torch = PatchClassifier(model, self.meta['mean'], self.meta['std'], self.meta.get('temperature', 1.0), self.meta.get('tta', False),
-                                          self.meta.get('bias')).eval()
+                                          self.meta.get('bias')).eval().to(self.device)
         return self._torch
 
     @property
@@ -149,10 +176,11 @@ class Bundle:
         "The onnxruntime session of `model.onnx`, created on first use"
         if self._ort is None:
             import onnxruntime as ort
-            self._ort = ort.InferenceSession(str(self.path/'model.onnx'), providers=['CPUExecutionProvider'])
+            providers = [('CUDAExecutionProvider', dict(device_id=self.device.index or 0))] if self.device.type == 'cuda' else []
+            self._ort = ort.InferenceSession(str(self.path/'model.onnx'), providers=providers + ['CPUExecutionProvider'])
         return self._ort
 
-    def __repr__(self): return f"Bundle({self.meta['arch']}, classes={self.classes}, size={self.size}, backend={self.backend!r})"
+    def __repr__(self): return f"Bundle({self.meta['arch']}, classes={self.classes}, size={self.size}, backend={self.backend!r}, device='{self.device}')"
 
 # %% ../nbs/13_export.ipynb #e17542ca
 @patch
@@ -178,7 +206,7 @@ def predict(self:Bundle, images, # Paths, PIL images, uint8 (H, W, 3) arrays, or
         xb = x[i:i+bs]
         if self.backend == 'onnx': out.append(self.onnx_session.run(None, {'patches': xb})[0])
         else:
-            with torch.no_grad(): out.append(self.torch_model(torch.from_numpy(xb)).numpy())
+            with torch.no_grad(): out.append(self.torch_model(torch.from_numpy(xb).to(self.device)).float().cpu().numpy())
     return np.concatenate(out)
 
 @patch
@@ -188,15 +216,16 @@ def gradcam(self:Bundle, images, # As for `predict`
     "Grad-CAM maps of `images` (from the torch model)"
     from pcam_fastai.interpret import gradcam
     pc = self.torch_model
-    xb = pc.normalize(torch.from_numpy(self.prepare(images)))
-    return gradcam(SimpleNamespace(model=pc.model), xb, target=target).numpy()
+    xb = pc.normalize(torch.from_numpy(self.prepare(images)).to(self.device))
+    return gradcam(SimpleNamespace(model=pc.model), xb, target=target).cpu().numpy()
 
 # %% ../nbs/13_export.ipynb #4367387f
 def load_bundle(path:str|Path, # A folder written by `export_bundle`
                 backend:str='auto', # 'onnx', 'torch' or 'auto'
+                device:str='auto', # 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (the GPU when there is one)
                ) -> Bundle:
     "Load an exported bundle for prediction"
-    return Bundle(path, backend)
+    return Bundle(path, backend, device)
 
 # %% ../nbs/13_export.ipynb #2c6aa42e
 def _throughput(fn, x:np.ndarray, bs:int=64, min_seconds:float=2.) -> float:
@@ -258,7 +287,7 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
 def _export_checked_onnx(pc, dest, size, bundle, xc, atol, meta):
     "Write model.onnx and check it against torch on `xc`; the ONNX bundle, or an error (and no bundle) when they disagree"
     _export_onnx(pc, dest/'model.onnx', size)
-    bo = load_bundle(dest, backend='onnx')
+    bo = load_bundle(dest, backend='onnx', device='cpu')  # the check and the timing: on the CPU, the same on every machine
     diff = float(np.abs(bo.predict(xc) - bundle.predict(xc)).max())
     meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))
     if diff > atol:
@@ -275,6 +304,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
                   bs:int=64, # Batch size of the timing
                   atol:float=1e-4, # Largest allowed difference between ONNX and torch probabilities
                   check_images:list|None=None, # Real patches to compare ONNX and torch on (besides random ones); None: from the run's data if found
+                  tta:bool|None=None, # Average over the 8 dihedral views; None: as the run was evaluated. False: 8x faster, without the run's TTA
                  ) -> Path:
     "Write an inference bundle for a trained run: weights, ONNX with preprocessing, metadata and a size-and-speed report"
     run_dir = Path(run_dir)
@@ -298,16 +328,18 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         op = metrics.get('operating_threshold') if len(classes) == 2 else None
         if op is None and len(classes) == 2 and metrics.get('youden_threshold_valid') is not None:  # a run from before the one-threshold rule
             op = dict(value=metrics['youden_threshold_valid'], source="Youden's J on validation (older run, uncalibrated)")
-        tta = bool(cfg['settings'].get('tta', False))
+        run_tta = bool(cfg['settings'].get('tta', False))
+        tta = run_tta if tta is None else bool(tta)
         pc = PatchClassifier(model, temperature=temperature, tta=tta, bias=bias).eval()
         torch.save(model.state_dict(), dest/'weights.pth')
         meta = _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source)
+        meta['valid_tta'] = run_tta  # whether the validation numbers and the threshold were measured with TTA
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (max(bench_patches, 8), size, size, 3), dtype=np.uint8)
         if check_images is None: check_images = _sample_patches(source)
         for f in ('model.onnx', 'report.md'): (dest/f).unlink(missing_ok=True)  # nothing stale from an earlier export
         write_text_atomic(dest/'bundle.json', json_text(meta))
-        b = load_bundle(dest, backend='torch')
+        b = load_bundle(dest, backend='torch', device='cpu')
         xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]
         bo = _export_checked_onnx(pc, dest, size, b, xc, atol, meta) if onnx else None
         if bench_patches:
@@ -331,7 +363,9 @@ def _write_export_report(dest:Path, m:dict):
          f"Classes: {', '.join(m['classes'])}" + (f" (positive: {m['positive']}, labelled when p({m['positive']}) >= {m['threshold']:.3g}: {m['threshold_source']})" if m.get('threshold') is not None else ''),
          (f"Probabilities are calibrated: softmax(logits / T + bias) with T = {m.get('temperature', 1.0):.3g}, bias {m.get('bias')}, fitted on validation (inside model.onnx too)"
           if m.get('bias') is not None else 'Probabilities are the softmax of the logits (the run has no calibration)')
-         + (", from the logits averaged over the 8 dihedral views (flips and 90-degree rotations), as the run was evaluated." if m.get('tta') else '.'),
+         + (", from the logits averaged over the 8 dihedral views (flips and 90-degree rotations)" + (", as the run was evaluated." if m.get('valid_tta', True) else
+            " (the run was evaluated on one view)") if m.get('tta') else '.' if not m.get('valid_tta') else
+            ", from one view; the run was evaluated (and its threshold chosen) with the 8 dihedral views averaged, so the numbers below are for that, not for this bundle."),
          *([f"Patches are stain-normalized first ({m['stain_norm']['method']}, to the run's reference; patches with too little tissue are left as they are): "
             "`Bundle.predict` does it; model.onnx does not, so other callers must normalize first."] if m.get('stain_norm') else []),
          f"Input: uint8 RGB patches, {m['size']}x{m['size']}, NHWC; normalization and softmax are inside the model. "
@@ -344,7 +378,8 @@ def _write_export_report(dest:Path, m:dict):
     if m.get('valid_accuracy') is not None: L += [f"| validation accuracy ({(m.get('split') or '')[:40]}) | {m['valid_accuracy']:.4f} |"]
     L += ['', '## Use', '', '```python', 'from pcam_fastai.export import load_bundle',
           f"b = load_bundle('{dest.name}')", "probs = b.predict(['patch1.png', 'patch2.tif'])   # (N, n_classes)",
-          "maps = b.gradcam(['patch1.png'])                      # where it looked", '```', '',
+          "maps = b.gradcam(['patch1.png'])                      # where it looked",
+          "gpu = load_bundle('" + dest.name + "', device='cuda')     # on a GPU: onnxruntime-gpu when installed, else torch", '```', '',
           'Without pcam_fastai (onnxruntime, numpy and Pillow only):', '', '```python', 'import numpy as np, onnxruntime as ort', 'from PIL import Image',
           f"x = np.stack([np.asarray(Image.open(f).convert('RGB').resize(({m['size']}, {m['size']}), Image.BILINEAR)) for f in files])",
           "probs = ort.InferenceSession('model.onnx').run(None, {'patches': x})[0]", '```', '',

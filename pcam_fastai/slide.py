@@ -7,6 +7,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/slide.html.md"""
 # %% ../nbs/14a_slide.ipynb #30b0447c
 from __future__ import annotations
 import json, math, os, time, warnings, zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,10 +25,11 @@ from .interpret import HEATMAP_CMAP
 from .export import load_bundle
 
 # %% auto #0
-__all__ = ['MIN_TISSUE', 'MIN_SATURATION', 'MAX_SATURATION', 'WHITE_LEVEL', 'OUTPUTS', 'STATUS', 'READ_BLOCK', 'SlideError',
-           'bundle_mpp', 'write_pyramid_tiff', 'PlacedPatches', 'make_mosaic_slide', 'make_sparse_slide', 'Slide',
-           'open_slide', 'TileGrid', 'best_level', 'tile_grid', 'otsu_threshold', 'saturation', 'tissue_mask',
-           'Thumbnail', 'slide_thumbnail', 'tile_tissue_fractions', 'covered_area', 'slide_heatmap']
+__all__ = ['MIN_TISSUE', 'MIN_SATURATION', 'MAX_SATURATION', 'WHITE_LEVEL', 'OUTPUTS', 'READERS', 'STATUS', 'READ_BLOCK',
+           'SlideError', 'SlideReadError', 'bundle_mpp', 'write_pyramid_tiff', 'PlacedPatches', 'make_mosaic_slide',
+           'make_sparse_slide', 'Slide', 'open_slide', 'TileGrid', 'best_level', 'tile_grid', 'otsu_threshold',
+           'saturation', 'tissue_mask', 'Thumbnail', 'slide_thumbnail', 'tile_tissue_fractions', 'covered_area',
+           'slide_heatmap']
 
 # %% ../nbs/14a_slide.ipynb #156d058a
 MIN_TISSUE = 0.1  # default: tiles with less tissue than this share are background (a tenth of PCam's own tiles have under a quarter)
@@ -39,12 +41,23 @@ OUTPUTS = dict(heatmap='heatmap.png', tiles='tiles.csv', annotations='tumour.geo
 class SlideError(PCamDataError):
     "A slide file that cannot be read, or lacks what a heatmap needs; the message says what to do"
 
+class SlideReadError(SlideError):
+    "A region of an open slide that its reader failed on (the slide stays usable: its handle is reopened)"
+
+READERS = ('auto', 'openslide', 'tiffslide')  # auto: OpenSlide, and tiffslide for the TIFFs OpenSlide does not read
+
 def _openslide():
     "The openslide module, loaded on first use (it loads a shared library)"
     try: import openslide
     except ImportError as e:
         raise UsageError(f"Reading whole slides needs OpenSlide: pip install openslide-python openslide-bin ({e}).") from None
     return openslide
+
+def _tiffslide():
+    "The tiffslide module (optional: pip install tiffslide), or None"
+    try: import tiffslide
+    except ImportError: return None
+    return tiffslide
 
 def _check_mpp(mpp, what:str) -> float:
     if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.floating, np.integer)):
@@ -183,43 +196,61 @@ def make_sparse_slide(dest:str|Path, # The .tif to write
 
 # %% ../nbs/14a_slide.ipynb #a18b7cfe
 class Slide:
-    "A whole-slide image opened with OpenSlide, with its resolution (µm per level-0 pixel) and where that came from"
+    "A whole-slide image opened with OpenSlide (or tiffslide), with its resolution (µm per level-0 pixel) and where that came from"
     def __init__(self, path:str|Path, # A slide file
-                 mpp:float|None=None, # µm per level-0 pixel; None: from the file's openslide.mpp-x/mpp-y
+                 mpp:float|None=None, # µm per level-0 pixel; None: from the file's metadata (openslide.mpp-x/mpp-y)
+                 reader:str='auto', # 'openslide', 'tiffslide', or 'auto': OpenSlide, then tiffslide (when installed) for a TIFF OpenSlide does not read
                 ):
         self.path = Path(path)
+        if reader not in READERS: raise UsageError(f"reader must be one of {', '.join(READERS)}, not {reader!r}.")
         if mpp is not None: mpp = _check_mpp(mpp, 'mpp')
         if not self.path.exists(): raise SlideError(f"{self.path} does not exist; pass the path of a whole-slide image (.svs, .tif, .ndpi, .mrxs, ...).")
         if self.path.is_dir(): raise SlideError(f"{self.path} is a folder; pass the slide file itself (for MIRAX, the .mrxs file beside its folder).")
-        self.osr = self._open()
+        self.reader, self.osr = reader, None
+        self.osr, self.reader = self._open()
         props = self.osr.properties
-        self.background = tuple(bytes.fromhex(props.get('openslide.background-color', 'FFFFFF')))
+        self.background = tuple(bytes.fromhex(props.get(f'{self.reader}.background-color') or 'FFFFFF'))
         if mpp is not None: self.mpp, self.mpp_source = mpp, 'given (mpp=...)'
         else:
-            try: mx, my = float(props['openslide.mpp-x']), float(props['openslide.mpp-y'])
-            except (KeyError, ValueError):
+            try: mx, my = float(props[f'{self.reader}.mpp-x']), float(props[f'{self.reader}.mpp-y'])
+            except (KeyError, ValueError, TypeError):  # tiffslide gives None where the file records nothing
                 self.close()
-                raise SlideError(f"{self.path} does not record its resolution (no openslide.mpp-x/mpp-y); pass it in µm per level-0 pixel: "
+                raise SlideError(f"{self.path} does not record its resolution (no {self.reader}.mpp-x/mpp-y); pass it in µm per level-0 pixel: "
                                  "mpp=0.25 in Python, --mpp 0.25 on the command line (0.25 for a 40x scan, 0.5 for 20x).") from None
             if not all(math.isfinite(m) and m > 0 for m in (mx, my)):
                 self.close()
                 raise SlideError(f"{self.path} records an impossible resolution (mpp-x {mx}, mpp-y {my}); pass the right one: mpp=... / --mpp ...")
             if abs(mx - my) > 0.01 * max(mx, my):
                 warnings.warn(f"{self.path}: its pixels are not square (mpp-x {mx:.4g}, mpp-y {my:.4g} µm); the tiles use their mean {(mx + my) / 2:.4g}.")
-            self.mpp, self.mpp_source = (mx + my) / 2, 'openslide.mpp-x/mpp-y'
+            self.mpp, self.mpp_source = (mx + my) / 2, f'{self.reader}.mpp-x/mpp-y'
 
     def _open(self):
-        openslide = _openslide()
-        try: return openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(f"{self.path} is not a whole-slide image OpenSlide can read (it reads .svs, .ndpi, .mrxs, .scn, .bif, DICOM and tiled "
-                             "pyramidal TIFF); convert it to a tiled pyramidal TIFF, e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg.") from None
-        except openslide.OpenSlideError as e:
-            raise SlideError(f"{self.path} looks like a slide but OpenSlide cannot read it ({e}); it may be damaged or incompletely copied: copy it again.") from None
+        "A handle and the reader's name: OpenSlide first (unless tiffslide was asked for), tiffslide for what OpenSlide does not read"
+        if self.reader in ('auto', 'openslide'):
+            openslide = _openslide()
+            try: return openslide.OpenSlide(str(self.path)), 'openslide'
+            except openslide.OpenSlideUnsupportedFormatError: pass
+            except openslide.OpenSlideError as e:
+                raise SlideError(f"{self.path} looks like a slide but OpenSlide cannot read it ({e}); it may be damaged or incompletely copied: copy it again.") from None
+            if self.reader == 'openslide' or (tiffslide := _tiffslide()) is None or not _is_tiff(self.path):
+                hint = ("" if not _is_tiff(self.path) else "; it is a TIFF, which tiffslide may read: " +
+                        ("reader='tiffslide' (--reader tiffslide)" if _tiffslide() else "pip install tiffslide") + " (it reads striped TIFFs and pyramids in SubIFDs)")
+                raise SlideError(f"{self.path} is not a whole-slide image OpenSlide can read (it reads .svs, .ndpi, .mrxs, .scn, .bif, DICOM and tiled "
+                                 f"pyramidal TIFF){hint}; or convert it to a tiled pyramidal TIFF, e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg.") from None
+        else:
+            if (tiffslide := _tiffslide()) is None: raise UsageError("reader='tiffslide' needs tiffslide: pip install tiffslide.")
+        try:
+            ts = tiffslide.TiffSlide(str(self.path))
+            ts.read_region((0, 0), ts.level_count - 1, (1, 1), as_array=True)  # tiffslide opens truncated files that OpenSlide refuses: a first read finds out
+            return ts, 'tiffslide'
+        except Exception as e:  # tifffile and zarr raise many kinds
+            raise SlideError(f"{self.path} cannot be read as a slide by " + ("OpenSlide or " if self.reader == 'auto' else "") +
+                             f"tiffslide ({type(e).__name__}: {str(e)[:200]}); is it a whole-slide image, and copied whole? Convert it to a tiled pyramidal TIFF, "
+                             "e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg.") from None
 
     def reopen(self):
-        "A fresh OpenSlide handle: after a failed read OpenSlide fails every later read on the same handle"
-        self.close(); self.osr = self._open()
+        "A fresh handle: after a failed read OpenSlide fails every later read on the same handle"
+        self.close(); self.osr, _ = self._open()
 
     @property
     def dimensions(self) -> tuple[int, int]: return self.osr.dimensions
@@ -234,23 +265,53 @@ class Slide:
              w:int, # Width in that level's pixels
              h:int, # Height in that level's pixels
             ) -> np.ndarray: # uint8 (h, w, 3)
-        "A region as RGB; pixels outside the scanned area get the slide's background colour"
-        a = np.asarray(self.osr.read_region((int(x), int(y)), int(level), (int(w), int(h))))
+        "A region as RGB; pixels outside the scanned area get the slide's background colour. A failed read raises `SlideReadError` and reopens the slide"
+        x, y, level, w, h = int(x), int(y), int(level), int(w), int(h)
+        try:
+            if self.reader == 'openslide': a = np.asarray(self.osr.read_region((x, y), level, (w, h)))
+            else: a = self._read_tiffslide(x, y, level, w, h)
+        except Exception as e:
+            if self.reader == 'openslide' and not isinstance(e, _openslide().OpenSlideError): raise
+            self.reopen()
+            raise SlideReadError(f"{self.path.name}: the region at level-0 x={x}, y={y}, level {level}, {w} x {h} px could not be read "
+                                 f"({type(e).__name__}: {str(e)[:200]})") from None
+        if a.shape[-1] == 3: return np.ascontiguousarray(a)
         if a[..., 3].min() == 255: return np.ascontiguousarray(a[..., :3])
         alpha = a[..., 3:].astype(np.float32) / 255
         return (a[..., :3] * alpha + np.array(self.background, np.float32) * (1 - alpha)).round().astype(np.uint8)
+
+    def _read_tiffslide(self, x, y, level, w, h) -> np.ndarray:
+        "tiffslide fills what lies outside the image with black; here it gets the background colour, as with OpenSlide"
+        ds, (lw, lh) = float(self.level_downsamples[level]), self.level_dimensions[level]
+        lx, ly = round(x / ds), round(y / ds)
+        out = np.empty((h, w, 3), np.uint8); out[:] = self.background
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
+        if x1 > x0 and y1 > y0:
+            a = np.asarray(self.osr.read_region((round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0), as_array=True))
+            if a.ndim == 2: a = np.repeat(a[..., None], 3, 2)
+            out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = a[..., :3]
+        return out
 
     def close(self):
         if getattr(self, 'osr', None) is not None: self.osr.close(); self.osr = None
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
-    def __repr__(self): return f"Slide({str(self.path)!r}, {self.dimensions[0]} x {self.dimensions[1]} px, {self.mpp:.4g} µm/px, {len(self.level_downsamples)} levels)"
+    def __repr__(self): return (f"Slide({str(self.path)!r}, {self.dimensions[0]} x {self.dimensions[1]} px, {self.mpp:.4g} µm/px, "
+                                f"{len(self.level_downsamples)} levels, read with {self.reader})")
 
-def open_slide(path:str|Path, # A slide file OpenSlide reads
+def _is_tiff(path:Path) -> bool:
+    "Whether `path` starts like a TIFF (II*/MM* or BigTIFF), so tiffslide may read it"
+    try:
+        with open(path, 'rb') as f: head = f.read(4)
+    except OSError: return False
+    return head in (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')
+
+def open_slide(path:str|Path, # A slide file OpenSlide (or tiffslide) reads
                mpp:float|None=None, # µm per level-0 pixel, overriding the file's (required when it records none)
+               reader:str='auto', # 'openslide', 'tiffslide', or 'auto' (OpenSlide, then tiffslide for a TIFF OpenSlide does not read)
               ) -> Slide:
     "Open a whole-slide image and find its resolution; use it as a context manager"
-    return Slide(path, mpp)
+    return Slide(path, mpp, reader)
 
 # %% ../nbs/14a_slide.ipynb #3b98bef9
 class TileGrid(NamedTuple):
@@ -343,7 +404,6 @@ def slide_thumbnail(slide:Slide, # An open slide
                     block:int=2048, # Largest region read at once, in level pixels each way (memory)
                    ) -> Thumbnail:
     "The slide at low resolution, read region by region from the coarsest level that has the resolution"
-    openslide = _openslide()
     w0, h0 = slide.dimensions
     want = max(um_per_px / slide.mpp, max(w0, h0) / max_side, 1.0)
     level = best_level(slide, want)
@@ -357,10 +417,9 @@ def slide_thumbnail(slide:Slide, # An open slide
             w, h = min(step, lw - x), min(step, lh - y)
             ty, tx = slice(y // f, (y + h - 1) // f + 1), slice(x // f, (x + w - 1) // f + 1)
             try: a = slide.read(round(x * ds), round(y * ds), level, w, h)
-            except openslide.OpenSlideError as e:
-                warnings.warn(f"{slide.path.name}: the region at level-0 x={round(x * ds)}, y={round(y * ds)} ({round(w * ds)} x {round(h * ds)} px) could not be "
-                              f"read for tissue detection ({e}); its tiles are tried as tissue and counted as unreadable if they fail too.")
-                slide.reopen(); readable[ty, tx] = False; rgb[ty, tx] = slide.background
+            except SlideReadError as e:
+                warnings.warn(f"{e}, for tissue detection; its tiles are tried as tissue and counted as unreadable if they fail too.")
+                readable[ty, tx] = False; rgb[ty, tx] = slide.background
                 continue
             rgb[ty, tx] = np.asarray(Image.fromarray(a).reduce(f)) if f > 1 else a  # PIL's reduce: the mean of each f x f block (of what is left at the edges)
     return Thumbnail(rgb, f * ds, readable)
@@ -441,23 +500,35 @@ def _geojson(boxes:np.ndarray, probs:np.ndarray) -> dict:
 # %% ../nbs/14a_slide.ipynb #c1745cf3
 def _read_tiles(slide:Slide, grid:TileGrid, origins:np.ndarray, size:int) -> tuple[list, list]:
     "The tiles at `origins` (level-0 x, y; all in one region) as (size, size, 3) arrays, and the indices into `origins` that could not be read"
-    openslide, lt = _openslide(), grid.level_tile
+    lt = grid.level_tile
     def fit(t): return t if lt == size else np.asarray(Image.fromarray(t).resize((size, size), Image.BILINEAR))
     x0, y0 = origins.min(0)
     off = np.round((origins - (x0, y0)) / grid.downsample).astype(np.int64)
     try:
         region = slide.read(x0, y0, grid.level, off[:, 0].max() + lt, off[:, 1].max() + lt)
         return [fit(region[oy:oy + lt, ox:ox + lt]) for ox, oy in off], []
-    except openslide.OpenSlideError: slide.reopen()
+    except SlideReadError: pass
     tiles, bad = [], []  # tile by tile, to keep the ones that can be read
     for i, (x, y) in enumerate(origins):
         try: tiles.append(fit(slide.read(x, y, grid.level, lt, lt)))
-        except openslide.OpenSlideError: slide.reopen(); bad.append(i); tiles.append(None)
+        except SlideReadError: bad.append(i); tiles.append(None)
     return tiles, bad
 
 READ_BLOCK = 2048  # largest region read at once, level pixels each way (about 17 MB of RGBA)
 
-def _heatmap_one(path:Path, bundle, dest:Path, mpp, stride:float, min_tissue:float, tissue_threshold, bs:int, settings:dict, show_progress:bool) -> dict:
+def _classify_group(path, g, tiles, bad, origins, grid, status, batch, batch_idx, bs, flush):
+    "Queue one region's tiles for the model (a batch is run whenever one is full); count and name the tiles that could not be read"
+    if bad:
+        status[g[bad]] = 2
+        (bx0, by0), (bx1, by1) = origins[g].min(0), origins[g].max(0) + grid.tile
+        warnings.warn(f"{path.name}: {len(bad)} of the {len(g)} tiles in the region x={bx0}..{bx1}, y={by0}..{by1} (level-0 px) could not be read "
+                      "(the slide reader failed on them); they were skipped and counted as unreadable.")
+    for i, t in zip(g, tiles):
+        if t is None: continue
+        batch.append(t); batch_idx.append(i)
+        if len(batch) == bs: flush()
+
+def _heatmap_one(path:Path, bundle, dest:Path, mpp, reader:str, stride:float, min_tissue:float, tissue_threshold, bs:int, settings:dict, show_progress:bool) -> dict:
     t_start = time.perf_counter()
     dest.mkdir(parents=True, exist_ok=True)
     (dest/OUTPUTS['summary']).unlink(missing_ok=True)  # first: until the new one is written, nothing here claims to be complete
@@ -465,7 +536,7 @@ def _heatmap_one(path:Path, bundle, dest:Path, mpp, stride:float, min_tissue:flo
     pos = _positive_index(bundle)
     if bundle.threshold is None: threshold, threshold_source = 0.5, '0.5 (the bundle records no threshold)'
     else: threshold, threshold_source = float(bundle.threshold), bundle.threshold_source or 'the bundle'
-    with open_slide(path, mpp) as slide:
+    with open_slide(path, mpp, reader) as slide:
         grid = tile_grid(slide, bundle.size, model_mpp, stride)
         thumb = slide_thumbnail(slide)
         mask, sat_threshold = tissue_mask(thumb.rgb, thumb.readable, tissue_threshold)
@@ -486,18 +557,14 @@ def _heatmap_one(path:Path, bundle, dest:Path, mpp, stride:float, min_tissue:flo
             probs[batch_idx] = p; status[batch_idx] = 1; done += len(batch_idx)
             batch.clear(); batch_idx.clear()
         pb = progress_bar(groups, leave=False) if show_progress and groups else groups
-        for g in pb:
-            tiles, bad = _read_tiles(slide, grid, origins[g], bundle.size)
-            if bad:
-                status[g[bad]] = 2
-                (bx0, by0), (bx1, by1) = origins[g].min(0), origins[g].max(0) + grid.tile
-                warnings.warn(f"{path.name}: {len(bad)} of the {len(g)} tiles in the region x={bx0}..{bx1}, y={by0}..{by1} (level-0 px) could not be read "
-                              "(OpenSlide failed on them); they were skipped and counted as unreadable.")
-            for i, t in zip(g, tiles):
-                if t is None: continue
-                batch.append(t); batch_idx.append(i)
-                if len(batch) == bs: flush()
-            if show_progress: pb.comment = f'{path.name}: {done / max(time.perf_counter() - t0, 1e-9):,.1f} tiles/s'
+        with ThreadPoolExecutor(1) as reading:  # the next region is read while the model classifies this one (OpenSlide releases the GIL)
+            def read_group(k): return reading.submit(_read_tiles, slide, grid, origins[groups[k]], bundle.size) if k < len(groups) else None
+            next_read = read_group(0)
+            for k, g in enumerate(pb):
+                tiles, bad = next_read.result()
+                next_read = read_group(k + 1)
+                _classify_group(path, g, tiles, bad, origins, grid, status, batch, batch_idx, bs, flush)
+                if show_progress: pb.comment = f'{path.name}: {done / max(time.perf_counter() - t0, 1e-9):,.1f} tiles/s'
         if batch: flush()
         t_infer = time.perf_counter() - t0
         classified, positive = status == 1, (status == 1) & (probs >= threshold)
@@ -512,7 +579,8 @@ def _heatmap_one(path:Path, bundle, dest:Path, mpp, stride:float, min_tissue:flo
                        tiles_background=int((status == 0).sum()), tiles_unreadable=int((status == 2).sum()), tiles_tumour=int(positive.sum()),
                        classified_area_mm2=covered_area(boxes[classified]) * px_mm2, tumour_area_mm2=covered_area(boxes[positive]) * px_mm2,
                        max_probability=float(np.nanmax(probs)) if classified.any() else None, positive_class=bundle.classes[pos],
-                       threshold=threshold, threshold_source=threshold_source)
+                       threshold=threshold, threshold_source=threshold_source, reader=slide.reader,
+                       model_backend=getattr(bundle, 'backend', None), model_device=str(getattr(bundle, 'device', '')) or None)
         if not classified.any():
             summary['note'] = (f"no tissue tile classified: no tile has a tissue share of at least min_tissue={min_tissue} (saturation threshold {sat_threshold}); "
                                "if the slide does hold tissue, try a lower min_tissue" if not summary['tiles_unreadable'] else "no tile could be read")
@@ -546,13 +614,16 @@ def slide_heatmap(slides, # A slide file, or a list of them
                   min_tissue:float=MIN_TISSUE, # Tiles with a smaller share of tissue are background, not classified
                   tissue_threshold:int|None=None, # HSV saturation (0-255) above which a pixel is tissue; None: Otsu's, within MIN_SATURATION..MAX_SATURATION
                   bs:int=64, # Tiles per batch through the model
+                  device:str='auto', # Where the model runs when `bundle` is a folder: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (the GPU when there is one)
+                  reader:str='auto', # 'openslide', 'tiffslide', or 'auto': OpenSlide, then tiffslide (if installed) for a TIFF OpenSlide does not read
                   force:bool=False, # Redo slides that are already done
                   show_progress:bool=True, # A progress bar with the tiles per second
                  ) -> list: # One summary (what slide.json holds) per slide
     "Tumour heatmaps of whole slides: tissue found, tiles classified at the model's resolution, heatmap, table, QuPath annotations and summary written"
     slides = [slides] if isinstance(slides, (str, Path)) else list(slides)
     if not slides: raise UsageError("No slides given; pass one or more slide files.")
-    if isinstance(bundle, (str, Path)): bundle = load_bundle(bundle)
+    if isinstance(bundle, (str, Path)): bundle = load_bundle(bundle, device=device)
+    elif device != 'auto': raise UsageError(f"device={device!r} applies to a bundle folder; a loaded bundle keeps its own ({getattr(bundle, 'device', '?')}): load_bundle(path, device=...).")
     stride = 1.0 if stride is None else stride
     if isinstance(min_tissue, bool) or not isinstance(min_tissue, (int, float)) or not 0 <= min_tissue <= 1:
         raise UsageError(f"min_tissue is a share of the tile, from 0 to 1 (default {MIN_TISSUE}), not {min_tissue!r}.")
@@ -562,7 +633,7 @@ def slide_heatmap(slides, # A slide file, or a list of them
     tissue_mask(np.zeros((1, 1, 3), np.uint8), threshold=tissue_threshold)  # a bad threshold fails now, not at the first slide
     out_dir, plans, dests = Path(out_dir), [], {}
     for path in map(Path, slides):  # every slide checked before the first tile is read
-        with open_slide(path, mpp) as s: tile_grid(s, bundle.size, model_mpp, stride)
+        with open_slide(path, mpp, reader) as s: tile_grid(s, bundle.size, model_mpp, stride)
         dest = out_dir/path.stem
         if dest in dests: raise UsageError(f"{path} and {dests[dest]} would both write to {dest}; rename one, or run them with different out_dirs.")
         dests[dest] = path
@@ -579,5 +650,5 @@ def slide_heatmap(slides, # A slide file, or a list of them
         if done and not force:
             print(f"slide_heatmap: {path.name}: done already ({dest/OUTPUTS['summary']}); skipped (force=True redoes it)")
             summaries.append(done); continue
-        summaries.append(_heatmap_one(path, bundle, dest, mpp, stride, min_tissue, tissue_threshold, bs, settings, show_progress))
+        summaries.append(_heatmap_one(path, bundle, dest, mpp, reader, stride, min_tissue, tissue_threshold, bs, settings, show_progress))
     return summaries

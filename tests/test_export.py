@@ -54,6 +54,48 @@ def test_onnx_matches_torch_in_onnxruntime(bundle):
     assert np.abs(got - ref).max() <= 1e-4
 
 
+def test_bundle_device_choice(bundle, monkeypatch):
+    "Where a bundle runs: the CPU here; on a GPU without onnxruntime-gpu, auto picks torch and onnx-by-name stays on the CPU (the device mocked: no GPU here)"
+    from pcam_fastai import export
+    from pcam_fastai.core import UsageError
+    dest = bundle[0]
+    b = export.load_bundle(dest, device='cpu')
+    assert (b.backend, str(b.device)) == ('onnx', 'cpu') and "device='cpu'" in repr(b)
+    x = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    assert np.abs(b.predict(x) - export.load_bundle(dest, backend='torch', device='cpu').predict(x)).max() <= 1e-4
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match='torch sees no CUDA GPU here'): export.load_bundle(dest, device='cuda')
+    monkeypatch.setattr(export, 'bundle_device', lambda d: torch.device('cuda') if d in ('auto', 'cuda') else torch.device(d))
+    monkeypatch.setattr(export, '_onnx_devices', lambda: {'cpu'})  # the plain onnxruntime wheel
+    assert export.load_bundle(dest).backend == 'torch'  # the GPU, through torch
+    b = export.load_bundle(dest, backend='onnx')
+    assert (b.backend, str(b.device)) == ('onnx', 'cpu')
+    with pytest.raises(UsageError, match='pip install onnxruntime-gpu'): export.load_bundle(dest, backend='onnx', device='cuda')
+    monkeypatch.setattr(export, '_onnx_devices', lambda: {'cpu', 'cuda'})  # onnxruntime-gpu
+    assert export.load_bundle(dest).backend == 'onnx'
+    monkeypatch.setattr(export, '_onnx_devices', lambda: set())  # no onnxruntime
+    with pytest.raises(UsageError, match='needs onnxruntime'): export.load_bundle(dest, backend='onnx')
+
+
+def test_export_without_tta(bundle, tmp_path):
+    "tta=False: one view, 8x less work; bundle.json and the report say the run's numbers were measured with TTA"
+    from pcam_fastai.export import export_bundle, load_bundle
+    _, run_dir, data = bundle
+    if not json.loads((run_dir/'config.json').read_text())['settings'].get('tta'): pytest.skip('the demo run does not use TTA')
+    dest = export_bundle(run_dir, tmp_path/'one-view', bench_patches=0, onnx=False, tta=False)
+    meta = json.loads((dest/'bundle.json').read_text())
+    assert meta['tta'] is False and meta['valid_tta'] is True
+    assert 'from one view; the run was evaluated' in (dest/'report.md').read_text()
+    x = np.random.default_rng(2).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    b = load_bundle(dest, device='cpu')
+    pc = b.torch_model
+    with torch.no_grad(): one_view = torch.softmax(pc.model(pc.normalize(torch.from_numpy(x))) / pc.temperature + pc.bias, 1).numpy()
+    p = b.predict(x)
+    assert np.abs(p - one_view).max() <= 1e-6
+    ref = load_bundle(bundle[0], backend='torch', device='cpu').predict(x)  # with TTA: other numbers (compared as logs: random pixels saturate)
+    assert np.abs(np.log(p) - np.log(ref)).max() > 1e-3
+
+
 def test_export_errors(tmp_path):
     err = clean_error(run_main(['export', '--run-dir', tmp_path/'nothing']))
     assert 'has no config.json' in err

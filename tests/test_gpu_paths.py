@@ -79,8 +79,9 @@ def test_gpu_bench_smoke(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(res, default=str))
     assert not [k for k in res if k.endswith('.ERROR')], {k: v for k, v in res.items() if k.endswith('.ERROR')}
     for k in ('loader.cache.img_s', 'loader.files.img_s', 'train.cache_as_shipped_bs16', 'train.cache_old_defaults_bs16', 'gradcam', 'tta',
-              'export.train_pcam', 'export.cpu_only_process'): assert k in res, k
+              'export.train_pcam', 'export.cpu_only_process', 'bundle_on_device', 'slide_on_device'): assert k in res, k
     assert res['train.cache_as_shipped_bs16']['img_s'] > 0 and any(k.startswith('ceiling.') and k.endswith('.img_s') for k in res)
     assert res['tta']['finite'] and res['gradcam']['finite']
     cpu = res['export.cpu_only_process']
     assert cpu['model_pth_devices'] == ['cpu'] and cpu['cuda_visible'] is False and cpu['bundle_max_abs_diff_vs_this_process'] < 1e-4
+    assert res['bundle_on_device']['max_abs_diff_vs_cpu'] < 1e-4 and res['slide_on_device']['tiles_classified'] > 0

@@ -30,14 +30,14 @@ def real(): return read_tiles(FIXTURE)
 
 @pytest.fixture(scope='module')
 def bundle(tmp_path_factory):
-    "A tiny run on the fixture tiles (the cpu-demo recipe, 2 epochs), exported"
+    "A tiny run on the fixture tiles (the cpu-demo recipe, 2 epochs), exported for one view (8x faster than the run's TTA)"
     from pcam_fastai.cache import build_cache
     from pcam_fastai.train import train_pcam
     from pcam_fastai.export import export_bundle, load_bundle
     tmp = tmp_path_factory.mktemp('slide-bundle')
     cache = build_cache(FIXTURE, tmp/'cache', show_progress=False)
     train_pcam(cache, run_dir=tmp/'run', preset='cpu-demo', epochs_unfrozen=2, lr_find_iters=5, num_workers=0)
-    return load_bundle(export_bundle(tmp/'run', bench_patches=0, onnx=False))
+    return load_bundle(export_bundle(tmp/'run', bench_patches=0, onnx=False, tta=False))
 
 
 class DarknessBundle:
@@ -107,13 +107,30 @@ def test_an_unreadable_region_is_named_skipped_and_counted(tmp_path, real):
     with tifffile.TiffFile(m.path) as tif:  # damage the level-0 TIFF tile x 256-512, y 0-256 (the thumbnail is read from a deeper level)
         offset, count = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]  # row 0, column 1 of the 3 x 3 TIFF tiles
     with open(m.path, 'r+b') as f: f.seek(offset + count // 3); f.write(b'\x00' * (count // 3))
-    with pytest.warns(UserWarning, match=r'could not be read \(OpenSlide failed on them\); they were skipped and counted as unreadable'):
+    with pytest.warns(UserWarning, match=r'could not be read \(the slide reader failed on them\); they were skipped and counted as unreadable'):
         res = slide_heatmap(m.path, DarknessBundle(), tmp_path/'out', tissue_threshold=20, min_tissue=0.05, show_progress=False)[0]
     hit = [(bx < 512 and bx + 96 > 256 and by < 256) for bx, by, _, _ in m.boxes]  # placed tiles on the damaged TIFF tile
     assert res['tiles_unreadable'] == sum(hit) > 0
     assert res['tiles_classified'] == 16 - sum(hit) and res['complete']
     tiles = pd.read_csv(tmp_path/'out'/'m'/'tiles.csv')
     assert (tiles.status == 'unreadable').sum() == sum(hit) and tiles[tiles.status == 'unreadable'].probability.isna().all()
+
+
+def test_a_tiff_openslide_does_not_read_goes_to_tiffslide(tmp_path, real):
+    "A striped TIFF (OpenSlide reads only tiled ones): auto falls back to tiffslide, and the heatmap finds the placed patches"
+    pytest.importorskip('tiffslide', reason='tiffslide is not installed (pip install tiffslide; it is in the dev extra)')
+    x, y = real
+    m = make_mosaic_slide(tmp_path/'tiled.tif', x[:12], y[:12], cols=4)
+    with open_slide(m.path) as s: canvas = s.read(0, 0, 0, *s.dimensions)
+    tifffile.imwrite(tmp_path/'striped.tif', canvas, photometric='rgb', resolution=(1e4 / 0.972, 1e4 / 0.972), resolutionunit='CENTIMETER')
+    with pytest.raises(SlideError, match="it is a TIFF, which tiffslide may read: reader='tiffslide'"): open_slide(tmp_path/'striped.tif', reader='openslide')
+    kw = dict(tissue_threshold=20, min_tissue=0.05, show_progress=False)
+    res = slide_heatmap(tmp_path/'striped.tif', DarknessBundle(), tmp_path/'out', **kw)[0]
+    ref = slide_heatmap(m.path, DarknessBundle(), tmp_path/'ref', **kw)[0]
+    assert (res['reader'], ref['reader']) == ('tiffslide', 'openslide')
+    assert res['tiles_classified'] == ref['tiles_classified'] == 12 and res['tumour_area_mm2'] == ref['tumour_area_mm2']
+    assert np.allclose(probabilities_at(tmp_path/'out'/'striped', m.boxes), probabilities_at(tmp_path/'ref'/'tiled', m.boxes))
+    with pytest.raises(UsageError, match='applies to a bundle folder'): slide_heatmap(m.path, DarknessBundle(), tmp_path/'x', device='cuda')
 
 
 # ---------------------------------------------------------------- a trained model
@@ -241,14 +258,17 @@ def test_cli_slide_writes_outputs_and_resumes(tmp_path, real, bundle):
     from conftest import run_main
     x, y = real
     slides = [make_mosaic_slide(tmp_path/f'{n}.tif', x[k:k + 16], y[k:k + 16], cols=4).path for n, k in (('a', 0), ('b', 16))]
-    args = ['slide', *slides, '--bundle', bundle.path, '--out', tmp_path/'out', '--tissue-threshold', '20', '--min-tissue', '0.05']
+    args = ['slide', *slides, '--bundle', bundle.path, '--out', tmp_path/'out', '--tissue-threshold', '20', '--min-tissue', '0.05', '--device', 'cpu']
     res = run_main(args)
     assert res.returncode == 0, res.stdout + res.stderr
     for n in 'ab':
         assert sorted(f.name for f in (tmp_path/'out'/n).iterdir()) == ['heatmap.png', 'slide.json', 'tiles.csv', 'tumour.geojson']
-        assert json.loads((tmp_path/'out'/n/'slide.json').read_text())['tiles_classified'] == 16
+        summary = json.loads((tmp_path/'out'/n/'slide.json').read_text())
+        assert summary['tiles_classified'] == 16 and (summary['model_device'], summary['reader']) == ('cpu', 'openslide')
     assert 'a.tif: 16 tissue tiles classified' in res.stdout
     assert 'done already' in run_main(args).stdout
     (tmp_path/'c.svs').write_text('not a slide')
     res = run_main(['slide', tmp_path/'c.svs', '--bundle', bundle.path, '--out', tmp_path/'out'])
     assert res.returncode == 2 and 'not a whole-slide image' in res.stderr and 'Traceback' not in res.stderr
+    res = run_main(['slide', slides[0], '--bundle', bundle.path, '--out', tmp_path/'gpu', '--device', 'tpu'])
+    assert res.returncode == 2 and "device must be 'auto', 'cpu'" in res.stderr and 'Traceback' not in res.stderr
