@@ -1,4 +1,4 @@
-"""`pcam-fastai download`, `cache`, `synth`, `train`, `submit`, `export` and `serve`: the Python API as a console script.
+"""`pcam-fastai download`, `cache`, `synth`, `train`, `submit`, `export`, `serve`, `slide`, `probe` and `compare`: the Python API as a console script.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 
@@ -21,7 +21,7 @@ from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 
 # %% auto #0
 __all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'cli_type',
-           'train_command', 'submit', 'export', 'serve', 'slide', 'user_message', 'main']
+           'train_command', 'submit', 'export', 'serve', 'slide', 'probe', 'compare', 'user_message', 'main']
 
 # %% ../nbs/15_cli.ipynb #0ce98128
 def download(dest:str='data/pcam', # Folder to download into
@@ -152,7 +152,44 @@ def slide(slides:Annotated[str, {'nargs': '+', 'opt': False}], # Whole-slide ima
         print(f"{Path(s['slide']).name}: {s['tiles_classified']:,} tissue tiles classified ({s['tiles_background']:,} background), tumour area "
               f"{s['tumour_area_mm2']:.3g} mm2 at p >= {s['threshold']:.3g}, max p {'-' if mx is None else f'{mx:.3f}'}; outputs in {Path(out)/Path(s['slide']).stem}")
 
-COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve, slide=slide)
+def probe(backbone:str='vit-s16-imagenet', # A foundation model (uni, uni2-h, prov-gigapath, h-optimus-0, virchow2, vit-s16-imagenet), a timm name, or hf-hub:org/model
+          data:str='data/pcam-cache', # An array cache written by `pcam-fastai cache`
+          out:str=None, # Run folder (probe.json, probe.md, heads.pth); default: runs/probe-BACKBONE
+          weights_path:str=None, # A local weights file (safetensors or torch state dict) instead of the Hugging Face hub
+          no_pretrained:bool=False, # Random weights instead of the pretrained ones (eva's lower anchor)
+          img_size:int=None, # Input side in pixels (default: the backbone's own)
+          model_kwargs:str=None, # More timm.create_model arguments as JSON, e.g. '{"init_values": 1e-5}'
+          n_runs:int=5, # Seeds of the linear probe (mean and sd over them)
+          max_steps:int=12500, # Most optimizer steps per run (eva: 12,500)
+          bs:int=4096, # Batch size of the linear head (eva: 4,096)
+          embed_bs:int=64, # Patches per batch through the backbone
+          device:str='auto', # Where to run: cpu, cuda, cuda:N, or auto (the GPU when there is one)
+         ):
+    "Linear probe of a frozen foundation model, eva's protocol: embeddings cached once, heads over seeds, mean and sd"
+    import json as _json
+    from pcam_fastai.foundation import probe as _probe
+    from pcam_fastai.export import bundle_device
+    try: kw = _json.loads(model_kwargs) if model_kwargs else None
+    except ValueError as e: raise UsageError(f"--model-kwargs must be a JSON object, e.g. '{{\"init_values\": 1e-5}}' ({e}).") from None
+    if kw is not None and not isinstance(kw, dict): raise UsageError("--model-kwargs must be a JSON object (name: value pairs).")
+    _probe(data, backbone, out, weights_path=weights_path, pretrained=not no_pretrained, img_size=img_size, model_kwargs=kw, n_runs=n_runs,
+           embed_bs=embed_bs, device=bundle_device(device), max_steps=max_steps, bs=bs)
+
+def compare(runs:Annotated[str, {'nargs': '+', 'opt': False}], # Run folders: `pcam-fastai train` runs and `pcam-fastai probe` runs
+            out:str=None, # Also write OUT.md and OUT.csv
+            no_anchors:bool=False, # Leave out the published reference rows
+           ):
+    "Runs side by side (balanced accuracy, accuracy, AUC, NLL, with CIs or sd over seeds) with the published anchors"
+    from pcam_fastai.foundation import compare_runs, compare_markdown
+    table = compare_runs(runs, anchors=not no_anchors)
+    text = compare_markdown(table)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f'{out}.md').write_text(text); table.to_csv(f'{out}.csv', index=False)
+        print(f'compare: wrote {out}.md and {out}.csv')
+
+COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve, slide=slide, probe=probe, compare=compare)
 
 # %% ../nbs/15_cli.ipynb #5ca51c28
 # Each command's first path, which may be given without its flag: `pcam-fastai synth DEST` as well as `--dest DEST`

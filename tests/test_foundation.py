@@ -1,0 +1,113 @@
+"Foundation models (no hub weights here: ViT-Tiny/16 with random weights, saved to a file so that the file-loading path is real): the embedding cache equals the model's forward pass and resumes after a kill, the probe leaves the backbone unchanged and reports mean ± sd over seeds, missing and gated models get a clear message, and `compare` puts runs beside the published anchors."
+import json, os, subprocess, sys, textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, run_main, clean_error
+
+FIXTURE = ROOT/'tests'/'data'/'real-pcam-100'
+ARCH = 'vit_tiny_patch16_224'
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    "The fixture's 100 real tiles as an array cache, and a ViT-Tiny weights file"
+    from pcam_fastai.cache import build_cache
+    from pcam_fastai.foundation import create_backbone
+    tmp = tmp_path_factory.mktemp('foundation')
+    cache = build_cache(FIXTURE, tmp/'cache', show_progress=False)
+    torch.manual_seed(0)
+    torch.save(create_backbone(ARCH, pretrained=False).state_dict(), tmp/'vit_tiny.pth')
+    return tmp, cache, tmp/'vit_tiny.pth'
+
+
+KILLED = """
+import os, signal, sys
+from pcam_fastai.foundation import create_backbone, embedding_cache
+cache, weights, dest = sys.argv[1:4]
+model = create_backbone('vit_tiny_patch16_224', weights_path=weights)
+calls = []
+def kill_on_fourth(module, args):
+    calls.append(1)
+    if len(calls) == 4: os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no exception handler
+model.patch_embed.register_forward_pre_hook(kill_on_fourth)  # embed_patches calls forward_features, which passes here
+embedding_cache(cache, model, dest, bs=8, show_progress=False)
+"""
+
+
+def test_embedding_cache_equals_the_forward_pass_and_resumes_after_a_kill(setup, capsys):
+    from pcam_fastai.cache import load_cache
+    from pcam_fastai.foundation import create_backbone, embed_patches, embedding_cache
+    tmp, cache, weights = setup
+    dest = tmp/'emb-killed'
+    res = subprocess.run([sys.executable, '-c', textwrap.dedent(KILLED), str(cache), str(weights), str(dest)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
+    assert json.loads((dest/'train.progress.json').read_text())['done'] == 24  # three batches of 8 written before the kill
+    assert not (dest/'train.npy').exists() and (dest/'train.partial.npy').exists()
+    model = create_backbone(ARCH, weights_path=weights)
+    embedding_cache(cache, model, dest, bs=8)
+    assert 'resuming at patch 24 of 100' in capsys.readouterr().out
+    meta = json.loads((dest/'meta.json').read_text())
+    assert meta['splits']['train']['resumed_at'] == 24 and meta['backbone']['weights'] == 'file vit_tiny.pth'
+    got = np.load(dest/'train.npy')
+    ref = torch.cat([embed_patches(model, load_cache(cache).images[i:i + 32]) for i in range(0, 100, 32)]).numpy()
+    assert got.shape == (100, 192) and np.abs(got - ref).max() <= 1e-5, np.abs(got - ref).max()
+    assert not (dest/'train.partial.npy').exists() and not (dest/'train.progress.json').exists()
+
+
+def test_probe_leaves_the_backbone_unchanged_and_reports_mean_and_sd(setup):
+    from pcam_fastai.foundation import create_backbone, state_checksum
+    tmp, cache, weights = setup
+    before = state_checksum(create_backbone(ARCH, weights_path=weights))
+    res = run_main(['probe', '--backbone', ARCH, '--weights-path', weights, '--data', cache, '--out', tmp/'probe', '--n-runs', '3',
+                    '--max-steps', '300', '--bs', '32', '--device', 'cpu'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp/'probe'/'probe.json').read_text())
+    assert r['backbone_sha1_before'] == r['backbone_sha1_after'] == before
+    assert r['n_runs'] == 3 and [x['seed'] for x in r['runs']] == [0, 1, 2]
+    bacc = [x['test']['balanced_accuracy'] for x in r['runs']]
+    assert r['summary']['balanced_accuracy']['mean'] == pytest.approx(np.mean(bacc))
+    assert r['summary']['balanced_accuracy']['sd'] == pytest.approx(np.std(bacc, ddof=1))
+    assert all('ci95' in x['test'] for x in r['runs']) and r['split'] == 'kaggle-random-60/20/20' and r['optimistic']
+    assert '± ' in res.stdout and '| balanced accuracy |' in (tmp/'probe'/'probe.md').read_text()
+    assert state_checksum(create_backbone(ARCH, weights_path=weights)) == before
+
+
+@pytest.mark.parametrize('name,page', [('uni', 'https://huggingface.co/MahmoodLab/UNI'),
+                                       ('hf-hub:nobody-here/no-such-model', 'https://huggingface.co/nobody-here/no-such-model')])
+def test_a_gated_or_missing_model_names_its_page_and_weights_path(setup, name, page):
+    _, cache, _ = setup
+    res = run_cli(['probe', '--backbone', name, '--data', cache], env={'HF_HUB_OFFLINE': '1'}, timeout=300)
+    err = clean_error(res)
+    assert page in err and '--weights-path' in err
+    if name == 'uni': assert 'accept its licence' in err and 'pcam_fastai never does' in err
+
+
+def test_bad_backbones_and_files_are_clear_errors(setup, tmp_path):
+    _, cache, weights = setup
+    (tmp_path/'notes.pth').write_text('not weights')
+    for args, message in [(['--backbone', 'phikon'], 'transformers model, not a timm one'),
+                          (['--backbone', 'vit_tiny_patch16_244'], 'did you mean vit_tiny_patch16_224'),
+                          (['--backbone', 'vit_small_patch16_224', '--weights-path', weights], 'does not fit vit_small_patch16_224'),
+                          (['--backbone', ARCH, '--weights-path', tmp_path/'notes.pth'], 'is not a readable weights file'),
+                          (['--backbone', ARCH, '--no-pretrained', '--data', tmp_path], 'is not an array cache')]:
+        args = args if '--data' in args else [*args, '--data', cache]
+        assert message in clean_error(run_main(['probe', *args])), args
+
+
+@pytest.mark.slow  # the README's demo run (shared with other tests)
+def test_compare_puts_runs_beside_the_anchors(setup, demo_run, tmp_path):
+    tmp, cache, weights = setup
+    if not (tmp/'probe'/'probe.json').exists():
+        assert run_main(['probe', '--backbone', ARCH, '--weights-path', weights, '--data', cache, '--out', tmp/'probe', '--n-runs', '2',
+                         '--max-steps', '100', '--bs', '32']).returncode == 0
+    res = run_main(['compare', demo_run[0], tmp/'probe', '--out', tmp_path/'table'])
+    assert res.returncode == 0, res.stderr
+    import pandas as pd
+    t = pd.read_csv(tmp_path/'table.csv')
+    assert t.kind.tolist()[:2] == ['fine-tuned', 'linear probe'] and (t.kind == 'linear probe, published').sum() >= 8
+    md = (tmp_path/'table.md').read_text()
+    assert '*P4M-DenseNet* (Veeling et al. 2018)' in md and 'not run here' in md and '± ' in md and '(optimistic)' in md
+    assert 'neither a training run' in clean_error(run_main(['compare', tmp_path]))
