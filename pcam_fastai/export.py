@@ -18,7 +18,7 @@ from PIL import Image
 from fastcore.basics import patch
 
 from .core import CLASSES, PCAM_MPP, compute_device, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
-from .learner import resolve_arch, arch_name, weights_load_reason
+from .learner import resolve_arch, arch_name, weights_load_reason, timm_kwargs
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
 from .sources import open_source
 from .stain import StainNormalizer, StainError
@@ -65,7 +65,7 @@ def build_model(arch, # The arch the run was trained with (torchvision or timm n
     "The same fastai model (body + head) that `vision_learner` builds, with random weights"
     from fastai.vision.learner import create_vision_model, create_timm_model
     fn = resolve_arch(arch)
-    if isinstance(fn, str): return create_timm_model(fn, n_out, pretrained=False)[0]
+    if isinstance(fn, str): return create_timm_model(fn, n_out, pretrained=False, **timm_kwargs(fn))[0]
     return create_vision_model(fn, n_out, pretrained=False)
 
 # %% ../nbs/13_export.ipynb #23c00b97

@@ -17,11 +17,12 @@ from fastai.interpret import ClassificationInterpretation
 from fastai.torch_core import to_np, to_device
 
 from .core import UsageError
+from .learner import token_backbone
 
 # %% auto #0
-__all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'body_stages', 'gradcam_layer', 'gradcam', 'centre_ratio', 'centre_mass_share',
-           'all_preds', 'outline_centre', 'heatmap_colorbar', 'plot_patches_gradcam', 'calibrated_losses',
-           'top_loss_idxs', 'plot_top_losses_gradcam', 'plot_confident_gallery']
+__all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'body_stages', 'gradcam_layer', 'tokens_to_grid', 'gradcam', 'centre_ratio',
+           'centre_mass_share', 'all_preds', 'outline_centre', 'heatmap_colorbar', 'plot_patches_gradcam',
+           'calibrated_losses', 'top_loss_idxs', 'plot_top_losses_gradcam', 'plot_confident_gallery']
 
 # %% ../nbs/09_interpret.ipynb #5a0b53c7
 MIN_CAM_CELLS = 6  # the centre third of PCam (its labelled 32x32 of 96) then spans at least 2x2 cells
@@ -40,7 +41,11 @@ def gradcam_layer(model:torch.nn.Module, # A fastai vision model (body, head)
                   xb:torch.Tensor, # A model-ready batch (one image is enough) at the size to explain
                   min_cells:int=MIN_CAM_CELLS, # Fewest cells per side
                  ) -> tuple: # (module, its name, its grid side)
-    "The deepest body stage whose feature map has at least `min_cells` cells per side for `xb` (else the body's output)"
+    "The deepest body stage whose feature map has at least `min_cells` cells per side for `xb` (else the body's output); for a ViT, its last block's tokens"
+    vit = token_backbone(model[0])
+    if vit is not None:
+        ph, pw = vit.patch_embed.patch_size
+        return vit.blocks[-1].norm1, f'blocks.{len(vit.blocks) - 1}.norm1', min(xb.shape[-2] // ph, xb.shape[-1] // pw)
     fired, hooks = [], []
     for name, mod in body_stages(model[0]):
         hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: fired.append((name, m, o.shape if torch.is_tensor(o) else None))))
@@ -56,6 +61,18 @@ def gradcam_layer(model:torch.nn.Module, # A fastai vision model (body, head)
     return (grids[-1][1], grids[-1][0], grids[-1][2]) if grids else (model[0], 'body', None)
 
 # %% ../nbs/09_interpret.ipynb #5ddd47bc
+def tokens_to_grid(tokens:torch.Tensor, # (N, prefix + rows x cols, C): a ViT block's output
+                   vit:torch.nn.Module, # The timm vision transformer it came from (`token_backbone`)
+                   size, # The input's (H, W)
+                  ) -> torch.Tensor: # (N, C, rows, cols)
+    "A ViT's patch tokens as a feature map: the class and register tokens dropped, the rest laid out on the patch grid"
+    ph, pw = vit.patch_embed.patch_size
+    rows, cols = size[0] // ph, size[1] // pw
+    patches = tokens[:, vit.num_prefix_tokens:]
+    if patches.shape[1] != rows * cols:
+        raise UsageError(f"{patches.shape[1]} patch tokens do not fill a {rows} x {cols} grid (input {tuple(size)}, patches {ph} x {pw}); pass layer= a block of the ViT.")
+    return patches.reshape(len(tokens), rows, cols, -1).permute(0, 3, 1, 2)
+
 def gradcam(learn, # A trained (or any) fastai vision learner
             xb:torch.Tensor, # A batch of model-ready (normalized) images, (N, 3, H, W)
             target:int|torch.Tensor|None=None, # Class index (or one per image) to explain; None: the predicted class
@@ -72,14 +89,17 @@ def gradcam(learn, # A trained (or any) fastai vision learner
         with Hook(layer, lambda m, i, o: o, detach=False) as hook, torch.enable_grad():
             out = model(xb.detach().requires_grad_(True))
             acts = hook.stored
-            if not (torch.is_tensor(acts) and acts.dim() == 4):
+            vit = token_backbone(model[0]) if torch.is_tensor(acts) and acts.dim() == 3 else None
+            grid = tokens_to_grid(acts, vit, xb.shape[-2:]) if vit is not None else acts
+            if not (torch.is_tensor(grid) and grid.dim() == 4):
                 raise UsageError(f"Grad-CAM needs a spatial feature map, but {type(layer).__name__} outputs "
-                                 f"{tuple(acts.shape) if torch.is_tensor(acts) else type(acts).__name__}. For a vision transformer "
-                                 "(tokens, not a grid) pass `layer=` a module with an (N, C, H, W) output, or use a CNN backbone.")
+                                 f"{tuple(acts.shape) if torch.is_tensor(acts) else type(acts).__name__}. For a timm vision transformer, "
+                                 "pass `layer=` one of its blocks (or a block's norm1), whose tokens lie on the patch grid; for a CNN, a module with an (N, C, H, W) output.")
             if target is None: target = out.argmax(1)
             target = torch.as_tensor(target, device=out.device).expand(len(out)) if torch.as_tensor(target).dim() == 0 else torch.as_tensor(target, device=out.device)
             score = out.float().gather(1, target.long()[:, None]).sum()
             grads, = torch.autograd.grad(score, acts)
+            if vit is not None: acts, grads = grid, tokens_to_grid(grads, vit, xb.shape[-2:])  # the patch tokens' gradients, on their grid
     finally: model.train(was_training)
     weights = grads.float().mean((2, 3), keepdim=True)
     cam = F.relu((weights * acts.float()).sum(1, keepdim=True)).detach()

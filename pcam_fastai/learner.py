@@ -22,8 +22,9 @@ import fastai.callback.schedule  # noqa: F401 (adds fit_one_cycle and lr_find to
 import fastai.callback.channelslast  # noqa: F401 (adds to_channelslast to Learner)
 
 # %% auto #0
-__all__ = ['resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'weights_load_reason', 'ensure_weights',
-           'load_body_weights', 'choose_precision', 'macro_roc_auc', 'pcam_learner']
+__all__ = ['TOKEN_MODULES', 'resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'weights_load_reason',
+           'ensure_weights', 'load_body_weights', 'choose_precision', 'is_token_arch', 'token_backbone', 'vit_splitter',
+           'timm_kwargs', 'macro_roc_auc', 'pcam_learner']
 
 # %% ../nbs/06_learner.ipynb #e5aa8378
 _HEAD_CHILDREN = ('avgpool', 'classifier', 'fc', 'head', 'pool', 'global_pool')
@@ -54,10 +55,11 @@ def resolve_arch(arch): # A torchvision or timm model name like 'resnet50', or a
     fn = getattr(torchvision.models, name, None)
     if callable(fn) and name in torchvision.models.list_models(module=torchvision.models):
         if name.startswith(_UNSUPPORTED) or name in _UNSUPPORTED:
-            raise UsageError(f"arch {name!r} is not supported: {'its auxiliary classifiers sit inside the body' if name in ('googlenet', 'inception_v3') else 'a vision transformer has no feature grid for Grad-CAM'}. "
-                             "Use a CNN such as 'resnet50', 'densenet169', 'efficientnet_b0' or 'convnext_tiny'.")
+            raise UsageError(f"arch {name!r} is not supported: {'its auxiliary classifiers sit inside the body' if name in ('googlenet', 'inception_v3') else 'torchvision builds vision transformers that fastai cannot cut into body and head'}. "
+                             "Use a CNN such as 'resnet50', 'densenet169', 'efficientnet_b0' or 'convnext_tiny', or timm's vision transformers ('vit_small_patch16_224', 'vit_base_patch16_224', ...).")
         _register_meta(fn)
         return fn
+    if name.startswith('hf-hub:'): return name  # a timm model on the Hugging Face hub (the foundation models)
     timm_names = _timm_names()
     if timm_names and _timm_is_model(name): return name
     known = torchvision.models.list_models(module=torchvision.models)
@@ -151,6 +153,38 @@ def choose_precision(fp16:bool, # Whether mixed precision was asked for (the car
     return None, 'fp32 (fp16 not requested)'
 
 # %% ../nbs/06_learner.ipynb #2693e861
+TOKEN_MODULES = ('timm.models.vision_transformer', 'timm.models.deit')  # timm families whose blocks give patch tokens on a grid
+
+def is_token_arch(arch, # A name from `resolve_arch` (timm) or a torchvision function
+                 ) -> bool:
+    "Whether `arch` is one of timm's vision transformers (patch tokens, not a feature map), which train with `dynamic_img_size` and `vit_splitter`"
+    if not isinstance(arch, str): return False
+    if arch.startswith('hf-hub:'): return True  # the foundation models on the hub are timm ViTs
+    from timm.models import model_entrypoint
+    try: return model_entrypoint(arch.split('.')[0]).__module__ in TOKEN_MODULES
+    except RuntimeError: return False
+
+def token_backbone(model:torch.nn.Module, # A fastai vision model (body, head), or any module
+                  ) -> torch.nn.Module|None:
+    "The timm vision transformer inside `model` (it has `blocks`, `patch_embed` and `num_prefix_tokens`), or None for a CNN"
+    return next((m for m in model.modules() if hasattr(m, 'blocks') and hasattr(m, 'patch_embed') and hasattr(m, 'num_prefix_tokens')), None)
+
+def vit_splitter(model:torch.nn.Module, # A fastai model (TimmBody around a vision transformer, head)
+                ) -> list: # Three parameter groups
+    "Layer groups for discriminative learning rates on a ViT: embeddings and the first half of the blocks, the second half and the final norm, the head"
+    vit = token_backbone(model[0])
+    if vit is None: raise UsageError("vit_splitter needs a vision transformer body; CNNs split with fastai's own splitters.")
+    half = len(vit.blocks) // 2
+    late_ids = {id(p) for b in list(vit.blocks)[half:] for p in b.parameters()}
+    late_ids |= {id(p) for n_, m in vit.named_children() if n_ in ('norm', 'fc_norm', 'attn_pool', 'head') for p in m.parameters()}
+    body = list(model[0].parameters())
+    return [[p for p in body if id(p) not in late_ids], [p for p in body if id(p) in late_ids], list(model[1].parameters())]
+
+def timm_kwargs(arch, # A timm name
+               ) -> dict:
+    "The `timm.create_model` arguments this package adds: `dynamic_img_size` for vision transformers, so one model takes PCam's 96 px and 224 px alike"
+    return dict(dynamic_img_size=True) if is_token_arch(arch) else {}
+
 def _batches_on_cuda(dls) -> bool:
     "Whether `dls` put their batches on a GPU (a learner for CPU batches, e.g. `load_run(cpu=True)` on a GPU host, stays fp32)"
     dev = getattr(dls, 'device', None)
@@ -197,6 +231,8 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
     kw = dict(metrics=metrics, path=path, **kwargs)
     if _normalizes(dls): kw.setdefault('normalize', False)  # our loaders normalize already; fastai would add a second Normalize
     if isinstance(fn, str):  # timm: it downloads from the Hugging Face hub, or reads a local file
+        kw.update(timm_kwargs(fn))
+        if is_token_arch(fn): kw.setdefault('splitter', vit_splitter)
         if weights_path is not None:
             if not Path(weights_path).exists(): raise PretrainedWeightsError(f"weights_path {weights_path} does not exist.")
             kw['pretrained_cfg_overlay'] = dict(file=str(weights_path))

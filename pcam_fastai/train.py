@@ -17,7 +17,7 @@ from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, json_te
 from .data import make_synthetic_pcam
 from .sources import open_source, check_data_path, DataSource, ArrayCache
 from .stain import METHODS, StainNormalizer, choose_reference, read_reference, normalize_cache, cache_normalizer
-from .learner import pcam_learner, resolve_arch
+from .learner import pcam_learner, resolve_arch, token_backbone
 from .distributed import init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main
 from .training import fit_two_stage, lr_repr, versions
 from .report import evaluate_run, headline, write_report
@@ -287,13 +287,14 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
 def _check_feature_grid(learn, size:int):
     "Fail before training when the body has no (N, C, H, W) feature map: Grad-CAM and the report's heatmaps need one"
     body = learn.model[0]
+    if token_backbone(body) is not None: return  # a ViT: Grad-CAM runs on its patch tokens
     was = body.training; body.eval()
     try:
         with torch.no_grad(): out = body(torch.zeros(2, 3, size, size, device=next(body.parameters()).device))
     finally: body.train(was)
     if not (torch.is_tensor(out) and out.dim() == 4):
         raise UsageError(f"{getattr(learn, 'arch_name', 'this arch')}'s body outputs {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}, "
-                         "not a feature grid, so Grad-CAM and the report cannot be made. Use a CNN backbone (resnet50, densenet169, convnext_tiny ...).")
+                         "not a feature grid, so Grad-CAM and the report cannot be made. Use a CNN backbone (resnet50, densenet169, convnext_tiny ...) or one of timm's vision transformers (vit_small_patch16_224 ...).")
 
 def _finish(learn, dls, source, run_dir, top_k):
     "Save the model, evaluate (which fits the calibration), then export the learner (rank 0 only in a distributed run)"

@@ -111,3 +111,61 @@ def test_compare_puts_runs_beside_the_anchors(setup, demo_run, tmp_path):
     md = (tmp_path/'table.md').read_text()
     assert '*P4M-DenseNet* (Veeling et al. 2018)' in md and 'not run here' in md and '± ' in md and '(optimistic)' in md
     assert 'neither a training run' in clean_error(run_main(['compare', tmp_path]))
+
+
+def test_vit_gradcam_agrees_with_pytorch_grad_cam():
+    "Grad-CAM on a ViT's patch tokens against pytorch-grad-cam with the usual reshape_transform, on the same model and layer (random weights)"
+    gc = pytest.importorskip('pytorch_grad_cam', reason='pytorch-grad-cam is not installed (pip install grad-cam; it is in the dev extra)')
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pcam_fastai.interpret import gradcam, gradcam_layer
+    from pcam_fastai.learner import pcam_learner, token_backbone
+    from pcam_fastai.loader import cache_dataloaders
+    from pcam_fastai.cache import build_cache
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        cache = build_cache(FIXTURE, Path(d)/'cache', show_progress=False)
+        dls = cache_dataloaders(cache, size=96, bs=8, device='cpu')
+        torch.manual_seed(0)
+        learn = pcam_learner(dls, ARCH, pretrained=False, quiet=True)
+        xb = dls.valid.one_batch()[0].as_subclass(torch.Tensor)
+    vit = token_backbone(learn.model)
+    layer, name, cells = gradcam_layer(learn.model, xb)
+    assert layer is vit.blocks[-1].norm1 and cells == 6  # the patch grid: 96 px / 16 px
+    ours = gradcam(learn, xb, target=1).numpy()
+
+    def reshape(t):  # pytorch-grad-cam's documented ViT reshape_transform
+        g = t[:, vit.num_prefix_tokens:].reshape(t.size(0), 6, 6, t.size(2))
+        return g.transpose(2, 3).transpose(1, 2)
+    model = learn.model.eval()
+    with gc.GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        ref = cam(input_tensor=xb, targets=[ClassifierOutputTarget(1)] * len(xb))
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, ref) if a.std() > 0 and b.std() > 0]
+    assert len(corr) >= 4 and min(corr) >= 0.99, corr
+
+
+@pytest.mark.slow  # trains a ViT for two short epochs
+def test_vit_trains_with_the_card_recipe_reports_and_exports(tmp_path):
+    "train_pcam with a ViT: frozen then unfrozen on three layer groups, Grad-CAM in the report, an ONNX bundle that predicts like the learner"
+    from pcam_fastai.cache import build_cache, load_cache
+    from pcam_fastai.train import train_pcam
+    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.evaluate import load_run, predict
+    from pcam_fastai.foundation import create_backbone
+    cache = build_cache(FIXTURE, tmp_path/'cache', show_progress=False)
+    torch.manual_seed(0)  # "pretrained" weights from a local file (no hub here): the frozen stage runs, then the unfrozen one
+    from safetensors.torch import save_file
+    save_file(create_backbone(ARCH, pretrained=False).state_dict(), str(tmp_path/'vit_tiny.safetensors'))
+    learn, m = train_pcam(cache, run_dir=tmp_path/'run', preset='cpu-demo', arch=ARCH, weights_path=tmp_path/'vit_tiny.safetensors', size=96,
+                          epochs_frozen=1, epochs_unfrozen=1, lr_find_iters=5, num_workers=0, top_k=4)
+    assert len(learn.opt.param_groups) == 3  # vit_splitter: early blocks, late blocks, head
+    lrs = [g['lr'] for g in learn.opt.param_groups]
+    assert lrs[0] < lrs[1] < lrs[2], lrs  # discriminative learning rates
+    assert (tmp_path/'run'/'report.md').exists() and m.get('gradcam_centre_share') is not None
+    dest = export_bundle(tmp_path/'run', bench_patches=0)
+    x = np.ascontiguousarray(load_cache(cache).images[:16])
+    p_onnx, p_torch = load_bundle(dest, backend='onnx', device='cpu').predict(x), load_bundle(dest, backend='torch', device='cpu').predict(x)
+    assert np.abs(p_onnx - p_torch).max() <= 1e-4
+    learn = load_run(tmp_path/'run')
+    p_learn = predict(learn, learn.dls.test_dl(x))[0].numpy()  # the cache's loader on the same uint8 patches
+    assert np.abs(p_torch - p_learn).max() <= 1e-4
