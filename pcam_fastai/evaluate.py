@@ -107,10 +107,13 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
         bals = (tps[ok] / pos[ok] + tns[ok] / neg[ok]) / 2
         eces = [expected_calibration_error(p[i], t[i]) for i in idx[:200]]  # 200 resamples: ECE is slower than the counts
         aucs = [roc_auc_score(t[i], p[i]) for i in idx if 0 < t[i].sum() < len(i)] if two else []
+        pc = np.clip(p, np.finfo(np.float64).eps, 1 - np.finfo(np.float64).eps)
+        nlls = (-(t * np.log(pc) + (1 - t) * np.log(1 - pc)))[idx].mean(1)  # each patch's log loss, resampled
         res['ci95'] = dict(accuracy=[float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))],
                            roc_auc=[float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if aucs else [float('nan')] * 2,
                            balanced_accuracy=[float(np.percentile(bals, 2.5)), float(np.percentile(bals, 97.5))] if len(bals) else [float('nan')] * 2,
                            ece=[float(np.percentile(eces, 2.5)), float(np.percentile(eces, 97.5))],
+                           nll=[float(np.percentile(nlls, 2.5)), float(np.percentile(nlls, 97.5))],
                            n_boot=n_boot, seed=seed)
     return res
 

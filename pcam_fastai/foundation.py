@@ -473,7 +473,7 @@ def _run_row(d:Path) -> dict:
         ci = t.get('ci95', {})
         return dict(run=str(d), kind='fine-tuned', backbone=(cfg.get('settings') or {}).get('arch', '?'), split=str(t.get('split', '?')), n=t.get('n'), runs=1,
                     balanced_accuracy=t.get('balanced_accuracy'), accuracy=t.get('accuracy'), roc_auc=t.get('roc_auc'), nll=t.get('nll'),
-                    balanced_accuracy_ci=ci.get('balanced_accuracy'), accuracy_ci=ci.get('accuracy'), roc_auc_ci=ci.get('roc_auc'),
+                    balanced_accuracy_ci=ci.get('balanced_accuracy'), accuracy_ci=ci.get('accuracy'), roc_auc_ci=ci.get('roc_auc'), nll_ci=ci.get('nll'),
                     optimistic='random' in str(t.get('split', '')) or bool(m.get('optimistic')), source='this package')
     raise UsageError(f"{d} is neither a training run (metrics.json) nor a probe (probe.json).")
 

@@ -180,8 +180,8 @@ def _metric_rows(m):
             f"| ROC AUC | {_fmt(m['roc_auc'])} | {' - '.join(_fmt(x) for x in ci.get('roc_auc', []))} |",
             f"| balanced accuracy | {_fmt(m.get('balanced_accuracy'))} | {' - '.join(_fmt(x) for x in ci.get('balanced_accuracy', []))} |"]
     rows += [f'| {k} | {_fmt(m[k])} | |' for k in ('sensitivity', 'specificity', 'precision', 'f1') if k in m]
-    rows += [f'| {name} | {_fmt(m[k])} | |' for k, name in (('sensitivity_at_spec90', 'sensitivity at 90 % specificity'), ('nll', 'NLL (calibrated)'),
-                                                            ('ece', 'ECE, 15 bins (calibrated)')) if k in m]
+    rows += [f"| {name} | {_fmt(m[k])} | {' - '.join(_fmt(x) for x in ci.get(k, []))} |" for k, name in (('sensitivity_at_spec90', 'sensitivity at 90 % specificity'),
+             ('nll', 'NLL (calibrated)'), ('ece', 'ECE, 15 bins (calibrated)')) if k in m]
     rows += [f"| confusion (tp / fp / tn / fn) | {m['tp']} / {m['fp']} / {m['tn']} / {m['fn']} | |",
              f"| threshold | {m['threshold']:.3g} ({m['threshold_source']}) | |", f"| patches | {m['n']} ({m['positives']} tumour) | |"]
     return rows
