@@ -544,7 +544,8 @@ def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
     source = open_source(data or cfg['data'])
     dls = source.dataloaders(size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'], n_items=st['n_items'], num_workers=0,
                              device='cpu' if cpu else None, positive=cfg.get('positive'), **_run_stain(cfg, source))
-    learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=st.get('fp16', False), path=run_dir, quiet=True)  # on a GPU: the precision it trained in
+    learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=st.get('fp16', False), path=run_dir, quiet=True,
+                         input_stats=cfg.get('input_stats'))  # on a GPU: the precision it trained in
     verify_model_checksum(run_dir)
     load_weights(learn, run_dir/'model.pth')
     learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)

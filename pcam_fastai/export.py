@@ -18,7 +18,7 @@ from PIL import Image
 from fastcore.basics import patch
 
 from .core import CLASSES, PCAM_MPP, compute_device, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
-from .learner import resolve_arch, arch_name, weights_load_reason, timm_kwargs
+from .learner import resolve_arch, arch_name, weights_load_reason, timm_kwargs, apply_input_stats
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
 from .sources import open_source
 from .stain import StainNormalizer, StainError
@@ -61,12 +61,14 @@ class PatchClassifier(nn.Module):
 
 def build_model(arch, # The arch the run was trained with (torchvision or timm name)
                 n_out:int, # Number of classes
+                input_stats=None, # The run's `input_stats` (config.json): the backbone's own normalization, or None
                ) -> nn.Module:
     "The same fastai model (body + head) that `vision_learner` builds, with random weights"
     from fastai.vision.learner import create_vision_model, create_timm_model
     fn = resolve_arch(arch)
-    if isinstance(fn, str): return create_timm_model(fn, n_out, pretrained=False, **timm_kwargs(fn))[0]
-    return create_vision_model(fn, n_out, pretrained=False)
+    model = create_timm_model(fn, n_out, pretrained=False, **timm_kwargs(fn))[0] if isinstance(fn, str) else create_vision_model(fn, n_out, pretrained=False)
+    apply_input_stats(model, input_stats)
+    return model
 
 # %% ../nbs/13_export.ipynb #23c00b97
 class BundleError(PCamError, ValueError):
@@ -164,7 +166,7 @@ class Bundle:
             if not fn.exists(): raise BundleError(f"{fn} is missing; export the run again.")
             try: sd = torch.load(fn, map_location='cpu', weights_only=True)
             except Exception as e: raise BundleError(f"{fn} is not a readable weights file ({type(e).__name__}); export again.") from None
-            model = build_model(self.meta['arch'], len(self.classes))
+            model = build_model(self.meta['arch'], len(self.classes), self.meta.get('input_stats'))
             try: model.load_state_dict(sd)
             except RuntimeError as e: raise BundleError(f"{fn} does not fit {self.meta['arch']}: {str(e).splitlines()[0][:200]}") from None
             self._torch = PatchClassifier(model, self.meta['mean'], self.meta['std'], self.meta.get('temperature', 1.0), self.meta.get('tta', False),
@@ -258,9 +260,9 @@ def _run_source(data):
     except Exception: return None
 
 # %% ../nbs/13_export.ipynb #c5b42a76
-def _run_model(run_dir, arch, classes):
+def _run_model(run_dir, arch, classes, input_stats=None):
     "The run's network with the weights of model.pth, loaded without unpickling anything"
-    model = build_model(arch, len(classes))
+    model = build_model(arch, len(classes), input_stats)
     try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
     except Exception as e:
         why = str(e).splitlines()[0][:200] if isinstance(e, RuntimeError) and 'state_dict' in str(e) else weights_load_reason(e)
@@ -282,7 +284,8 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
                 run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
                 valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
                 n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
-                created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__)
+                created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__,
+                input_stats=cfg.get('input_stats'))  # the backbone's own normalization after the ImageNet one above (inside model.onnx)
 
 def _export_checked_onnx(pc, dest, size, bundle, xc, atol, meta):
     "Write model.onnx and check it against torch on `xc`; the ONNX bundle, or an error (and no bundle) when they disagree"
@@ -319,7 +322,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     source = _run_source(cfg.get('data', ''))
     resize = cfg.get('resize') or (source.resize if source else 'pil-bilinear')
     dest = Path(dest) if dest else run_dir/'bundle'
-    model = _run_model(run_dir, arch, classes)
+    model = _run_model(run_dir, arch, classes, cfg.get('input_stats'))
     verify_model_checksum(run_dir, metrics)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)

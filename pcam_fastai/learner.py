@@ -24,7 +24,7 @@ import fastai.callback.channelslast  # noqa: F401 (adds to_channelslast to Learn
 # %% auto #0
 __all__ = ['TOKEN_MODULES', 'resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'weights_load_reason',
            'ensure_weights', 'load_body_weights', 'choose_precision', 'is_token_arch', 'token_backbone', 'vit_splitter',
-           'timm_kwargs', 'macro_roc_auc', 'pcam_learner']
+           'timm_kwargs', 'InputStats', 'backbone_stats', 'apply_input_stats', 'macro_roc_auc', 'pcam_learner']
 
 # %% ../nbs/06_learner.ipynb #e5aa8378
 _HEAD_CHILDREN = ('avgpool', 'classifier', 'fc', 'head', 'pool', 'global_pool')
@@ -185,6 +185,38 @@ def timm_kwargs(arch, # A timm name
     "The `timm.create_model` arguments this package adds: `dynamic_img_size` for vision transformers, so one model takes PCam's 96 px and 224 px alike"
     return dict(dynamic_img_size=True) if is_token_arch(arch) else {}
 
+class InputStats:
+    "A forward pre-hook on the body: batches normalized with ImageNet's statistics (as every loader here does) re-normalized to the backbone's own"
+    def __init__(self, mean, # The backbone's normalization mean, [0, 1] units
+                 std, # Its std
+                ):
+        m0, s0 = imagenet_stats
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.scale = [a / b for a, b in zip(s0, self.std)]
+        self.shift = [(a - b) / c for a, b, c in zip(m0, self.mean, self.std)]
+    def __call__(self, module, args):
+        x = args[0]
+        return (x * torch.tensor(self.scale, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+                + torch.tensor(self.shift, dtype=x.dtype, device=x.device).view(1, -1, 1, 1), *args[1:])
+
+def backbone_stats(body:torch.nn.Module, # The body of a fastai vision model
+                  ) -> tuple|None: # (mean, std) when they are not ImageNet's, else None
+    "The normalization a timm backbone was pretrained with (its pretrained config), when it differs from ImageNet's"
+    cfg = getattr(getattr(body, 'model', None), 'pretrained_cfg', None) or {}
+    mean, std = cfg.get('mean'), cfg.get('std')
+    if mean is None or std is None or len(mean) != 3: return None
+    if all(abs(a - b) < 1e-6 for a, b in zip((*mean, *std), (*imagenet_stats[0], *imagenet_stats[1]))): return None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+def apply_input_stats(model:torch.nn.Module, # A fastai vision model (body, head)
+                      stats, # (mean, std) of the backbone, or None
+                     ) -> list|None: # What was applied, as [mean, std] (for config.json and bundle.json)
+    "Re-normalize the body's input from ImageNet's statistics to `stats` (an `InputStats` pre-hook; no weights change)"
+    if stats is None: return None
+    mean, std = stats
+    model[0].register_forward_pre_hook(InputStats(mean, std))
+    return [list(map(float, mean)), list(map(float, std))]
+
 def _batches_on_cuda(dls) -> bool:
     "Whether `dls` put their batches on a GPU (a learner for CPU batches, e.g. `load_run(cpu=True)` on a GPU host, stays fp32)"
     dev = getattr(dls, 'device', None)
@@ -222,6 +254,7 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
                  path:str|Path='.', # Where `learn.save` writes (in `path/models`)
                  metrics=None, # Default: accuracy and ROC AUC for two classes; accuracy and macro one-vs-rest AUC for more
                  quiet:bool=False, # Don't print the precision line
+                 input_stats='auto', # The backbone's own normalization: 'auto' (its timm pretrained config, when not ImageNet's), None, or (mean, std)
                  **kwargs, # Passed to fastai's `vision_learner`
                 ) -> Learner:
     "A fastai `vision_learner` for PCam, honest about its weights and its precision"
@@ -251,6 +284,8 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
         if pretrained:
             load_body_weights(learn, fn, weights_path)
             learn.freeze()
+    if input_stats == 'auto': input_stats = backbone_stats(learn.model[0])
+    learn.input_stats = apply_input_stats(learn.model, input_stats)
     on_cuda = _batches_on_cuda(dls)
     amp, learn.precision = choose_precision(fp16, cuda=on_cuda)
     if on_cuda:  # channels-last model (fastai's ChannelsLast) and, when asked for, autocast in bf16 or fp16
@@ -259,5 +294,6 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
     learn.arch_name = arch_name(fn)
     learn.weights = str(weights_path) if weights_path else ('ImageNet (torchvision DEFAULT)' if pretrained and not isinstance(fn, str)
                                                            else 'ImageNet (timm default)' if pretrained else 'random init (pretrained=False)')
-    if not quiet: print(f'pcam_learner: {learn.arch_name}, weights: {learn.weights}; precision: {learn.precision}')
+    if not quiet: print(f'pcam_learner: {learn.arch_name}, weights: {learn.weights}; precision: {learn.precision}'
+                        + (f'; inputs re-normalized to its own mean {learn.input_stats[0]}, std {learn.input_stats[1]}' if learn.input_stats else ''))
     return learn

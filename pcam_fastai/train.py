@@ -93,7 +93,8 @@ def reopen_finished_run(run_dir:Path, # A run folder whose config.json has this 
     try:
         metrics = read_run_json(run_dir/'metrics.json', fix='it is trained again')
         checked = verify_model_checksum(run_dir, metrics)  # False: a run from before checksums (its model is only load-checked)
-        learn = pcam_learner(dls, cfg['arch'], pretrained=False, fp16=cfg['fp16'], path=run_dir, quiet=True)
+        input_stats = read_run_json(run_dir/'config.json').get('input_stats')  # None for runs from before it was recorded
+        learn = pcam_learner(dls, cfg['arch'], pretrained=False, fp16=cfg['fp16'], path=run_dir, quiet=True, input_stats=input_stats)
         load_weights(learn, run_dir/'model.pth')
         learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
         headline(metrics)  # the summary a reopened run prints: an incomplete metrics.json fails here, not later
@@ -266,7 +267,8 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     if done is not None: return done
     learn = _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic)
     config.update(key=key, split=dls.split_name, classes=list(dls.vocab), device='cuda' if cuda_in_use() else 'cpu', deterministic=deterministic,
-                  precision=learn.precision, weights=learn.weights, world_size=world_size(), global_bs=cfg['bs'] * world_size(),
+                  precision=learn.precision, weights=learn.weights, input_stats=learn.input_stats,  # the backbone's own normalization after the loaders' ImageNet one
+                  world_size=world_size(), global_bs=cfg['bs'] * world_size(),
                   versions=versions(), started=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     if is_main(): write_text_atomic(run_dir/'config.json', json.dumps(config, indent=2))
     barrier()

@@ -162,7 +162,10 @@ def test_vit_trains_with_the_card_recipe_reports_and_exports(tmp_path):
     lrs = [g['lr'] for g in learn.opt.param_groups]
     assert lrs[0] < lrs[1] < lrs[2], lrs  # discriminative learning rates
     assert (tmp_path/'run'/'report.md').exists() and m.get('gradcam_centre_share') is not None
+    half = [[0.5] * 3, [0.5] * 3]  # timm's ViT-Tiny was pretrained with 0.5 / 0.5, not ImageNet's statistics
+    assert learn.input_stats == half and json.loads((tmp_path/'run'/'config.json').read_text())['input_stats'] == half
     dest = export_bundle(tmp_path/'run', bench_patches=0)
+    assert json.loads((dest/'bundle.json').read_text())['input_stats'] == half
     x = np.ascontiguousarray(load_cache(cache).images[:16])
     p_onnx, p_torch = load_bundle(dest, backend='onnx', device='cpu').predict(x), load_bundle(dest, backend='torch', device='cpu').predict(x)
     assert np.abs(p_onnx - p_torch).max() <= 1e-4
