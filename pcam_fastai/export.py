@@ -74,7 +74,7 @@ def build_model(arch, # The arch the run was trained with (torchvision or timm n
 class BundleError(PCamError, ValueError):
     "A bundle folder that is missing files, damaged, or was written by a newer version"
 
-BUNDLE_FORMAT = 2  # 2: bundles that stain-normalize (`stain_norm`); the others are still written as 1, which older versions read
+BUNDLE_FORMAT = 3  # 2: bundles that stain-normalize (`stain_norm`); 3: that re-normalize for the backbone (`input_stats`); the others are still written as 1, which older versions read
 
 def _as_rgb(img, size:int, resize:str='pil-bilinear', normalizer=None) -> np.ndarray:
     "One image (path, PIL image or array) as a (size, size, 3) uint8 array, stain-normalized at its own size (as in training) and resized the way the run's training loader did"
@@ -180,6 +180,10 @@ class Bundle:
             import onnxruntime as ort
             providers = [('CUDAExecutionProvider', dict(device_id=self.device.index or 0))] if self.device.type == 'cuda' else []
             self._ort = ort.InferenceSession(str(self.path/'model.onnx'), providers=providers + ['CPUExecutionProvider'])
+            if providers and 'CUDAExecutionProvider' not in self._ort.get_providers():
+                warnings.warn(f"onnxruntime could not start its CUDA provider (its CUDA libraries may be missing), so {self.path.name} runs on the CPU; "
+                              "load it with backend='torch' to use the GPU.")
+                self.device = torch.device('cpu')
         return self._ort
 
     def __repr__(self): return f"Bundle({self.meta['arch']}, classes={self.classes}, size={self.size}, backend={self.backend!r}, device='{self.device}')"
@@ -272,7 +276,7 @@ def _run_model(run_dir, arch, classes, input_stats=None):
 def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source) -> dict:
     "What bundle.json says: the model, its input and output, its preprocessing, calibration and threshold, and the run's validation numbers"
     stain = cfg.get('stain_norm')
-    return dict(format=2 if stain else 1, arch=arch_name(resolve_arch(cfg['settings']['arch'])), classes=classes, positive=classes[1] if len(classes) == 2 else None,
+    return dict(format=3 if cfg.get('input_stats') else 2 if stain else 1, arch=arch_name(resolve_arch(cfg['settings']['arch'])), classes=classes, positive=classes[1] if len(classes) == 2 else None,
                 size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                 threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
                 centre_box=source.centre_labelled if source else True,  # PCam labels the centre 32x32; folder sets label whole patches

@@ -133,7 +133,7 @@ def create_backbone(name:str, # A short name from KNOWN_BACKBONES ('uni', 'virch
         raise UsageError(f"{name} ({hub}) is a Hugging Face transformers model, not a timm one, and is not supported here"
                          + (f" (eva: PCam balanced accuracy {acc})" if acc else '') + f"; the timm backbones are: {', '.join(KNOWN_BACKBONES)}.")
     known = KNOWN_BACKBONES.get(key)
-    kw = {**_timm_kwargs(known.kwargs if known else {}), **(model_kwargs or {}), 'num_classes': 0}
+    kw = {**_timm_kwargs({**(known.kwargs if known else {}), **(model_kwargs or {})}), 'num_classes': 0}
     if img_size is not None: kw['img_size'] = int(img_size)
     target = known.hub if known else name
     if weights_path is not None:
@@ -206,7 +206,15 @@ def _cache_identity(data:Path) -> dict:
     "What the embeddings were computed from: each split's size and label checksum"
     splits = cache_splits(data)
     if not splits: raise UsageError(f"{data} is not an array cache; build one first: pcam-fastai cache SRC {data}")
-    return {s: dict(n=int(m['n']), labels_sha1=m['labels_sha1']) for s in splits for m in [load_cache(data, s).manifest]}
+    stain = (data/'stain.json').read_text() if (data/'stain.json').exists() else None  # a stain-normalized cache holds other pixels
+    ident = {}
+    for s in splits:
+        c = load_cache(data, s)
+        if not (c.labels >= 0).any(): continue  # Kaggle's test split: no labels, nothing for a probe
+        ident[s] = dict(n=int(c.manifest['n']), labels_sha1=c.manifest['labels_sha1'], signature=c.manifest.get('signature'),
+                        stain=hashlib.sha1(stain.encode()).hexdigest() if stain else None)
+    if not ident: raise UsageError(f"{data} has no labelled patches to probe with.")
+    return ident
 
 def embedding_cache(data:str|Path, # An array cache root (`build_cache`)
                     backbone:str|nn.Module='vit-s16-imagenet', # A name for `create_backbone`, or a backbone it made
@@ -223,10 +231,10 @@ def embedding_cache(data:str|Path, # An array cache root (`build_cache`)
                    ) -> Path: # The embeddings folder
     "Embeddings of every cached patch by a frozen backbone, on disk once (memory-mapped, restartable), with the labels and what made them"
     data = Path(data)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise UsageError(f"bs must be a positive integer, not {bs!r}.")
     ident = _cache_identity(data)
     model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs)
     if not hasattr(model, 'pcam_backbone'): raise UsageError("backbone must be a name, or a model made by create_backbone.")
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise UsageError(f"bs must be a positive integer, not {bs!r}.")
     model = model.to(compute_device() if device in (None, 'auto') else torch.device(device)).eval()
     info = dict(model.pcam_backbone, weights_sha1=state_checksum(model), amp=bool(amp and next(model.parameters()).device.type == 'cuda'))
     key = hashlib.sha1(json.dumps([info, ident], sort_keys=True).encode()).hexdigest()[:12]
@@ -260,7 +268,9 @@ def _embed_split(model, data, dest, split, key, bs, amp, force, show_progress) -
             arr = np.load(part, mmap_mode='r+')
             if arr.shape == (n, dim): start = int(p.get('done', 0))
             else: del arr
-    if start == 0: arr = np.lib.format.open_memmap(part, mode='w+', dtype=np.float32, shape=(n, dim))
+    if start == 0:
+        prog.unlink(missing_ok=True)  # first: an old progress file must never vouch for the fresh zeros below
+        arr = np.lib.format.open_memmap(part, mode='w+', dtype=np.float32, shape=(n, dim))
     elif show_progress: print(f"embedding_cache: {split}: resuming at patch {start:,} of {n:,}")
     t0, steps = time.perf_counter(), range(start, n, bs)
     pb = progress_bar(steps, leave=False) if show_progress and len(steps) else steps
@@ -291,7 +301,10 @@ def probe_splits(embeddings:str|Path, # A folder written by `embedding_cache`
     "The probe's train, valid and test sets: the official splits where the cache has them, else seeded random parts of the labelled patches"
     d = Path(embeddings)
     if not (d/'meta.json').exists(): raise UsageError(f"{d} holds no embeddings (no meta.json); compute them with embedding_cache or pcam-fastai probe.")
-    done = json.loads((d/'meta.json').read_text()).get('splits', {})
+    meta = json.loads((d/'meta.json').read_text())
+    done = meta.get('splits', {})
+    missing = [s for s in meta.get('cache_splits', {}) if s not in done]
+    if missing: raise UsageError(f"{d}: the embeddings of {', '.join(missing)} are not complete; run embedding_cache (or pcam-fastai probe) again to finish them.")
     def load(s):
         X, y, keep = np.load(d/f'{s}.npy', mmap_mode='r'), np.load(d/f'{s}.labels.npy'), np.load(d/f'{s}.keep.npy')
         rows = np.flatnonzero(keep & (y >= 0))
@@ -344,6 +357,7 @@ def train_linear_head(train:tuple, # (X, y) embeddings and 0/1 labels
         with torch.no_grad(): bacc = _balanced_accuracy(torch.sigmoid(head(Xv)[:, 0]).cpu().numpy(), yv)
         if bacc > best: best, best_state, best_step, since = bacc, copy.deepcopy(head.state_dict()), step, 0
         else: since += 1
+    if best_state is None: raise UsageError("The validation set has only one class, so balanced accuracy cannot choose a checkpoint; use a larger cache.")
     head.load_state_dict(best_state)
     return head.eval(), dict(seed=seed, steps=step, epochs=epochs, best_step=best_step, valid_balanced_accuracy=best,
                              stopped='early (no better validation for {} epochs)'.format(patience) if since >= patience else 'max_steps')
@@ -435,11 +449,12 @@ def probe(data:str|Path, # An array cache root (`build_cache`)
           **probe_kwargs, # For `linear_probe`: max_steps, bs, lr, patience, seed, valid_pct
          ) -> dict: # What probe.json holds
     "A frozen backbone's linear probe on an array cache, end to end: embeddings cached, heads trained over seeds, report written"
+    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1: raise UsageError(f"n_runs must be a positive integer, not {n_runs!r}.")
     model = create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs)
     before = state_checksum(model)
     emb = embedding_cache(data, model, embeddings, bs=embed_bs, device=device, show_progress=show_progress)
     out = Path(out) if out is not None else Path('runs')/f'probe-{_slug(backbone)}'
-    res = linear_probe(emb, None, n_runs, device=device, show_progress=show_progress, **probe_kwargs)
+    res = linear_probe(emb, out, n_runs, device=device, show_progress=show_progress, **probe_kwargs)  # heads.pth, and the report again below
     res.update(backbone_sha1_before=before, backbone_sha1_after=state_checksum(model), data=str(Path(data).resolve()))
     if res['backbone_sha1_before'] != res['backbone_sha1_after']: raise PCamError("The backbone's weights changed during the probe; this is a bug, please report it.")
     out.mkdir(parents=True, exist_ok=True)
@@ -505,5 +520,6 @@ def compare_markdown(table:pd.DataFrame, # What `compare_runs` returns
         split = r['split'] + (' (optimistic)' if r.get('optimistic') is True else '')
         name = Path(r['run']).name if r['source'] == 'this package' else f"*{r['run']}* ({r['source']})"
         L.append(f"| {name} | {r['kind']} | {r['backbone']} | {split} | {_cell(r, 'balanced_accuracy')} | {_cell(r, 'accuracy')} | {_cell(r, 'roc_auc')} | {_cell(r, 'nll')} |")
-    return '\n'.join(L) + '\n\n*Italic rows are published numbers, not run here; they are on PCam\'s official test split.*\n'
+    return ('\n'.join(L) + "\n\n*Italic rows are published numbers, not run here; they are on PCam's official test split.* Rows compare only where their splits "
+            "are the same: on a Kaggle cache a probe is tested on a quarter of the patches a fine-tuned run trains on, and a fine-tuned run reports its validation split.\n")
 

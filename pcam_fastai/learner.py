@@ -276,6 +276,10 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
         except RuntimeError as e:
             if weights_path is None: raise
             raise PretrainedWeightsError(f"{weights_path} does not fit timm model {fn}: {str(e).splitlines()[0][:200]}") from None
+        except TypeError as e:  # a hub model that is not a ViT takes no dynamic_img_size
+            if 'dynamic_img_size' not in str(e): raise
+            kw.pop('dynamic_img_size'); kw.pop('splitter', None)
+            learn = vision_learner(dls, fn, pretrained=pretrained, **kw)
     elif pretrained and weights_path is None:
         ensure_weights(fn)
         learn = vision_learner(dls, fn, pretrained=True, **kw)
@@ -284,7 +288,8 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
         if pretrained:
             load_body_weights(learn, fn, weights_path)
             learn.freeze()
-    if input_stats == 'auto': input_stats = backbone_stats(learn.model[0])
+    if input_stats == 'auto':  # only for our loaders, which normalize with ImageNet's statistics; fastai normalizes other loaders itself, with the model's
+        input_stats = backbone_stats(learn.model[0]) if kw.get('normalize') is False else None
     learn.input_stats = apply_input_stats(learn.model, input_stats)
     on_cuda = _batches_on_cuda(dls)
     amp, learn.precision = choose_precision(fp16, cuda=on_cuda)

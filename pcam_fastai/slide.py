@@ -53,6 +53,12 @@ def _openslide():
         raise UsageError(f"Reading whole slides needs OpenSlide: pip install openslide-python openslide-bin ({e}).") from None
     return openslide
 
+def _has_openslide() -> bool:
+    "Whether openslide-python and its library load"
+    try: import openslide  # noqa: F401
+    except ImportError: return False
+    return True
+
 def _tiffslide():
     "The tiffslide module (optional: pip install tiffslide), or None"
     try: import tiffslide
@@ -226,7 +232,8 @@ class Slide:
 
     def _open(self):
         "A handle and the reader's name: OpenSlide first (unless tiffslide was asked for), tiffslide for what OpenSlide does not read"
-        if self.reader in ('auto', 'openslide'):
+        use_openslide = self.reader == 'openslide' or (self.reader == 'auto' and not (_tiffslide() and not _has_openslide()))
+        if use_openslide:
             openslide = _openslide()
             try: return openslide.OpenSlide(str(self.path)), 'openslide'
             except openslide.OpenSlideUnsupportedFormatError: pass
@@ -239,11 +246,13 @@ class Slide:
                                  f"pyramidal TIFF){hint}; or convert it to a tiled pyramidal TIFF, e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg.") from None
         else:
             if (tiffslide := _tiffslide()) is None: raise UsageError("reader='tiffslide' needs tiffslide: pip install tiffslide.")
+        ts = None
         try:
             ts = tiffslide.TiffSlide(str(self.path))
             ts.read_region((0, 0), ts.level_count - 1, (1, 1), as_array=True)  # tiffslide opens truncated files that OpenSlide refuses: a first read finds out
             return ts, 'tiffslide'
         except Exception as e:  # tifffile and zarr raise many kinds
+            if ts is not None: ts.close()
             raise SlideError(f"{self.path} cannot be read as a slide by " + ("OpenSlide or " if self.reader == 'auto' else "") +
                              f"tiffslide ({type(e).__name__}: {str(e)[:200]}); is it a whole-slide image, and copied whole? Convert it to a tiled pyramidal TIFF, "
                              "e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg.") from None
