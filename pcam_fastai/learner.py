@@ -194,10 +194,15 @@ class InputStats:
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.scale = [a / b for a, b in zip(s0, self.std)]
         self.shift = [(a - b) / c for a, b, c in zip(m0, self.mean, self.std)]
+        self._on = {}  # (device, dtype) -> (scale, shift) tensors, made once: a copy to the GPU on every batch would stall it
+    def __getstate__(self): return {**self.__dict__, '_on': {}}  # an exported learner holds no CUDA tensors
     def __call__(self, module, args):
         x = args[0]
-        return (x * torch.tensor(self.scale, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-                + torch.tensor(self.shift, dtype=x.dtype, device=x.device).view(1, -1, 1, 1), *args[1:])
+        key = (x.device, x.dtype)
+        if key not in self._on:
+            self._on[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (self.scale, self.shift))
+        scale, shift = self._on[key]
+        return (x * scale + shift, *args[1:])
 
 def backbone_stats(body:torch.nn.Module, # The body of a fastai vision model
                   ) -> tuple|None: # (mean, std) when they are not ImageNet's, else None
