@@ -21,7 +21,7 @@ from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 
 # %% auto #0
 __all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'cli_type',
-           'train_command', 'submit', 'export', 'serve', 'slide', 'probe', 'compare', 'user_message', 'main']
+           'train_command', 'submit', 'export', 'web', 'serve', 'slide', 'probe', 'compare', 'user_message', 'main']
 
 # %% ../nbs/15_cli.ipynb #0ce98128
 def download(dest:str='data/pcam', # Folder to download into
@@ -117,10 +117,26 @@ def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
            no_onnx:bool=False, # Skip the ONNX model (torch weights only)
            bench_patches:int=256, # Patches timed for the throughput figures (0: skip)
            no_tta:bool=False, # Predict from one view, 8x faster, instead of averaging the 8 dihedral views as the run was evaluated
+           web:bool=False, # Also write BUNDLE/web/: a static page that classifies patches in the browser (as pcam-fastai web)
+           web_runtime:str=None, # With --web: a folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else the npm registry
           ):
     "Write an inference bundle: safe weights, ONNX with preprocessing, and a size and speed report"
     from pcam_fastai.export import export_bundle
-    export_bundle(run_dir, dest, onnx=not no_onnx, bench_patches=bench_patches, tta=False if no_tta else None)
+    if web and no_onnx: raise UsageError('--web needs model.onnx, which --no-onnx skips: drop one of them.')
+    b = export_bundle(run_dir, dest, onnx=not no_onnx, bench_patches=bench_patches, tta=False if no_tta else None)
+    if web:
+        from pcam_fastai.web import export_web
+        export_web(b, runtime=web_runtime)
+
+def web(bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
+        web_runtime:str=None, # A folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else the npm registry
+        no_measure:bool=False, # Skip timing the page in headless Chromium
+        max_mb:float=5, # Largest file the page accepts, in MB
+        max_pixels:int=4_000_000, # Largest image the page accepts, width x height
+       ):
+    "Write BUNDLE/web/: a static page that classifies patches in the browser, offline; nothing is uploaded"
+    from pcam_fastai.web import export_web
+    export_web(bundle, runtime=web_runtime, measure=not no_measure, max_mb=max_mb, max_pixels=max_pixels)
 
 # %% ../nbs/15_cli.ipynb #aaef6356
 def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. runs/pcam/bundle
@@ -189,11 +205,11 @@ def compare(runs:Annotated[str, {'nargs': '+', 'opt': False}], # Run folders: `p
         Path(f'{out}.md').write_text(text); table.to_csv(f'{out}.csv', index=False)
         print(f'compare: wrote {out}.md and {out}.csv')
 
-COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, serve=serve, slide=slide, probe=probe, compare=compare)
+COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, web=web, serve=serve, slide=slide, probe=probe, compare=compare)
 
 # %% ../nbs/15_cli.ipynb #5ca51c28
 # Each command's first path, which may be given without its flag: `pcam-fastai synth DEST` as well as `--dest DEST`
-FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir')  # slide: its slides are positional
+FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir', web='bundle')  # slide: its slides are positional
 USER_ERRORS = (PCamError,)  # what the user can fix: one line; anything else is a bug and shows its traceback
 
 def user_message(e:Exception, # An exception a command raised

@@ -1,0 +1,308 @@
+// pcam_fastai's in-browser page: decodes patches, resizes them as the bundle's training did, and runs model.onnx
+// with onnxruntime-web (WebAssembly, one thread) on this computer. Written by `pcam-fastai export --web`.
+'use strict';
+(function () {
+  const B = window.PCAM_BUNDLE;  // bundle.json's model facts, written into model.js by the export
+  const LIMITS = B.page_limits;  // the same defaults as `pcam-fastai serve`: a patch, not a slide
+  const CHUNK_MS = 60;  // run the model in chunks this long, then let the page paint (it never freezes for longer)
+  const state = window.pcamState = { ready: false, failed: null, queued: 0, done: 0, chunks: 0, results: [], busy: false };
+  const $ = id => document.getElementById(id);
+
+  function b64bytes(s) {
+    const bin = atob(s), out = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  // ---- the runtime and the model: both come from files beside the page (classic scripts, so file:// works too) ----
+  async function startModel() {
+    ort.env.wasm.numThreads = 1;  // threads need cross-origin isolation, which file:// and plain static hosts don't give
+    ort.env.wasm.wasmBinary = b64bytes(window.PCAM_ORT_WASM).buffer;
+    ort.env.wasm.wasmPaths = { mjs: URL.createObjectURL(new Blob([window.PCAM_ORT_GLUE], { type: 'text/javascript' })) };
+    const session = await ort.InferenceSession.create(b64bytes(window.PCAM_MODEL), { executionProviders: ['wasm'] });
+    window.PCAM_ORT_WASM = window.PCAM_MODEL = null;  // the decoded copies are all that is needed now
+    return session;
+  }
+
+  // ---- formats: recognised by their first bytes; sizes read from the header before anything is decoded ----
+  const u16be = (b, i) => (b[i] << 8) | b[i + 1], u16le = (b, i) => b[i] | (b[i + 1] << 8);
+  const u32be = (b, i) => ((b[i] << 24) >>> 0) + (b[i + 1] << 16) + (b[i + 2] << 8) + b[i + 3];
+  function sniff(b) {
+    if (b.length >= 24 && b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4E && b[3] === 0x47) return 'png';
+    if (b.length >= 4 && b[0] === 0xFF && b[1] === 0xD8 && b[2] === 0xFF) return 'jpeg';
+    if (b.length >= 8 && ((b[0] === 0x49 && b[1] === 0x49 && b[2] === 42 && b[3] === 0) || (b[0] === 0x4D && b[1] === 0x4D && b[2] === 0 && b[3] === 42))) return 'tiff';
+    if (b.length >= 8 && ((b[0] === 0x49 && b[1] === 0x49 && b[2] === 43) || (b[0] === 0x4D && b[1] === 0x4D && b[3] === 43))) return 'bigtiff';
+    if (b.length >= 26 && b[0] === 0x42 && b[1] === 0x4D) return 'bmp';
+    if (b.length >= 10 && b[0] === 0x47 && b[1] === 0x49 && b[2] === 0x46 && b[3] === 0x38) return 'gif';
+    if (b.length >= 30 && u32be(b, 0) === 0x52494646 && u32be(b, 8) === 0x57454250) return 'webp';
+    return null;
+  }
+  function headerSize(fmt, b) {
+    if (fmt === 'png') return [u32be(b, 16), u32be(b, 20)];
+    if (fmt === 'gif') return [u16le(b, 6), u16le(b, 8)];
+    if (fmt === 'bmp') { const dv = new DataView(b.buffer, b.byteOffset); return [Math.abs(dv.getInt32(18, true)), Math.abs(dv.getInt32(22, true))]; }
+    if (fmt === 'webp') {
+      const kind = String.fromCharCode(b[12], b[13], b[14], b[15]);
+      if (kind === 'VP8X') return [1 + (b[24] | (b[25] << 8) | (b[26] << 16)), 1 + (b[27] | (b[28] << 8) | (b[29] << 16))];
+      if (kind === 'VP8L') return [1 + (((b[22] & 0x3F) << 8) | b[21]), 1 + (((b[24] & 0x0F) << 10) | (b[23] << 2) | ((b[22] & 0xC0) >> 6))];
+      return [u16le(b, 26) & 0x3FFF, u16le(b, 28) & 0x3FFF];
+    }
+    if (fmt === 'jpeg') {
+      let i = 2;
+      while (i + 9 < b.length) {
+        if (b[i] !== 0xFF) return null;
+        const m = b[i + 1];
+        if (m === 0xFF) { i += 1; continue; }
+        if (m >= 0xC0 && m <= 0xCF && m !== 0xC4 && m !== 0xC8 && m !== 0xCC) return [u16be(b, i + 7), u16be(b, i + 5)];
+        i += 2 + u16be(b, i + 2);
+      }
+      return null;
+    }
+    return null;
+  }
+
+  // ---- decoding to RGBA: TIFF with UTIF (browsers can't), the rest by the browser without colour management ----
+  async function decode(file, bytes) {
+    const fmt = sniff(bytes);
+    if (fmt === null) throw new Error('is not an image this page can read (PNG, JPEG, TIFF, BMP, GIF or WebP)');
+    if (fmt === 'bigtiff') throw new Error('is a BigTIFF, which this page cannot read: save the patch as a TIFF, PNG or JPEG');
+    let ifd = null, wh = null;
+    if (fmt === 'tiff') {
+      let ifds;
+      try { ifds = UTIF.decode(bytes.buffer); } catch (e) { throw new Error('is a damaged TIFF (' + e.message + ')'); }
+      if (!ifds.length || !ifds[0].t256 || !ifds[0].t257) throw new Error('is a TIFF without an image in it');
+      ifd = ifds[0];
+      wh = [ifd.t256[0], ifd.t257[0]];
+    } else wh = headerSize(fmt, bytes);
+    if (wh) checkPixels(wh[0], wh[1]);
+    if (fmt === 'tiff') {
+      try { UTIF.decodeImage(bytes.buffer, ifd); } catch (e) { throw new Error('is a TIFF this page cannot decode (' + e.message + ')'); }
+      const rgba = UTIF.toRGBA8(ifd);
+      if (!ifd.width || rgba.length !== ifd.width * ifd.height * 4) throw new Error('is a TIFF this page cannot decode (compression or layout not supported)');
+      return { rgba, width: ifd.width, height: ifd.height };
+    }
+    let bmp;
+    try { bmp = await createImageBitmap(new Blob([bytes], { type: 'image/' + fmt }), { colorSpaceConversion: 'none', premultiplyAlpha: 'none' }); }
+    catch (e) { throw new Error('cannot be decoded: it looks like a ' + fmt.toUpperCase() + ' file but is damaged or truncated'); }
+    try {
+      checkPixels(bmp.width, bmp.height);
+      const canvas = new OffscreenCanvas(bmp.width, bmp.height), ctx = canvas.getContext('2d', { willReadFrequently: true });
+      ctx.drawImage(bmp, 0, 0);
+      return { rgba: ctx.getImageData(0, 0, bmp.width, bmp.height).data, width: bmp.width, height: bmp.height };
+    } finally { bmp.close(); }
+  }
+  function checkPixels(w, h) {
+    if (w * h > LIMITS.max_pixels) throw new Error(`is ${w}x${h} pixels; the limit is ${LIMITS.max_pixels / 1e6} megapixels: choose a patch, not a slide`);
+    if (!w || !h) throw new Error('has no pixels');
+  }
+  function rgbOf(rgba, n) {  // drop alpha, as PIL's convert('RGB') does
+    const out = new Uint8Array(n * 3);
+    for (let i = 0, j = 0; i < n; i++, j += 4) { out[i * 3] = rgba[j]; out[i * 3 + 1] = rgba[j + 1]; out[i * 3 + 2] = rgba[j + 2]; }
+    return out;
+  }
+
+  // ---- resizing as the run's training loader did: one separable bilinear resampler, two rules ----
+  // 'pil-bilinear': PIL's Image.resize(BILINEAR): the filter widens when shrinking (antialias), 22-bit fixed point.
+  // 'torch-bilinear': torch's uint8 bilinear interpolate without antialiasing: a fixed 2-tap filter, 16-bit fixed point.
+  function axisWeights(inSize, outSize, rule) {
+    const scale = inSize / outSize, antialias = rule === 'pil-bilinear';
+    const filterscale = antialias ? Math.max(scale, 1) : 1, support = filterscale;
+    const ksize = Math.ceil(support) * 2 + 1, bounds = new Int32Array(outSize * 2), w = new Float64Array(outSize * ksize);
+    let wmax = 0;
+    for (let o = 0; o < outSize; o++) {
+      const center = (o + 0.5) * scale;
+      const xmin = Math.max(Math.trunc(center - support + 0.5), 0), xmax = Math.min(Math.trunc(center + support + 0.5), inSize) - xmin;
+      let total = 0;
+      for (let x = 0; x < xmax; x++) {
+        const t = Math.abs((x + xmin - center + 0.5) / filterscale), v = t < 1 ? 1 - t : 0;
+        w[o * ksize + x] = v; total += v;
+      }
+      for (let x = 0; x < xmax; x++) { if (total !== 0) w[o * ksize + x] /= total; wmax = Math.max(wmax, w[o * ksize + x]); }
+      bounds[o * 2] = xmin; bounds[o * 2 + 1] = xmax;
+    }
+    let bits = 22;
+    if (!antialias) { bits = 0; while (bits < 15 && Math.trunc(0.5 + wmax * 2 ** (bits + 1)) < 2 ** 15) bits++; }
+    const k = new Float64Array(w.length);
+    for (let i = 0; i < w.length; i++) k[i] = w[i] < 0 ? Math.trunc(-0.5 + w[i] * 2 ** bits) : Math.trunc(0.5 + w[i] * 2 ** bits);
+    return { ksize, bounds, k, bits };
+  }
+  function resamplePass(src, w, h, out, horizontal, A) {  // uint8 RGB in, uint8 RGB out along one axis
+    const half = 2 ** (A.bits - 1), div = 2 ** A.bits, ow = horizontal ? out.w : w, oh = horizontal ? h : out.h;
+    const dst = new Uint8Array(ow * oh * 3);
+    for (let y = 0; y < oh; y++) for (let x = 0; x < ow; x++) {
+      const o = horizontal ? x : y, xmin = A.bounds[o * 2], n = A.bounds[o * 2 + 1], kb = o * A.ksize;
+      for (let c = 0; c < 3; c++) {
+        let s = half;
+        for (let i = 0; i < n; i++) {
+          const si = horizontal ? (y * w + xmin + i) * 3 + c : ((xmin + i) * w + x) * 3 + c;
+          s += src[si] * A.k[kb + i];
+        }
+        const v = Math.floor(s / div);
+        dst[(y * ow + x) * 3 + c] = v < 0 ? 0 : v > 255 ? 255 : v;
+      }
+    }
+    return dst;
+  }
+  function resize(rgb, w, h, size, rule) {
+    if (w === size && h === size) return rgb;
+    let cur = rgb;
+    if (w !== size) cur = resamplePass(cur, w, h, { w: size }, true, axisWeights(w, size, rule));  // horizontal first, as both do
+    if (h !== size) cur = resamplePass(cur, size, h, { h: size }, false, axisWeights(h, size, rule));
+    return cur;
+  }
+
+  // ---- the model: (N, size, size, 3) uint8 in, (N, classes) probabilities out ----
+  async function runBatch(session, patches) {
+    const s = B.size, x = new Uint8Array(patches.length * s * s * 3);
+    patches.forEach((p, i) => x.set(p, i * s * s * 3));
+    const feeds = {}; feeds[session.inputNames[0]] = new ort.Tensor('uint8', x, [patches.length, s, s, 3]);
+    const out = await session.run(feeds);
+    const probs = out[session.outputNames[0]].data, nc = B.classes.length;
+    return patches.map((_, i) => Array.from(probs.slice(i * nc, (i + 1) * nc)));
+  }
+  function labelOf(p) {  // as pcam-fastai serve: p(positive) >= the bundle's threshold, else the most likely class
+    if (B.threshold !== null && B.classes.length === 2) return B.classes[p[1] >= B.threshold ? 1 : 0];
+    return B.classes[p.indexOf(Math.max(...p))];
+  }
+
+  // ---- the queue: one file at a time is read and decoded, the model runs on chunks, the page paints in between ----
+  const queue = [];
+  let session = null, msPerPatch = 20;
+  const yieldToPage = () => new Promise(r => setTimeout(r, 0));
+
+  function addFiles(files) {
+    if (!files.length) return;
+    for (const f of files) queue.push(f);
+    state.queued += files.length;
+    $('results').hidden = false;
+    showProgress();
+    if (!state.busy && session) work();
+  }
+  async function prepare(file) {
+    if (file.size > LIMITS.max_mb * 1e6) throw new Error(`is ${(file.size / 1e6).toFixed(1)} MB; the limit is ${LIMITS.max_mb} MB: choose a patch, not a slide`);
+    if (file.size === 0) throw new Error('is empty');
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    const img = await decode(file, bytes);
+    return { patch: resize(rgbOf(img.rgba, img.width * img.height), img.width, img.height, B.size, B.resize), width: img.width, height: img.height };
+  }
+  async function work() {
+    state.busy = true;
+    try {
+      while (queue.length) {
+        const chunk = [], target = Math.max(1, Math.min(64, Math.round(CHUNK_MS / msPerPatch)));
+        while (queue.length && chunk.length < target) {
+          const file = queue.shift();
+          try { chunk.push({ file, ...(await prepare(file)) }); }
+          catch (e) { addRow({ name: file.name, error: file.name + ' ' + e.message }); }
+        }
+        if (!chunk.length) continue;
+        const t0 = performance.now();
+        let probs;
+        try { probs = await runBatch(session, chunk.map(c => c.patch)); }
+        catch (e) { chunk.forEach(c => addRow({ name: c.file.name, error: c.file.name + ': the model failed on it (' + (e.message || e) + ')' })); continue; }
+        msPerPatch = Math.max(1, (performance.now() - t0) / chunk.length); state.chunks += 1;
+        chunk.forEach((c, i) => addRow({ name: c.file.name, probs: probs[i], label: labelOf(probs[i]), patch: c.patch, width: c.width, height: c.height }));
+        await yieldToPage();
+      }
+    } finally { state.busy = false; showProgress(); }
+  }
+
+  // ---- what the user sees ----
+  function fmt(v, d = 4) { return v === null || v === undefined ? '–' : Number(v).toFixed(d); }
+  function addRow(r) {
+    state.results.push(r); state.done += 1;
+    const tr = document.createElement('tr');
+    tr.dataset.name = r.name;
+    const cell = (content, cls) => { const td = document.createElement('td'); if (cls) td.className = cls; if (content instanceof Node) td.appendChild(content); else td.textContent = content; tr.appendChild(td); return td; };
+    if (r.error) {
+      tr.className = 'error'; tr.dataset.error = r.error;
+      cell(''); cell(r.name); const td = cell(r.error); td.colSpan = 2;
+    } else {
+      const pi = B.classes.length === 2 ? 1 : r.probs.indexOf(Math.max(...r.probs));
+      tr.dataset.p = String(r.probs[pi]); tr.dataset.probs = JSON.stringify(r.probs); tr.dataset.label = r.label;
+      const c = document.createElement('canvas'); c.width = c.height = B.size;
+      const img = new ImageData(B.size, B.size), px = img.data;
+      for (let i = 0; i < B.size * B.size; i++) { px[i * 4] = r.patch[i * 3]; px[i * 4 + 1] = r.patch[i * 3 + 1]; px[i * 4 + 2] = r.patch[i * 3 + 2]; px[i * 4 + 3] = 255; }
+      c.getContext('2d').putImageData(img, 0, 0);
+      c.title = `the model's input: ${B.size}x${B.size}` + (r.width !== B.size || r.height !== B.size ? `, resized from ${r.width}x${r.height} (${B.resize})` : '');
+      cell(c); cell(r.name); cell(B.classes.length === 2 ? fmt(r.probs[1]) : `${B.classes[pi]} ${fmt(r.probs[pi])}`, 'p');
+      cell(r.label, r.label === B.positive ? 'pos' : '');
+      delete r.patch;  // the canvas holds the pixels; the results keep only the numbers
+    }
+    $('results').tBodies[0].appendChild(tr);
+    $('csv').disabled = $('clear').disabled = false;
+    showProgress();
+  }
+  function showProgress() {
+    const p = $('progress');
+    if (state.failed) return;
+    p.hidden = state.queued === 0 || state.done >= state.queued;
+    p.max = Math.max(1, state.queued); p.value = state.done;
+    const errors = state.results.filter(r => r.error).length;
+    $('status').textContent = !session ? 'Loading the model…' : state.queued === 0 ? 'Ready: choose or drop patches.' :
+      `${state.done} of ${state.queued} files done` + (errors ? ` (${errors} could not be classified)` : '') + (state.done < state.queued ? '…' : '.');
+  }
+  function csvText() {
+    const q = s => '"' + String(s).replace(/"/g, '""') + '"';
+    const head = ['file', ...B.classes.map(c => 'p_' + c), 'label', 'threshold', 'error'];
+    const rows = state.results.map(r => r.error ? [q(r.name), ...B.classes.map(() => ''), '', '', q(r.error)]
+      : [q(r.name), ...r.probs.map(v => v.toPrecision(7)), q(r.label), B.threshold ?? '', '']);
+    return [head.join(','), ...rows.map(r => r.join(','))].join('\n') + '\n';
+  }
+  function showModel() {
+    const rows = [['model', `${B.arch}, ${(B.n_params / 1e6).toFixed(2)} M parameters, model.onnx ${B.onnx_mb} MB`],
+      ['classes', B.classes.join(', ') + (B.positive ? ` (positive: ${B.positive})` : '')],
+      ['input', `${B.size}x${B.size} RGB; other sizes are resized (${B.resize})` + (B.tta ? '; the 8 dihedral views are averaged' : '')]];
+    if (B.threshold !== null) rows.push(['label', `${B.positive} when p(${B.positive}) ≥ ${fmt(B.threshold, 3)}: ${B.threshold_source}`]);
+    const v = [['accuracy', B.valid_accuracy], ['ROC AUC', B.valid_roc_auc], ['balanced accuracy', B.valid_balanced_accuracy], ['ECE', B.valid_ece]].filter(([, x]) => x !== null && x !== undefined);
+    if (v.length) rows.push(['validation', v.map(([k, x]) => `${k} ${fmt(x)}`).join(', ') + (B.split ? ` (${B.split})` : '')]);
+    if (B.tta && B.valid_tta === false) rows.push(['note', 'the run was evaluated on one view; this bundle averages 8']);
+    if (!B.tta && B.valid_tta) rows.push(['note', 'the validation numbers and threshold were measured with 8 views averaged; this bundle uses one']);
+    const t = document.createElement('table');
+    for (const [k, x] of rows) { const tr = t.insertRow(); tr.insertCell().textContent = k; tr.insertCell().textContent = x; }
+    $('model').replaceChildren(t);
+    $('p-head').textContent = B.classes.length === 2 ? `p(${B.positive})` : 'most likely';
+    $('limits').textContent = `PNG, JPEG, TIFF, BMP, GIF or WebP; at most ${LIMITS.max_mb} MB and ${LIMITS.max_pixels / 1e6} megapixels a file.`;
+    $('about').textContent = `Exported by pcam_fastai ${B.pcam_fastai} on ${B.exported}; onnxruntime-web ${B.runtime['onnxruntime-web']}, WebAssembly, one thread. ` +
+      'Probabilities equal the Python bundle\'s (load_bundle(...).predict) to within 1e-3.';
+  }
+
+  // ---- a benchmark the export runs in headless Chromium: random patches, patches/s ----
+  window.pcamBenchmark = async function (n = 64, bs = 16) {
+    const s = B.size, rnd = () => { const a = new Uint8Array(s * s * 3); for (let i = 0; i < a.length; i++) a[i] = (Math.random() * 256) | 0; return a; };
+    const patches = Array.from({ length: bs }, rnd);
+    await runBatch(session, patches.slice(0, 2));  // warm-up
+    const t0 = performance.now();
+    let done = 0;
+    while (done < n) { await runBatch(session, patches); done += bs; }
+    return { patches: done, seconds: (performance.now() - t0) / 1000, patches_per_s: done / ((performance.now() - t0) / 1000), batch: bs };
+  };
+  window.pcamResize = (rgb, w, h, size, rule) => Array.from(resize(Uint8Array.from(rgb), w, h, size, rule));  // for the tests
+  window.pcamCsv = csvText;
+
+  // ---- wiring ----
+  showModel(); showProgress();
+  const drop = $('drop');
+  $('files').addEventListener('change', e => { addFiles([...e.target.files]); e.target.value = ''; });
+  drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
+  drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+  drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('over'); addFiles([...e.dataTransfer.files]); });
+  $('csv').addEventListener('click', () => {
+    const a = document.createElement('a');
+    a.href = URL.createObjectURL(new Blob([csvText()], { type: 'text/csv' })); a.download = 'pcam-results.csv'; a.click();
+    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+  });
+  $('clear').addEventListener('click', () => {
+    if (state.busy) return;
+    state.results = []; state.queued = state.done = 0;
+    $('results').tBodies[0].replaceChildren(); $('results').hidden = true; $('csv').disabled = $('clear').disabled = true; showProgress();
+  });
+  startModel().then(s => { session = s; state.ready = true; showProgress(); if (queue.length) work(); })
+    .catch(e => {
+      state.failed = String(e && e.message || e);
+      $('status').innerHTML = '';
+      const p = document.createElement('p'); p.className = 'warn';
+      p.textContent = 'The model could not be started in this browser: ' + state.failed + '. Use a current Chrome, Edge, Firefox or Safari (WebAssembly with SIMD is needed).';
+      $('status').appendChild(p);
+    });
+})();

@@ -1,0 +1,202 @@
+"The in-browser page (`pcam-fastai export --web`): in headless Chromium, from file:// and from a localhost static server, on the committed real tiles."
+import contextlib, functools, http.server, os, threading
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_cli, run_main, clean_error, launch_chromium
+
+FIXTURE = ROOT/'tests'/'data'/'real-pcam-100'
+slow = pytest.mark.slow  # trains a model, downloads the runtime once, drives a browser
+
+
+@pytest.fixture(scope='module')
+def home(tmp_path_factory):
+    "A PCAM_FASTAI_HOME whose web-runtime cache holds the pinned runtime: from $PCAM_FASTAI_WEB_RUNTIME's tarballs, else downloaded once from npm"
+    from pcam_fastai.web import web_runtime, WebExportError
+    home = tmp_path_factory.mktemp('web-home')
+    try: web_runtime(os.environ.get('PCAM_FASTAI_WEB_RUNTIME'), cache=home/'web-runtime')
+    except WebExportError as e:
+        if 'Could not download' in str(e): pytest.skip(f'the npm registry cannot be reached, so the page cannot be built: {e}')
+        raise
+    return home
+
+
+@pytest.fixture(scope='module')
+def web_bundle(home, tmp_path_factory):
+    "A small run on the fixture tiles at 64 px (so the page resizes, with torch's rule), exported with --web as a user does"
+    from pcam_fastai.cache import build_cache
+    from pcam_fastai.train import train_pcam
+    tmp = tmp_path_factory.mktemp('web-bundle')
+    cache = build_cache(FIXTURE, tmp/'cache', show_progress=False)
+    train_pcam(cache, run_dir=tmp/'run', preset='cpu-demo', size=64, epochs_unfrozen=3, lr_find_iters=5, num_workers=0)
+    res = run_cli(['export', '--run-dir', tmp/'run', '--web', '--bench-patches', '32'], env={'PCAM_FASTAI_HOME': str(home)})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert 'export_web:' in res.stdout and 'patches/s in Chromium' in res.stdout, res.stdout[-1500:]
+    return tmp/'run'/'bundle'
+
+
+@pytest.fixture(scope='module')
+def upload(tmp_path_factory):
+    "Files to upload: real tiles (TIFF, and PNG and JPEG copies of some), a text file, an image over 4 megapixels and a file over 5 MB"
+    d = tmp_path_factory.mktemp('upload')
+    tiles = sorted((FIXTURE/'train').glob('*.tif'))
+    for t in tiles[:6]:
+        im = Image.open(t).convert('RGB')
+        im.save(d/f'{t.stem}.png'); im.save(d/f'{t.stem}.jpg', quality=92)
+    Image.open(tiles[0]).convert('RGB').resize((150, 120)).save(d/'resized.png')  # another size: the page resizes it to 64 too
+    (d/'notes.txt').write_text('not an image\n')
+    Image.new('RGB', (2100, 2100), (200, 120, 160)).save(d/'slide-sized.png')  # 4.4 megapixels, a small file
+    (d/'huge.png').write_bytes(b'\x89PNG' + os.urandom(6_000_000))  # 6 MB
+    bad = [d/'notes.txt', d/'slide-sized.png', d/'huge.png']
+    good = tiles + sorted(d.glob('*.png')) + sorted(d.glob('*.jpg'))
+    good = [f for f in good if f not in bad]
+    return good[:40] + bad + good[40:], bad  # the bad files in the middle: the files after them must still be classified
+
+
+@contextlib.contextmanager
+def static_server(folder):
+    "A plain static file server on localhost (what any intranet web host is), in a thread"
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a): pass
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(folder)))
+    t = threading.Thread(target=srv.serve_forever, daemon=True); t.start()
+    try: yield f'http://127.0.0.1:{srv.server_address[1]}'
+    finally: srv.shutdown(); srv.server_close()
+
+
+ROWS = "[...document.querySelectorAll('#results tbody tr')].map(tr => ({name: tr.dataset.name, p: tr.dataset.p ?? null, label: tr.dataset.label ?? null, error: tr.dataset.error ?? null}))"
+
+
+def classify_in_page(page, url, files):
+    "Open the page, choose `files` in its file picker, wait for every row; the rows as the page shows them"
+    from pcam_fastai.web import wait_for
+    page.goto(url)
+    wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)', 120)
+    assert page.evaluate('window.pcamState.failed') is None
+    page.set_input_files('#files', [str(f) for f in files])
+    wait_for(page, f'window.pcamState.done >= {len(files)}', 300)
+    return page.evaluate(ROWS)
+
+
+def python_labels(b, p1):
+    return [b.classes[int(p >= b.threshold)] if b.threshold is not None else None for p in p1]
+
+
+def hosts(urls):
+    "The hosts the browser asked: a blob: URL belongs to the page that made it"
+    return {urlparse(u[5:] if u.startswith('blob:') else u).netloc for u in urls if not u.startswith('data:')}
+
+
+@slow
+def test_page_over_http_matches_python(web_bundle, upload):
+    "From a localhost static server: probabilities equal load_bundle().predict within 1e-3, labels match, bad files get messages, no other host is asked"
+    pytest.importorskip('playwright')
+    from playwright.sync_api import sync_playwright
+    from pcam_fastai.export import load_bundle
+    files, bad = upload
+    b = load_bundle(web_bundle, device='cpu')
+    with static_server(web_bundle/'web') as url, sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        requests = []
+        page.on('request', lambda r: requests.append(r.url))
+        rows = classify_in_page(page, url + '/index.html', files)
+        status, csv, chunks = page.inner_text('#status'), page.evaluate('pcamCsv()'), page.evaluate('window.pcamState.chunks')
+        browser.close()
+    assert [r['name'] for r in rows] == [f.name for f in files]
+    by_name = {r['name']: r for r in rows}
+    for f in bad: assert by_name[f.name]['error'] and by_name[f.name]['p'] is None, by_name[f.name]
+    assert 'is not an image' in by_name['notes.txt']['error']
+    assert '2100x2100 pixels; the limit is 4 megapixels' in by_name['slide-sized.png']['error']
+    assert '6.0 MB; the limit is 5 MB' in by_name['huge.png']['error']
+    assert by_name[files[files.index(bad[-1]) + 1].name]['p'] is not None  # the file after the bad ones is classified
+    good = [f for f in files if f not in bad]
+    ref = b.predict(good)[:, 1]
+    got = np.array([float(by_name[f.name]['p']) for f in good])
+    diff = np.abs(got - ref)
+    print(f'\npage vs Python on {len(good)} files: max |diff| {diff.max():.2e} (TIFF {diff[:100].max():.2e}); p range {ref.min():.3f}..{ref.max():.3f}')
+    assert diff.max() <= 1e-3, sorted(zip(diff, [f.name for f in good]))[-5:]
+    assert [by_name[f.name]['label'] for f in good] == python_labels(b, ref)
+    assert ref.std() > 1e-3  # the model tells the tiles apart: the comparison is not of constants
+    assert hosts(requests) == {urlparse(url).netloc}, sorted(set(requests))[:10]
+    assert f'{len(files)} of {len(files)} files done (3 could not be classified)' in status
+    assert chunks > 5, chunks  # the model ran in many short chunks, the page painting in between, not in one long freeze
+    assert len(csv.strip().splitlines()) == len(files) + 1 and csv.startswith('file,p_normal,p_tumour,label,threshold,error')
+
+
+@slow
+def test_page_from_file_matches_python(web_bundle):
+    "Opened from file:// (a file share): the same probabilities, and no request leaves the folder"
+    pytest.importorskip('playwright')
+    from playwright.sync_api import sync_playwright
+    from pcam_fastai.export import load_bundle
+    files = sorted((FIXTURE/'train').glob('*.tif'))[:12]
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        requests = []
+        page.on('request', lambda r: requests.append(r.url))
+        rows = classify_in_page(page, (web_bundle/'web'/'index.html').as_uri(), files)
+        browser.close()
+    ref = load_bundle(web_bundle, device='cpu').predict(files)[:, 1]
+    assert np.abs(np.array([float(r['p']) for r in rows]) - ref).max() <= 1e-3
+    assert all(u.startswith(('file:', 'blob:', 'data:')) for u in requests), [u for u in requests if not u.startswith(('file:', 'blob:'))]
+    assert not [u for u in requests if u.startswith('file:') and not u.startswith((web_bundle/'web').as_uri())]
+
+
+@slow
+def test_page_resize_matches_pil_and_torch(web_bundle):
+    "The page's two resize rules against PIL's and torch's pixels, shrinking and enlarging"
+    pytest.importorskip('playwright')
+    import torch
+    from playwright.sync_api import sync_playwright
+    rng = np.random.default_rng(0)
+    tile = np.asarray(Image.open(sorted((FIXTURE/'train').glob('*.tif'))[0]).convert('RGB'))
+    cases = [(tile, 64), (tile, 224), (tile, 50), (rng.integers(0, 256, (70, 50, 3), dtype=np.uint8), 96),
+             (rng.integers(0, 256, (200, 300, 3), dtype=np.uint8), 96)]
+    def pil(a, s): return np.asarray(Image.fromarray(a).resize((s, s), Image.BILINEAR))
+    def torch_rule(a, s):
+        t = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+        return torch.nn.functional.interpolate(t, size=(s, s), mode='bilinear', align_corners=False, antialias=False)[0].permute(1, 2, 0).numpy()
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        page.goto((web_bundle/'web'/'index.html').as_uri())
+        worst = {}
+        for a, s in cases:
+            for rule, ref in (('pil-bilinear', pil), ('torch-bilinear', torch_rule)):
+                got = np.array(page.evaluate('([x, w, h, s, r]) => pcamResize(x, w, h, s, r)', [a.ravel().tolist(), a.shape[1], a.shape[0], s, rule]), np.uint8).reshape(s, s, 3)
+                d = np.abs(got.astype(int) - ref(a, s).astype(int))
+                worst[rule] = max(worst.get(rule, 0), int(d.max()))
+                if rule == 'pil-bilinear': assert d.max() == 0, (a.shape, s, d.max(), (d > 0).mean())
+                else: assert d.max() <= 1 and (d > 0).mean() < 0.01, (a.shape, s, d.max(), (d > 0).mean())
+        browser.close()
+    print(f'\nresize, max |page - reference|: {worst}')
+
+
+@slow
+def test_web_json_and_report(web_bundle):
+    "The export records the page's size and its measured throughput, in web.json and the bundle's report"
+    import json
+    info = json.loads((web_bundle/'web'/'web.json').read_text())
+    assert info['total_mb'] > 1 and info['browser']['patches_per_s'] > 0 and info['browser']['other_requests'] == []
+    assert info['runtime'] == {'onnxruntime-web': '1.30.0', 'utif': '3.1.0', 'pako': '1.0.11'}
+    report = (web_bundle/'report.md').read_text()
+    assert '## In the browser' in report and 'patches/s in Chromium' in report and 'onnxruntime in Python' in report
+    assert 'MIT' in (web_bundle/'web'/'vendor'/'LICENSES.txt').read_text()
+    with open(web_bundle/'web'/'model.js') as f: facts = f.read(200_000).split('window.PCAM_MODEL')[0]
+    assert str(web_bundle.parent) not in facts  # no path of the exporting machine in the page
+
+
+def test_web_cli_errors(tmp_path):
+    "Bad requests get one clear line: no bundle, --web with --no-onnx, a runtime folder without the tarballs"
+    assert 'is not a bundle' in clean_error(run_main(['web', tmp_path]))
+    assert '--web needs model.onnx' in clean_error(run_main(['export', '--run-dir', tmp_path, '--web', '--no-onnx']))
+    (tmp_path/'b').mkdir()
+    (tmp_path/'b'/'bundle.json').write_text('{"classes": ["normal", "tumour"], "size": 96, "resize": "pil-bilinear"}')
+    (tmp_path/'b'/'model.onnx').write_bytes(b'')
+    err = clean_error(run_main(['web', tmp_path/'b', '--web-runtime', tmp_path]))
+    assert 'npm pack onnxruntime-web@1.30.0' in err and not (tmp_path/'b'/'web').exists()
