@@ -123,6 +123,9 @@ def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
     "Write an inference bundle: safe weights, ONNX with preprocessing, and a size and speed report"
     from pcam_fastai.export import export_bundle
     if web and no_onnx: raise UsageError('--web needs model.onnx, which --no-onnx skips: drop one of them.')
+    if web:  # the runtime first: an offline machine learns it before the export's minutes, not after
+        from pcam_fastai import web as web_page
+        web_page.web_runtime(web_runtime)
     b = export_bundle(run_dir, dest, onnx=not no_onnx, bench_patches=bench_patches, tta=False if no_tta else None)
     if web:
         from pcam_fastai.web import export_web

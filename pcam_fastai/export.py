@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/export.html.md"""
 
 # %% ../nbs/13_export.ipynb #288b7987
 from __future__ import annotations
-import json, time, warnings
+import json, shutil, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -345,6 +345,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         x = rng.integers(0, 256, (max(bench_patches, 8), size, size, 3), dtype=np.uint8)
         if check_images is None: check_images = _sample_patches(source)
         for f in ('model.onnx', 'report.md'): (dest/f).unlink(missing_ok=True)  # nothing stale from an earlier export
+        if (dest/'web'/'model.js').exists(): shutil.rmtree(dest/'web')  # the page of the old model (pcam-fastai web writes a new one)
         write_text_atomic(dest/'bundle.json', json_text(meta))
         b = load_bundle(dest, backend='torch', device='cpu')
         xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pcam_fastai
 from .core import PCamError, UsageError, json_text, write_text_atomic
-from .export import BundleError
+from .export import BUNDLE_FORMAT, BundleError
 
 # %% auto #0
-__all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'CHROMIUM', 'CHROMIUM_ARGS', 'WebExportError', 'npm_tarball_name',
-           'runtime_cache_dir', 'web_runtime', 'check_bundle_for_web', 'wait_for', 'measure_page', 'export_web']
+__all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'MAX_MODEL_MB', 'CHROMIUM', 'CHROMIUM_ARGS', 'WebExportError',
+           'npm_tarball_name', 'runtime_cache_dir', 'web_runtime', 'check_bundle_for_web', 'wait_for', 'measure_page',
+           'export_web']
 
 # %% ../nbs/14b_web.ipynb #05ea9156
 class WebExportError(PCamError, ValueError):
@@ -62,7 +63,8 @@ def _unpack_checked(package:str, data:bytes, where:str, dest:Path) -> Path:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tar:
             for member, name in spec['files'].items():
-                f = tar.extractfile(member)
+                try: f = tar.extractfile(member)
+                except KeyError: f = None
                 if f is None: raise WebExportError(f"{where} has no {member}; download it again (npm pack {package}@{spec['version']}).")
                 (tmp/name).write_bytes(f.read())
         (tmp/'complete').write_text(spec['integrity'])
@@ -107,6 +109,7 @@ def web_runtime(source:str|Path|None=None, # A folder of the `npm pack` tarballs
 
 # %% ../nbs/14b_web.ipynb #78eaa8ff
 PAGE_FILES = ('index.html', 'page.js')  # the page itself, shipped in pcam_fastai/webpage/
+MAX_MODEL_MB = 300  # larger models do not fit a page: V8's strings end at 2^29 characters (a 400 MB model in base64)
 
 def _page_facts(meta:dict, max_mb:float, max_pixels:int) -> dict:
     "What the page shows and needs from bundle.json (no paths from the exporting machine)"
@@ -127,12 +130,18 @@ def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bund
         raise BundleError(f"{bundle_dir} is not a bundle (no bundle.json); {hint}.")
     try: meta = json.loads((bundle_dir/'bundle.json').read_text())
     except json.JSONDecodeError as e: raise BundleError(f"{bundle_dir}/bundle.json is damaged ({e}); export again.") from None
+    if meta.get('format', 0) > BUNDLE_FORMAT:
+        raise BundleError(f"{bundle_dir} was written by a newer pcam_fastai (format {meta['format']}); upgrade pcam_fastai.")
     if not (bundle_dir/'model.onnx').exists():
         raise WebExportError(f"{bundle_dir} has no model.onnx, which the page runs; export the run again without --no-onnx.")
+    if (mb := (bundle_dir/'model.onnx').stat().st_size / 1e6) > MAX_MODEL_MB:
+        raise WebExportError(f"{bundle_dir}/model.onnx is {mb:.0f} MB; a page holds its model as one base64 string and needs about 4x its size in memory, "
+                             f"so models over {MAX_MODEL_MB} MB are refused. Serve this bundle with pcam-fastai serve.")
     if meta.get('stain_norm'):
         raise WebExportError(f"{bundle_dir} stain-normalizes patches ({meta['stain_norm'].get('method')}) in Python before model.onnx; the page cannot, "
                              "so its probabilities would differ. Use pcam-fastai serve for this bundle, or train without --stain-norm for a web page.")
-    if meta.get('resize') not in ('pil-bilinear', 'torch-bilinear'):
+    meta['resize'] = meta.get('resize') or 'pil-bilinear'  # as Bundle reads bundles from before the key
+    if meta['resize'] not in ('pil-bilinear', 'torch-bilinear'):
         raise WebExportError(f"{bundle_dir}/bundle.json has resize {meta.get('resize')!r}, which the page does not implement; export it again with this version.")
     return meta
 
@@ -153,7 +162,7 @@ def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
         f"// onnxruntime-web {WEB_RUNTIME['onnxruntime-web']['version']}: ort-wasm-simd-threaded.wasm (base64) and ort-wasm-simd-threaded.mjs\n"
         f"window.PCAM_ORT_WASM = {_js_string(runtime['ort-wasm-simd-threaded.wasm'].read_bytes())};\n"
         f"window.PCAM_ORT_GLUE = {_js_string(runtime['ort-wasm-simd-threaded.mjs'].read_text())};\n")
-    (dest/'model.js').write_text(f"// {facts['arch']}: model.onnx (base64) and the facts of bundle.json, written by pcam_fastai {pcam_fastai.__version__}\n"
+    (dest/'model.js').write_text(f"// model.onnx (base64) and the facts of bundle.json, written by pcam_fastai {pcam_fastai.__version__}\n"
                                  f"window.PCAM_BUNDLE = {json.dumps(facts)};\n"
                                  f"window.PCAM_MODEL = {_js_string((bundle_dir/'model.onnx').read_bytes())};\n")
     ort_header = runtime['ort.wasm.min.js'].read_text().split('*/', 1)[0].strip('/*! \n')
@@ -190,7 +199,7 @@ def _measure(index:Path, n:int, bs:int, timeout:float) -> dict:
             wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)', timeout)
             if failed := page.evaluate('window.pcamState.failed'): raise WebExportError(f'the page did not start in Chromium: {failed}')
             load_s = time.perf_counter() - t0
-            r = page.evaluate(f'pcamBenchmark({int(n)}, {int(bs)})')
+            r = page.evaluate(f'pcamBenchmark({int(n)}, {int(bs)}, 20)')  # at most ~20 s, however slow the model
             return dict(patches_per_s=round(r['patches_per_s'], 1), batch=r['batch'], patches=r['patches'], load_seconds=round(load_s, 2),
                         browser=f'Chromium {browser.version} (headless)', threads=1,
                         other_requests=sorted({u for u in requests if not u.startswith(('file:', 'blob:', 'data:'))}))
@@ -206,12 +215,14 @@ def measure_page(web_dir:str|Path, # A folder written by `export_web`
     if not index.exists(): raise UsageError(f'{web_dir} has no index.html; write the page with export_web first.')
     try: import playwright  # noqa: F401  (the dev extra installs it)
     except ImportError: return dict(not_measured='playwright is not installed (pip install playwright; and a Chromium: apt-get install chromium)')
-    out = {}
+    out, failed = {}, []
     def run():  # in a thread of its own: playwright's sync API refuses to run inside an event loop (Jupyter's)
         try: out.update(_measure(index, n, bs, timeout))
-        except WebExportError: raise
-        except Exception as e: out.update(not_measured=f'headless Chromium did not run the page: {str(e).splitlines()[0][:200]}')
+        except WebExportError as e: failed.append(e)
+        except Exception as e: out.update(not_measured=f'headless Chromium did not run the page: {(str(e).splitlines() or [type(e).__name__])[0][:200]}')
     t = threading.Thread(target=run); t.start(); t.join()
+    if failed: raise failed[0]
+    if out.get('other_requests'): raise WebExportError(f"the page asked the browser for other hosts: {out['other_requests']}; this is a bug, please report it.")
     return out
 
 # %% ../nbs/14b_web.ipynb #eb4e5eb6
@@ -233,7 +244,7 @@ def export_web(bundle_dir:str|Path, # A folder written by `export_bundle`, with 
         sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob('*')) if f.is_file()}
         info = dict(total_mb=round(sum(sizes.values()) / 1e6, 2), files_mb={k: round(v / 1e6, 3) for k, v in sizes.items()},
                     runtime=facts['runtime'], page_limits=facts['page_limits'], exported=facts['exported'])
-        info['browser'] = measure_page(tmp) if measure else dict(not_measured='measure=False')
+        info['browser'] = measure_page(tmp) if measure else dict(not_measured='measure=False')  # raises, leaving the old page, if the page fails
         write_text_atomic(tmp/'web.json', json_text(info))
         tmp.chmod(0o755)  # mkdtemp's 0700 would keep a web server's user out
         shutil.rmtree(dest, ignore_errors=True)
@@ -243,7 +254,6 @@ def export_web(bundle_dir:str|Path, # A folder written by `export_bundle`, with 
     speed = (f"{b['patches_per_s']} patches/s in {b['browser']} (batch {b['batch']}, one thread)" if 'patches_per_s' in b else f"throughput not measured: {b['not_measured']}")
     if meta.get('onnx_patches_per_s'):  # the export's own figure, beside it: onnxruntime in Python on this machine
         speed += f"; onnxruntime in Python: {meta['onnx_patches_per_s']} patches/s ({meta.get('bench_threads')} threads, batch {meta.get('bench_batch')})"
-    if b.get('other_requests'): raise WebExportError(f'the page asked the browser for other hosts: {b["other_requests"]}; this is a bug, please report it.')
     _add_to_report(bundle_dir, info, speed)
     print(f"export_web: {dest}/index.html: {info['total_mb']} MB in all; {speed}")
     return dest

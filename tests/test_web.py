@@ -27,6 +27,7 @@ def home(tmp_path_factory):
 @pytest.fixture(scope='module')
 def web_bundle(home, tmp_path_factory):
     "A small run on the fixture tiles at 64 px (so the page resizes, with torch's rule), exported with --web as a user does"
+    pytest.importorskip('playwright')
     from pcam_fastai.cache import build_cache
     from pcam_fastai.train import train_pcam
     tmp = tmp_path_factory.mktemp('web-bundle')
@@ -34,23 +35,34 @@ def web_bundle(home, tmp_path_factory):
     train_pcam(cache, run_dir=tmp/'run', preset='cpu-demo', size=64, epochs_unfrozen=3, lr_find_iters=5, num_workers=0)
     res = run_cli(['export', '--run-dir', tmp/'run', '--web', '--bench-patches', '32'], env={'PCAM_FASTAI_HOME': str(home)})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert 'export_web:' in res.stdout and 'patches/s in Chromium' in res.stdout, res.stdout[-1500:]
+    assert 'export_web:' in res.stdout, res.stdout[-1500:]
+    if 'throughput not measured' in res.stdout:  # no browser here: the page is written, but nothing can open it
+        pytest.skip('no headless Chromium: ' + res.stdout.split('throughput not measured: ', 1)[1].splitlines()[0])
+    assert 'patches/s in Chromium' in res.stdout, res.stdout[-1500:]
     return tmp/'run'/'bundle'
 
 
 @pytest.fixture(scope='module')
 def upload(tmp_path_factory):
-    "Files to upload: real tiles (TIFF, and PNG and JPEG copies of some), a text file, an image over 4 megapixels and a file over 5 MB"
+    "Files to upload: real tiles (TIFF, and PNG and JPEG copies), and files the page must refuse with a message"
     d = tmp_path_factory.mktemp('upload')
     tiles = sorted((FIXTURE/'train').glob('*.tif'))
     for t in tiles[:6]:
         im = Image.open(t).convert('RGB')
         im.save(d/f'{t.stem}.png'); im.save(d/f'{t.stem}.jpg', quality=92)
     Image.open(tiles[0]).convert('RGB').resize((150, 120)).save(d/'resized.png')  # another size: the page resizes it to 64 too
+    exif = Image.Exif(); exif[0x0112] = 6  # "rotate 90 degrees": browsers would, PIL (and so Python) does not
+    Image.open(tiles[1]).convert('RGB').save(d/'exif-rotated.jpg', quality=92, exif=exif)
     (d/'notes.txt').write_text('not an image\n')
     Image.new('RGB', (2100, 2100), (200, 120, 160)).save(d/'slide-sized.png')  # 4.4 megapixels, a small file
     (d/'huge.png').write_bytes(b'\x89PNG' + os.urandom(6_000_000))  # 6 MB
-    bad = [d/'notes.txt', d/'slide-sized.png', d/'huge.png']
+    rgba = np.dstack([np.asarray(Image.open(tiles[2]).convert('RGB')), np.full((96, 96), 255, np.uint8)]); rgba[:10, :10, 3] = 0
+    Image.fromarray(rgba).save(d/'transparent.png')
+    Image.fromarray(np.asarray(Image.open(tiles[3]).convert('L')).astype(np.uint16) * 257).save(d/'gray16.png')
+    Image.open(tiles[4]).convert('LA').save(d/'gray-alpha.tif')
+    import tifffile
+    tifffile.imwrite(d/'planar.tif', np.asarray(Image.open(tiles[5]).convert('RGB')).transpose(2, 0, 1), planarconfig='separate', photometric='rgb')
+    bad = [d/'notes.txt', d/'slide-sized.png', d/'huge.png', d/'transparent.png', d/'gray16.png', d/'gray-alpha.tif', d/'planar.tif']
     good = tiles + sorted(d.glob('*.png')) + sorted(d.glob('*.jpg'))
     good = [f for f in good if f not in bad]
     return good[:40] + bad + good[40:], bad  # the bad files in the middle: the files after them must still be classified
@@ -105,6 +117,7 @@ def test_page_over_http_matches_python(web_bundle, upload):
         page.on('request', lambda r: requests.append(r.url))
         rows = classify_in_page(page, url + '/index.html', files)
         status, csv, chunks = page.inner_text('#status'), page.evaluate('pcamCsv()'), page.evaluate('window.pcamState.chunks')
+        pixels = page.evaluate("[...document.querySelectorAll('#results tbody tr:not(.error) canvas')].map(c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data))")
         browser.close()
     assert [r['name'] for r in rows] == [f.name for f in files]
     by_name = {r['name']: r for r in rows}
@@ -112,17 +125,23 @@ def test_page_over_http_matches_python(web_bundle, upload):
     assert 'is not an image' in by_name['notes.txt']['error']
     assert '2100x2100 pixels; the limit is 4 megapixels' in by_name['slide-sized.png']['error']
     assert '6.0 MB; the limit is 5 MB' in by_name['huge.png']['error']
+    assert 'transparent pixels' in by_name['transparent.png']['error'] and '16-bit PNG' in by_name['gray16.png']['error']
+    assert 'photometric 1 and 2 samples' in by_name['gray-alpha.tif']['error'] and 'separate colour planes' in by_name['planar.tif']['error']
     assert by_name[files[files.index(bad[-1]) + 1].name]['p'] is not None  # the file after the bad ones is classified
     good = [f for f in files if f not in bad]
+    shown = np.array(pixels, np.uint8).reshape(len(good), b.size, b.size, 4)[..., :3]  # the model's input, as each row's thumbnail shows it
+    px = np.abs(shown.astype(int) - b.prepare(good).astype(int))
+    assert px.max() == 0, [(f.name, int(d.max())) for f, d in zip(good, px) if d.max()]  # TIFF, PNG, JPEG (EXIF-rotated too), resized: Python's pixels
     ref = b.predict(good)[:, 1]
     got = np.array([float(by_name[f.name]['p']) for f in good])
     diff = np.abs(got - ref)
     print(f'\npage vs Python on {len(good)} files: max |diff| {diff.max():.2e} (TIFF {diff[:100].max():.2e}); p range {ref.min():.3f}..{ref.max():.3f}')
     assert diff.max() <= 1e-3, sorted(zip(diff, [f.name for f in good]))[-5:]
-    assert [by_name[f.name]['label'] for f in good] == python_labels(b, ref)
+    clear = np.abs(ref - b.threshold) > 1e-3  # a file within the tolerance of the threshold may fall either way
+    assert [by_name[f.name]['label'] for f, c in zip(good, clear) if c] == [l for l, c in zip(python_labels(b, ref), clear) if c]
     assert ref.std() > 1e-3  # the model tells the tiles apart: the comparison is not of constants
     assert hosts(requests) == {urlparse(url).netloc}, sorted(set(requests))[:10]
-    assert f'{len(files)} of {len(files)} files done (3 could not be classified)' in status
+    assert f'{len(files)} of {len(files)} files done ({len(bad)} could not be classified)' in status
     assert chunks > 5, chunks  # the model ran in many short chunks, the page painting in between, not in one long freeze
     assert len(csv.strip().splitlines()) == len(files) + 1 and csv.startswith('file,p_normal,p_tumour,label,threshold,error')
 
@@ -181,6 +200,7 @@ def test_page_resize_matches_pil_and_torch(web_bundle):
 def test_web_json_and_report(web_bundle):
     "The export records the page's size and its measured throughput, in web.json and the bundle's report"
     import json
+    pytest.importorskip('playwright')
     info = json.loads((web_bundle/'web'/'web.json').read_text())
     assert info['total_mb'] > 1 and info['browser']['patches_per_s'] > 0 and info['browser']['other_requests'] == []
     assert info['runtime'] == {'onnxruntime-web': '1.30.0', 'utif': '3.1.0', 'pako': '1.0.11'}

@@ -4,8 +4,8 @@
 (function () {
   const B = window.PCAM_BUNDLE;  // bundle.json's model facts, written into model.js by the export
   const LIMITS = B.page_limits;  // the same defaults as `pcam-fastai serve`: a patch, not a slide
-  const CHUNK_MS = 60;  // run the model in chunks this long, then let the page paint (it never freezes for longer)
-  const state = window.pcamState = { ready: false, failed: null, queued: 0, done: 0, chunks: 0, results: [], busy: false };
+  const CHUNK_MS = 60;  // run the model in chunks of about this long, then let the page paint (a chunk is at least one patch)
+  const state = window.pcamState = { ready: false, failed: null, queued: 0, done: 0, errors: 0, counts: {}, chunks: 0, results: [], busy: false };
   const $ = id => document.getElementById(id);
 
   function b64bytes(s) {
@@ -62,7 +62,7 @@
   }
 
   // ---- decoding to RGBA: TIFF with UTIF (browsers can't), the rest by the browser without colour management ----
-  async function decode(file, bytes) {
+  async function decode(file, bytes) {  // (the bytes may be replaced by a corrected copy)
     const fmt = sniff(bytes);
     if (fmt === null) throw new Error('is not an image this page can read (PNG, JPEG, TIFF, BMP, GIF or WebP)');
     if (fmt === 'bigtiff') throw new Error('is a BigTIFF, which this page cannot read: save the patch as a TIFF, PNG or JPEG');
@@ -76,20 +76,61 @@
     } else wh = headerSize(fmt, bytes);
     if (wh) checkPixels(wh[0], wh[1]);
     if (fmt === 'tiff') {
+      checkTiff(ifd);
       try { UTIF.decodeImage(bytes.buffer, ifd); } catch (e) { throw new Error('is a TIFF this page cannot decode (' + e.message + ')'); }
-      const rgba = UTIF.toRGBA8(ifd);
-      if (!ifd.width || rgba.length !== ifd.width * ifd.height * 4) throw new Error('is a TIFF this page cannot decode (compression or layout not supported)');
-      return { rgba, width: ifd.width, height: ifd.height };
+      if (!ifd.width || !ifd.data || ifd.data.length < ifd.width * ifd.height * (ifd.t277 ? ifd.t277[0] : 1)) throw new Error('is a TIFF this page cannot decode (damaged or truncated)');
+      return { rgba: UTIF.toRGBA8(ifd), width: ifd.width, height: ifd.height };  // 8-bit gray, RGB or RGBA: exact
     }
+    if (fmt === 'png' && bytes[24] === 16) throw new Error('is a 16-bit PNG; the page reads 8-bit images (Python would scale it by its own rule): save it as 8-bit');
+    if (fmt === 'jpeg') bytes = withoutExifOrientation(bytes);
     let bmp;
     try { bmp = await createImageBitmap(new Blob([bytes], { type: 'image/' + fmt }), { colorSpaceConversion: 'none', premultiplyAlpha: 'none' }); }
     catch (e) { throw new Error('cannot be decoded: it looks like a ' + fmt.toUpperCase() + ' file but is damaged or truncated'); }
+    const width = bmp.width, height = bmp.height;  // (a closed bitmap's are 0)
+    let rgba;
     try {
-      checkPixels(bmp.width, bmp.height);
-      const canvas = new OffscreenCanvas(bmp.width, bmp.height), ctx = canvas.getContext('2d', { willReadFrequently: true });
+      checkPixels(width, height);
+      const canvas = new OffscreenCanvas(width, height), ctx = canvas.getContext('2d', { willReadFrequently: true });
       ctx.drawImage(bmp, 0, 0);
-      return { rgba: ctx.getImageData(0, 0, bmp.width, bmp.height).data, width: bmp.width, height: bmp.height };
+      rgba = ctx.getImageData(0, 0, width, height).data;
     } finally { bmp.close(); }
+    for (let i = 3; i < rgba.length; i += 4) if (rgba[i] !== 255)  // a canvas keeps colours premultiplied: transparent pixels lose theirs
+      throw new Error('has transparent pixels, whose colours a browser cannot read back exactly (Python keeps them): save it without transparency');
+    return { rgba, width, height };
+  }
+  const TIFF_COMPRESSIONS = { 1: 'none', 5: 'LZW', 8: 'deflate', 32946: 'deflate', 32773: 'PackBits' };  // what UTIF decodes exactly
+  function checkTiff(ifd) {  // UTIF decodes other layouts wrongly without a word (black or scrambled pixels): refuse them
+    const tag = (t, d) => (ifd[t] ? ifd[t][0] : d), cmpr = tag('t259', 1), photo = tag('t262', -1), spp = tag('t277', 1);
+    const bits = ifd.t258 ? Array.from(ifd.t258) : [1], planar = tag('t284', 1), format = tag('t339', 1);
+    const save = ': save it as an 8-bit RGB TIFF (uncompressed, LZW or deflate), PNG or JPEG';
+    if (!(cmpr in TIFF_COMPRESSIONS)) throw new Error(`is a TIFF with compression ${cmpr}, which this page cannot decode` + save);
+    if (bits.some(b => b !== 8) || format !== 1) throw new Error(`is a TIFF with ${bits.join('/')}-bit ${format === 3 ? 'float' : format === 2 ? 'signed' : ''} samples; the page reads 8-bit ones` + save);
+    if (planar !== 1) throw new Error('is a TIFF with separate colour planes, which this page cannot decode' + save);
+    if (spp === 4 && tag('t338', 0) === 1) throw new Error('is a TIFF with premultiplied alpha, which Python un-premultiplies and this page cannot' + save);
+    if (!((photo === 2 && (spp === 3 || spp === 4)) || (photo === 1 && spp === 1)))
+      throw new Error(`is a TIFF with photometric ${photo} and ${spp} samples per pixel; the page reads gray, RGB and RGBA` + save);
+  }
+  function withoutExifOrientation(b) {  // browsers rotate JPEGs by their EXIF orientation; PIL (and so Python) does not
+    for (let i = 2; i + 4 < b.length && b[i] === 0xFF;) {
+      const m = b[i + 1], len = u16be(b, i + 2);
+      if (m === 0xDA) break;  // start of the image data: no EXIF before it
+      if (m === 0xE1 && len > 16 && String.fromCharCode(b[i + 4], b[i + 5], b[i + 6], b[i + 7]) === 'Exif') {
+        const t = i + 10, le = b[t] === 0x49, rd = o => (le ? u16le(b, t + o) : u16be(b, t + o));
+        const ifd0 = le ? (b[t + 4] | (b[t + 5] << 8) | (b[t + 6] << 16)) : ((b[t + 5] << 16) | (b[t + 6] << 8) | b[t + 7]);
+        const n = rd(ifd0);
+        for (let e = 0; e < n; e++) {
+          const o = ifd0 + 2 + e * 12;
+          if (t + o + 10 > i + 2 + len) break;
+          if (rd(o) === 0x0112 && rd(o + 8) !== 1) {
+            const c = b.slice(); c[t + o + 8] = le ? 1 : 0; c[t + o + 9] = le ? 0 : 1;
+            return c;
+          }
+        }
+        break;
+      }
+      i += 2 + len;
+    }
+    return b;
   }
   function checkPixels(w, h) {
     if (w * h > LIMITS.max_pixels) throw new Error(`is ${w}x${h} pixels; the limit is ${LIMITS.max_pixels / 1e6} megapixels: choose a patch, not a slide`);
@@ -167,7 +208,7 @@
 
   // ---- the queue: one file at a time is read and decoded, the model runs on chunks, the page paints in between ----
   const queue = [];
-  let session = null, msPerPatch = 20;
+  let session = null, msPerPatch = 20, generation = 0;
   const yieldToPage = () => new Promise(r => setTimeout(r, 0));
 
   function addFiles(files) {
@@ -189,19 +230,23 @@
     state.busy = true;
     try {
       while (queue.length) {
-        const chunk = [], target = Math.max(1, Math.min(64, Math.round(CHUNK_MS / msPerPatch)));
-        while (queue.length && chunk.length < target) {
+        const gen = generation, items = [], target = Math.max(1, Math.min(64, Math.round(CHUNK_MS / msPerPatch)));
+        let n = 0;
+        while (queue.length && n < target) {  // in the files' order: rows and the CSV keep it
           const file = queue.shift();
-          try { chunk.push({ file, ...(await prepare(file)) }); }
-          catch (e) { addRow({ name: file.name, error: file.name + ' ' + e.message }); }
+          try { items.push({ file, ...(await prepare(file)) }); n += 1; }
+          catch (e) { items.push({ file, error: file.name + ' ' + e.message }); }
         }
-        if (!chunk.length) continue;
-        const t0 = performance.now();
-        let probs;
-        try { probs = await runBatch(session, chunk.map(c => c.patch)); }
-        catch (e) { chunk.forEach(c => addRow({ name: c.file.name, error: c.file.name + ': the model failed on it (' + (e.message || e) + ')' })); continue; }
-        msPerPatch = Math.max(1, (performance.now() - t0) / chunk.length); state.chunks += 1;
-        chunk.forEach((c, i) => addRow({ name: c.file.name, probs: probs[i], label: labelOf(probs[i]), patch: c.patch, width: c.width, height: c.height }));
+        const good = items.filter(c => !c.error);
+        if (good.length) {
+          const t0 = performance.now();
+          try { (await runBatch(session, good.map(c => c.patch))).forEach((p, i) => { good[i].probs = p; }); }
+          catch (e) { good.forEach(c => { c.error = c.file.name + ': the model failed on it (' + (e.message || e) + ')'; }); }
+          msPerPatch = Math.max(1, (performance.now() - t0) / good.length); state.chunks += 1;
+        }
+        if (gen !== generation) continue;  // cleared meanwhile
+        items.forEach(c => addRow(c.error ? { name: c.file.name, error: c.error }
+          : { name: c.file.name, probs: c.probs, label: labelOf(c.probs), patch: c.patch, width: c.width, height: c.height }));
         await yieldToPage();
       }
     } finally { state.busy = false; showProgress(); }
@@ -211,6 +256,7 @@
   function fmt(v, d = 4) { return v === null || v === undefined ? '–' : Number(v).toFixed(d); }
   function addRow(r) {
     state.results.push(r); state.done += 1;
+    if (r.error) state.errors += 1; else state.counts[r.label] = (state.counts[r.label] || 0) + 1;
     const tr = document.createElement('tr');
     tr.dataset.name = r.name;
     const cell = (content, cls) => { const td = document.createElement('td'); if (cls) td.className = cls; if (content instanceof Node) td.appendChild(content); else td.textContent = content; tr.appendChild(td); return td; };
@@ -238,12 +284,13 @@
     if (state.failed) return;
     p.hidden = state.queued === 0 || state.done >= state.queued;
     p.max = Math.max(1, state.queued); p.value = state.done;
-    const errors = state.results.filter(r => r.error).length;
+    const errors = state.errors, counts = B.classes.map(c => state.counts[c] || 0);
     $('status').textContent = !session ? 'Loading the model…' : state.queued === 0 ? 'Ready: choose or drop patches.' :
-      `${state.done} of ${state.queued} files done` + (errors ? ` (${errors} could not be classified)` : '') + (state.done < state.queued ? '…' : '.');
+      `${state.done} of ${state.queued} files done` + (errors ? ` (${errors} could not be classified)` : '') + (state.done < state.queued ? '…' : '.') +
+      (state.done > errors ? ' ' + B.classes.map((c, i) => `${c}: ${counts[i]}`).join(', ') + '.' : '');
   }
   function csvText() {
-    const q = s => '"' + String(s).replace(/"/g, '""') + '"';
+    const q = s => '"' + String(s).replace(/^([=+\-@\t\r])/, "'$1").replace(/"/g, '""') + '"';  // no spreadsheet formulas from file names
     const head = ['file', ...B.classes.map(c => 'p_' + c), 'label', 'threshold', 'error'];
     const rows = state.results.map(r => r.error ? [q(r.name), ...B.classes.map(() => ''), '', '', q(r.error)]
       : [q(r.name), ...r.probs.map(v => v.toPrecision(7)), q(r.label), B.threshold ?? '', '']);
@@ -253,7 +300,7 @@
     const rows = [['model', `${B.arch}, ${(B.n_params / 1e6).toFixed(2)} M parameters, model.onnx ${B.onnx_mb} MB`],
       ['classes', B.classes.join(', ') + (B.positive ? ` (positive: ${B.positive})` : '')],
       ['input', `${B.size}x${B.size} RGB; other sizes are resized (${B.resize})` + (B.tta ? '; the 8 dihedral views are averaged' : '')]];
-    if (B.threshold !== null) rows.push(['label', `${B.positive} when p(${B.positive}) ≥ ${fmt(B.threshold, 3)}: ${B.threshold_source}`]);
+    if (B.threshold !== null) rows.push(['label', `${B.positive} when p(${B.positive}) ≥ ${fmt(B.threshold)}: ${B.threshold_source}`]);
     const v = [['accuracy', B.valid_accuracy], ['ROC AUC', B.valid_roc_auc], ['balanced accuracy', B.valid_balanced_accuracy], ['ECE', B.valid_ece]].filter(([, x]) => x !== null && x !== undefined);
     if (v.length) rows.push(['validation', v.map(([k, x]) => `${k} ${fmt(x)}`).join(', ') + (B.split ? ` (${B.split})` : '')]);
     if (B.tta && B.valid_tta === false) rows.push(['note', 'the run was evaluated on one view; this bundle averages 8']);
@@ -264,17 +311,17 @@
     $('p-head').textContent = B.classes.length === 2 ? `p(${B.positive})` : 'most likely';
     $('limits').textContent = `PNG, JPEG, TIFF, BMP, GIF or WebP; at most ${LIMITS.max_mb} MB and ${LIMITS.max_pixels / 1e6} megapixels a file.`;
     $('about').textContent = `Exported by pcam_fastai ${B.pcam_fastai} on ${B.exported}; onnxruntime-web ${B.runtime['onnxruntime-web']}, WebAssembly, one thread. ` +
-      'Probabilities equal the Python bundle\'s (load_bundle(...).predict) to within 1e-3.';
+      'In the project\'s tests (headless Chromium, real PCam tiles) the probabilities equal the Python bundle\'s (load_bundle(...).predict) within 1e-3.';
   }
 
   // ---- a benchmark the export runs in headless Chromium: random patches, patches/s ----
-  window.pcamBenchmark = async function (n = 64, bs = 16) {
+  window.pcamBenchmark = async function (n = 64, bs = 16, maxSeconds = 20) {
     const s = B.size, rnd = () => { const a = new Uint8Array(s * s * 3); for (let i = 0; i < a.length; i++) a[i] = (Math.random() * 256) | 0; return a; };
     const patches = Array.from({ length: bs }, rnd);
     await runBatch(session, patches.slice(0, 2));  // warm-up
     const t0 = performance.now();
     let done = 0;
-    while (done < n) { await runBatch(session, patches); done += bs; }
+    while (done < n && (done === 0 || performance.now() - t0 < maxSeconds * 1000)) { await runBatch(session, patches); done += bs; }
     return { patches: done, seconds: (performance.now() - t0) / 1000, patches_per_s: done / ((performance.now() - t0) / 1000), batch: bs };
   };
   window.pcamResize = (rgb, w, h, size, rule) => Array.from(resize(Uint8Array.from(rgb), w, h, size, rule));  // for the tests
@@ -284,17 +331,17 @@
   showModel(); showProgress();
   const drop = $('drop');
   $('files').addEventListener('change', e => { addFiles([...e.target.files]); e.target.value = ''; });
-  drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
-  drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-  drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('over'); addFiles([...e.dataTransfer.files]); });
+  window.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
+  window.addEventListener('dragleave', e => { if (!e.relatedTarget) drop.classList.remove('over'); });
+  window.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('over'); addFiles([...e.dataTransfer.files]); });
   $('csv').addEventListener('click', () => {
     const a = document.createElement('a');
     a.href = URL.createObjectURL(new Blob([csvText()], { type: 'text/csv' })); a.download = 'pcam-results.csv'; a.click();
     setTimeout(() => URL.revokeObjectURL(a.href), 1000);
   });
   $('clear').addEventListener('click', () => {
-    if (state.busy) return;
-    state.results = []; state.queued = state.done = 0;
+    queue.length = 0; generation += 1;  // files not started are dropped; a chunk being classified is discarded when it ends
+    state.results = []; state.queued = state.done = state.errors = 0; state.counts = {};
     $('results').tBodies[0].replaceChildren(); $('results').hidden = true; $('csv').disabled = $('clear').disabled = true; showProgress();
   });
   startModel().then(s => { session = s; state.ready = true; showProgress(); if (queue.length) work(); })
