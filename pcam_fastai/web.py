@@ -161,7 +161,8 @@ def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
     (dest/'vendor'/'ort-wasm.js').write_text(  # the WebAssembly binary and its loader as text: classic scripts load from file:// too
         f"// onnxruntime-web {WEB_RUNTIME['onnxruntime-web']['version']}: ort-wasm-simd-threaded.wasm (base64) and ort-wasm-simd-threaded.mjs\n"
         f"window.PCAM_ORT_WASM = {_js_string(runtime['ort-wasm-simd-threaded.wasm'].read_bytes())};\n"
-        f"window.PCAM_ORT_GLUE = {_js_string(runtime['ort-wasm-simd-threaded.mjs'].read_text())};\n")
+        f"window.PCAM_ORT_GLUE = {_js_string(runtime['ort-wasm-simd-threaded.mjs'].read_text())};\n"
+        f"window.PCAM_ORT_JS = {_js_string(runtime['ort.wasm.min.js'].read_text())};  // again, as text: the model's web worker is made from it\n")
     (dest/'model.js').write_text(f"// model.onnx (base64) and the facts of bundle.json, written by pcam_fastai {pcam_fastai.__version__}\n"
                                  f"window.PCAM_BUNDLE = {json.dumps(facts)};\n"
                                  f"window.PCAM_MODEL = {_js_string((bundle_dir/'model.onnx').read_bytes())};\n")

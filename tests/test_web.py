@@ -82,14 +82,19 @@ def static_server(folder):
 ROWS = "[...document.querySelectorAll('#results tbody tr')].map(tr => ({name: tr.dataset.name, p: tr.dataset.p ?? null, label: tr.dataset.label ?? null, error: tr.dataset.error ?? null}))"
 
 
-def classify_in_page(page, url, files):
+def classify_in_page(page, url, files, mode='web worker'):
     "Open the page, choose `files` in its file picker, wait for every row; the rows as the page shows them"
     from pcam_fastai.web import wait_for
     page.goto(url)
     wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)', 120)
-    assert page.evaluate('window.pcamState.failed') is None
+    assert page.evaluate('[window.pcamState.failed, window.pcamState.mode]') == [None, mode]  # normally the model runs off the page's thread
+    page.evaluate("window.longestPause = 0; let last = performance.now(); setInterval(() => { const t = performance.now(); "
+                  "window.longestPause = Math.max(window.longestPause, t - last); last = t; }, 10)")
     page.set_input_files('#files', [str(f) for f in files])
     wait_for(page, f'window.pcamState.done >= {len(files)}', 300)
+    pause = page.evaluate('window.longestPause')
+    print(f'\nthe page thread paused at most {pause:.0f} ms while classifying {len(files)} files')
+    assert pause < 2000, pause  # it never froze: the model runs in the worker, the page decodes one file at a time
     return page.evaluate(ROWS)
 
 
@@ -147,8 +152,9 @@ def test_page_over_http_matches_python(web_bundle, upload):
 
 
 @slow
-def test_page_from_file_matches_python(web_bundle):
-    "Opened from file:// (a file share): the same probabilities, and no request leaves the folder"
+@pytest.mark.parametrize('mode', ['web worker', 'page thread'])
+def test_page_from_file_matches_python(web_bundle, mode):
+    "Opened from file:// (a file share): the same probabilities, and no request leaves the folder; also with the model on the page's thread (the fallback)"
     pytest.importorskip('playwright')
     from playwright.sync_api import sync_playwright
     from pcam_fastai.export import load_bundle
@@ -158,7 +164,7 @@ def test_page_from_file_matches_python(web_bundle):
         page = browser.new_page()
         requests = []
         page.on('request', lambda r: requests.append(r.url))
-        rows = classify_in_page(page, (web_bundle/'web'/'index.html').as_uri(), files)
+        rows = classify_in_page(page, (web_bundle/'web'/'index.html').as_uri() + ('?worker=no' if mode == 'page thread' else ''), files, mode)
         browser.close()
     ref = load_bundle(web_bundle, device='cpu').predict(files)[:, 1]
     assert np.abs(np.array([float(r['p']) for r in rows]) - ref).max() <= 1e-3

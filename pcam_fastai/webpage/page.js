@@ -4,8 +4,8 @@
 (function () {
   const B = window.PCAM_BUNDLE;  // bundle.json's model facts, written into model.js by the export
   const LIMITS = B.page_limits;  // the same defaults as `pcam-fastai serve`: a patch, not a slide
-  const CHUNK_MS = 60;  // run the model in chunks of about this long, then let the page paint (a chunk is at least one patch)
-  const state = window.pcamState = { ready: false, failed: null, queued: 0, done: 0, errors: 0, counts: {}, chunks: 0, results: [], busy: false };
+  const CHUNK_MS = 60;  // classify in chunks of about this long, updating the rows and the progress bar in between
+  const state = window.pcamState = { ready: false, mode: null, failed: null, queued: 0, done: 0, errors: 0, counts: {}, chunks: 0, results: [], busy: false };
   const $ = id => document.getElementById(id);
 
   function b64bytes(s) {
@@ -15,13 +15,64 @@
   }
 
   // ---- the runtime and the model: both come from files beside the page (classic scripts, so file:// works too) ----
-  async function startModel() {
-    ort.env.wasm.numThreads = 1;  // threads need cross-origin isolation, which file:// and plain static hosts don't give
+  // The model runs in a web worker made from those scripts' text, so the page never waits on it; where a worker
+  // cannot start, on the page's own thread, in chunks.
+  function workerMain() {  // the worker's code (after onnxruntime-web's): one session, one message per batch
+    let session = null;
+    self.onmessage = async e => {
+      const m = e.data;
+      try {
+        if (m.type === 'init') {
+          ort.env.wasm.numThreads = 1;  // threads need cross-origin isolation, which file:// and plain static hosts don't give
+          ort.env.wasm.wasmBinary = m.wasm;
+          ort.env.wasm.wasmPaths = { mjs: URL.createObjectURL(new Blob([m.glue], { type: 'text/javascript' })) };
+          session = await ort.InferenceSession.create(m.model, { executionProviders: ['wasm'] });
+          self.postMessage({ id: m.id, ok: true });
+        } else {
+          const out = await session.run({ [session.inputNames[0]]: new ort.Tensor('uint8', m.x, m.dims) });
+          const probs = Float32Array.from(out[session.outputNames[0]].data);
+          self.postMessage({ id: m.id, ok: true, probs }, [probs.buffer]);
+        }
+      } catch (err) { self.postMessage({ id: m.id, ok: false, error: String((err && err.message) || err) }); }
+    };
+  }
+  function startWorker() {
+    return new Promise((resolve, reject) => {
+      let w;
+      try { w = new Worker(URL.createObjectURL(new Blob([window.PCAM_ORT_JS + '\n;(' + workerMain.toString() + ')();\n'], { type: 'text/javascript' }))); }
+      catch (e) { reject(e); return; }
+      const pending = new Map();
+      let next = 1;
+      w.onmessage = e => { const p = pending.get(e.data.id); pending.delete(e.data.id); if (e.data.ok) p.resolve(e.data); else p.reject(new Error(e.data.error)); };
+      w.onerror = e => {
+        if (e.preventDefault) e.preventDefault();
+        const err = new Error(e.message || 'the model worker stopped');
+        for (const p of pending.values()) p.reject(err);
+        pending.clear(); reject(err);
+      };
+      const call = (msg, transfer) => new Promise((res, rej) => { const id = next++; pending.set(id, { resolve: res, reject: rej }); w.postMessage({ ...msg, id }, transfer); });
+      const wasm = b64bytes(window.PCAM_ORT_WASM).buffer, model = b64bytes(window.PCAM_MODEL);
+      call({ type: 'init', wasm, glue: window.PCAM_ORT_GLUE, model }, [wasm, model.buffer])
+        .then(() => resolve({ mode: 'web worker', run: (x, dims) => call({ type: 'run', x, dims }, [x.buffer]).then(r => r.probs) }), e => { w.terminate(); reject(e); });
+    });
+  }
+  async function startOnPageThread() {
+    ort.env.wasm.numThreads = 1;
     ort.env.wasm.wasmBinary = b64bytes(window.PCAM_ORT_WASM).buffer;
     ort.env.wasm.wasmPaths = { mjs: URL.createObjectURL(new Blob([window.PCAM_ORT_GLUE], { type: 'text/javascript' })) };
     const session = await ort.InferenceSession.create(b64bytes(window.PCAM_MODEL), { executionProviders: ['wasm'] });
-    window.PCAM_ORT_WASM = window.PCAM_MODEL = null;  // the decoded copies are all that is needed now
-    return session;
+    return { mode: 'page thread', run: async (x, dims) => (await session.run({ [session.inputNames[0]]: new ort.Tensor('uint8', x, dims) }))[session.outputNames[0]].data };
+  }
+  async function startModel() {
+    let model;
+    try {
+      if (new URLSearchParams(location.search).get('worker') === 'no') throw new Error('index.html?worker=no');  // the fallback, on purpose
+      model = await startWorker();
+    }
+    catch (e) { console.warn('pcam_fastai: the model worker did not start (' + e.message + '); running the model on the page thread'); model = await startOnPageThread(); }
+    window.PCAM_ORT_WASM = window.PCAM_MODEL = window.PCAM_ORT_JS = null;  // the decoded copies are all that is needed now
+    state.mode = model.mode;
+    return model;
   }
 
   // ---- formats: recognised by their first bytes; sizes read from the header before anything is decoded ----
@@ -193,12 +244,10 @@
   }
 
   // ---- the model: (N, size, size, 3) uint8 in, (N, classes) probabilities out ----
-  async function runBatch(session, patches) {
+  async function runBatch(model, patches) {
     const s = B.size, x = new Uint8Array(patches.length * s * s * 3);
     patches.forEach((p, i) => x.set(p, i * s * s * 3));
-    const feeds = {}; feeds[session.inputNames[0]] = new ort.Tensor('uint8', x, [patches.length, s, s, 3]);
-    const out = await session.run(feeds);
-    const probs = out[session.outputNames[0]].data, nc = B.classes.length;
+    const probs = await model.run(x, [patches.length, s, s, 3]), nc = B.classes.length;
     return patches.map((_, i) => Array.from(probs.slice(i * nc, (i + 1) * nc)));
   }
   function labelOf(p) {  // as pcam-fastai serve: p(positive) >= the bundle's threshold, else the most likely class
@@ -310,7 +359,8 @@
     $('model').replaceChildren(t);
     $('p-head').textContent = B.classes.length === 2 ? `p(${B.positive})` : 'most likely';
     $('limits').textContent = `PNG, JPEG, TIFF, BMP, GIF or WebP; at most ${LIMITS.max_mb} MB and ${LIMITS.max_pixels / 1e6} megapixels a file.`;
-    $('about').textContent = `Exported by pcam_fastai ${B.pcam_fastai} on ${B.exported}; onnxruntime-web ${B.runtime['onnxruntime-web']}, WebAssembly, one thread. ` +
+    $('about').textContent = `Exported by pcam_fastai ${B.pcam_fastai} on ${B.exported}; onnxruntime-web ${B.runtime['onnxruntime-web']}, WebAssembly, one thread` +
+      (state.mode ? ` (in a ${state.mode})` : '') + '. ' +
       'In the project\'s tests (headless Chromium, real PCam tiles) the probabilities equal the Python bundle\'s (load_bundle(...).predict) within 1e-3.';
   }
 
@@ -344,7 +394,7 @@
     state.results = []; state.queued = state.done = state.errors = 0; state.counts = {};
     $('results').tBodies[0].replaceChildren(); $('results').hidden = true; $('csv').disabled = $('clear').disabled = true; showProgress();
   });
-  startModel().then(s => { session = s; state.ready = true; showProgress(); if (queue.length) work(); })
+  startModel().then(s => { session = s; state.ready = true; showModel(); showProgress(); if (queue.length) work(); })
     .catch(e => {
       state.failed = String(e && e.message || e);
       $('status').innerHTML = '';
