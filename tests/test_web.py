@@ -226,3 +226,16 @@ def test_web_cli_errors(tmp_path):
     (tmp_path/'b'/'model.onnx').write_bytes(b'')
     err = clean_error(run_main(['web', tmp_path/'b', '--web-runtime', tmp_path]))
     assert 'npm pack onnxruntime-web@1.30.0' in err and not (tmp_path/'b'/'web').exists()
+
+
+@slow
+def test_bench_prints_the_page_beside_python(web_bundle, home, tmp_path):
+    "bench/web_page.py times the page and onnxruntime in Python in one run (last here: it rewrites web/ without the export's figures)"
+    import json, subprocess, sys
+    pytest.importorskip('playwright')
+    res = subprocess.run([sys.executable, ROOT/'bench'/'web_page.py', web_bundle, '--n', '16', '--out', tmp_path/'b.json'],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, 'PCAM_FASTAI_HOME': str(home)})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = json.loads((tmp_path/'b.json').read_text())
+    assert len(rows) == 6 and all(r['patches_per_s'] > 0 for r in rows)
+    assert 'the page against onnxruntime in Python on one thread' in res.stdout

@@ -30,6 +30,7 @@ def main():
     ap.add_argument('--work', type=Path, default=Path('/tmp/web-figure'), help='scratch folder (removed at the end)')
     ap.add_argument('--n', type=int, default=200, help='held-out tiles classified in the page')
     ap.add_argument('--web-runtime', default=None, help='a folder of the runtime tarballs (npm pack); default: the cache or npm')
+    ap.add_argument('--keep', action='store_true', help='keep the scratch folder (its run/bundle, e.g. for bench/web_page.py)')
     a = ap.parse_args()
     if not (a.src/'train_labels.csv').exists(): raise SystemExit(f'{a.src} is not a Kaggle-layout folder of real tiles')
     from playwright.sync_api import sync_playwright
@@ -65,7 +66,8 @@ def main():
         from PIL import Image
         Image.open(a.work/'page.png').convert('RGB').save(ROOT/'nbs'/'images'/'web_page.png', optimize=True)
         (ROOT/'nbs'/'images'/'web_page.json').write_text(json.dumps(m, indent=1) + '\n')
-    finally: shutil.rmtree(a.work, ignore_errors=True)
+    finally:
+        if not a.keep: shutil.rmtree(a.work, ignore_errors=True)
 
 
 if __name__ == '__main__': main()
