@@ -127,9 +127,7 @@ def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
         from pcam_fastai import web as web_page
         web_page.web_runtime(web_runtime)
     b = export_bundle(run_dir, dest, onnx=not no_onnx, bench_patches=bench_patches, tta=False if no_tta else None)
-    if web:
-        from pcam_fastai.web import export_web
-        export_web(b, runtime=web_runtime)
+    if web: web_page.export_web(b, runtime=web_runtime)
 
 def web(bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
         web_runtime:str=None, # A folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else the npm registry
