@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #ff053a7e
 from __future__ import annotations
-import json, os, re
+import hashlib, json, os, re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,8 +16,8 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['PATCH_SIZE', 'PCAM_MPP', 'CENTRE', 'CLASSES', 'Split', 'PCamError', 'UsageError', 'UsageTypeError', 'PCamDataError',
-           'write_text_atomic', 'write_json_atomic', 'json_text', 'cuda_in_use', 'compute_device', 'to_rgb',
-           'image_error_reason']
+           'write_text_atomic', 'write_json_atomic', 'json_text', 'file_sha256', 'cuda_in_use', 'compute_device',
+           'to_rgb', 'image_error_reason']
 
 # %% ../nbs/00_core.ipynb #c0821cb4
 PATCH_SIZE = 96
@@ -72,6 +72,14 @@ def json_text(obj, # JSON-able data
         if isinstance(o, (list, tuple)): return [clean(v) for v in o]
         return o
     return json.dumps(clean(obj), indent=2, allow_nan=False, default=str)
+
+def file_sha256(fn:str|Path, # A file
+               ) -> str:
+    "SHA-256 of a file's bytes, read in 1 MB blocks"
+    h = hashlib.sha256()
+    with open(fn, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
 
 # %% ../nbs/00_core.ipynb #3f64d29f
 def _cpu_asked() -> bool: return os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')  # accelerate launch --cpu

@@ -12,7 +12,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .core import PCamError, PCamDataError, UsageError, cuda_in_use
+from .core import PCamError, PCamDataError, UsageError, cuda_in_use, file_sha256
 
 # %% auto #0
 __all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expected_calibration_error',
@@ -21,7 +21,7 @@ __all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expe
            'Calibration', 'fit_calibration', 'plot_reliability', 'plot_roc', 'plot_confusion', 'multiclass_metrics',
            'plot_confusion_matrix', 'dihedral_logits', 'inference_autocast', 'predict_logits', 'predict',
            'calibrated_softmax', 'make_submission', 'check_submission', 'ModelFileError', 'read_run_json',
-           'file_sha256', 'verify_model_checksum', 'load_weights', 'load_run', 'run_calibration']
+           'verify_model_checksum', 'load_weights', 'load_run', 'run_calibration']
 
 # %% ../nbs/08_evaluate.ipynb #5cee8db2
 def _check(probs, targets):
@@ -457,7 +457,7 @@ def check_submission(sub:pd.DataFrame, # The submission to check
                             f"or a different order); nothing written.")
 
 # %% ../nbs/08_evaluate.ipynb #6e3e23c3
-import hashlib, json
+import json
 
 class ModelFileError(PCamError, ValueError):
     "A model file is unreadable or does not fit the model; the message says what to do"
@@ -472,14 +472,6 @@ def read_run_json(fn:str|Path, # A run folder's config.json or metrics.json
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ModelFileError(f"{fn} is damaged (not JSON: {e}); {fix}.") from None
     if not isinstance(out, dict): raise ModelFileError(f"{fn} holds a JSON {type(out).__name__}, not an object; {fix}.")
     return out
-
-def file_sha256(fn:str|Path, # A file
-               ) -> str:
-    "SHA-256 of a file's bytes, read in 1 MB blocks"
-    h = hashlib.sha256()
-    with open(fn, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
 
 def verify_model_checksum(run_dir:str|Path, # A run folder
                           metrics:dict|None=None, # Its metrics.json content; None: read it
@@ -498,7 +490,7 @@ def load_weights(learn, # The learner to load into
                  fn:str|Path, # A state dict saved with `torch.save(model.state_dict(), fn)`, e.g. a run's `model.pth`
                 ):
     "Load a state dict with `weights_only=True` (no code runs), with clear errors for corrupt or foreign files"
-    from pcam_fastai.learner import weights_load_reason
+    from pcam_fastai.weights import weights_load_reason
     fn = Path(fn)
     if not fn.exists(): raise ModelFileError(f"{fn} does not exist.")
     try: sd = torch.load(fn, map_location='cpu', weights_only=True)

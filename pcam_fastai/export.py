@@ -18,7 +18,8 @@ from PIL import Image
 from fastcore.basics import patch
 
 from .core import CLASSES, PCAM_MPP, compute_device, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
-from .learner import resolve_arch, arch_name, weights_load_reason, timm_kwargs, apply_input_stats
+from .learner import resolve_arch, arch_name, timm_kwargs, apply_input_stats
+from .weights import weights_load_reason
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
 from .sources import open_source
 from .stain import StainNormalizer, StainError
@@ -289,7 +290,8 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
                 valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
                 n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
                 created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__,
-                input_stats=cfg.get('input_stats'))  # the backbone's own normalization after the ImageNet one above (inside model.onnx)
+                input_stats=cfg.get('input_stats'),  # the backbone's own normalization after the ImageNet one above (inside model.onnx)
+                pretrained_weights=cfg.get('weights'), pretrained_weights_sha256=cfg.get('weights_sha256'))  # what training started from: a file's SHA-256
 
 def _export_checked_onnx(pc, dest, size, bundle, xc, atol, meta):
     "Write model.onnx and check it against torch on `xc`; the ONNX bundle, or an error (and no bundle) when they disagree"

