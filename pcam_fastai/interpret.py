@@ -20,22 +20,27 @@ from .core import UsageError
 from .learner import token_backbone
 
 # %% auto #0
-__all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'body_stages', 'gradcam_layer', 'tokens_to_grid', 'gradcam', 'centre_ratio',
-           'centre_mass_share', 'all_preds', 'outline_centre', 'heatmap_colorbar', 'plot_patches_gradcam',
-           'calibrated_losses', 'top_loss_idxs', 'plot_top_losses_gradcam', 'plot_confident_gallery']
+__all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'STAGE_CONTAINERS', 'body_stages', 'gradcam_layer', 'tokens_to_grid', 'gradcam',
+           'centre_ratio', 'centre_mass_share', 'all_preds', 'outline_centre', 'heatmap_colorbar',
+           'plot_patches_gradcam', 'calibrated_losses', 'top_loss_idxs', 'plot_top_losses_gradcam',
+           'plot_confident_gallery']
 
 # %% ../nbs/09_interpret.ipynb #5a0b53c7
 MIN_CAM_CELLS = 6  # the centre third of PCam (its labelled 32x32 of 96) then spans at least 2x2 cells
 HEATMAP_CMAP = 'inferno'  # every heatmap of the package (plots and the web page): perceptually uniform, dark = no heat
 
+STAGE_CONTAINERS = ('blocks', 'stages')  # timm's names for a sequence of stages (efficientnet, mobilenet; convnext ...): each of its children is a stage
+
 def body_stages(body:torch.nn.Module, # The body of a fastai vision model, `learn.model[0]`
                ) -> list: # [(name, module)] in definition order
-    "The stages of a CNN body: its children, looking through single-child wrappers (fastai's `TimmBody`, torchvision's `features`)"
+    "The stages of a CNN body: its children, looking through single-child wrappers (fastai's `TimmBody`, torchvision's `features`) and into timm's `blocks`/`stages` sequences"
     m = body
     while True:
         kids = [(n, c) for n, c in m.named_children() if len(list(c.parameters())) or len(list(c.children()))]
         if len(kids) == 1 and len(list(kids[0][1].children())): m = kids[0][1]; continue
-        return list(m.named_children()) or [('body', body)]
+        out = [(f'{n}.{k}', s) for n, c in m.named_children()
+               for k, s in (c.named_children() if n in STAGE_CONTAINERS and isinstance(c, (torch.nn.Sequential, torch.nn.ModuleList)) else [(None, c)])]
+        return [(n.removesuffix('.None'), c) for n, c in out] or [('body', body)]
 
 def gradcam_layer(model:torch.nn.Module, # A fastai vision model (body, head)
                   xb:torch.Tensor, # A model-ready batch (one image is enough) at the size to explain

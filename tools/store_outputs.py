@@ -1,6 +1,6 @@
 """Run the notebooks and keep their outputs small enough for the docs site and git.
 
-    python tools/store_outputs.py [--flags slow] [NOTEBOOK ...]   (default: every notebook in nbs/)
+    python tools/store_outputs.py [--flags slow] [--cell-timeout SECONDS] [NOTEBOOK ...]   (default: every notebook in nbs/)
 
 Each notebook is executed as `nbdev-test` does (cells flagged `slow` or `eval: false` are skipped; `--flags slow` runs the `slow` ones too,
 for pages whose stored outputs come from a real run, e.g. the real-tissue tutorial). On success its outputs are
@@ -75,13 +75,16 @@ def main(paths):
     from nbdev.test import test_nb
     from nbdev.config import get_config
     cfg = get_config()
-    run_flags = []
-    while paths and paths[0] == '--flags': run_flags, paths = run_flags + [paths[1]], paths[2:]
+    run_flags, timeout = [], cfg.get('cell_timeout', 900)
+    while paths and paths[0] in ('--flags', '--cell-timeout'):
+        if paths[0] == '--flags': run_flags.append(paths[1])
+        else: timeout = int(paths[1])  # the real-tissue benchmark cell runs for about 20 minutes
+        paths = paths[2:]
     nbs = [Path(p).resolve() for p in paths] or sorted(p for p in (ROOT/'nbs').rglob('*.ipynb') if '_proc' not in p.parts and not p.name.startswith('_'))
     failed = []
     for nb in nbs:
         t0 = time.time()
-        ok, _ = test_nb(nb, skip_flags=[f for f in cfg.tst_flags.split() if f not in run_flags], save=True, basepath=cfg.config_path, cell_timeout=cfg.get('cell_timeout', 900))
+        ok, _ = test_nb(nb, skip_flags=[f for f in cfg.tst_flags.split() if f not in run_flags], save=True, basepath=cfg.config_path, cell_timeout=timeout)
         if not ok: failed.append(nb.name); print(f'{nb.relative_to(ROOT)}: FAILED, outputs not stored'); continue
         print(f'{nb.relative_to(ROOT)}: {time.time() - t0:.0f} s, {trim(nb) / 1024:.0f} kB with outputs')
     if failed: sys.exit(f'failed: {failed}')
