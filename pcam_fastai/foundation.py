@@ -22,6 +22,7 @@ from .cache import cache_splits, load_cache
 from .loader import split_indices
 from .weights import PretrainedWeightsError, read_weights, fit_state_dict
 from .evaluate import binary_metrics
+from .learner import is_token_arch
 
 # %% auto #0
 __all__ = ['IMAGENET_STATS', 'KNOWN_BACKBONES', 'NOT_TIMM', 'EMBEDDINGS_VERSION', 'SUMMARY_METRICS', 'PUBLISHED_ANCHORS',
@@ -100,7 +101,7 @@ def create_backbone(name:str, # A short name from KNOWN_BACKBONES ('uni', 'virch
                          + (f" (eva: PCam balanced accuracy {acc})" if acc else '') + f"; the timm backbones are: {', '.join(KNOWN_BACKBONES)}.")
     known = KNOWN_BACKBONES.get(key)
     kw = {**_timm_kwargs({**(known.kwargs if known else {}), **(model_kwargs or {})}), 'num_classes': 0}
-    if img_size is not None: kw['img_size'] = int(img_size)
+    if img_size is not None and is_token_arch(known.arch if known else name): kw['img_size'] = int(img_size)  # a CNN takes any size: embed_patches resizes to it
     target = known.hub if known else name
     if weights_path is not None:
         arch = known.arch if known else name
