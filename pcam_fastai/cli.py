@@ -167,7 +167,8 @@ def slide(slides:Annotated[str, {'nargs': '+', 'opt': False}], # Whole-slide ima
     for s in slide_heatmap(slides, bundle, out, mpp=mpp, stride=stride, min_tissue=min_tissue, tissue_threshold=tissue_threshold, bs=bs, device=device, reader=reader, force=force):
         mx = s.get('max_probability')
         print(f"{Path(s['slide']).name}: {s['tiles_classified']:,} tissue tiles classified ({s['tiles_background']:,} background), tumour area "
-              f"{s['tumour_area_mm2']:.3g} mm2 at p >= {s['threshold']:.3g}, max p {'-' if mx is None else f'{mx:.3f}'}; outputs in {Path(out)/Path(s['slide']).stem}")
+              f"{s['tumour_area_mm2']:.3g} mm2 at p >= {s['threshold']:.3g}, max p {'-' if mx is None else f'{mx:.3f}'}"
+              + (f"; INCOMPLETE ({s['status']})" if s.get('status', 'ok') != 'ok' else '') + f"; outputs in {s.get('output_dir') or Path(out)/Path(s['slide']).stem}")
 
 def probe(backbone:str='vit-s16-imagenet', # A foundation model (uni, uni2-h, prov-gigapath, h-optimus-0, virchow2, vit-s16-imagenet), a timm name, or hf-hub:org/model
           data:str='data/pcam-cache', # An array cache written by `pcam-fastai cache`

@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/slide.html.md"""
 
 # %% ../nbs/14a_slide.ipynb #30b0447c
 from __future__ import annotations
-import json, math, os, time, warnings, zlib
+import fcntl, json, math, os, re, time, warnings, zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -20,16 +20,16 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
-from .core import PCAM_MPP, PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic
+from .core import PATCH_SIZE, PCAM_MPP, PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic
 from .interpret import HEATMAP_CMAP
 from .export import load_bundle
 
 # %% auto #0
-__all__ = ['MIN_TISSUE', 'MIN_SATURATION', 'MAX_SATURATION', 'WHITE_LEVEL', 'OUTPUTS', 'READERS', 'STATUS', 'READ_BLOCK',
-           'SlideError', 'SlideReadError', 'bundle_mpp', 'write_pyramid_tiff', 'PlacedPatches', 'make_mosaic_slide',
-           'make_sparse_slide', 'Slide', 'open_slide', 'TileGrid', 'best_level', 'tile_grid', 'otsu_threshold',
-           'saturation', 'tissue_mask', 'Thumbnail', 'slide_thumbnail', 'tile_tissue_fractions', 'covered_area',
-           'slide_heatmap']
+__all__ = ['MIN_TISSUE', 'MIN_SATURATION', 'MAX_SATURATION', 'WHITE_LEVEL', 'OUTPUTS', 'MAX_TILES', 'MAX_UPSCALE', 'READERS',
+           'LEVEL_CHECK_MISMATCH', 'STATUS', 'READ_BLOCK', 'SlideError', 'SlideReadError', 'bundle_mpp', 'output_name',
+           'write_pyramid_tiff', 'PlacedPatches', 'make_mosaic_slide', 'make_sparse_slide', 'Slide', 'open_slide',
+           'TileGrid', 'best_level', 'tile_grid', 'otsu_threshold', 'saturation', 'tissue_mask', 'Thumbnail',
+           'slide_thumbnail', 'tile_tissue_fractions', 'covered_area', 'slide_heatmap']
 
 # %% ../nbs/14a_slide.ipynb #156d058a
 MIN_TISSUE = 0.1  # default: tiles with less tissue than this share are background (a tenth of PCam's own tiles have under a quarter)
@@ -37,6 +37,8 @@ MIN_SATURATION = 20  # the lowest HSV saturation (0-255) taken for tissue, whate
 MAX_SATURATION = 30  # and the highest: on lymph-node tissue Otsu's threshold lands at 40-55, between pale stroma and dense tissue, not between glass and tissue
 WHITE_LEVEL = 220  # pixels brighter than this in every channel are glass, whatever their saturation
 OUTPUTS = dict(heatmap='heatmap.png', tiles='tiles.csv', annotations='tumour.geojson', summary='slide.json')  # slide.json last: the completion marker
+MAX_TILES = 16_000_000  # larger tile grids are refused (about 1 GB of bookkeeping): 100x a Camelyon slide at stride 1, 1.5x at the finest stride
+MAX_UPSCALE = 4  # slides more than this many times coarser than the model are refused: their tiles would be blown up into blur
 
 class SlideError(PCamDataError):
     "A slide file that cannot be read, or lacks what a heatmap needs; the message says what to do"
@@ -73,11 +75,21 @@ def _check_mpp(mpp, what:str) -> float:
     return float(mpp)
 
 def bundle_mpp(bundle, # An exported bundle (`load_bundle`)
-              ) -> tuple[float, str]: # µm per pixel, and where it came from
-    "The resolution a bundle's model works at: `mpp` in its bundle.json, else PCam's"
-    mpp = getattr(bundle, 'meta', {}).get('mpp')
+              ) -> tuple[float, str]: # µm per pixel of the model's input, and where it came from
+    "The resolution a bundle's model works at: `input_mpp` in its bundle.json; for older bundles their patches' `mpp` at the input size; else PCam's"
+    meta, size = getattr(bundle, 'meta', {}) or {}, getattr(bundle, 'size', PATCH_SIZE)
+    if meta.get('input_mpp') is not None: return _check_mpp(meta['input_mpp'], "the bundle's input_mpp"), 'bundle.json (input_mpp)'
+    mpp = meta.get('mpp')
     if mpp is None: return PCAM_MPP, f'PCam ({PCAM_MPP} µm/px; the bundle records no mpp)'
-    return _check_mpp(mpp, 'the bundle\'s mpp'), 'bundle.json'
+    mpp = _check_mpp(mpp, "the bundle's mpp")
+    if size == PATCH_SIZE or not meta.get('centre_box', True): return mpp, 'bundle.json'
+    # bundles before input_mpp: PCam's 96 px patches at `mpp`, resized to the model's `size` in training
+    return mpp * PATCH_SIZE / size, f'bundle.json ({mpp:.4g} µm/px patches of {PATCH_SIZE} px, resized to {size} px in training)'
+
+def output_name(path:str|Path, # A slide file
+               ) -> str: # A folder name: never empty, '.', '..' or a path
+    "The name of a slide's output folder: its stem, with anything but letters, digits, '-', '_' and inner dots made '_'"
+    return re.sub(r'[^\w.-]', '_', Path(path).stem).strip('.') or 'slide'
 
 # %% ../nbs/14a_slide.ipynb #2d06489b
 def _level_tiles(placements:list, ds:float, lw:int, lh:int, tile:int, background):
@@ -212,7 +224,7 @@ class Slide:
         if mpp is not None: mpp = _check_mpp(mpp, 'mpp')
         if not self.path.exists(): raise SlideError(f"{self.path} does not exist; pass the path of a whole-slide image (.svs, .tif, .ndpi, .mrxs, ...).")
         if self.path.is_dir(): raise SlideError(f"{self.path} is a folder; pass the slide file itself (for MIRAX, the .mrxs file beside its folder).")
-        self.reader, self.osr = reader, None
+        self.reader, self.osr, self.damaged_levels, self._checked = reader, None, {}, {0}
         self.osr, self.reader = self._open()
         props = self.osr.properties
         self.background = tuple(bytes.fromhex(props.get(f'{self.reader}.background-color') or 'FFFFFF'))
@@ -261,6 +273,17 @@ class Slide:
         "A fresh handle: after a failed read OpenSlide fails every later read on the same handle"
         self.close(); self.osr, _ = self._open()
 
+    def level_ok(self, level:int, # A pyramid level
+                ) -> bool:
+        "Whether `level` is level 0 scaled down: its shape (within a pixel or 1 %) and its pixels at 36 points; a damaged level is noted in `damaged_levels`"
+        if level not in self._checked:
+            self._checked.add(level)
+            if (why := _level_damage(self, level)):
+                self.damaged_levels[level] = why
+                warnings.warn(f"{self.path.name}: pyramid level {level} is damaged ({why}); finer levels are read instead, which is slower. "
+                              "Rebuild the pyramid: vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg.")
+        return level not in self.damaged_levels
+
     @property
     def dimensions(self) -> tuple[int, int]: return self.osr.dimensions
     @property
@@ -308,6 +331,24 @@ class Slide:
     def __repr__(self): return (f"Slide({str(self.path)!r}, {self.dimensions[0]} x {self.dimensions[1]} px, {self.mpp:.4g} µm/px, "
                                 f"{len(self.level_downsamples)} levels, read with {self.reader})")
 
+LEVEL_CHECK_MISMATCH = 40  # mean colour difference (0-255) between a level and level 0 over the same area that marks the level damaged
+
+def _level_damage(slide:Slide, level:int, points:int=6) -> str|None:
+    "Why `level` does not match level 0 (its shape, or its colours on a points x points grid of areas), or None"
+    (w0, h0), (lw, lh), ds = slide.dimensions, slide.level_dimensions[level], float(slide.level_downsamples[level])
+    if abs(lw - w0 / ds) > max(2, 0.01 * lw) or abs(lh - h0 / ds) > max(2, 0.01 * lh):
+        return f"{lw} x {lh} px, not level 0's {w0} x {h0} px divided by its downsample {ds:.4g}"
+    side = max(8, math.ceil(256 / ds))  # level pixels per area: at least 8, so that a pixel's misalignment weighs little
+    span = round(side * ds)
+    if span > min(w0, h0): return None
+    worst = 0.0
+    for y in np.linspace(0, h0 - span, points).round():
+        for x in np.linspace(0, w0 - span, points).round():
+            try: a, b = slide.read(x, y, level, side, side), slide.read(x, y, 0, span, span)
+            except SlideReadError: continue  # unreadable areas are counted when the tiles are read
+            worst = max(worst, float(np.abs(a.reshape(-1, 3).mean(0) - b.reshape(-1, 3).mean(0)).mean()))
+    return f"its colours differ from level 0's by up to {worst:.0f} of 255 over the same area" if worst > LEVEL_CHECK_MISMATCH else None
+
 def _is_tiff(path:Path) -> bool:
     "Whether `path` starts like a TIFF (II*/MM* or BigTIFF), so tiffslide may read it"
     try:
@@ -341,10 +382,11 @@ class TileGrid(NamedTuple):
 def best_level(slide:Slide, # An open slide
                downsample:float, # The coarsest downsample that still gives the resolution needed
               ) -> int:
-    "The deepest pyramid level whose downsample is at most `downsample` (within 1 %)"
+    "The deepest undamaged pyramid level whose downsample is at most `downsample` (within 1 %)"
     ds = np.asarray(slide.level_downsamples)
-    ok = np.flatnonzero(ds <= downsample * 1.01)
-    return int(ok[np.argmax(ds[ok])]) if len(ok) else 0
+    for level in sorted(np.flatnonzero(ds <= downsample * 1.01), key=lambda i: -ds[i]):
+        if getattr(slide, 'level_ok', lambda _: True)(int(level)): return int(level)
+    return 0
 
 def tile_grid(slide:Slide, # An open slide
               size:int, # The model's input side (`bundle.size`)
@@ -356,14 +398,20 @@ def tile_grid(slide:Slide, # An open slide
         raise UsageError(f"stride is the distance between tiles in tiles, from 0.125 to 1 (1: side by side, 0.5: half a tile), not {stride!r}.")
     tile = round(size * model_mpp / slide.mpp)
     w, h = slide.dimensions
-    if tile < 8: raise SlideError(f"{slide.path}: at {slide.mpp:.4g} µm/px a model tile ({size} px at {model_mpp:.4g} µm/px) would be {tile} px; is the resolution right ({slide.mpp_source})? Pass mpp=... / --mpp ...")
+    if tile < max(8, size / MAX_UPSCALE):
+        raise SlideError(f"{slide.path}: at {slide.mpp:.4g} µm/px ({slide.mpp_source}) a model tile ({size} px at {model_mpp:.4g} µm/px) would be {tile} px of the slide, "
+                         f"blown up {size / max(tile, 1):.0f}x; slides more than {MAX_UPSCALE}x coarser than the model are refused. Is the resolution right? Pass mpp=... / --mpp ...")
     if w < tile or h < tile:
         raise SlideError(f"{slide.path} is {w} x {h} px ({w * slide.mpp / 1000:.3g} x {h * slide.mpp / 1000:.3g} mm at {slide.mpp:.4g} µm/px, {slide.mpp_source}), "
                          f"smaller than one model tile, which is {tile} x {tile} px here ({size} px at the model's {model_mpp:.4g} µm/px); is its resolution right? Pass mpp=... / --mpp ...")
     step = max(1, round(stride * tile))
+    cols, rows = (w - tile) // step + 1, (h - tile) // step + 1
+    if cols * rows > MAX_TILES:
+        raise SlideError(f"{slide.path}: {cols:,} x {rows:,} tiles of {tile} px every {step} px is {cols * rows:,} tiles, more than {MAX_TILES:,}; "
+                         f"is its resolution right ({slide.mpp:.4g} µm/px, {slide.mpp_source})? Pass mpp=... / --mpp ..., or a larger stride.")
     level = best_level(slide, tile / size)
     ds = float(slide.level_downsamples[level])
-    return TileGrid(tile, step, (w - tile) // step + 1, (h - tile) // step + 1, level, ds, max(1, round(tile / ds)))
+    return TileGrid(tile, step, cols, rows, level, ds, max(1, round(tile / ds)))
 
 # %% ../nbs/14a_slide.ipynb #a0254ddf
 def otsu_threshold(values:np.ndarray, # uint8 values, e.g. a saturation channel
@@ -411,6 +459,7 @@ def slide_thumbnail(slide:Slide, # An open slide
                     um_per_px:float=8.0, # Resolution asked for, µm per thumbnail pixel
                     max_side:int=4096, # Longest side allowed; a coarser thumbnail for larger slides
                     block:int=2048, # Largest region read at once, in level pixels each way (memory)
+                    show_progress:bool=False, # A progress bar when the slide has no coarse level and many regions must be read
                    ) -> Thumbnail:
     "The slide at low resolution, read region by region from the coarsest level that has the resolution"
     w0, h0 = slide.dimensions
@@ -421,16 +470,19 @@ def slide_thumbnail(slide:Slide, # An open slide
     f = max(1, math.floor(want / ds + 1e-9), math.ceil(max(lw, lh) / max_side))  # level pixels per thumbnail pixel: at least the resolution asked for, within max_side
     rgb, readable = np.zeros((math.ceil(lh / f), math.ceil(lw / f), 3), np.uint8), np.ones((math.ceil(lh / f), math.ceil(lw / f)), bool)
     step = f * max(1, block // f)
-    for y in range(0, lh, step):
-        for x in range(0, lw, step):
-            w, h = min(step, lw - x), min(step, lh - y)
-            ty, tx = slice(y // f, (y + h - 1) // f + 1), slice(x // f, (x + w - 1) // f + 1)
-            try: a = slide.read(round(x * ds), round(y * ds), level, w, h)
-            except SlideReadError as e:
-                warnings.warn(f"{e}, for tissue detection; its tiles are tried as tissue and counted as unreadable if they fail too.")
-                readable[ty, tx] = False; rgb[ty, tx] = slide.background
-                continue
-            rgb[ty, tx] = np.asarray(Image.fromarray(a).reduce(f)) if f > 1 else a  # PIL's reduce: the mean of each f x f block (of what is left at the edges)
+    regions = [(x, y) for y in range(0, lh, step) for x in range(0, lw, step)]
+    if len(regions) > 64:
+        warnings.warn(f"{slide.path.name}: finding the tissue reads {len(regions)} regions of level {level} (downsample {ds:.3g}), as the slide has no coarser "
+                      "level; slides without a pyramid are slow: make one with vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg.")
+    for x, y in (progress_bar(regions, leave=False) if show_progress and len(regions) > 64 else regions):
+        w, h = min(step, lw - x), min(step, lh - y)
+        ty, tx = slice(y // f, (y + h - 1) // f + 1), slice(x // f, (x + w - 1) // f + 1)
+        try: a = slide.read(round(x * ds), round(y * ds), level, w, h)
+        except SlideReadError as e:
+            warnings.warn(f"{e}, for tissue detection; its tiles are tried as tissue and counted as unreadable if they fail too.")
+            readable[ty, tx] = False; rgb[ty, tx] = slide.background
+            continue
+        rgb[ty, tx] = np.asarray(Image.fromarray(a).reduce(f)) if f > 1 else a  # PIL's reduce: the mean of each f x f block (of what is left at the edges)
     return Thumbnail(rgb, f * ds, readable)
 
 def tile_tissue_fractions(mask:np.ndarray, # bool tissue mask of a thumbnail (h, w)
@@ -472,6 +524,25 @@ def _positive_index(bundle) -> int:
     classes = list(bundle.classes)
     if getattr(bundle, 'positive', None) in classes: return classes.index(bundle.positive)
     raise UsageError(f"The bundle has no positive class (classes {classes}); a tumour heatmap needs a binary bundle with one (e.g. 'tumour').")
+
+def _bundle_threshold(bundle) -> tuple[float, str]:
+    "The bundle's operating threshold, checked (a probability strictly between 0 and 1), and its source; 0.5 when it records none"
+    t = getattr(bundle, 'threshold', None)
+    if t is None: return 0.5, '0.5 (the bundle records no threshold)'
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not 0 < t < 1:
+        raise UsageError(f"The bundle's threshold must be a probability between 0 and 1, not {t!r}; export the bundle again (or fix 'threshold' in its bundle.json).")
+    return float(t), getattr(bundle, 'threshold_source', None) or 'the bundle'
+
+def _checked_probabilities(p, n:int, classes, path:Path) -> np.ndarray:
+    "The model's output for `n` tiles, refused unless it is (n, classes) and finite: a NaN must never read as 'no tumour'"
+    p = np.asarray(p)
+    if p.shape != (n, len(classes)):
+        raise SlideError(f"The bundle's model gave an output of shape {p.shape} for {n} tiles, not ({n}, {len(classes)}) for its classes {list(classes)}: "
+                         "its model file does not match its bundle.json; export the bundle again.")
+    if not np.isfinite(p).all():
+        raise SlideError(f"{path.name}: the bundle's model gave non-finite probabilities (NaN or inf) for {int((~np.isfinite(p)).any(1).sum())} of {n} tiles; "
+                         "its model file may be damaged: export the bundle again.")
+    return p
 
 def _nice_length(mm:float) -> float:
     "1, 2 or 5 x a power of ten, at most `mm`"
@@ -537,17 +608,26 @@ def _classify_group(path, g, tiles, bad, origins, grid, status, batch, batch_idx
         batch.append(t); batch_idx.append(i)
         if len(batch) == bs: flush()
 
-def _heatmap_one(path:Path, bundle, dest:Path, mpp, reader:str, stride:float, min_tissue:float, tissue_threshold, bs:int, settings:dict, show_progress:bool) -> dict:
+def _heatmap_one(path:Path, bundle, dest:Path, *args) -> dict:
+    "One slide's heatmap, written under a lock on `dest`: a second run into the same folder stops at once"
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        lock = open(dest/'.slide.lock', 'w')
+    except OSError as e: raise UsageError(f"Cannot write to {dest} ({e.strerror or e}); pass --out a folder you can write to.") from None
+    with lock:
+        try: fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: raise UsageError(f"{dest} is being written by another slide run now; wait for it to finish, or use another --out.") from None
+        return _write_heatmap(path, bundle, dest, *args)
+
+def _write_heatmap(path:Path, bundle, dest:Path, mpp, reader:str, stride:float, min_tissue:float, tissue_threshold, bs:int, settings:dict, show_progress:bool) -> dict:
     t_start = time.perf_counter()
-    dest.mkdir(parents=True, exist_ok=True)
     (dest/OUTPUTS['summary']).unlink(missing_ok=True)  # first: until the new one is written, nothing here claims to be complete
     model_mpp, model_mpp_source = bundle_mpp(bundle)
     pos = _positive_index(bundle)
-    if bundle.threshold is None: threshold, threshold_source = 0.5, '0.5 (the bundle records no threshold)'
-    else: threshold, threshold_source = float(bundle.threshold), bundle.threshold_source or 'the bundle'
+    threshold, threshold_source = _bundle_threshold(bundle)
     with open_slide(path, mpp, reader) as slide:
         grid = tile_grid(slide, bundle.size, model_mpp, stride)
-        thumb = slide_thumbnail(slide)
+        thumb = slide_thumbnail(slide, show_progress=show_progress)
         mask, sat_threshold = tissue_mask(thumb.rgb, thumb.readable, tissue_threshold)
         fractions = tile_tissue_fractions(mask, thumb.px, grid).ravel()
         t_tissue = time.perf_counter() - t_start
@@ -562,7 +642,7 @@ def _heatmap_one(path:Path, bundle, dest:Path, mpp, reader:str, stride:float, mi
         batch, batch_idx, done, t0 = [], [], 0, time.perf_counter()
         def flush():
             nonlocal done
-            p = np.asarray(bundle.predict(np.stack(batch), bs=bs))[:, pos]
+            p = _checked_probabilities(bundle.predict(np.stack(batch), bs=bs), len(batch), bundle.classes, path)[:, pos]
             probs[batch_idx] = p; status[batch_idx] = 1; done += len(batch_idx)
             batch.clear(); batch_idx.clear()
         pb = progress_bar(groups, leave=False) if show_progress and groups else groups
@@ -589,7 +669,11 @@ def _heatmap_one(path:Path, bundle, dest:Path, mpp, reader:str, stride:float, mi
                        classified_area_mm2=covered_area(boxes[classified]) * px_mm2, tumour_area_mm2=covered_area(boxes[positive]) * px_mm2,
                        max_probability=float(np.nanmax(probs)) if classified.any() else None, positive_class=bundle.classes[pos],
                        threshold=threshold, threshold_source=threshold_source, reader=slide.reader,
-                       model_backend=getattr(bundle, 'backend', None), model_device=str(getattr(bundle, 'device', '')) or None)
+                       model_backend=getattr(bundle, 'backend', None), model_device=str(getattr(bundle, 'device', '')) or None,
+                       damaged_levels={str(k): v for k, v in slide.damaged_levels.items()}, output_dir=str(dest.resolve()))
+        unreadable = summary['tiles_unreadable']
+        summary['status'] = 'ok' if not unreadable else f"partial: {unreadable:,} of {unreadable + summary['tiles_classified']:,} tissue tiles could not be read"
+        if unreadable: print(f"slide_heatmap: {path.name}: {summary['status']}; the slide may be damaged or incompletely copied, and its areas leave them out")
         if not classified.any():
             summary['note'] = (f"no tissue tile classified: no tile has a tissue share of at least min_tissue={min_tissue} (saturation threshold {sat_threshold}); "
                                "if the slide does hold tissue, try a lower min_tissue" if not summary['tiles_unreadable'] else "no tile could be read")
@@ -640,10 +724,12 @@ def slide_heatmap(slides, # A slide file, or a list of them
     model_mpp, _ = bundle_mpp(bundle)
     _positive_index(bundle)
     tissue_mask(np.zeros((1, 1, 3), np.uint8), threshold=tissue_threshold)  # a bad threshold fails now, not at the first slide
+    _bundle_threshold(bundle)
     out_dir, plans, dests = Path(out_dir), [], {}
+    if out_dir.exists() and not out_dir.is_dir(): raise UsageError(f"out_dir {out_dir} is a file; pass a folder (it is made when missing).")
     for path in map(Path, slides):  # every slide checked before the first tile is read
         with open_slide(path, mpp, reader) as s: tile_grid(s, bundle.size, model_mpp, stride)
-        dest = out_dir/path.stem
+        dest = out_dir/output_name(path)
         if dest in dests: raise UsageError(f"{path} and {dests[dest]} would both write to {dest}; rename one, or run them with different out_dirs.")
         dests[dest] = path
         settings = dict(slide=str(path.resolve()), bundle=str(Path(getattr(bundle, 'path', '')).resolve()), bundle_created=bundle.meta.get('created'),
@@ -654,6 +740,10 @@ def slide_heatmap(slides, # A slide file, or a list of them
             diff = ', '.join(f'{k}: {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
             raise UsageError(f"{dest} holds a heatmap made with other settings ({diff}); pass force=True to redo it, or another out_dir.")
         plans.append((path, dest, settings, done))
+    try: out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise UsageError(f"Cannot make {out_dir} ({e.strerror or e}); pass --out a folder you can write to.") from None
+    if (bp := getattr(bundle, 'path', None)) and Path(bp).is_dir() and not (Path(bp)/'weights.pth').exists():
+        print(f"slide_heatmap: {bp} has no weights.pth; its model.onnx classifies the tiles (enough for a heatmap)")
     summaries = []
     for path, dest, settings, done in plans:
         if done and not force:

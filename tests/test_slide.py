@@ -112,6 +112,7 @@ def test_an_unreadable_region_is_named_skipped_and_counted(tmp_path, real):
     hit = [(bx < 512 and bx + 96 > 256 and by < 256) for bx, by, _, _ in m.boxes]  # placed tiles on the damaged TIFF tile
     assert res['tiles_unreadable'] == sum(hit) > 0
     assert res['tiles_classified'] == 16 - sum(hit) and res['complete']
+    assert res['status'] == f"partial: {sum(hit)} of 16 tissue tiles could not be read"
     tiles = pd.read_csv(tmp_path/'out'/'m'/'tiles.csv')
     assert (tiles.status == 'unreadable').sum() == sum(hit) and tiles[tiles.status == 'unreadable'].probability.isna().all()
 
@@ -131,6 +132,50 @@ def test_a_tiff_openslide_does_not_read_goes_to_tiffslide(tmp_path, real):
     assert res['tiles_classified'] == ref['tiles_classified'] == 12 and res['tumour_area_mm2'] == ref['tumour_area_mm2']
     assert np.allclose(probabilities_at(tmp_path/'out'/'striped', m.boxes), probabilities_at(tmp_path/'ref'/'tiled', m.boxes))
     with pytest.raises(UsageError, match='applies to a bundle folder'): slide_heatmap(m.path, DarknessBundle(), tmp_path/'x', device='cuda')
+
+
+def write_levels(dest, levels, mpp):
+    "A tiled pyramidal TIFF from the given level arrays (level 0 first), whatever they hold: damaged pyramids on purpose"
+    with tifffile.TiffWriter(dest) as tif:
+        for i, a in enumerate(levels):
+            h, w = a.shape[:2]
+            tif.write(a, tile=(64, 64), photometric='rgb', compression='zlib', subfiletype=1 if i else 0, metadata=None,
+                      resolution=(1e4 / (mpp * levels[0].shape[1] / w), 1e4 / (mpp * levels[0].shape[0] / h)), resolutionunit='CENTIMETER')
+    return dest
+
+
+def test_damaged_pyramid_levels_are_skipped(tmp_path, real):
+    "A blank level or one of the wrong shape is found, named, and finer levels are read: the same tiles as an intact pyramid"
+    x, y = real
+    canvas = np.full((1536, 2048, 3), 240, np.uint8)  # 4x PCam's resolution (0.243 µm/px): tiles of 384 px, read from level 2
+    for i in range(12):
+        r, c = divmod(i, 4)
+        canvas[r * 384:(r + 1) * 384, (c + 1) * 384:(c + 2) * 384] = np.repeat(np.repeat(x[i], 4, 0), 4, 1)
+    levels = [canvas] + [np.asarray(Image.fromarray(canvas).reduce(k)) for k in (2, 4, 8)]
+    kw = dict(tissue_threshold=20, min_tissue=0.05, show_progress=False)
+    good = slide_heatmap(write_levels(tmp_path/'good.tif', levels, 0.243), DarknessBundle(), tmp_path/'out', **kw)[0]
+    assert (good['read_level'], good['damaged_levels'], good['tiles_classified']) == (2, {}, 12)
+    blank = [levels[0], levels[1], np.full_like(levels[2], 240), np.full_like(levels[3], 240)]  # levels 2 and 3 lost their tissue
+    with pytest.warns(UserWarning, match='pyramid level 3 is damaged'):
+        res = slide_heatmap(write_levels(tmp_path/'blank.tif', blank, 0.243), DarknessBundle(), tmp_path/'out', **kw)[0]
+    assert res['read_level'] == 1 and sorted(res['damaged_levels']) == ['2', '3'] and 'colours differ' in res['damaged_levels']['2']
+    assert res['tiles_classified'] == 12 and abs(res['tumour_area_mm2'] - good['tumour_area_mm2']) < 1e-9
+    squashed = levels[:2] + [np.asarray(Image.fromarray(levels[2]).resize((512, 192)))]  # level 2 of the wrong aspect ratio
+    with pytest.warns(UserWarning, match='pyramid level 2 is damaged'):
+        res = slide_heatmap(write_levels(tmp_path/'squashed.tif', squashed, 0.243), DarknessBundle(), tmp_path/'out', **kw)[0]
+    assert res['read_level'] == 1 and 'not level 0' in res['damaged_levels']['2'] and res['tiles_classified'] == 12
+
+
+def test_a_second_run_into_the_same_folder_stops(tmp_path, real):
+    "Two slide runs into one folder: the second stops at once with a message, while the first holds its lock"
+    import fcntl
+    x, y = real
+    m = make_mosaic_slide(tmp_path/'m.tif', x[:4], y[:4], cols=2)
+    (tmp_path/'out'/'m').mkdir(parents=True)
+    with open(tmp_path/'out'/'m'/'.slide.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running slide_heatmap holds
+        with pytest.raises(UsageError, match='is being written by another slide run now'): slide_heatmap(m.path, DarknessBundle(), tmp_path/'out')
+    assert slide_heatmap(m.path, DarknessBundle(), tmp_path/'out', show_progress=False)[0]['complete']
 
 
 # ---------------------------------------------------------------- a trained model
@@ -262,7 +307,7 @@ def test_cli_slide_writes_outputs_and_resumes(tmp_path, real, bundle):
     res = run_main(args)
     assert res.returncode == 0, res.stdout + res.stderr
     for n in 'ab':
-        assert sorted(f.name for f in (tmp_path/'out'/n).iterdir()) == ['heatmap.png', 'slide.json', 'tiles.csv', 'tumour.geojson']
+        assert sorted(f.name for f in (tmp_path/'out'/n).iterdir() if f.name != '.slide.lock') == ['heatmap.png', 'slide.json', 'tiles.csv', 'tumour.geojson']
         summary = json.loads((tmp_path/'out'/n/'slide.json').read_text())
         assert summary['tiles_classified'] == 16 and (summary['model_device'], summary['reader']) == ('cpu', 'openslide')
     assert 'a.tif: 16 tissue tiles classified' in res.stdout
