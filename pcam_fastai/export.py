@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/export.html.md"""
 
 # %% ../nbs/13_export.ipynb #288b7987
 from __future__ import annotations
-import json, shutil, time, warnings
+import json, math, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 from fastcore.basics import patch
 
-from .core import CLASSES, PCAM_MPP, compute_device, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
+from .core import CLASSES, PATCH_SIZE, PCAM_MPP, compute_device, file_sha256, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
 from .learner import resolve_arch, arch_name, timm_kwargs, apply_input_stats
 from .weights import weights_load_reason
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
@@ -26,8 +26,9 @@ from .stain import StainNormalizer, StainError
 
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'PatchClassifier', 'build_model', 'BundleError', 'bundle_device',
-           'Bundle', 'load_bundle', 'export_bundle']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'RESIZES', 'BUNDLE_SIZES', 'RESEARCH_ONLY', 'PatchClassifier',
+           'build_model', 'BundleError', 'bundle_meta_problems', 'bundle_device', 'Bundle', 'load_bundle',
+           'export_bundle']
 
 # %% ../nbs/13_export.ipynb #c3c3fa92
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -76,6 +77,40 @@ class BundleError(PCamError, ValueError):
     "A bundle folder that is missing files, damaged, or was written by a newer version"
 
 BUNDLE_FORMAT = 3  # 2: bundles that stain-normalize (`stain_norm`); 3: that re-normalize for the backbone (`input_stats`); the others are still written as 1, which older versions read
+RESIZES = ('pil-bilinear', 'torch-bilinear')  # how a bundle resizes other sizes: as the run's training loader did
+BUNDLE_SIZES = (16, 1024)  # input sides a bundle may declare, pixels: larger ones would take gigabytes per batch
+
+def _finite_number(v) -> bool: return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+def bundle_meta_problems(meta:dict, # What a bundle.json holds
+                        ) -> list[str]: # One line per field that is missing, of the wrong type or out of range; [] when all are right
+    "Every problem with a bundle.json's fields: a bundle is used only when this is empty"
+    if not isinstance(meta, dict): return [f"it holds a {type(meta).__name__}, not the bundle's fields"]
+    problems = []
+    def bad(field, want): problems.append(f"{field!r} must be {want}, not {meta.get(field, 'missing')!r}")
+    fmt, classes, size = meta.get('format', 0), meta.get('classes'), meta.get('size')
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 0: bad('format', 'a whole number')
+    if not (isinstance(meta.get('arch'), str) and meta['arch']): bad('arch', "the network's name (e.g. 'resnet18')")
+    ok_classes = (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes) and len(set(classes)) == len(classes))
+    if not ok_classes: bad('classes', 'a list of two or more different class names')
+    if ok_classes and meta.get('positive') is not None and meta['positive'] not in classes: bad('positive', 'one of the classes, or null')  # (with the classes wrong, they are the problem)
+    if isinstance(size, bool) or not isinstance(size, int) or not BUNDLE_SIZES[0] <= size <= BUNDLE_SIZES[1]:
+        bad('size', f'the input side in pixels, a whole number from {BUNDLE_SIZES[0]} to {BUNDLE_SIZES[1]}')
+    if meta.get('resize', RESIZES[0]) not in RESIZES: bad('resize', ' or '.join(RESIZES))
+    for f in ('mean', 'std'):
+        v = meta.get(f)
+        if not (isinstance(v, list) and len(v) == 3 and all(_finite_number(x) and (f == 'mean' or x > 0) for x in v)): bad(f, 'three numbers (R, G, B)' + (' above 0' if f == 'std' else ''))
+    if meta.get('threshold') is not None and not (_finite_number(meta['threshold']) and 0 < meta['threshold'] < 1): bad('threshold', 'a probability between 0 and 1, or null')
+    if not (_finite_number(meta.get('temperature', 1.0)) and meta.get('temperature', 1.0) > 0): bad('temperature', 'a number above 0')
+    bias = meta.get('bias')
+    if ok_classes and bias is not None and not (isinstance(bias, list) and len(bias) == len(classes) and all(map(_finite_number, bias))): bad('bias', 'one number per class, or null')
+    for f in ('tta', 'centre_box'):
+        if f in meta and not isinstance(meta[f], bool): bad(f, 'true or false')
+    for f in ('mpp', 'input_mpp'):
+        if meta.get(f) is not None and not (_finite_number(meta[f]) and 0.01 <= meta[f] <= 100): bad(f, 'µm per pixel from 0.01 to 100, or null')
+    for f in ('stain_norm', 'input_stats', 'sha256'):
+        if meta.get(f) is not None and not isinstance(meta[f], dict): bad(f, 'an object, or null')
+    return problems
 
 def _as_rgb(img, size:int, resize:str='pil-bilinear', normalizer=None) -> np.ndarray:
     "One image (path, PIL image or array) as a (size, size, 3) uint8 array, stain-normalized at its own size (as in training) and resized the way the run's training loader did"
@@ -139,10 +174,12 @@ class Bundle:
                 raise BundleError(f"{self.path} is a run folder without a bundle; export one first: pcam-fastai export --run-dir {self.path}")
             raise BundleError(f"{self.path} has no bundle.json; export a run first: pcam-fastai export --run-dir RUN --dest {self.path}")
         try: self.meta = json.loads((self.path/'bundle.json').read_text())
-        except json.JSONDecodeError as e: raise BundleError(f"{self.path}/bundle.json is damaged ({e}); export again.") from None
-        if self.meta.get('format', 0) > BUNDLE_FORMAT:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise BundleError(f"{self.path}/bundle.json is damaged ({e}); export again.") from None
+        if isinstance(self.meta, dict) and isinstance(self.meta.get('format'), int) and self.meta['format'] > BUNDLE_FORMAT:
             raise BundleError(f"{self.path} was written by a newer pcam_fastai (format {self.meta['format']}); upgrade pcam_fastai.")
-        self.classes, self.positive, self.size = self.meta['classes'], self.meta.get('positive'), int(self.meta['size'])
+        if problems := bundle_meta_problems(self.meta):
+            raise BundleError(f"{self.path}/bundle.json cannot be used; export the run again (or fix these fields):\n" + '\n'.join(f'  - {p}' for p in problems))
+        self.classes, self.positive, self.size = self.meta['classes'], self.meta.get('positive'), self.meta['size']
         self.threshold, self.threshold_source = self.meta.get('threshold'), self.meta.get('threshold_source')
         self.temperature, self.centre_box = float(self.meta.get('temperature', 1.0)), bool(self.meta.get('centre_box', True))
         try: self.stain_normalizer = StainNormalizer.from_dict(self.meta['stain_norm']) if self.meta.get('stain_norm') else None
@@ -163,8 +200,7 @@ class Bundle:
     def torch_model(self) -> PatchClassifier:
         "The torch model with its preprocessing, loaded safely (weights only) on first use"
         if self._torch is None:
-            fn = self.path/'weights.pth'
-            if not fn.exists(): raise BundleError(f"{fn} is missing; export the run again.")
+            fn = self.checked_file('weights.pth')
             try: sd = torch.load(fn, map_location='cpu', weights_only=True)
             except Exception as e: raise BundleError(f"{fn} is not a readable weights file ({type(e).__name__}); export again.") from None
             model = build_model(self.meta['arch'], len(self.classes), self.meta.get('input_stats'))
@@ -180,12 +216,28 @@ class Bundle:
         if self._ort is None:
             import onnxruntime as ort
             providers = [('CUDAExecutionProvider', dict(device_id=self.device.index or 0))] if self.device.type == 'cuda' else []
-            self._ort = ort.InferenceSession(str(self.path/'model.onnx'), providers=providers + ['CPUExecutionProvider'])
+            fn = self.checked_file('model.onnx')
+            try: self._ort = ort.InferenceSession(str(fn), providers=providers + ['CPUExecutionProvider'])
+            except Exception as e: raise BundleError(f"{fn} is not a model onnxruntime can load ({type(e).__name__}: {str(e)[:150]}); export the run again.") from None
+            out = self._ort.get_outputs()[0].shape
+            if len(out) != 2 or out[1] != len(self.classes):
+                raise BundleError(f"{fn} gives outputs of shape {out}, but bundle.json names {len(self.classes)} classes {self.classes}; the model and bundle.json "
+                                  "do not belong together: export the run again.")
             if providers and 'CUDAExecutionProvider' not in self._ort.get_providers():
                 warnings.warn(f"onnxruntime could not start its CUDA provider (its CUDA libraries may be missing), so {self.path.name} runs on the CPU; "
                               "load it with backend='torch' to use the GPU.")
                 self.device = torch.device('cpu')
         return self._ort
+
+    def checked_file(self, name:str, # A file of the bundle: 'weights.pth' or 'model.onnx'
+                    ) -> Path:
+        "The path of one of the bundle's files, checked to be there and, when bundle.json records it, to have the SHA-256 it was exported with"
+        fn, want = self.path/name, (self.meta.get('sha256') or {}).get(name)
+        if not fn.is_file(): raise BundleError(f"{fn} is missing; export the run again.")
+        if want and file_sha256(fn) != want:
+            raise BundleError(f"{fn} is not the file this bundle was exported with (its SHA-256 differs from the one in bundle.json); "
+                              "restore it, or export the run again.")
+        return fn
 
     def __repr__(self): return f"Bundle({self.meta['arch']}, classes={self.classes}, size={self.size}, backend={self.backend!r}, device='{self.device}')"
 
@@ -214,7 +266,13 @@ def predict(self:Bundle, images, # Paths, PIL images, uint8 (H, W, 3) arrays, or
         if self.backend == 'onnx': out.append(self.onnx_session.run(None, {'patches': xb})[0])
         else:
             with torch.no_grad(): out.append(self.torch_model(torch.from_numpy(xb).to(self.device)).float().cpu().numpy())
-    return np.concatenate(out)
+    p = np.concatenate(out)
+    if p.shape != (len(x), len(self.classes)):
+        raise BundleError(f"{self.path}: the model gave outputs of shape {p.shape} for {len(x)} patches and {len(self.classes)} classes; export the run again.")
+    if not np.isfinite(p).all():  # a NaN must never read as a label
+        raise BundleError(f"{self.path}: the model gave non-finite probabilities (NaN or inf) for {int((~np.isfinite(p)).any(1).sum())} of {len(x)} patches; "
+                          "its model file may be damaged: export the run again.")
+    return p
 
 @patch
 def gradcam(self:Bundle, images, # As for `predict`
@@ -285,6 +343,7 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
                                                                      if stain else f'resize to {size} x {size} first ({resize})')),
                 stain_norm=stain,
                 mpp=PCAM_MPP if source is None or source.centre_labelled else None,  # the resolution of its training patches (PCam's); folder sets: unknown
+                input_mpp=PCAM_MPP * PATCH_SIZE / size if source is None or source.centre_labelled else None,  # of the model's input: the patches resized to `size`
                 output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
                 run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
                 valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
@@ -343,15 +402,17 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         torch.save(model.state_dict(), dest/'weights.pth')
         meta = _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source)
         meta['valid_tta'] = run_tta  # whether the validation numbers and the threshold were measured with TTA
+        meta['sha256'] = {'weights.pth': file_sha256(dest/'weights.pth')}  # checked on load: a swapped or damaged file is refused
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (max(bench_patches, 8), size, size, 3), dtype=np.uint8)
         if check_images is None: check_images = _sample_patches(source)
         for f in ('model.onnx', 'report.md'): (dest/f).unlink(missing_ok=True)  # nothing stale from an earlier export
-        if (dest/'web'/'model.js').exists(): shutil.rmtree(dest/'web')  # the page of the old model (pcam-fastai web writes a new one)
+        stale_page = (dest/'web'/'model.js').exists()  # the page of the old model: `pcam-fastai web` replaces its files, and only its files
         write_text_atomic(dest/'bundle.json', json_text(meta))
         b = load_bundle(dest, backend='torch', device='cpu')
         xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]
         bo = _export_checked_onnx(pc, dest, size, b, xc, atol, meta) if onnx else None
+        if onnx: meta['sha256']['model.onnx'] = file_sha256(dest/'model.onnx')
         if bench_patches:
             with torch.inference_mode(): meta['torch_patches_per_s'] = round(_throughput(lambda a: b.torch_model(torch.from_numpy(a)), x, bs), 1)
             if onnx: meta['onnx_patches_per_s'] = round(_throughput(lambda a: bo.onnx_session.run(None, {'patches': a}), x, bs), 1)
@@ -361,6 +422,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         print(f"export_bundle: {dest}: {meta['arch']}, {meta['n_params']/1e6:.1f} M parameters, weights {meta['weights_mb']} MB"
               + (f", ONNX {meta['onnx_mb']} MB (max |ONNX - torch| = {meta['onnx_max_abs_diff']:.1e})" if onnx else '')
               + (f"; CPU batch {bs}: torch {meta['torch_patches_per_s']} patches/s" + (f", onnxruntime {meta['onnx_patches_per_s']}" if onnx else '') if bench_patches else ''))
+        if stale_page: print(f"export_bundle: {dest/'web'} still holds the page of the previous model; rebuild it: pcam-fastai web --bundle {dest}")
     except BaseException:  # a failed export leaves nothing: no half bundle, no empty folder
         for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md', 'bundle.json.tmp'): (dest/f).unlink(missing_ok=True)
         if created and dest.is_dir() and not any(dest.iterdir()): dest.rmdir()
@@ -368,8 +430,10 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     return dest
 
 # %% ../nbs/13_export.ipynb #79081bed
+RESEARCH_ONLY = '**For research use only; not for clinical diagnosis.**'  # on every page a person could read as a diagnosis
+
 def _write_export_report(dest:Path, m:dict):
-    L = [f"# Inference bundle: {m['arch']}", '',
+    L = [f"# Inference bundle: {m['arch']}", '', RESEARCH_ONLY, '',
          f"Classes: {', '.join(m['classes'])}" + (f" (positive: {m['positive']}, labelled when p({m['positive']}) >= {m['threshold']:.3g}: {m['threshold_source']})" if m.get('threshold') is not None else ''),
          (f"Probabilities are calibrated: softmax(logits / T + bias) with T = {m.get('temperature', 1.0):.3g}, bias {m.get('bias')}, fitted on validation (inside model.onnx too)"
           if m.get('bias') is not None else 'Probabilities are the softmax of the logits (the run has no calibration)')
@@ -385,7 +449,7 @@ def _write_export_report(dest:Path, m:dict):
     if 'torch_patches_per_s' in m:
         L += [f"| torch, CPU ({m['bench_threads']} threads), batch {m['bench_batch']} | {m['torch_patches_per_s']} patches/s |"]
         if 'onnx_patches_per_s' in m: L += [f"| onnxruntime, CPU, batch {m['bench_batch']} | {m['onnx_patches_per_s']} patches/s |"]
-    if m.get('valid_accuracy') is not None: L += [f"| validation accuracy ({(m.get('split') or '')[:40]}) | {m['valid_accuracy']:.4f} |"]
+    if m.get('valid_accuracy') is not None: L += [f"| validation accuracy | {m['valid_accuracy']:.4f} |", '', f"Validation split: {m.get('split') or 'not recorded'}."]
     L += ['', '## Use', '', '```python', 'from pcam_fastai.export import load_bundle',
           f"b = load_bundle('{dest.name}')", "probs = b.predict(['patch1.png', 'patch2.tif'])   # (N, n_classes)",
           "maps = b.gradcam(['patch1.png'])                      # where it looked",

@@ -103,6 +103,44 @@ def test_export_errors(tmp_path):
     assert 'no bundle.json' in err
 
 
+def test_damaged_bundles_are_refused(bundle, tmp_path):
+    "A bundle's files are checked against the SHA-256s in bundle.json, its fields against their types and ranges, and its outputs for shape and NaN"
+    import shutil
+    from pcam_fastai.export import BundleError, load_bundle
+    from pcam_fastai.slide import make_mosaic_slide
+    src = bundle[0]
+    meta = json.loads((src/'bundle.json').read_text())
+    assert set(meta['sha256']) == {'weights.pth', 'model.onnx'} and meta['input_mpp'] == meta['mpp'] == 0.972  # the demo trains at 96 px
+    x = np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    def copy(name, **fields):
+        d = shutil.copytree(src, tmp_path/name)
+        (d/'bundle.json').write_text(json.dumps(dict(meta, **fields)))
+        return d
+    swapped = copy('swapped')
+    with open(swapped/'model.onnx', 'ab') as f: f.write(b'\0')
+    with pytest.raises(BundleError, match='model.onnx is not the file this bundle was exported with'): load_bundle(swapped, backend='onnx').predict(x)
+    (swapped/'weights.pth').write_bytes((swapped/'weights.pth').read_bytes()[:-10])
+    with pytest.raises(BundleError, match='weights.pth is not the file'): load_bundle(swapped, backend='torch').predict(x)
+    garbage = copy('garbage', sha256=None)  # an older bundle: no hashes to check, so onnxruntime is the judge
+    (garbage/'model.onnx').write_bytes(b'not a model')
+    with pytest.raises(BundleError, match='is not a model onnxruntime can load'): load_bundle(garbage, backend='onnx').predict(x)
+    b = load_bundle(src, backend='onnx')
+    class Session:
+        def __init__(self, out): self.out = out
+        def run(self, names, feed): return [self.out(len(feed['patches']))]
+    b._ort = Session(lambda n: np.full((n, 2), np.nan, np.float32))
+    with pytest.raises(BundleError, match=r'non-finite probabilities \(NaN or inf\) for 4 of 4 patches'): b.predict(x)
+    b._ort = Session(lambda n: np.full((n, 3), 1 / 3, np.float32))
+    with pytest.raises(BundleError, match=r'outputs of shape \(4, 3\) for 4 patches and 2 classes'): b.predict(x)
+    # on the command line: one line per bad field, no traceback; slide with a bundle lacking weights.pth says it uses the ONNX model
+    slide = make_mosaic_slide(tmp_path/'m.tif', x, [0, 1, 0, 1], cols=2).path
+    err = clean_error(run_main(['slide', slide, '--bundle', copy('odd', threshold='0.5', temperature='hot', size='96px'), '--out', tmp_path/'o']))
+    assert "'size' must be" in err and "'threshold' must be a probability" in err and "'temperature' must be a number above 0" in err
+    onnx_only = copy('onnx-only'); (onnx_only/'weights.pth').unlink()
+    res = run_main(['slide', slide, '--bundle', onnx_only, '--out', tmp_path/'o', '--min-tissue', '0'])
+    assert res.returncode == 0 and 'has no weights.pth; its model.onnx classifies the tiles' in res.stdout, res.stderr[-2000:]
+
+
 def test_real_bundle_in_browser(bundle, tmp_path):
     "The exported model behind `serve_app`, driven by headless Chromium: a tumour patch comes back with p(tumour) and a heatmap"
     from playwright.sync_api import sync_playwright
