@@ -15,9 +15,9 @@ from .core import PCamError, UsageError, json_text, write_text_atomic
 from .export import BUNDLE_FORMAT, BundleError
 
 # %% auto #0
-__all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'MAX_MODEL_MB', 'CHROMIUM', 'CHROMIUM_ARGS', 'WebExportError',
-           'npm_tarball_name', 'runtime_cache_dir', 'web_runtime', 'check_bundle_for_web', 'wait_for', 'measure_page',
-           'export_web']
+__all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'WEB_MANIFEST', 'RESEARCH_ONLY', 'MAX_MODEL_MB', 'CHROMIUM',
+           'CHROMIUM_ARGS', 'WebExportError', 'npm_tarball_name', 'runtime_cache_dir', 'web_runtime',
+           'check_bundle_for_web', 'wait_for', 'measure_page', 'remove_web_page', 'export_web']
 
 # %% ../nbs/14b_web.ipynb #05ea9156
 class WebExportError(PCamError, ValueError):
@@ -111,6 +111,8 @@ def web_runtime(source:str|Path|None=None, # A folder of the `npm pack` tarballs
 
 # %% ../nbs/14b_web.ipynb #78eaa8ff
 PAGE_FILES = ('index.html', 'page.js')  # the page itself, shipped in pcam_fastai/webpage/
+WEB_MANIFEST = '.pcam-web-manifest.json'  # in BUNDLE/web/: the files the export wrote there; a re-export replaces or removes those and no other
+RESEARCH_ONLY = 'For research use only; not for clinical diagnosis.'  # shown at the top of the page
 MAX_MODEL_MB = 300  # larger models do not fit a page: V8's strings end at 2^29 characters (a 400 MB model in base64)
 
 def _page_facts(meta:dict, max_mb:float, max_pixels:int) -> dict:
@@ -152,11 +154,18 @@ def _js_string(data:bytes|str) -> str:
     "A JavaScript string literal: base64 of bytes, or JSON of text"
     return json.dumps(base64.b64encode(data).decode() if isinstance(data, bytes) else data)
 
+def _index_html() -> str:
+    "The page's index.html, with `RESEARCH_ONLY` shown at its top, above the model's facts and the file picker"
+    html, mark = (Path(pcam_fastai.__file__).parent/'webpage'/'index.html').read_text(encoding='utf-8'), '<div id="model">'
+    if mark not in html: raise WebExportError(f'pcam_fastai/webpage/index.html has no {mark}: this installation is damaged; reinstall pcam_fastai.')
+    return html.replace(mark, f'<p class="warn" id="research-only"><strong>{RESEARCH_ONLY}</strong> '
+                              "A probability here is a model's output on one patch, not a pathologist's finding.</p>\n" + mark, 1)
+
 def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
     "The page's files in `dest`"
     (dest/'vendor').mkdir(parents=True)
-    page = Path(__file__).parent/'webpage'
-    for f in PAGE_FILES: shutil.copyfile(page/f, dest/f)
+    (dest/'index.html').write_text(_index_html(), encoding='utf-8')
+    for f in PAGE_FILES[1:]: shutil.copyfile(Path(pcam_fastai.__file__).parent/'webpage'/f, dest/f)
     shutil.copyfile(runtime['ort.wasm.min.js'], dest/'vendor'/'ort.wasm.min.js')
     shutil.copyfile(runtime['UTIF.js'], dest/'vendor'/'UTIF.js')
     shutil.copyfile(runtime['pako_inflate.min.js'], dest/'vendor'/'pako_inflate.min.js')
@@ -190,7 +199,7 @@ def wait_for(page, # A playwright page
         time.sleep(0.05)
 
 def _measure(index:Path, n:int, bs:int, timeout:float) -> dict:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright, TimeoutError as PlaywrightTimeout
     with sync_playwright() as p:
         browser = (p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS) if os.path.exists(CHROMIUM)
                    else p.chromium.launch(args=CHROMIUM_ARGS))
@@ -198,8 +207,9 @@ def _measure(index:Path, n:int, bs:int, timeout:float) -> dict:
             page, requests = browser.new_page(), []
             page.on('request', lambda r: requests.append(r.url))
             t0 = time.perf_counter()
-            page.goto(index.resolve().as_uri())
-            wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)', timeout)
+            try: page.goto(index.resolve().as_uri(), timeout=max(timeout * 1000, 1))  # playwright's default would stop a large model's page at 30 s
+            except PlaywrightTimeout: raise TimeoutError(f'the page did not load in {timeout:g} s') from None
+            wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)', timeout - (time.perf_counter() - t0))
             if failed := page.evaluate('window.pcamState.failed'): raise WebExportError(f'the page did not start in Chromium: {failed}')
             load_s = time.perf_counter() - t0
             r = page.evaluate(f'pcamBenchmark({int(n)}, {int(bs)}, 20)')  # at most ~20 s, however slow the model
@@ -213,7 +223,7 @@ def measure_page(web_dir:str|Path, # A folder written by `export_web`
                  bs:int=16, # Batch size
                  timeout:float=120, # Seconds the page may take to start
                 ) -> dict:
-    "The page's in-browser throughput in headless Chromium: {'patches_per_s', ...}, or {'not_measured': why}"
+    "The page's in-browser throughput in headless Chromium: {'patches_per_s', ...}, or {'not_measured': why} (and 'timed_out_s' if it did not start in time)"
     index = Path(web_dir)/'index.html'
     if not index.exists(): raise UsageError(f'{web_dir} has no index.html; write the page with export_web first.')
     try: import playwright  # noqa: F401  (the dev extra installs it)
@@ -222,11 +232,106 @@ def measure_page(web_dir:str|Path, # A folder written by `export_web`
     def run():  # in a thread of its own: playwright's sync API refuses to run inside an event loop (Jupyter's)
         try: out.update(_measure(index, n, bs, timeout))
         except WebExportError as e: failed.append(e)
+        except TimeoutError: out.update(not_measured=f'timed out after {timeout:g} s: the page had not started in headless Chromium', timed_out_s=timeout)
         except Exception as e: out.update(not_measured=f'headless Chromium did not run the page: {(str(e).splitlines() or [type(e).__name__])[0][:200]}')
     t = threading.Thread(target=run); t.start(); t.join()
     if failed: raise failed[0]
     if out.get('other_requests'): raise WebExportError(f"the page asked the browser for other hosts: {out['other_requests']}; this is a bug, please report it.")
     return out
+
+# %% ../nbs/14b_web.ipynb #6e2f9a41
+_MODEL_JS_HEAD = '// model.onnx (base64) and the facts of bundle.json, written by pcam_fastai'  # the first line of every model.js
+
+def _web_dir(bundle_dir:Path) -> Path:
+    "BUNDLE/web, refused when it is a symbolic link or a file: the export never writes or removes through a link"
+    dest = bundle_dir/'web'
+    if dest.is_symlink():
+        raise WebExportError(f"{dest} is a symbolic link; the page is written only into a real folder, never through a link: remove the link (rm {dest}) and export again.")
+    if dest.exists() and not dest.is_dir():
+        raise WebExportError(f"{dest} is a file, not a folder; the page is written into the folder {dest}/: move the file away and export again.")
+    return dest
+
+def _inside(dest:Path, rel) -> Path:
+    "dest/rel for a file the export may write or remove: a relative path inside `dest`, through no symbolic link"
+    parts = rel.split('/') if isinstance(rel, str) else []
+    if not parts or rel.startswith('/') or '\\' in rel or any(p in ('', '.', '..') for p in parts):
+        raise WebExportError(f"{dest/WEB_MANIFEST} lists {rel!r}, which is not a file inside {dest}; it was edited: delete it and export again.")
+    for i in range(1, len(parts)):
+        if (d := dest.joinpath(*parts[:i])).is_symlink():
+            raise WebExportError(f"{d} is a symbolic link; the export neither writes nor removes files through links: replace it with a folder and export again.")
+    return dest.joinpath(*parts)
+
+def _is_old_page(js:Path) -> bool:
+    "Whether `js` is the model.js of a page written before the manifest"
+    if js.is_symlink() or not js.is_file(): return False
+    with open(js) as f: return f.read(len(_MODEL_JS_HEAD)) == _MODEL_JS_HEAD
+
+def _read_manifest(dest:Path) -> list:
+    "The files the last export wrote in `dest`: its manifest's list; for a page from before the manifest, its web.json's; else []"
+    m, js = dest/WEB_MANIFEST, dest/'model.js'
+    if m.exists() or m.is_symlink():
+        try:
+            if m.is_symlink() or not m.is_file(): raise ValueError('not a plain file')
+            files = json.loads(m.read_text())['files']
+            if not isinstance(files, list): raise ValueError('its "files" is not a list')
+        except (OSError, ValueError, KeyError, TypeError) as e: raise WebExportError(f"{m} is damaged ({e}); delete it and export again.") from None
+    elif _is_old_page(js):
+        try: files = [*json.loads((dest/'web.json').read_text())['files_mb'], 'web.json']
+        except (OSError, ValueError, KeyError, TypeError): files = ['model.js']
+    else: return []  # a folder the export did not write
+    for rel in files: _inside(dest, rel)
+    return files
+
+def _check_free(dest:Path, new:list, old:list):
+    "Refuse to write the page's files `new` over a file in `dest` that the export did not write (not in `old`)"
+    theirs = set()
+    for rel in new:
+        p = _inside(dest, rel)
+        theirs.update(str(d.relative_to(dest)) for d in p.parents if dest in d.parents and d.exists() and not d.is_dir())  # a file where a folder goes
+        if (p.exists() or p.is_symlink()) and rel not in old: theirs.add(rel)
+    if theirs:
+        why = f'{WEB_MANIFEST} does not list it' if (dest/WEB_MANIFEST).exists() else f'the folder has no {WEB_MANIFEST}'
+        raise WebExportError(f"{dest} holds {', '.join(sorted(theirs)[:3])}{' ...' if len(theirs) > 3 else ''}, which the export did not write ({why}) "
+                             f"and would overwrite: move it out of {dest} and export again.")
+
+def _remove_files(dest:Path, files:list) -> list:
+    "Remove `files` (relative to `dest`) and the folders they leave empty; a link is removed, never followed"
+    gone = []
+    for rel in files:
+        p = _inside(dest, rel)
+        if p.is_symlink() or p.is_file(): p.unlink(); gone.append(p)
+        for d in p.parents:
+            if d == dest: break
+            try: d.rmdir()  # only when empty
+            except OSError: break
+    return gone
+
+def _write_manifest(dest:Path, files:list):
+    "dest/WEB_MANIFEST, listing `files`"
+    (dest/f'{WEB_MANIFEST}.tmp').unlink(missing_ok=True)  # write_text_atomic's scratch file: never a link to follow
+    write_text_atomic(dest/WEB_MANIFEST, json_text(dict(format=1, written_by=f'pcam_fastai {pcam_fastai.__version__}', files=sorted(set(files)),
+        note='The files pcam_fastai export_web wrote in this folder: a re-export replaces or removes these, and no other file.')))
+
+def _install(tmp:Path, dest:Path, new:list, old:list):
+    "Move the page's files `new` from `tmp` into `dest` and remove the old page's others; the manifest lists every file of the export's throughout"
+    dest.mkdir(exist_ok=True)
+    _write_manifest(dest, [*old, *new])  # a crash midway leaves no file of the export's unlisted
+    _remove_files(dest, [f for f in old if f not in new])
+    for rel in new:
+        (p := _inside(dest, rel)).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp/rel, p)  # replaces a link itself, never what it points to
+    _write_manifest(dest, new)
+
+def remove_web_page(bundle_dir:str|Path, # A bundle folder whose web/ was written by `export_web`
+                   ) -> list:
+    "Remove the page `export_web` wrote in BUNDLE/web/ (the files its manifest lists), keeping every other file there; the files removed"
+    dest = _web_dir(Path(bundle_dir))
+    if not dest.exists(): return []
+    gone = _remove_files(dest, _read_manifest(dest))
+    (dest/WEB_MANIFEST).unlink(missing_ok=True)
+    try: dest.rmdir()  # only when nothing of the user's is left
+    except OSError: pass
+    return gone
 
 # %% ../nbs/14b_web.ipynb #eb4e5eb6
 def export_web(bundle_dir:str|Path, # A folder written by `export_bundle`, with model.onnx
@@ -234,27 +339,33 @@ def export_web(bundle_dir:str|Path, # A folder written by `export_bundle`, with 
                measure:bool=True, # Time the page in headless Chromium when playwright and a browser are installed
                max_mb:float=5, # Largest file the page accepts, in MB (as `pcam-fastai serve`)
                max_pixels:int=4_000_000, # Largest image the page accepts, width x height
+               measure_timeout:float=120, # Seconds the page may take to start in headless Chromium; longer: reported as not measured
               ) -> Path:
-    "Write `BUNDLE/web/`: a static page that classifies patches in the browser with the bundle's model.onnx"
+    "Write `BUNDLE/web/`: a static page that classifies patches in the browser with the bundle's model.onnx; other files there are kept"
     bundle_dir = Path(bundle_dir)
     meta = check_bundle_for_web(bundle_dir)
-    if max_mb <= 0 or max_pixels <= 0: raise UsageError(f'max_mb and max_pixels must be positive; got {max_mb} and {max_pixels}.')
+    if min(max_mb, max_pixels, measure_timeout) <= 0:
+        raise UsageError(f'max_mb, max_pixels and measure_timeout must be positive; got {max_mb}, {max_pixels} and {measure_timeout}.')
+    dest = _web_dir(bundle_dir)
+    old = _read_manifest(dest) if dest.exists() else []
     files = web_runtime(runtime)
     facts = _page_facts(meta, max_mb, max_pixels)
-    dest, tmp = bundle_dir/'web', Path(tempfile.mkdtemp(prefix='web.', dir=bundle_dir))
+    tmp = Path(tempfile.mkdtemp(prefix='web.', dir=bundle_dir))
     try:
         _write_page(tmp, bundle_dir, facts, files)
-        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob('*')) if f.is_file()}
+        sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob('*')) if f.is_file()}
+        _check_free(dest, [*sizes, 'web.json'], old)  # before the minutes of measuring
         info = dict(total_mb=round(sum(sizes.values()) / 1e6, 2), files_mb={k: round(v / 1e6, 3) for k, v in sizes.items()},
                     runtime=facts['runtime'], page_limits=facts['page_limits'], exported=facts['exported'])
-        info['browser'] = measure_page(tmp) if measure else dict(not_measured='measure=False')  # raises, leaving the old page, if the page fails
+        info['browser'] = measure_page(tmp, timeout=measure_timeout) if measure else dict(not_measured='measure=False')  # raises, leaving the old page, if the page fails
         write_text_atomic(tmp/'web.json', json_text(info))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would keep a web server's user out
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        _install(tmp, dest, [*sizes, 'web.json'], old)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     b = info['browser']
-    speed = (f"{b['patches_per_s']} patches/s in {b['browser']} (batch {b['batch']}, one thread)" if 'patches_per_s' in b else f"throughput not measured: {b['not_measured']}")
+    if 'patches_per_s' in b: speed = f"{b['patches_per_s']} patches/s in {b['browser']} (batch {b['batch']}, one thread)"
+    elif 'timed_out_s' in b: speed = (f"throughput not measured (timed out after {b['timed_out_s']:g} s): the page had not started in headless Chromium; "
+                                      "a large model needs longer: measure_page(BUNDLE/web, timeout=600)")
+    else: speed = f"throughput not measured: {b['not_measured']}"
     if meta.get('onnx_patches_per_s'):  # the export's own figure, beside it: onnxruntime in Python on this machine
         speed += f"; onnxruntime in Python: {meta['onnx_patches_per_s']} patches/s ({meta.get('bench_threads')} threads, batch {meta.get('bench_batch')})"
     _add_to_report(bundle_dir, info, speed)

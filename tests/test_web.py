@@ -36,7 +36,7 @@ def web_bundle(home, tmp_path_factory):
     res = run_cli(['export', '--run-dir', tmp/'run', '--web', '--bench-patches', '32'], env={'PCAM_FASTAI_HOME': str(home)})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert 'export_web:' in res.stdout, res.stdout[-1500:]
-    if 'throughput not measured' in res.stdout:  # no browser here: the page is written, but nothing can open it
+    if 'throughput not measured: ' in res.stdout:  # no browser here: the page is written, but nothing can open it (a timeout fails below)
         pytest.skip('no headless Chromium: ' + res.stdout.split('throughput not measured: ', 1)[1].splitlines()[0])
     assert 'patches/s in Chromium' in res.stdout, res.stdout[-1500:]
     return tmp/'run'/'bundle'
@@ -165,6 +165,7 @@ def test_page_from_file_matches_python(web_bundle, mode):
         requests = []
         page.on('request', lambda r: requests.append(r.url))
         rows = classify_in_page(page, (web_bundle/'web'/'index.html').as_uri() + ('?worker=no' if mode == 'page thread' else ''), files, mode)
+        assert page.is_visible('#research-only') and 'For research use only; not for clinical diagnosis.' in page.inner_text('body')
         browser.close()
     ref = load_bundle(web_bundle, device='cpu').predict(files)[:, 1]
     assert np.abs(np.array([float(r['p']) for r in rows]) - ref).max() <= 1e-3
@@ -226,6 +227,102 @@ def test_web_cli_errors(tmp_path):
     (tmp_path/'b'/'model.onnx').write_bytes(b'')
     err = clean_error(run_main(['web', tmp_path/'b', '--web-runtime', tmp_path]))
     assert 'npm pack onnxruntime-web@1.30.0' in err and not (tmp_path/'b'/'web').exists()
+
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    "A bundle whose page is written with a stand-in runtime (no npm, no model): its model never finishes starting, as a very large one"
+    import json
+    from pcam_fastai import web
+    rt = tmp_path/'runtime'; rt.mkdir()
+    names = [n for s in web.WEB_RUNTIME.values() for n in s['files'].values()]
+    for n in names: (rt/n).write_text('/* stand-in */\n')
+    (rt/'ort.wasm.min.js').write_text('/*! stand-in */ var ort = {env: {wasm: {}}, InferenceSession: {create: () => new Promise(() => {})}};\n')
+    monkeypatch.setattr(web, 'web_runtime', lambda source=None: {n: rt/n for n in names})
+    b = tmp_path/'bundle'; b.mkdir()
+    (b/'bundle.json').write_text(json.dumps(dict(arch='resnet18', classes=['normal', 'tumour'], positive='tumour', size=96, resize='pil-bilinear', threshold=0.5)))
+    (b/'model.onnx').write_bytes(b'not a model')
+    return b
+
+
+def page_files(b): return sorted(p.relative_to(b/'web').as_posix() for p in (b/'web').rglob('*') if p.is_file())
+
+
+def test_page_says_research_only(stand_in):
+    "The page says, above everything it shows, that it is for research and not for diagnosis"
+    from pcam_fastai.web import export_web
+    html = (export_web(stand_in, measure=False)/'index.html').read_text()
+    line = 'For research use only; not for clinical diagnosis.'
+    assert '<p class="warn" id="research-only"><strong>' + line in html
+    assert html.index('<body>') < html.index(line) < html.index('<div id="model">') < html.index('id="files"')
+
+
+def test_reexport_keeps_the_users_files(stand_in):
+    "A re-export replaces only the files the export wrote (its manifest); files and folders the user added to web/ stay, and remove_web_page leaves them too"
+    import json
+    from pcam_fastai.web import export_web, remove_web_page, WEB_MANIFEST
+    web = export_web(stand_in, measure=False)
+    page = page_files(stand_in)
+    manifest = json.loads((web/WEB_MANIFEST).read_text())
+    assert manifest['format'] == 1 and manifest['files'] == [f for f in page if f != WEB_MANIFEST]
+    assert {'index.html', 'model.js', 'web.json', 'vendor/ort-wasm.js'} <= set(manifest['files'])
+    mine = ['notes.txt', 'mine/slides/a.png', 'vendor/extra.js']
+    for f in mine: (web/f).parent.mkdir(parents=True, exist_ok=True); (web/f).write_text(f)
+    (web/'vendor'/'old.js').write_text('an older page had it'); manifest['files'].append('vendor/old.js')
+    (web/WEB_MANIFEST).write_text(json.dumps(manifest))
+    export_web(stand_in, measure=False)
+    assert page_files(stand_in) == sorted(page + mine)  # the stale vendor/old.js went; the user's files are there
+    assert all((web/f).read_text() == f for f in mine)
+    remove_web_page(stand_in)
+    assert page_files(stand_in) == sorted(mine)
+
+
+def test_web_folder_without_manifest(stand_in):
+    "A web/ the user made is written into where nothing collides, refused where it would overwrite their file; a page from before the manifest is replaced"
+    from pcam_fastai.web import export_web, WebExportError, WEB_MANIFEST
+    web = stand_in/'web'; web.mkdir()
+    (web/'README.txt').write_text('for colleagues')
+    export_web(stand_in, measure=False)
+    assert (web/'README.txt').read_text() == 'for colleagues' and (web/'index.html').exists()
+    (web/WEB_MANIFEST).unlink()  # as a page written before the manifest: recognised by its model.js and web.json
+    export_web(stand_in, measure=False)
+    assert (web/WEB_MANIFEST).exists() and (web/'README.txt').exists()
+    for f in page_files(stand_in):
+        if f != 'README.txt': (web/f).unlink()
+    (web/'index.html').write_text('my own page')
+    with pytest.raises(WebExportError, match=r"holds index.html, which the export did not write \(the folder has no .pcam-web-manifest.json\)"):
+        export_web(stand_in, measure=False)
+    assert (web/'index.html').read_text() == 'my own page' and page_files(stand_in) == ['README.txt', 'index.html']
+
+
+def test_web_link_or_file_is_refused(stand_in, tmp_path):
+    "BUNDLE/web as a symbolic link (or one inside it) or a file: one clear line, and nothing written or removed through the link"
+    elsewhere = tmp_path/'elsewhere'; elsewhere.mkdir(); (elsewhere/'keep.txt').write_text('keep')
+    (stand_in/'web').symlink_to(elsewhere)
+    err = clean_error(run_main(['web', stand_in, '--no-measure']))
+    assert 'web is a symbolic link' in err and 'remove the link' in err, err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ['keep.txt']
+    (stand_in/'web').unlink(); (stand_in/'web').write_text('a file')
+    assert 'web is a file, not a folder' in clean_error(run_main(['web', stand_in, '--no-measure']))
+    (stand_in/'web').unlink(); (stand_in/'web').mkdir(); (stand_in/'web'/'vendor').symlink_to(elsewhere)
+    assert 'vendor is a symbolic link' in clean_error(run_main(['web', stand_in, '--no-measure']))
+    assert sorted(p.name for p in elsewhere.iterdir()) == ['keep.txt']
+
+
+def test_measure_timeout_is_said(stand_in, capsys):
+    "A page that does not start within the measurement's timeout: 'not measured (timed out after N s)' in the printed line, web.json and the report, no figure"
+    import json
+    pytest.importorskip('playwright')
+    from pcam_fastai.web import export_web
+    web = export_web(stand_in, measure_timeout=3)
+    out = capsys.readouterr().out
+    if 'headless Chromium did not run the page' in out: pytest.skip('no headless Chromium: ' + out[-300:])
+    said = 'throughput not measured (timed out after 3 s)'
+    assert said in out and said in (stand_in/'report.md').read_text(), out
+    assert 'patches/s in' not in out and 'patches/s in' not in (stand_in/'report.md').read_text()
+    assert json.loads((web/'web.json').read_text())['browser'] == {
+        'not_measured': 'timed out after 3 s: the page had not started in headless Chromium', 'timed_out_s': 3}
 
 
 @slow
