@@ -75,3 +75,10 @@ def test_weights_path_error_gives_no_unsafe_advice(tmp_path, small_set):
 def test_small_sizes_in_mb():
     from pcam_fastai.cache import size_text
     assert size_text(3 * 96 * 96 * 3) == '0.0829 MB' and size_text(5 * 2**30) == '5.00 GiB'
+
+
+def test_importing_the_package_prints_nothing():
+    "No warning a user cannot act on (fastai's torch.jit.script FutureWarning) when the package is imported"
+    import subprocess, sys
+    res = subprocess.run([sys.executable, '-c', 'import pcam_fastai.export, pcam_fastai.slide'], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and 'FutureWarning' not in res.stderr, res.stderr[-2000:]
