@@ -26,9 +26,9 @@ from .stain import StainNormalizer, StainError
 
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'RESIZES', 'BUNDLE_SIZES', 'RESEARCH_ONLY', 'PatchClassifier',
-           'build_model', 'BundleError', 'bundle_meta_problems', 'bundle_device', 'Bundle', 'load_bundle',
-           'export_bundle']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'ONNX_LABELS_KEY', 'RESIZES', 'BUNDLE_SIZES', 'RESEARCH_ONLY',
+           'PatchClassifier', 'build_model', 'BundleError', 'bundle_meta_problems', 'bundle_device', 'Bundle',
+           'load_bundle', 'export_bundle']
 
 # %% ../nbs/13_export.ipynb #c3c3fa92
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -77,6 +77,7 @@ class BundleError(PCamError, ValueError):
     "A bundle folder that is missing files, damaged, or was written by a newer version"
 
 BUNDLE_FORMAT = 3  # 2: bundles that stain-normalize (`stain_norm`); 3: that re-normalize for the backbone (`input_stats`); the others are still written as 1, which older versions read
+ONNX_LABELS_KEY = 'pcam_fastai.labels'  # model.onnx's metadata: the classes and positive class it was exported for
 RESIZES = ('pil-bilinear', 'torch-bilinear')  # how a bundle resizes other sizes: as the run's training loader did
 BUNDLE_SIZES = (16, 1024)  # input sides a bundle may declare, pixels: larger ones would take gigabytes per batch
 
@@ -219,6 +220,10 @@ class Bundle:
             fn = self.checked_file('model.onnx')
             try: self._ort = ort.InferenceSession(str(fn), providers=providers + ['CPUExecutionProvider'])
             except Exception as e: raise BundleError(f"{fn} is not a model onnxruntime can load ({type(e).__name__}: {str(e)[:150]}); export the run again.") from None
+            stamp = self._ort.get_modelmeta().custom_metadata_map.get(ONNX_LABELS_KEY)
+            if stamp is not None and json.loads(stamp) != dict(classes=list(self.classes), positive=self.positive):
+                raise BundleError(f"{fn} was exported for {json.loads(stamp)}, but bundle.json says classes {self.classes}, positive {self.positive!r}: "
+                                  "probabilities would be read from the wrong columns. Restore bundle.json, or export the run again.")
             out = self._ort.get_outputs()[0].shape
             if len(out) != 2 or out[1] != len(self.classes):
                 raise BundleError(f"{fn} gives outputs of shape {out}, but bundle.json names {len(self.classes)} classes {self.classes}; the model and bundle.json "
@@ -352,9 +357,17 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
                 input_stats=cfg.get('input_stats'),  # the backbone's own normalization after the ImageNet one above (inside model.onnx)
                 pretrained_weights=cfg.get('weights'), pretrained_weights_sha256=cfg.get('weights_sha256'))  # what training started from: a file's SHA-256
 
+def _stamp_labels(fn:Path, classes:list, positive):
+    "Write the class names and the positive class into model.onnx's metadata: a bundle.json whose classes were swapped is caught on load"
+    import onnx
+    m = onnx.load(str(fn))
+    onnx.helper.set_model_props(m, {ONNX_LABELS_KEY: json.dumps(dict(classes=list(classes), positive=positive))})
+    onnx.save(m, str(fn))
+
 def _export_checked_onnx(pc, dest, size, bundle, xc, atol, meta):
     "Write model.onnx and check it against torch on `xc`; the ONNX bundle, or an error (and no bundle) when they disagree"
     _export_onnx(pc, dest/'model.onnx', size)
+    _stamp_labels(dest/'model.onnx', meta['classes'], meta['positive'])
     bo = load_bundle(dest, backend='onnx', device='cpu')  # the check and the timing: on the CPU, the same on every machine
     diff = float(np.abs(bo.predict(xc) - bundle.predict(xc)).max())
     meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))

@@ -121,6 +121,8 @@ def test_damaged_bundles_are_refused(bundle, tmp_path):
     with pytest.raises(BundleError, match='model.onnx is not the file this bundle was exported with'): load_bundle(swapped, backend='onnx').predict(x)
     (swapped/'weights.pth').write_bytes((swapped/'weights.pth').read_bytes()[:-10])
     with pytest.raises(BundleError, match='weights.pth is not the file'): load_bundle(swapped, backend='torch').predict(x)
+    with pytest.raises(BundleError, match="was exported for .*but bundle.json says classes \\['tumour', 'normal'\\]"):
+        load_bundle(copy('swapped-classes', classes=['tumour', 'normal']), backend='onnx').predict(x)
     garbage = copy('garbage', sha256=None)  # an older bundle: no hashes to check, so onnxruntime is the judge
     (garbage/'model.onnx').write_bytes(b'not a model')
     with pytest.raises(BundleError, match='is not a model onnxruntime can load'): load_bundle(garbage, backend='onnx').predict(x)
