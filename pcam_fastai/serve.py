@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/serve.html.md"""
 
 # %% ../nbs/14_serve.ipynb #bd095567
 from __future__ import annotations
-import asyncio, base64, ctypes, errno, io, socket, sys, threading, time, traceback, uuid
+import asyncio, base64, collections, ctypes, errno, io, socket, sys, threading, time, traceback, uuid
 from copy import copy
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +26,10 @@ from .core import PCamError, PCamDataError, UsageError, UsageTypeError, to_rgb, 
 from .interpret import HEATMAP_CMAP
 
 # %% auto #0
-__all__ = ['MB', 'IMAGE_FORMATS', 'NO_FILE', 'REQUEST_SLOTS', 'TITLE', 'FORM_SLACK', 'CSS', 'SECURITY_HEADERS', 'MAX_WAITING',
-           'WAIT_S', 'BODY_S', 'UploadError', 'read_upload', 'gradcam_overlay', 'to_png_b64', 'classify',
-           'check_bundle_loads', 'serve_app', 'ServeError', 'serve_in_thread', 'serve']
+__all__ = ['MB', 'IMAGE_FORMATS', 'NO_FILE', 'REQUEST_SLOTS', 'TITLE', 'DISCLAIMER', 'FORM_SLACK', 'CSS', 'SECURITY_HEADERS',
+           'BODY_SLOTS', 'MAX_WAITING', 'WAIT_S', 'BODY_S', 'GRACE_S', 'MIN_RATE', 'UploadError', 'read_upload',
+           'gradcam_overlay', 'to_png_b64', 'classify', 'check_bundle_loads', 'serve_app', 'ServeError',
+           'serve_in_thread', 'serve']
 
 # %% ../nbs/14_serve.ipynb #6727ee57
 class UploadError(PCamError, ValueError):
@@ -191,12 +192,14 @@ def check_bundle_loads(bundle, # A `Bundle` (or an object with `size`, `predict`
 
 # %% ../nbs/14_serve.ipynb #7fff50cc
 TITLE = 'pcam_fastai: patch classifier'
+DISCLAIMER = 'For research use only; not for clinical diagnosis.'  # on every page and in every JSON answer with predictions
 FORM_SLACK = 65536  # bytes allowed for multipart headers on top of the files
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
 form { margin: 1rem 0; padding: 1rem; border: 1px solid #ccc; border-radius: 6px; }
 .hint, #model { color: #555; }
+.disclaimer { font-weight: bold; color: #7a4b00; background: #fff4e0; padding: .4rem .6rem; border-radius: 4px; }
 .error { color: #a00; background: #fee; padding: .4rem .6rem; border-radius: 4px; }
 .result { border: 1px solid #ddd; border-radius: 6px; padding: .5rem 1rem; margin: 1rem 0; }
 .result h2 { font-size: 1.1rem; margin: .3rem 0; word-break: break-all; }
@@ -228,60 +231,84 @@ class _SecurityHeaders:
             await send(msg)
         await self.app(scope, receive, with_headers)
 
-MAX_WAITING = 32  # uploads queued for a request slot; more get 503 "busy" (a waiting upload holds only the server's small read buffer)
-WAIT_S, BODY_S = 120, 60  # longest wait for a slot (then 503), longest time to receive a body once its slot is taken (then 408): a stalled client cannot hold a slot
+# Bodies received at once, apart from the model's REQUEST_SLOTS: a body is held in memory (up to the request limit, ~80 MB) until a model
+# slot takes it, so these bound the memory; slow senders are dropped after GRACE_S, so they cannot keep them either
+BODY_SLOTS = 4
+MAX_WAITING = 32  # uploads queued for a body slot; more get 503 "busy" (a waiting upload holds only the server's small read buffer)
+WAIT_S, BODY_S = 120, 60  # longest wait for a slot (then 503), longest time to receive a body once its slot is taken (then 408)
+GRACE_S, MIN_RATE = 5, 10_000  # after GRACE_S seconds a body must be arriving at MIN_RATE bytes/s on average (10 kB/s), or it gets 408
 
 # %% ../nbs/14_serve.ipynb #d23b3693
 class _BodyLimit:
-    "ASGI middleware: at most `REQUEST_SLOTS` uploads are read and processed at once, `MAX_WAITING` wait, more get 503; bodies over `limit` bytes get 413"
+    "ASGI middleware: bodies are received `BODY_SLOTS` at a time, fast enough or 408, then handed to the app `REQUEST_SLOTS` at a time; `MAX_WAITING` wait, more get 503; bodies over `limit` bytes get 413"
     def __init__(self, app, limit:int, max_files:int, max_mb:float, respond):
         self.app, self.limit, self.max_files, self.max_mb, self.respond = app, limit, max_files, max_mb, respond
-        self._loop, self.slots, self.waiting = None, None, 0
+        self._loop, self.bodies, self.slots, self.waiting = None, None, None, 0
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http' or scope['method'] not in ('POST', 'PUT'): return await self.app(scope, receive, send)
         cl = Headers(scope=scope).get('content-length')
         if cl and cl.isdigit() and int(cl) > self.limit: return await self._refuse(scope, receive, send, int(cl), '')
         loop = asyncio.get_running_loop()
-        if self._loop is not loop: self._loop, self.slots, self.waiting = loop, asyncio.Semaphore(REQUEST_SLOTS), 0  # one per event loop
-        if not self.slots.locked(): await self.slots.acquire()  # a free slot: taken at once (acquire does not suspend)
-        else:  # the body is read only once a slot is free: memory is bounded by the slots, not by the clients
-            if self.waiting >= MAX_WAITING: return await self._busy(scope, receive, send)
-            self.waiting += 1
-            try: await asyncio.wait_for(self.slots.acquire(), WAIT_S)
-            except asyncio.TimeoutError: return await self._busy(scope, receive, send)
-            finally: self.waiting -= 1
-        try: await self._limited(scope, receive, send)
+        if self._loop is not loop:  # one set per event loop
+            self._loop, self.bodies, self.slots, self.waiting = loop, asyncio.Semaphore(BODY_SLOTS), asyncio.Semaphore(REQUEST_SLOTS), 0
+        if not await self._body_slot():
+            return await self._busy(scope, receive, send, f'{BODY_SLOTS} uploads arriving, {self.waiting} waiting')
+        try:  # the body first, without the model: a slow sender holds a body slot for a few seconds at most, never a model slot
+            try: body = await self._receive_body(receive)
+            except _TooLarge as e: return await self._refuse(scope, receive, send, e.args[0], 'more than ')
+            except _TooSlow as e: return await self._too_slow(scope, receive, send, *e.args)
+            if body is None: return  # the client went away
+            try: await asyncio.wait_for(self.slots.acquire(), WAIT_S)  # with the body slot still held: bodies in memory stay bounded
+            except asyncio.TimeoutError: return await self._busy(scope, receive, send, f'the model has had {REQUEST_SLOTS} uploads for {WAIT_S} s')
+        finally: self.bodies.release()
+        try: await self.app(scope, _replay(body, receive), send)
         finally: self.slots.release()
-    async def _busy(self, scope, receive, send):
-        resp = self.respond(Request(scope, receive), f'The server is busy ({REQUEST_SLOTS} uploads in progress, {self.waiting} waiting); '
-                            'try again in a few seconds.', 503)
-        resp.headers['Retry-After'] = '5'
+    async def _body_slot(self) -> bool:
+        "Take a body slot: at once if one is free, else in line (at most `MAX_WAITING` in line, for at most `WAIT_S`); False: busy"
+        if not self.bodies.locked():
+            await self.bodies.acquire()  # a free slot: taken at once (acquire does not suspend)
+            return True
+        if self.waiting >= MAX_WAITING: return False
+        self.waiting += 1  # the body stays unread while waiting: memory is bounded by the slots, not by the clients
+        try: await asyncio.wait_for(self.bodies.acquire(), WAIT_S)
+        except asyncio.TimeoutError: return False
+        finally: self.waiting -= 1
+        return True
+    async def _receive_body(self, receive) -> collections.deque|None:
+        "The body's messages; `_TooSlow` when it falls under `MIN_RATE` after `GRACE_S` or takes over `BODY_S`, `_TooLarge` over `limit`; None if the client left"
+        loop = asyncio.get_running_loop()
+        start, seen, msgs = loop.time(), 0, collections.deque()
+        while True:
+            due = start + min(BODY_S, max(GRACE_S, seen / MIN_RATE))  # when the average rate falls under MIN_RATE unless more arrives
+            if due <= loop.time(): raise _TooSlow(seen, loop.time() - start)
+            try: msg = await asyncio.wait_for(receive(), due - loop.time())
+            except asyncio.TimeoutError: raise _TooSlow(seen, loop.time() - start) from None
+            if msg['type'] != 'http.request': return None  # http.disconnect
+            seen += len(msg.get('body', b''))
+            if seen > self.limit: raise _TooLarge(seen)
+            msgs.append(msg)
+            if not msg.get('more_body', False): return msgs
+    async def _answer(self, scope, receive, send, msg:str, status:int, close:bool=False, headers:dict|None=None):
+        "Answer the whole request with `msg` (JSON or the page); with `close`, drop the connection after it"
+        resp = self.respond(Request(scope, receive), msg, status)
+        resp.headers.update(headers or {})
+        if close: resp.headers['connection'] = 'close'  # the rest of the body is not wanted: the server drops the connection
         await resp(scope, receive, send)
-    async def _limited(self, scope, receive, send):
-        seen, started = 0, False
-        deadline = asyncio.get_running_loop().time() + BODY_S
-        async def counted_receive():
-            nonlocal seen
-            try: msg = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0.001))
-            except asyncio.TimeoutError: raise _TooSlow() from None
-            if msg['type'] == 'http.request':
-                seen += len(msg.get('body', b''))
-                if seen > self.limit: raise _TooLarge()
-            return msg
-        async def tracked_send(msg):
-            nonlocal started
-            if msg['type'] == 'http.response.start': started = True
-            await send(msg)
-        try: await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if started: raise
-            await self._refuse(scope, receive, send, seen, 'more than ')
-        except _TooSlow:
-            if started: raise
-            await self.respond(Request(scope, receive), f'The upload took longer than {BODY_S} s to arrive ({_mb(seen)} received); send it again.', 408)(scope, receive, send)
+    async def _busy(self, scope, receive, send, why:str):
+        await self._answer(scope, receive, send, f'The server is busy ({why}); try again in a few seconds.', 503, headers={'Retry-After': '5'})
+    async def _too_slow(self, scope, receive, send, seen:int, took:float):
+        if took >= BODY_S: msg = f'The upload took longer than {BODY_S} s to arrive ({_mb(seen)} received); send it again, or fewer files at a time.'
+        else: msg = (f'The upload arrived too slowly ({seen:,} bytes in {took:.1f} s; after the first {GRACE_S} s the server needs '
+                     f'{MIN_RATE / 1000:g} kB/s on average); send it again over a faster connection.')
+        await self._answer(scope, receive, send, msg, 408, close=True)
     async def _refuse(self, scope, receive, send, n, more):
         msg = _too_large_msg(n, self.limit, self.max_files, self.max_mb).replace('is ', f'is {more}', 1)
-        await self.respond(Request(scope, receive), msg, 413)(scope, receive, send)
+        await self._answer(scope, receive, send, msg, 413)
+
+def _replay(msgs:collections.deque, receive):
+    "An ASGI receive that hands out the body's messages already received (freeing each as it goes), then what the client sends next"
+    async def replayed(): return msgs.popleft() if msgs else await receive()
+    return replayed
 
 def _model_info(bundle) -> str:
     pos = getattr(bundle, 'positive', None)
@@ -308,7 +335,7 @@ def _card(r:dict, i:int, bundle) -> Div:
 def _page(bundle, max_mb:float, max_files:int, results=(), errors=()) -> tuple:
     "The upload page, with results and errors below the form"
     return (Title(TITLE), Style(CSS),
-            Main(H1(TITLE), P(_model_info(bundle), id='model'),
+            Main(H1(TITLE), P(DISCLAIMER, cls='disclaimer', id='disclaimer'), P(_model_info(bundle), id='model'),
                  Form(Input(type='file', name='files', id='files', multiple=True, accept='image/*'),
                       Button('Classify', type='submit', id='submit'),
                       P(f'Up to {max_files} image patches (PNG, TIFF, JPEG...) of at most {_mb(max_mb * MB)} each. '
@@ -383,7 +410,7 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
         files, fields = await _uploads(req, with_fields=True)
         want = req.query_params.get('gradcam', fields.get('gradcam', '0')).strip().lower() in ('1', 'true', 'yes', 'on')
         res, status = await run_in_threadpool(_classify, bundle, files, max_mb, max_files, False, want)
-        return JSONResponse(res, status)
+        return JSONResponse(dict(res, disclaimer=DISCLAIMER), status)
 
     @app.get('/health')
     def health(): return JSONResponse(dict(status='ok', classes=list(bundle.classes), size=int(bundle.size),

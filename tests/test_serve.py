@@ -1,5 +1,5 @@
 "`pcam-fastai serve`: the JSON API, bad uploads, the HTML page, the server process, and the page in a real headless browser."
-import io, os, signal, subprocess, sys, time
+import io, os, signal, socket, subprocess, sys, threading, time
 from pathlib import Path
 
 import httpx
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from pcam_fastai.serve import NO_FILE, serve_app, serve_in_thread
+from pcam_fastai.serve import DISCLAIMER, NO_FILE, serve_app, serve_in_thread
 
 from conftest import launch_chromium
 
@@ -88,7 +88,7 @@ def test_gradcam_only_on_request_and_safe_headers(client):
 def test_json_refuses_bad_uploads(client):
     r = post(client, [('empty.png', b'', 'image/png')])
     assert (r.status_code, r.json()) == (400, {'results': [], 'errors': [
-        {'name': 'empty.png', 'error': 'empty.png is empty (0 bytes): choose an image file.'}]})
+        {'name': 'empty.png', 'error': 'empty.png is empty (0 bytes): choose an image file.'}], 'disclaimer': DISCLAIMER})
     r = post(client, [('notes.txt', b'these are not pixels\n', 'text/plain')])
     assert r.status_code == 400
     assert r.json()['errors'] == [{'name': 'notes.txt', 'error': 'notes.txt is not an image PIL can read: its format is not recognised.'}]
@@ -295,9 +295,10 @@ def test_serve_memory_is_bounded_under_concurrent_uploads(tmp_path):
 
 
 def test_busy_and_stalled_uploads(monkeypatch):
-    "Two uploads are read at a time and MAX_WAITING wait; one more is told 503 (with Retry-After); a stalled body gets 408 and frees its slot"
+    "BODY_SLOTS bodies are received at a time and MAX_WAITING wait; one more is told 503 (with Retry-After); a stalled body gets 408 and frees its slot"
     import asyncio
     import pcam_fastai.serve as s
+    monkeypatch.setattr(s, 'BODY_SLOTS', 2)
     monkeypatch.setattr(s, 'MAX_WAITING', 1)
     monkeypatch.setattr(s, 'BODY_S', 1.0)
     app = serve_app(FakeBundle())
@@ -320,3 +321,56 @@ def test_busy_and_stalled_uploads(monkeypatch):
     headers = dict(early[3]['headers'])
     assert headers[b'retry-after'] == b'5' and headers[b'x-frame-options'] == b'DENY'
     assert [m['status'] for m in final] == [408, 408, 408, 503]  # the waiting one got a slot once a stalled one timed out
+    assert dict(final[0]['headers'])[b'connection'] == b'close'  # and the server drops the slow sender
+
+
+def _trickle(url, out, i, stop):
+    "A slow client: the headers of a 1 MB upload, then a byte every 0.7 s; records when the server dropped it, and what it said"
+    host, port = url.rsplit('/', 1)[-1].rsplit(':', 1)
+    t0, got = time.monotonic(), b''
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b'POST /api/predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 1000000\r\n\r\n'
+                  b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="slow.png"\r\nContent-Type: image/png\r\n\r\n')
+        s.settimeout(0.7)  # out of step with the server's 5 s grace, so no byte arrives just as the server closes
+        try:
+            while not stop.is_set():
+                try: chunk = s.recv(65536)
+                except socket.timeout: s.sendall(b'x'); continue
+                if not chunk: break  # the server closed the connection
+                got += chunk
+        except OSError: pass  # reset or broken pipe: dropped as well
+        else:
+            if stop.is_set(): return  # never dropped
+    out[i] = (time.monotonic() - t0, got)
+
+
+def test_slow_senders_do_not_block_uploads():
+    "Two clients trickling their bodies (a byte every 0.7 s): a normal upload is still answered at once, and the slow ones get 408 within seconds"
+    with serve_in_thread(serve_app(FakeBundle())) as url:
+        out, stop = {}, threading.Event()
+        slow = [threading.Thread(target=_trickle, args=(url, out, i, stop), daemon=True) for i in range(2)]
+        for t in slow: t.start()
+        time.sleep(0.5)  # both are sending their bodies
+        t0 = time.monotonic()
+        try: r = httpx.post(f'{url}/api/predict', files={'files': ('red.png', encode(make_patch()), 'image/png')}, timeout=12)
+        except httpx.TimeoutException: r = None
+        took = time.monotonic() - t0
+        for t in slow: t.join(max(0.1, 15 - (time.monotonic() - t0)))
+        stop.set()
+        for t in slow: t.join(3)
+    print(f'\nnormal upload with two slow senders: {took:.2f} s; slow senders dropped after {[round(out[i][0], 1) for i in sorted(out)]} s')
+    assert r is not None and r.status_code == 200 and took < 10, (took, r)
+    assert sorted(out) == [0, 1], out  # both dropped within 15 s
+    for took_slow, got in out.values():
+        assert got.startswith(b'HTTP/1.1 408 '), got[:200]
+        assert b'too slowly' in got and took_slow < 10, (took_slow, got)
+
+
+def test_disclaimer_on_page_and_json(client):
+    "Every answer a person could read as a diagnosis says it is not one: the page (empty, with results, with an error) and the JSON with predictions"
+    line = '<p id="disclaimer" class="disclaimer">For research use only; not for clinical diagnosis.</p>'
+    files = [('red.png', encode(make_patch()), 'image/png')]
+    for r in (client.get('/'), post(client, files, url='/predict'), post(client, [('notes.txt', b'hi', 'text/plain')], url='/predict')):
+        assert line in r.text, r.text[:500]
+    out = post(client, files).json()
+    assert out['disclaimer'] == DISCLAIMER == 'For research use only; not for clinical diagnosis.' and out['results'][0]['label'] == 'tumour'
