@@ -168,10 +168,19 @@ EMBEDDINGS_VERSION = 1
 
 def _slug(name:str) -> str: return ''.join(ch if ch.isalnum() or ch in '-_.' else '-' for ch in name.removeprefix('hf-hub:')).strip('-').lower()
 
+def _not_a_cache(data:Path) -> str:
+    "What to do when `data` is not an array cache: decode it into a new folder beside it (never into the user's data), or build one there"
+    if not data.exists() or (data.is_dir() and not any(data.iterdir())): return f"{data} is not an array cache; build one first: pcam-fastai cache SRC {data}"
+    base = data if data.name else data.resolve()  # '.' has no name
+    dest = base.with_name(f"{base.stem if base.is_file() else base.name}-cache")  # data/pcam.zip or data/pcam: data/pcam-cache
+    if cache_splits(dest): return f"{data} is not an array cache, but {dest} is: pass --data {dest}"
+    return (f"{data} is not an array cache; if it holds PCam (the Kaggle folder or zip, or the official h5 files), decode it once into a new folder: "
+            f"pcam-fastai cache {data} {dest}, then pass --data {dest}")
+
 def _cache_identity(data:Path) -> dict:
     "What the embeddings were computed from: each split's size and label checksum"
     splits = cache_splits(data)
-    if not splits: raise UsageError(f"{data} is not an array cache; build one first: pcam-fastai cache SRC {data}")
+    if not splits: raise UsageError(_not_a_cache(data))
     stain = (data/'stain.json').read_text() if (data/'stain.json').exists() else None  # a stain-normalized cache holds other pixels
     ident = {}
     for s in splits:
@@ -221,6 +230,16 @@ def embedding_cache(data:str|Path, # An array cache root (`build_cache`)
     write_text_atomic(meta_fn, json_text(meta))
     return dest
 
+def _check_embeddings(model:nn.Module, x:np.ndarray, e:torch.Tensor, where:str, first:bool):
+    "Refuse a backbone whose embeddings are not finite, or (on the first batch) the same for different patches: its weights are broken"
+    b = model.pcam_backbone
+    if not torch.isfinite(e).all():
+        raise BackboneError(f"{b['name']} ({b['weights']}) gives non-finite embeddings (NaN or inf) to {int((~torch.isfinite(e)).any(1).sum())} of {len(e)} patches "
+                            f"({where}): its weights are damaged; pass a working weights file.")
+    if first and len(e) > 1 and (x != x[:1]).any() and float((e - e[:1]).abs().max()) <= 1e-6 * max(1.0, float(e.abs().max())):
+        raise BackboneError(f"{b['name']} ({b['weights']}) gives the same embedding to all {len(e)} patches of the first batch ({where}), which differ: "
+                            "its weights are broken (all zeros, or integers read as floats?), and a probe on them would score 0.5; pass a working weights file.")
+
 def _embed_split(model, data, dest, split, key, bs, amp, force, show_progress) -> dict:
     "One split into dest/<split>.npy, resuming a partial run of the same key"
     c = load_cache(data, split)
@@ -241,7 +260,14 @@ def _embed_split(model, data, dest, split, key, bs, amp, force, show_progress) -
     t0, steps = time.perf_counter(), range(start, n, bs)
     pb = progress_bar(steps, leave=False) if show_progress and len(steps) else steps
     for i in pb:
-        arr[i:i + bs] = embed_patches(model, np.ascontiguousarray(c.images[i:i + bs]), amp).numpy()
+        x = np.ascontiguousarray(c.images[i:i + bs])
+        e = embed_patches(model, x, amp)
+        try: _check_embeddings(model, x, e, f'{split}, patches {i:,}-{i + len(x) - 1:,}', first=i == start)
+        except BackboneError:
+            del arr
+            if start == 0: part.unlink(missing_ok=True)  # nothing in it is worth resuming
+            raise
+        arr[i:i + bs] = e.numpy()
         arr.flush()  # the rows reach the file before the progress says they are done
         write_text_atomic(prog, json.dumps(dict(key=key, done=min(i + bs, n))))
         if show_progress: pb.comment = f'{split}: {(min(i + bs, n) - start) / max(time.perf_counter() - t0, 1e-9):,.1f} patches/s'
@@ -440,22 +466,59 @@ PUBLISHED_ANCHORS = [  # (name, kind, balanced accuracy, accuracy, AUC, source):
     ('P4M-DenseNet', 'fine-tuned CNN, published', None, 0.898, 0.963, 'Veeling et al. 2018'),
 ]
 
+def _run_json(fn:Path) -> dict:
+    "A run's JSON file as a dict, or one line saying what is wrong with it"
+    try: d = json.loads(fn.read_text())
+    except (OSError, UnicodeDecodeError) as e: raise UsageError(f"{fn} cannot be read ({type(e).__name__}: {e}); leave this run out of compare, or run it again.") from None
+    except ValueError as e: raise UsageError(f"{fn} is not valid JSON ({e}): the file is damaged; leave this run out of compare, or run it again.") from None
+    if not isinstance(d, dict): raise UsageError(f"{fn} holds a JSON {type(d).__name__}, not an object: it is not a file this package wrote; leave this run out of compare.")
+    return d
+
+_NOT_GIVEN = object()
+def _field(d:dict, fn:Path, path:str, kind:str='any', default=_NOT_GIVEN):
+    "`d`'s value at the dotted `path`, checked: kind 'number', 'str', 'bool', 'dict' or 'pair' (of numbers), '?' after it allowing null; `default` where it is missing"
+    v = d
+    for k in path.split('.'):
+        if not isinstance(v, dict) or k not in v:
+            if default is not _NOT_GIVEN: return default
+            raise UsageError(f"{fn} has no {path}: it is incomplete or not a file this package wrote; run it again, or leave this run out of compare.")
+        v = v[k]
+    kind, null = kind.rstrip('?'), kind.endswith('?')
+    if v is None and null: return None  # json_text writes NaN as null
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    ok = dict(any=True, number=num(v), dict=isinstance(v, dict), str=isinstance(v, str), bool=isinstance(v, bool),
+              pair=isinstance(v, list) and len(v) == 2 and all(x is None or num(x) for x in v))[kind]
+    if not ok:
+        want = dict(number='a number', dict='an object', str='a string', bool='true or false', pair='a pair of numbers')[kind]
+        raise UsageError(f"{fn}: {path} is {json.dumps(v)[:60]}, not {want}: the file is damaged; run it again, or leave this run out of compare.")
+    return v
+
+_METRIC_COLUMNS = ('balanced_accuracy', 'accuracy', 'roc_auc', 'nll')
+
 def _run_row(d:Path) -> dict:
-    if (d/'probe.json').exists():
-        r = json.loads((d/'probe.json').read_text()); s = r['summary']
-        return dict(run=str(d), kind='linear probe', backbone=r['backbone']['name'], split=f"{r['split']}-test", n=r['n_test'], runs=r['n_runs'],
-                    balanced_accuracy=s['balanced_accuracy']['mean'], balanced_accuracy_sd=s['balanced_accuracy']['sd'],
-                    accuracy=s['accuracy']['mean'], accuracy_sd=s['accuracy']['sd'], roc_auc=s['roc_auc']['mean'], roc_auc_sd=s['roc_auc']['sd'],
-                    nll=s['nll']['mean'], nll_sd=s['nll']['sd'], optimistic=r['optimistic'], source='this package')
-    if (d/'metrics.json').exists():
-        m = json.loads((d/'metrics.json').read_text())
-        cfg = json.loads((d/'config.json').read_text()) if (d/'config.json').exists() else {}
-        t = m.get('test') if isinstance(m.get('test'), dict) and 'balanced_accuracy' in m['test'] else m
-        ci = t.get('ci95', {})
-        return dict(run=str(d), kind='fine-tuned', backbone=(cfg.get('settings') or {}).get('arch', '?'), split=str(t.get('split', '?')), n=t.get('n'), runs=1,
-                    balanced_accuracy=t.get('balanced_accuracy'), accuracy=t.get('accuracy'), roc_auc=t.get('roc_auc'), nll=t.get('nll'),
-                    balanced_accuracy_ci=ci.get('balanced_accuracy'), accuracy_ci=ci.get('accuracy'), roc_auc_ci=ci.get('roc_auc'), nll_ci=ci.get('nll'),
-                    optimistic='random' in str(t.get('split', '')) or bool(m.get('optimistic')), source='this package')
+    if not d.exists(): raise UsageError(f"{d} does not exist; pass run folders written by pcam-fastai train or pcam-fastai probe.")
+    if (fn := d/'probe.json').exists():
+        r = _run_json(fn)
+        _field(r, fn, 'summary', 'dict')
+        row = dict(run=str(d), kind='linear probe', backbone=str(_field(r, fn, 'backbone.name')), split=f"{_field(r, fn, 'split', 'str')}-test",
+                   n=_field(r, fn, 'n_test', 'number'), runs=_field(r, fn, 'n_runs', 'number'))
+        for m in _METRIC_COLUMNS: row.update({m: _field(r, fn, f'summary.{m}.mean', 'number?'), f'{m}_sd': _field(r, fn, f'summary.{m}.sd', 'number?')})
+        return dict(row, optimistic=_field(r, fn, 'optimistic', 'bool'), source='this package')
+    if (fn := d/'metrics.json').exists():
+        m = _run_json(fn)
+        cfg = _run_json(d/'config.json') if (d/'config.json').exists() else {}
+        t = m['test'] if isinstance(m.get('test'), dict) and 'balanced_accuracy' in m['test'] else m  # held-out test numbers where the run has them
+        if not any(k in t for k in _METRIC_COLUMNS[:3]):
+            raise UsageError(f"{fn} holds none of balanced_accuracy, accuracy or roc_auc: it is incomplete or not a file this package wrote; run it again, or leave this run out of compare.")
+        split = _field(t, fn, 'split', 'str?', None) or '?'
+        row = dict(run=str(d), kind='fine-tuned', backbone=str(_field(cfg, d/'config.json', 'settings.arch', 'any', '?')),
+                   split=split.split(' (')[0],  # the short name: metrics.json adds the description in brackets, and `optimistic` says it in the table
+                   n=_field(t, fn, 'n', 'number?', None), runs=1)
+        _field(t, fn, 'ci95', 'dict?', None)
+        for k in _METRIC_COLUMNS:
+            ci = _field(t, fn, f'ci95.{k}', 'pair?', None)
+            row.update({k: _field(t, fn, k, 'number?', None), f'{k}_ci': ci if ci and None not in ci else None})
+        return dict(row, optimistic='random' in split or bool(_field(m, fn, 'optimistic', 'bool?', False)), source='this package')
     raise UsageError(f"{d} is neither a training run (metrics.json) nor a probe (probe.json).")
 
 def compare_runs(runs, # Run folders: `train_pcam` runs and `probe` runs
@@ -483,7 +546,7 @@ def compare_markdown(table:pd.DataFrame, # What `compare_runs` returns
     "The comparison as a markdown table (mean ± sd over seeds; a single run's bootstrap 95 % CI in brackets)"
     L = ['| run | kind | backbone | split | balanced accuracy | accuracy | AUC | NLL |', '|---|---|---|---|---|---|---|---|']
     for r in table.to_dict('records'):
-        split = r['split'] + (' (optimistic)' if r.get('optimistic') is True else '')
+        split = str(r['split']) + (' (optimistic)' if r.get('optimistic') is True and 'optimistic' not in str(r['split']) else '')
         name = Path(r['run']).name if r['source'] == 'this package' else f"*{r['run']}* ({r['source']})"
         L.append(f"| {name} | {r['kind']} | {r['backbone']} | {split} | {_cell(r, 'balanced_accuracy')} | {_cell(r, 'accuracy')} | {_cell(r, 'roc_auc')} | {_cell(r, 'nll')} |")
     return ('\n'.join(L) + "\n\n*Italic rows are published numbers, not run here; they are on PCam's official test split.* Rows compare only where their splits "

@@ -19,9 +19,9 @@ from .core import PCamDataError, UsageError, to_rgb, write_json_atomic
 from .cache import Source, build_split, cache_splits, load_cache
 
 # %% auto #0
-__all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'STAIN_FILE', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitterBatch', 'stain_shift',
-           'StainError', 'tissue_fraction', 'StainNormalizer', 'choose_reference', 'read_reference',
-           'StainNormalizeBatch', 'cache_normalizer', 'normalize_cache']
+__all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'REFERENCE_LIMITS', 'STAIN_FILE', 'rgb_to_hed', 'hed_to_rgb',
+           'HEDJitterBatch', 'stain_shift', 'StainError', 'tissue_fraction', 'StainNormalizer', 'choose_reference',
+           'read_reference', 'StainNormalizeBatch', 'cache_normalizer', 'normalize_cache']
 
 # %% ../nbs/03a_stain.ipynb #0fbeca60
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29],   # haematoxylin's RGB optical-density vector (Ruifrok & Johnston 2001)
@@ -94,6 +94,21 @@ def tissue_fraction(patch:np.ndarray, # uint8 RGB patch (H, W, 3)
 
 # %% ../nbs/03a_stain.ipynb #679e756d
 METHODS = ('macenko', 'reinhard')
+REFERENCE_LIMITS = dict(  # what `StainNormalizer.fit` asks of a reference (the fixture's 91 real tiles with tissue: see below)
+    min_side=32,         # px, each reference image: a smaller one is a thumbnail or a crop made by mistake
+    min_stained=500,     # stained pixels in all, Macenko: fewer give unstable stain vectors (2x2 px ends in a failed eigendecomposition)
+    min_chroma=5.,       # mean Lab chroma of the stained pixels: real H&E tiles 16-60, a grayscale image 0
+    min_texture=8.,      # grey levels, std of the stained pixels (mean over RGB): real tiles 22-52, one flat colour 0
+    min_stain_angle=3.,  # degrees between Macenko's haematoxylin and eosin vectors: real tiles 11-32, grayscale or one colour 0
+)
+_FIT_ERRORS = (RuntimeError, ValueError, IndexError, ZeroDivisionError, np.linalg.LinAlgError)  # torch's LinAlgError is a RuntimeError, numpy's a ValueError
+
+def _reference_looks(stained:np.ndarray) -> tuple[float, float]:
+    "(mean Lab chroma, std in grey levels averaged over RGB) of stained uint8 pixels (N, 3)"
+    from torchstain.torch.utils.rgb2lab import rgb2lab
+    lab = rgb2lab(torch.from_numpy(stained.T.astype(np.float32)[..., None] / 255))[:, :, 0]  # OpenCV's Lab: a and b offset by 128
+    chroma = torch.sqrt((lab[1] - 128) ** 2 + (lab[2] - 128) ** 2).mean()
+    return float(chroma), float(stained.astype(np.float32).std(0).mean())
 
 class StainNormalizer:
     "Macenko or Reinhard stain normalization (torchstain), fitted once on reference patches, stored as a few numbers"
@@ -116,11 +131,50 @@ class StainNormalizer:
         if not refs or any(r.dtype != np.uint8 or r.ndim != 3 or r.shape[-1] != 3 for r in refs):
             raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); got {[(str(r.dtype), r.shape) for r in refs[:3]]}.")
         pixels = np.concatenate([r.reshape(-1, 3) for r in refs])[None]  # both methods use the set of pixels, not their layout
-        if (tf := tissue_fraction(pixels)) < self.min_tissue:
-            raise StainError(f"The stain reference holds too little tissue ({tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed): choose patches full of tissue.")
-        self._lib.fit(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+        self._check_reference(refs, pixels[0])
+        try: self._lib.fit(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+        except _FIT_ERRORS as e:
+            raise StainError(f"The {self.method} estimate failed on the stain reference ({type(e).__name__.lstrip('_')}: {(str(e).strip().splitlines() or [''])[0][:120]}): "
+                             "pass other patches, full of tissue with both stains.") from None
+        self._check_estimate()
         self.fitted, self._on_device = True, {}
         return self
+
+    def _check_reference(self, refs:list, pixels:np.ndarray):
+        "Refuse a reference that would normalize every patch wrongly: too small, too little tissue, grayscale, or a flat colour"
+        L, what = REFERENCE_LIMITS, ('The stain reference' if len(refs) == 1 else f'The stain reference ({len(refs)} images)')
+        side = L['min_side']
+        small = [(k, r.shape[:2]) for k, r in enumerate(refs) if min(r.shape[:2]) < side]
+        if small:
+            k, (h, w) = small[0]
+            raise StainError(f"{'The stain reference' if len(refs) == 1 else f'Stain reference image {k}'} is {w}x{h} px, too small to estimate staining from "
+                             f"(at least {side}x{side} px needed): pass whole tissue patches (PCam's are 96x96).")
+        od = -np.log((pixels.astype(np.float32) + 1) / 240)
+        stained = pixels[(od >= 0.15).all(1)]  # `tissue_fraction`'s pixels (Macenko's own threshold)
+        if (tf := len(stained) / len(pixels)) < self.min_tissue or not len(stained):
+            raise StainError(f"{what} holds too little tissue ({tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed): choose patches full of tissue.")
+        if self.method == 'macenko' and len(stained) < L['min_stained']:
+            raise StainError(f"{what} holds {len(stained)} stained pixels, too few for Macenko's stain vectors (at least {L['min_stained']} needed): "
+                             "pass larger patches, or more of them, full of tissue.")
+        chroma, texture = _reference_looks(stained)
+        if chroma < L['min_chroma']:
+            raise StainError(f"{what} has almost no colour (mean chroma {chroma:.1f} of its tissue, at least {L['min_chroma']:g} needed; H&E tiles have 15-60): "
+                             "it looks grayscale, and every normalized patch would turn grey; pass colour H&E patches.")
+        if texture < L['min_texture']:
+            raise StainError(f"{what} is a flat colour (its tissue varies by {texture:.1f} grey levels, at least {L['min_texture']:g} needed; H&E tiles vary by 20-50): "
+                             "every normalized patch would be flattened; pass real tissue patches, not a colour swatch.")
+
+    def _check_estimate(self):
+        "Refuse what `fit` learned when it is not finite, or when Macenko found one stain twice"
+        a, b = (self._lib.HERef, self._lib.maxCRef) if self.method == 'macenko' else (self._lib.target_means, self._lib.target_stds)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise StainError(f"The {self.method} estimate on the stain reference is not finite: pass other patches, full of tissue with both stains.")
+        if self.method == 'macenko':
+            h, e = a[:, 0].double(), a[:, 1].double()
+            angle = math.degrees(math.acos(float((h @ e / (h.norm() * e.norm())).clamp(-1, 1))))
+            if angle < REFERENCE_LIMITS['min_stain_angle']:
+                raise StainError(f"The stain reference shows a single stain (Macenko's haematoxylin and eosin vectors are {angle:.1f} degrees apart, at least "
+                                 f"{REFERENCE_LIMITS['min_stain_angle']:g} needed): pass H&E patches with both nuclei and pink tissue.")
 
     def to_dict(self) -> dict:
         "The method, the options and what `fit` learned, as plain numbers (for config.json and bundle.json)"
@@ -177,7 +231,7 @@ class StainNormalizer:
         src = t if self.method == 'macenko' else t.cpu()
         with torch.autocast(t.device.type, enabled=False):
             try: out = self._lib_on(src.device).normalize(src, stains=False)[0] if self.method == 'macenko' else self._lib.normalize(src)
-            except (RuntimeError, IndexError) as e: return self._bad(name, f'the {self.method} estimate failed: {e}')
+            except _FIT_ERRORS as e: return self._bad(name, f'the {self.method} estimate failed ({type(e).__name__.lstrip("_")}: {(str(e).strip().splitlines() or [""])[0][:120]})')
         out = out.float().to(t.device)
         # torchstain casts to integers itself, so a failed (NaN) estimate arrives as black pixels, not as NaN
         if not torch.isfinite(out).all() or out.max() < 1: return self._bad(name, f'the {self.method} estimate failed (a black result)')

@@ -125,6 +125,11 @@ def _mismatch(sd:dict, own:dict) -> str:
                                  f"{len(unexpected)} of the file's are not in the model ({_some(unexpected)})" if unexpected else '',
                                  f"{len(bad)} have another shape ({_some(bad)})" if bad else '') if s)
 
+def _not_float(sd:dict, own:dict) -> list:
+    "The file's integer or bool tensors where the model's are floating point, as 'name dtype'"
+    return [f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in sd.items()
+            if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+
 def fit_state_dict(model:nn.Module, # The model to load into: a timm model (with or without classifier) or a torchvision model
                    sd:dict, # A state dict, e.g. from `read_weights`
                    source:str|Path, # Where `sd` came from, for messages
@@ -135,7 +140,12 @@ def fit_state_dict(model:nn.Module, # The model to load into: a timm model (with
     def head(k): return is_head_key(k, names) or is_head_key(k)
     def usable(d): return {k: v for k, v in d.items() if not (head(k) and (k not in own or v.shape != own[k].shape))}  # a classifier of other classes is left out
     def wanted(d): return {k: v for k, v in own.items() if not is_head_key(k, names) or k in d}  # every tensor but a classifier the file lacks
-    sd = _resample_pos_embed(model, usable(sd), own)
+    def floats(d):  # load_state_dict would cast integers to float without a word, and the model would give every input the same output
+        if (ints := _not_float(d, own)):
+            raise PretrainedWeightsError(f"{source} holds integer or bool tensors where {arch} has floating-point ones ({len(ints)} of {len(d)}: {_some(ints)}): "
+                                         "a quantized or damaged file; pass the floating-point weights (fp32, fp16 or bf16).")
+        return d
+    sd = _resample_pos_embed(model, floats(usable(sd)), own)
     used, why = 'as saved', _mismatch(sd, wanted(sd))
     if why:
         layout = next((l for l in WEIGHT_LAYOUTS.values() if l.detects(sd)), None)
@@ -146,7 +156,7 @@ def fit_state_dict(model:nn.Module, # The model to load into: a timm model (with
         try: sd = layout.convert({k: v for k, v in sd.items() if not head(k)}, {k: v for k, v in own.items() if not is_head_key(k, names)})
         except PretrainedWeightsError as e:
             raise PretrainedWeightsError(f"{source} has the {layout.name} layout but does not fit {arch}: {e}. Is it the weights file for this architecture?") from None
-        used, sd = layout.name, _resample_pos_embed(model, usable(sd), own)
+        used, sd = layout.name, _resample_pos_embed(model, floats(usable(sd)), own)
         if (why := _mismatch(sd, wanted(sd))): raise PretrainedWeightsError(f"{source} does not fit {arch} after the {layout.name} layout's mapping: {why}.")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if [k for k in missing if k in wanted(sd)] or unexpected:  # a model whose state_dict hides tensors

@@ -1,5 +1,5 @@
 "Foundation models (no hub weights here: ViT-Tiny/16 with random weights, saved to a file so that the file-loading path is real): the embedding cache equals the model's forward pass and resumes after a kill, the probe leaves the backbone unchanged and reports mean ± sd over seeds, missing and gated models get a clear message, and `compare` puts runs beside the published anchors."
-import json, os, subprocess, sys, textwrap
+import json, os, re, subprocess, sys, textwrap
 
 import numpy as np
 import pytest
@@ -179,3 +179,68 @@ def test_vit_trains_with_the_card_recipe_reports_and_exports(tmp_path):
     learn = load_run(tmp_path/'run')
     p_learn = predict(learn, learn.dls.test_dl(x))[0].numpy()  # the cache's loader on the same uint8 patches
     assert np.abs(p_torch - p_learn).max() <= 1e-4
+
+
+def test_integer_weights_and_a_constant_backbone_are_refused(setup, tmp_path):
+    "An int8 file with the right names and shapes is refused naming its tensors; all-zero or NaN weights stop at the first batch, not at a probe of 0.5"
+    from safetensors.torch import save_file
+    _, cache, weights = setup
+    sd = torch.load(weights, weights_only=True)
+    save_file({k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in sd.items()}, str(tmp_path/'int8.safetensors'))
+    save_file({k: torch.zeros_like(v) for k, v in sd.items()}, str(tmp_path/'zeros.safetensors'))
+    save_file({**sd, 'norm.weight': torch.full_like(sd['norm.weight'], float('nan'))}, str(tmp_path/'nan.safetensors'))
+    for name, message in [('int8', f"int8.safetensors holds integer or bool tensors where {ARCH} has floating-point ones"),
+                          ('zeros', 'gives the same embedding to all 64 patches of the first batch (train, patches 0-63)'),
+                          ('nan', 'gives non-finite embeddings (NaN or inf)')]:
+        err = clean_error(run_main(['probe', '--backbone', ARCH, '--weights-path', tmp_path/f'{name}.safetensors', '--data', cache, '--out', tmp_path/name,
+                                    '--n-runs', '1', '--max-steps', '20', '--bs', '32', '--device', 'cpu']))
+        assert message in err, (name, err)
+        assert not (tmp_path/name/'probe.json').exists()
+        if name == 'int8':  # a few tensors named, with their dtype
+            assert re.search(r'\(\d+ of \d+: [\w.]+ int8, [\w.]+ int8, [\w.]+ int8 and \d+ more\)', err) and 'pass the floating-point weights' in err, err
+
+
+def test_probe_on_a_pcam_folder_suggests_a_new_cache_folder(tmp_path):
+    "`probe --data KAGGLE_FOLDER` names `pcam-fastai cache FOLDER FOLDER-cache`, never the user's data folder as the cache's destination"
+    err = clean_error(run_main(['probe', '--backbone', ARCH, '--no-pretrained', '--data', FIXTURE]))
+    assert f'pcam-fastai cache {FIXTURE} {FIXTURE}-cache, then pass --data {FIXTURE}-cache' in err, err
+    assert f'cache SRC {FIXTURE}' not in err
+    err = clean_error(run_main(['probe', '--backbone', ARCH, '--no-pretrained', '--data', tmp_path/'new']))  # a folder that does not exist yet may be the cache
+    assert f'pcam-fastai cache SRC {tmp_path/"new"}' in err
+
+
+GOOD_PROBE = dict(backbone=dict(name='vit-tiny'), split='kaggle-random-60/20/20', n_test=20, n_runs=2, optimistic=True,
+                  summary={m: dict(mean=0.8, sd=0.01) for m in ('balanced_accuracy', 'roc_auc', 'accuracy', 'nll', 'ece', 'sensitivity', 'specificity')})
+
+
+@pytest.mark.parametrize('name,content,message', [
+    ('probe.json', '{"summary": ', 'probe.json is not valid JSON'),
+    ('probe.json', [GOOD_PROBE], 'probe.json holds a JSON list, not an object'),
+    ('probe.json', {k: v for k, v in GOOD_PROBE.items() if k != 'n_runs'}, 'probe.json has no n_runs'),
+    ('probe.json', {**GOOD_PROBE, 'summary': {'accuracy': {'mean': 0.8, 'sd': 0.01}}}, 'probe.json has no summary.balanced_accuracy.mean'),
+    ('probe.json', {**GOOD_PROBE, 'summary': {**GOOD_PROBE['summary'], 'roc_auc': {'mean': '0.91', 'sd': 0.01}}}, 'summary.roc_auc.mean is "0.91", not a number'),
+    ('metrics.json', '\x00\x01', 'metrics.json is not valid JSON'),
+    ('metrics.json', {'split': 'kaggle-random-80/20', 'accuracy': 'high'}, 'metrics.json: accuracy is "high", not a number'),
+    ('metrics.json', {'split': 'kaggle-random-80/20', 'accuracy': 0.8, 'ci95': 'wide'}, 'metrics.json: ci95 is "wide", not an object'),
+    ('metrics.json', {'loss': 0.3}, 'metrics.json holds none of balanced_accuracy, accuracy or roc_auc'),
+])
+def test_compare_names_a_damaged_run_file(tmp_path, name, content, message):
+    "A run whose JSON is damaged, a list, incomplete or holds text for a number: one line naming the file and the problem, no traceback"
+    (tmp_path/'run').mkdir()
+    (tmp_path/'run'/name).write_text(content if isinstance(content, str) else json.dumps(content))
+    GOOD = tmp_path/'good'; GOOD.mkdir(); (GOOD/'probe.json').write_text(json.dumps(GOOD_PROBE))
+    err = clean_error(run_main(['compare', GOOD, tmp_path/'run']))
+    assert message in err and str(tmp_path/'run'/name) in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_compare_marks_a_random_split_optimistic_once(tmp_path):
+    "A fine-tuned run's metrics.json records its split with its description; the table shows the short name and '(optimistic)' once"
+    (tmp_path/'run').mkdir()
+    (tmp_path/'run'/'metrics.json').write_text(json.dumps(dict(
+        split='kaggle-random-80/20 (optimistic: patches of one slide fall on both sides)', n=20, balanced_accuracy=0.8, accuracy=0.8, roc_auc=0.9,
+        nll=0.4, optimistic=True, ci95=dict(balanced_accuracy=[0.6, 0.95], roc_auc=[None, None]))))
+    res = run_main(['compare', tmp_path/'run', '--no-anchors'])
+    assert res.returncode == 0, res.stderr
+    row = [l for l in res.stdout.splitlines() if l.startswith('| run |') and 'fine-tuned' in l][0]
+    assert row.count('optimistic') == 1 and '| kaggle-random-80/20 (optimistic) | 0.8000 (0.600-0.950) |' in row, row

@@ -122,3 +122,57 @@ def test_odd_patches_through_the_normalizing_pipeline(raw_cache):
     assert torch.isfinite(xb).all()
     t = torch.from_numpy(odd).permute(0, 3, 1, 2)
     assert [mac.normalize_tensor(p) is None for p in t] == [True, True, False, False]  # background and one colour are left as they are
+
+
+def bad_references():
+    "Stain references that would normalize every patch wrongly: grayscale tissue, one flat colour, 2x2 px"
+    gray, tile = odd_patches()[2:]
+    return dict(grayscale=(gray, 'it looks grayscale'), single_colour=(np.full((96, 96, 3), (180, 90, 160), np.uint8), 'is a flat colour'),
+                tiny=(tile[40:42, 40:42], 'is 2x2 px, too small'))
+
+
+@pytest.mark.parametrize('method', ['macenko', 'reinhard'])
+@pytest.mark.parametrize('kind', ['grayscale', 'single_colour', 'tiny'])
+def test_a_bad_stain_reference_is_refused_when_fitted(method, kind):
+    "A grayscale, single-colour or tiny reference is a StainError at fit, not a gray, flattened or crashed cache later"
+    from pcam_fastai.stain import StainNormalizer, StainError
+    ref, message = bad_references()[kind]
+    with pytest.raises(StainError, match=message): StainNormalizer(method).fit(ref)
+
+
+def test_every_real_tile_with_tissue_is_a_valid_reference():
+    "The reference checks pass every fixture tile with at least 10 % tissue, alone, with either method; Macenko wants 500 stained pixels"
+    from PIL import Image
+    from pcam_fastai.stain import StainNormalizer, StainError, tissue_fraction
+    tiles = [t for t in (np.asarray(Image.open(f).convert('RGB')) for f in sorted((FIXTURE/'train').glob('*.tif'))) if tissue_fraction(t) >= 0.1]
+    assert len(tiles) >= 90
+    for method in ('macenko', 'reinhard'):
+        for t in tiles: StainNormalizer(method).fit(t)
+    sparse = odd_patches()[-1][:32, :32].copy(); sparse[:20] = 250  # 32x32 px, under 400 stained pixels
+    with pytest.raises(StainError, match=r"holds 3\d\d stained pixels, too few for Macenko"): StainNormalizer('macenko').fit(sparse)
+    StainNormalizer('reinhard').fit(sparse)
+
+
+@pytest.mark.parametrize('error', ['numpy', 'torch'])
+def test_a_failed_reference_estimate_is_a_stain_error(error):
+    "A LinAlgError inside the library's fit (numpy's or torch's) becomes a StainError naming it; so it does on a patch"
+    from pcam_fastai.stain import StainNormalizer, StainError
+    tile = odd_patches()[-1]
+    def fail(*a, **k): raise (np.linalg.LinAlgError if error == 'numpy' else torch.linalg.LinAlgError)('SVD did not converge')
+    n = StainNormalizer('macenko', on_bad='raise')
+    n._lib.fit = fail
+    with pytest.raises(StainError, match=r'estimate failed on the stain reference \(LinAlgError: SVD did not converge\)'): n.fit(tile)
+    assert not n.fitted
+    n = StainNormalizer('macenko', on_bad='raise').fit(tile)
+    n._lib.normalize = fail
+    with pytest.raises(StainError, match=r'tile cannot be stain-normalized: the macenko estimate failed \(LinAlgError'): n.normalize(tile, 'tile')
+
+
+def test_cli_cache_refuses_a_grayscale_reference(tmp_path):
+    "`cache --stain-norm --stain-ref GRAY.png` stops with one line saying what is wrong instead of writing a gray normalized cache"
+    from PIL import Image
+    from conftest import clean_error
+    Image.fromarray(bad_references()['grayscale'][0]).save(tmp_path/'gray.png')
+    err = clean_error(run_main(['cache', FIXTURE, tmp_path/'c', '--stain-norm', 'reinhard', '--stain-ref', tmp_path/'gray.png']))
+    assert 'it looks grayscale' in err and 'pass colour H&E patches' in err
+    assert not list((tmp_path/'c').glob('stain-*'))
