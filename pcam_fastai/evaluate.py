@@ -15,12 +15,12 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from .core import PCamError, PCamDataError, UsageError, cuda_in_use, file_sha256
 
 # %% auto #0
-__all__ = ['ECE_BINS', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expected_calibration_error',
-           'negative_log_likelihood', 'sensitivity_at_specificity', 'binary_metrics', 'simulate_ci_coverage',
-           'youden_threshold', 'OperatingThreshold', 'operating_threshold', 'fit_temperature', 'apply_temperature',
-           'Calibration', 'fit_calibration', 'plot_reliability', 'plot_roc', 'plot_confusion', 'multiclass_metrics',
-           'plot_confusion_matrix', 'dihedral_logits', 'inference_autocast', 'predict_logits', 'predict',
-           'calibrated_softmax', 'make_submission', 'check_submission', 'ModelFileError', 'read_run_json',
+__all__ = ['ECE_BINS', 'ECE_BOOT', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expected_calibration_error',
+           'negative_log_likelihood', 'sensitivity_at_specificity', 'ece_interval', 'binary_metrics',
+           'simulate_ci_coverage', 'youden_threshold', 'OperatingThreshold', 'operating_threshold', 'fit_temperature',
+           'apply_temperature', 'Calibration', 'fit_calibration', 'plot_reliability', 'plot_roc', 'plot_confusion',
+           'multiclass_metrics', 'plot_confusion_matrix', 'dihedral_logits', 'inference_autocast', 'predict_logits',
+           'predict', 'calibrated_softmax', 'make_submission', 'check_submission', 'ModelFileError', 'read_run_json',
            'verify_model_checksum', 'load_weights', 'load_run', 'run_calibration']
 
 # %% ../nbs/08_evaluate.ipynb #5cee8db2
@@ -73,6 +73,30 @@ def sensitivity_at_specificity(probs, # Predicted probability of the positive cl
     fpr, tpr, _ = roc_curve(t, p)
     return float(tpr[fpr <= 1 - specificity + 1e-12].max())
 
+# %% ../nbs/08_evaluate.ipynb #eb87f29e
+ECE_BOOT = 200  # bootstrap resamples (and perfectly calibrated label draws) for the ECE: slower than the counts
+
+def ece_interval(probs, # Predicted probability of the positive class
+                 targets, # True labels, 0 or 1
+                 n_boot:int=ECE_BOOT, # Bootstrap resamples, and perfectly calibrated label draws for the noise floor
+                 seed:int=0, # Seed of both
+                 n_bins:int=ECE_BINS, # Equal-width bins
+                 idx=None, # Bootstrap resamples as rows of indices (n_boot, N), e.g. those of `binary_metrics`; None: drawn here
+                ) -> dict: # ece (measured), ece_debiased, ci95 (for ece_debiased), ece_floor, ece_floor_hi
+    "The measured ECE, its bootstrap bias correction with a basic-bootstrap 95 % interval (clipped at 0), and the noise floor of perfectly calibrated labels"
+    p, t = _check(probs, targets)
+    rng = np.random.default_rng(seed)
+    if idx is None: idx = rng.integers(0, len(t), (n_boot, len(t)))
+    ece = expected_calibration_error(p, t, n_bins)
+    boot = np.array([expected_calibration_error(p[i], t[i], n_bins) for i in idx])
+    floor = np.array([expected_calibration_error(p, (rng.random(len(p)) < p).astype(int), n_bins) for _ in range(len(idx))])
+    q_lo, q_hi = np.percentile(boot, [2.5, 97.5])
+    floor_hi = float(np.percentile(floor, 97.5))
+    lo = 0.0 if ece <= floor_hi else max(0.0, 2 * ece - q_hi)  # perfect calibration not ruled out: the interval reaches 0
+    hi = max(lo, 2 * ece - q_lo)
+    return dict(ece=ece, ece_debiased=float(np.clip(2 * ece - boot.mean(), lo, hi)), ci95=[float(lo), float(hi)],
+                ece_floor=float(floor.mean()), ece_floor_hi=floor_hi)
+
 # %% ../nbs/08_evaluate.ipynb #a0892b68
 def binary_metrics(probs, # Predicted probability of tumour, one per patch
                    targets, # True labels, 0 or 1
@@ -82,7 +106,7 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
                    seed:int=0, # Seed of the bootstrap
                    threshold_source:str='fixed', # How the threshold was chosen, for the report
                   ) -> dict:
-    "Accuracy, AUC, balanced accuracy, NLL, ECE, sensitivity (also at 90 % specificity), specificity, precision, F1, counts and bootstrap 95 % CIs"
+    "Accuracy, AUC, balanced accuracy, NLL, ECE (measured, bias-corrected, noise floor), sensitivity (also at 90 % specificity), specificity, precision, F1, counts and bootstrap 95 % CIs"
     p, t = _check(probs, targets)
     if not 0 <= threshold <= 1: raise UsageError(f"threshold must be in [0, 1], got {threshold}.")
     pred = (p >= threshold).astype(int)
@@ -105,14 +129,15 @@ def binary_metrics(probs, # Predicted probability of tumour, one per patch
         tns, neg = ((pred[idx] == 0) & (t[idx] == 0)).sum(1), len(t) - pos
         ok = (pos > 0) & (neg > 0)
         bals = (tps[ok] / pos[ok] + tns[ok] / neg[ok]) / 2
-        eces = [expected_calibration_error(p[i], t[i]) for i in idx[:200]]  # 200 resamples: ECE is slower than the counts
+        ei = ece_interval(p, t, seed=seed, idx=idx[:ECE_BOOT])  # bias-corrected, with its interval and the noise floor
+        res.update(ece_debiased=ei['ece_debiased'], ece_floor=ei['ece_floor'], ece_floor_hi=ei['ece_floor_hi'])
         aucs = [roc_auc_score(t[i], p[i]) for i in idx if 0 < t[i].sum() < len(i)] if two else []
         pc = np.clip(p, np.finfo(np.float64).eps, 1 - np.finfo(np.float64).eps)
         nlls = (-(t * np.log(pc) + (1 - t) * np.log(1 - pc)))[idx].mean(1)  # each patch's log loss, resampled
         res['ci95'] = dict(accuracy=[float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))],
                            roc_auc=[float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if aucs else [float('nan')] * 2,
                            balanced_accuracy=[float(np.percentile(bals, 2.5)), float(np.percentile(bals, 97.5))] if len(bals) else [float('nan')] * 2,
-                           ece=[float(np.percentile(eces, 2.5)), float(np.percentile(eces, 97.5))],
+                           ece=ei['ci95'],  # for ece_debiased (the measured ece is biased upwards; see `ece_interval`)
                            nll=[float(np.percentile(nlls, 2.5)), float(np.percentile(nlls, 97.5))],
                            n_boot=n_boot, seed=seed)
     return res
@@ -242,7 +267,7 @@ import textwrap
 
 def _title(ax, title:str, subtitle:str='', width:int=48):
     "A short bold title with an optional smaller, wrapped second part (long split descriptions go there, never cut)"
-    ax.set_title(title + ('\n' + textwrap.fill(subtitle, width) if subtitle else ''), fontsize=10, loc='center')
+    ax.set_title(title + ('\n' + textwrap.fill(subtitle, width, break_on_hyphens=False) if subtitle else ''), fontsize=10, loc='center')  # 'kaggle-random-80/20' stays whole
 
 def plot_reliability(curves:dict, # {name: probabilities of the positive class}, e.g. before and after temperature scaling
                      targets, # True labels, 0 or 1
@@ -251,7 +276,7 @@ def plot_reliability(curves:dict, # {name: probabilities of the positive class},
                      n_bins:int=ECE_BINS, # Equal-width bins
                     ) -> plt.Figure:
     "Reliability diagram: share of tumour patches against the mean predicted probability per bin, with each curve's ECE, over a histogram of the probabilities"
-    fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.2), gridspec_kw=dict(height_ratios=[3, 1]), sharex=True)
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.6 + 0.15 * len(curves)), gridspec_kw=dict(height_ratios=[3, 1]), sharex=True)
     ax.plot([0, 1], [0, 1], ':', c='grey', label='perfectly calibrated')
     edges = np.linspace(0, 1, n_bins + 1)
     for i, (name, probs) in enumerate(curves.items()):
@@ -263,9 +288,13 @@ def plot_reliability(curves:dict, # {name: probabilities of the positive class},
         axh.hist(p, bins=edges, color=f'C{i}', alpha=0.5)
     ax.set(ylabel='share of tumour patches', xlim=(0, 1), ylim=(0, 1), aspect='equal')
     _title(ax, title, subtitle, width=52)
-    ax.legend(loc='upper left', fontsize=8)
     axh.set(xlabel='predicted p(tumour)', ylabel='patches', yscale='log')
-    fig.tight_layout()
+    axh.set_ylim(bottom=0.5)  # a bin of one patch is a visible bar (from the default bottom of 1 it has no height)
+    from matplotlib.ticker import LogLocator, NullFormatter
+    axh.yaxis.set_major_locator(LogLocator(base=10, numticks=4)); axh.yaxis.set_minor_formatter(NullFormatter())  # powers of ten only: no crowded labels
+    n_leg = len(curves) + 1
+    fig.legend(*ax.get_legend_handles_labels(), loc='lower center', fontsize=8, frameon=False)  # under the plots: never over a curve
+    fig.tight_layout(rect=(0, 0.045 * n_leg, 1, 1))
     return fig
 
 # %% ../nbs/08_evaluate.ipynb #d85c0c83

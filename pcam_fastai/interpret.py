@@ -21,7 +21,7 @@ from .learner import token_backbone
 
 # %% auto #0
 __all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'STAGE_CONTAINERS', 'body_stages', 'gradcam_layer', 'tokens_to_grid', 'gradcam',
-           'centre_ratio', 'centre_mass_share', 'all_preds', 'outline_centre', 'heatmap_colorbar',
+           'centre_ratio', 'centre_mass_share', 'all_preds', 'loss_text', 'outline_centre', 'heatmap_colorbar',
            'plot_patches_gradcam', 'calibrated_losses', 'top_loss_idxs', 'plot_top_losses_gradcam',
            'plot_confident_gallery']
 
@@ -156,9 +156,14 @@ def _rows(interp, idxs):
     finally: interp.learn.metrics = metrics
     return inps, preds, targs, losses
 
+def loss_text(loss, # A patch's cross-entropy (-log p of its label), a float or a 0-d tensor
+             ) -> str:
+    "The loss as a plot title shows it: two decimals, never '-0.00' (-log 1 is -0.0)"
+    return f'{max(float(loss), 0.0) + 0.0:.2f}'  # + 0.0 turns -0.0 into 0.0
+
 def _wrap(title:str, fig_width:float) -> str:
     import textwrap
-    return textwrap.fill(title, max(30, int(fig_width * 11)))
+    return textwrap.fill(title, max(30, int(fig_width * 11)), break_on_hyphens=False)  # 'Grad-CAM' stays whole
 
 def outline_centre(ax, # Axes showing a patch
                    side:int, # The patch's side in pixels, as drawn
@@ -191,8 +196,9 @@ def plot_patches_gradcam(learn, # A trained learner
                          ncols:int|None=None, # Grid columns; None: about square
                          centre_box:bool=True, # Outline the centre third (PCam's labelled 32x32)
                          threshold:float|None=None, # The run's operating threshold: labels are p(positive) >= threshold; None: the most likely class
+                         cam_class:int|None=None, # The class whose evidence every map shows (1: tumour); None: each patch's predicted label
                         ) -> plt.Figure:
-    "Patches with the Grad-CAM of their label, the centre 32x32 outlined and a colour bar; titles: actual / predicted, loss, p(positive class)"
+    "Patches with the Grad-CAM of their predicted label (or of `cam_class`), the centre 32x32 outlined and a colour bar; titles: actual / predicted, loss, p(positive class)"
     idxs = torch.as_tensor(idxs, dtype=torch.long)
     k = len(idxs)
     ncols = ncols or max(1, math.ceil(math.sqrt(k)))
@@ -212,7 +218,7 @@ def plot_patches_gradcam(learn, # A trained learner
     losses = F.nll_loss(preds.clamp_min(1e-12).log(), targs.cpu().long(), reduction='none')
     two = preds.shape[1] == 2
     labels = (preds[:, 1] >= threshold).long() if two and threshold is not None else preds.argmax(1)
-    cams = gradcam(learn, inps, target=labels)
+    cams = gradcam(learn, inps, target=labels if cam_class is None else cam_class)
     imgs = learn.dls.valid.decode((inps,))[0]
     vocab = learn.dls.vocab
     p_pos = preds[:, 1] if two else preds.max(1).values
@@ -223,7 +229,7 @@ def plot_patches_gradcam(learn, # A trained learner
         cam = to_np(cams[i])  # heat fades to transparent where the map is zero, so the tissue stays readable
         ax.imshow(cam, cmap=cmap, alpha=alpha*cam, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5), vmin=0, vmax=1)
         if centre_box: outline_centre(ax, img.shape[0])
-        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(labels[i])]}\nloss {max(float(losses[i]), 0.0):.2f}, {p_name} {float(p_pos[i]):.2f}', fontsize=8)
+        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(labels[i])]}\nloss {loss_text(losses[i])}, {p_name} {float(p_pos[i]):.2f}', fontsize=8)
     fig.suptitle(_wrap(title, fig.get_figwidth() * 0.85), fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.89, 1))
     heatmap_colorbar(fig, cmap)
@@ -256,13 +262,17 @@ def plot_top_losses_gradcam(learn, # A trained learner
                             dl=None, # DataLoader to rank; None: the validation set
                             interp:ClassificationInterpretation|None=None, # Reuse an interpretation already computed
                             kind:str='all', # 'all', 'fn' (tumour called normal: what matters most) or 'fp'
+                            positive_cam:bool=True, # Two classes: every map shows the positive class's evidence (for a missed tumour: where its tumour evidence lies); False: the predicted label's
                             **kwargs, # Passed to `plot_patches_gradcam`
                            ) -> plt.Figure:
-    "Grid of the `k` highest-loss patches (all, false negatives or false positives) with their Grad-CAM heatmaps"
+    "Grid of the `k` highest-loss patches (all, false negatives or false positives) with Grad-CAM heatmaps, of the positive class in a two-class task"
     interp = interp or ClassificationInterpretation.from_learner(learn, dl=dl)
     names = dict(all='Top losses', fn='False negatives (missed tumour), highest loss first', fp='False positives, highest loss first')
-    return plot_patches_gradcam(learn, top_loss_idxs(interp, k, kind, kwargs.get('threshold')), interp,
-                                title=f'{names[kind]}: actual / predicted, Grad-CAM of the predicted label' + ('; dashed: the labelled centre' if kwargs.get('centre_box', True) else ''), **kwargs)
+    vocab = list(learn.dls.vocab)
+    cam_class = 1 if positive_cam and len(vocab) == 2 else None
+    explains = f'Grad-CAM of {vocab[1]}' if cam_class == 1 else 'Grad-CAM of the predicted label'
+    return plot_patches_gradcam(learn, top_loss_idxs(interp, k, kind, kwargs.get('threshold')), interp, cam_class=cam_class,
+                                title=f'{names[kind]}: actual / predicted, {explains}' + ('; dashed: the labelled centre' if kwargs.get('centre_box', True) else ''), **kwargs)
 
 def plot_confident_gallery(learn, # A trained learner
                            k:int=4, # Patches per class
@@ -276,4 +286,4 @@ def plot_confident_gallery(learn, # A trained learner
     right = ((probs[:, 1] >= thr).long() if thr is not None and probs.shape[1] == 2 else probs.argmax(1)) == targs
     order = calibrated_losses(interp).argsort()
     idxs = torch.cat([order[(right & (targs == c))[order]][:k] for c in range(probs.shape[1])])
-    return plot_patches_gradcam(learn, idxs, interp, title='Most confident correct patches per class', ncols=k, **kwargs)
+    return plot_patches_gradcam(learn, idxs, interp, title='Most confident correct patches per class, Grad-CAM of the predicted label', ncols=k, **kwargs)

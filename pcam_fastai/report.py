@@ -18,7 +18,8 @@ from .interpret import plot_top_losses_gradcam
 from .training import plot_history
 
 # %% auto #0
-__all__ = ['short_split_name', 'gradcam_centre_share', 'evaluate_run', 'headline', 'write_report']
+__all__ = ['RESEARCH_USE', 'short_split_name', 'gradcam_centre_share', 'evaluate_run', 'threshold_rule', 'threshold_text',
+           'headline', 'stage_label', 'write_report']
 
 # %% ../nbs/11_report.ipynb #e0830413
 def short_split_name(dls, # DataLoaders of a run
@@ -113,7 +114,7 @@ def evaluate_run(learn, # The trained learner
                                            "and the classes overlap; else 0.5 (the middle of the gap if 0.5 lies outside a perfect separation)"))
     if centre_box:
         cs = gradcam_centre_share(learn, vdl, op.value)
-        if cs['grid'] is not None: m['gradcam_centre_share'] = cs
+        if cs['grid'] is not None: m['gradcam_centre_share'] = dict(cs, of=valid['tp'])  # n of the tp correct positives (at most max_patches)
     tdl, test_split = source.test_dl(dls)
     if tdl is not None:
         tz, tt = (a.numpy() for a in predict_logits(learn, tdl))
@@ -148,6 +149,19 @@ def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k, source):
     return m
 
 # %% ../nbs/11_report.ipynb #8f0deaa2
+def threshold_rule(value:float, # The threshold
+                   source:str, # How it was chosen: `OperatingThreshold.source` or `binary_metrics`' `threshold_source`
+                  ) -> str:
+    "How a threshold was chosen, in words, without the value that a fallback's source starts with ('0.5 (fallback: ...)')"
+    v = f'{value:.3g}'
+    return source[len(v) + 2:-1] if source.startswith(v + ' (') and source.endswith(')') else source
+
+def threshold_text(value:float, # The threshold
+                   source:str, # How it was chosen
+                  ) -> str:
+    "The threshold and how it was chosen, the value said once: '0.5 (fallback: ...)', '0.412 (Youden's J on validation)'"
+    return f'{value:.3g} ({threshold_rule(value, source)})'
+
 def headline(metrics:dict, # A run's metrics.json content
             ) -> str:
     "The lines `train_pcam` prints about a run: validation accuracy and AUC, the operating threshold and calibration, held-out test"
@@ -155,9 +169,7 @@ def headline(metrics:dict, # A run's metrics.json content
              f'({str(metrics.get("split", "")).split(" (")[0]})']
     if metrics.get('operating_threshold'):
         c, op = metrics['calibration'], metrics['operating_threshold']
-        v, src = f'{op["value"]:.3g}', op['source']
-        rule = src[len(v) + 1:] if src.startswith(v + ' (') else f'({src})'  # '0.5 (fallback: ...)' is not repeated after the value
-        lines.append(f'train_pcam: labels use p({metrics["classes"][1]}) >= {v} {rule}; calibration T = {c["temperature"]:.3g}, '
+        lines.append(f'train_pcam: labels use p({metrics["classes"][1]}) >= {threshold_text(op["value"], op["source"])}; calibration T = {c["temperature"]:.3g}, '
                      f'bias {(c.get("bias") or [0, 0])[1]:+.3g}: validation NLL {c["valid_before"]["nll"]:.3f} -> {c["valid_after"]["nll"]:.3f}, '
                      f'ECE {c["valid_before"]["ece"]:.3f} -> {c["valid_after"]["ece"]:.3f}')
     if metrics.get('test'):
@@ -181,19 +193,37 @@ def _metric_rows(m):
             f"| balanced accuracy | {_fmt(m.get('balanced_accuracy'))} | {' - '.join(_fmt(x) for x in ci.get('balanced_accuracy', []))} |"]
     rows += [f'| {k} | {_fmt(m[k])} | |' for k in ('sensitivity', 'specificity', 'precision', 'f1') if k in m]
     rows += [f"| {name} | {_fmt(m[k])} | {' - '.join(_fmt(x) for x in ci.get(k, []))} |" for k, name in (('sensitivity_at_spec90', 'sensitivity at 90 % specificity'),
-             ('nll', 'NLL (calibrated)'), ('ece', 'ECE, 15 bins (calibrated)')) if k in m]
+             ('nll', 'NLL (calibrated)')) if k in m]
+    rows += _ece_rows(m)
     rows += [f"| confusion (tp / fp / tn / fn) | {m['tp']} / {m['fp']} / {m['tn']} / {m['fn']} | |",
-             f"| threshold | {m['threshold']:.3g} ({m['threshold_source']}) | |", f"| patches | {m['n']} ({m['positives']} tumour) | |"]
+             f"| threshold | {threshold_text(m['threshold'], m['threshold_source'])} | |", f"| patches | {m['n']} ({m['positives']} tumour) | |"]
     return rows
 
+def _ece_rows(m):
+    "The ECE bias-corrected with its interval, then as measured beside its noise floor (`ece_interval`); a run without them: the measured ECE alone"
+    if 'ece' not in m: return []
+    if 'ece_debiased' not in m: return [f"| ECE, 15 bins (calibrated) | {_fmt(m['ece'])} | |"]
+    return [f"| ECE, 15 bins (calibrated), bias-corrected | {_fmt(m['ece_debiased'])} | {' - '.join(_fmt(x) for x in m['ci95']['ece'])} |",
+            f"| ECE as measured (biased upwards); its noise floor: perfectly calibrated labels, mean and 97.5th percentile "
+            f"| {_fmt(m['ece'])}; floor {m['ece_floor']:.4f}, {m['ece_floor_hi']:.4f} | |"]
+
+def stage_label(name:str, # A stage's name in metrics.json and history.csv, e.g. 'stage2-unfrozen'
+                stages:list, # The names of the stages the run trained, in order
+               ) -> str:
+    "A stage as the report names it: its place among the stages run, and what it trains ('1 of 1: whole network', not 'stage2-unfrozen')"
+    what = {'stage1-frozen': 'body frozen (head only)', 'stage2-unfrozen': 'whole network'}.get(name, name)
+    return f'{list(stages).index(name) + 1} of {len(stages)}: {what}' if name in stages else what
+
 # %% ../nbs/11_report.ipynb #245fa860
+RESEARCH_USE = 'For research use only; not for clinical diagnosis.'
+
 def write_report(run_dir:Path, # The run folder
                  metrics:dict, # metrics.json content
                  config:dict, # config.json content
                 ) -> Path:
     "`report.md`: the run on one page: data and split, settings, metrics with intervals, and every plot"
     run_dir = Path(run_dir)
-    L = [f"# PCam run `{run_dir.name}`", '',
+    L = [f"# PCam run `{run_dir.name}`", '', RESEARCH_USE, '',
          f"Data: `{metrics['data']}`{' (built-in synthetic set)' if metrics['synthetic'] else ''}. "
          f"Trained {metrics['finished']} on {metrics['device']}" + (f" x {metrics['world_size']} processes (global batch {metrics['global_bs']})" if metrics.get('world_size', 1) > 1 else '')
          + f" ({metrics['compute_precision']}), {metrics['seconds']:.0f} s, seed {metrics['seed']}.", '']
@@ -209,8 +239,8 @@ def write_report(run_dir:Path, # The run folder
               '| metric | value | 95 % CI (bootstrap) |', '|---|---|---|', *_metric_rows(metrics['test']), '']
     op, cal = metrics.get('operating_threshold'), metrics.get('calibration') or {}
     if op:
-        L += ['## Operating threshold', '', f"Patches are labelled {metrics['classes'][1]} when the calibrated p({metrics['classes'][1]}) >= **{op['value']:.3g}** ({op['source']}, chosen on "
-              f"{op['chosen_on']}). The same number labels the patches in every plot here, in `metrics.json`, in the exported bundle (`bundle.json`) "
+        L += ['## Operating threshold', '', f"Patches are labelled {metrics['classes'][1]} when the calibrated p({metrics['classes'][1]}) >= **{op['value']:.3g}** "
+              f"({threshold_rule(op['value'], op['source'])}; chosen on {op['chosen_on']}). The same number labels the patches in every plot here, in `metrics.json`, in the exported bundle (`bundle.json`) "
               f"and in `pcam-fastai serve`. Rule: {op['rule']}.", '']
     if 'valid_before' in cal:
         L += ['## Calibration', '', f"A temperature T = {cal['temperature']:.3g} and a bias b = {cal['bias'][1]:+.3g}, fitted on the validation logits after training "
@@ -221,6 +251,10 @@ def write_report(run_dir:Path, # The run folder
             if f'{s}_before' in cal:
                 b, a = cal[f'{s}_before'], cal[f'{s}_after']
                 L += [f"| {'validation (fitted here: optimistic)' if s == 'valid' else 'held-out test'} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |"]
+        if 'ece_floor' in metrics:
+            L += ['', f"ECE is biased upwards on a finite set: perfectly calibrated labels for these {metrics['n']} validation probabilities would score "
+                      f"{metrics['ece_floor']:.4f} on average (97.5 % of the time below {metrics['ece_floor_hi']:.4f}): an ECE near that is as calibrated "
+                      "as these patches can show. The validation table gives the ECE bias-corrected, with its interval."]
         L += ['', '![reliability](reliability_valid.png)' + (' ![reliability test](reliability_test.png)' if 'test_before' in cal else ''), '']
     L += ['## Training', '']
     stain, sn = [], config.get('stain_norm')
@@ -233,7 +267,7 @@ def write_report(run_dir:Path, # The run folder
               'alone; every epoch trains the whole network with one learning rate (one cycle).', '']
     L += ['| stage | epochs | learning rate | seconds |', '|---|---|---|---|']
     lr_txt = lambda r: f'slice({r[0]:.2e}, {r[1]:.2e})' if isinstance(r, list) else f'{r:.2e}'
-    L += [f"| {k} | {v['epochs']} | {lr_txt(v['lr'])} | {v['seconds']} |" for k, v in metrics['stages'].items()]
+    L += [f"| {stage_label(k, list(metrics['stages']))} | {v['epochs']} | {lr_txt(v['lr'])} | {v['seconds']} |" for k, v in metrics['stages'].items()]
     L += ['', '![history](history.png)', '']
     L += [f'![{p}]({p})' for p in metrics['plots'] if p.startswith('lr_find')] + ['']
     multi = metrics.get('multiclass')
@@ -241,9 +275,11 @@ def write_report(run_dir:Path, # The run folder
     cs = metrics.get('gradcam_centre_share')
     if cs and cs.get('n') and cs.get('grid'):
         L += [f"Grad-CAM of layer `{cs['layer']}` ({cs['grid']}x{cs['grid']} cells), dashed square: the centre 32x32 where PCam's label is defined. "
-              f"On {cs['n']} correctly found tumour patches of validation, {cs['mean']:.1%} of the heat lies in that square on average "
+              f"On {_how_many(cs['n'], cs.get('of', metrics.get('tp')))} correctly found tumour patches of validation, {cs['mean']:.1%} of the heat lies in that square on average "
               f"(its area is {cs['area_share']:.1%} of the patch: a map blind to the centre would give about that).", '']
-    if not multi: L += ['![false negatives](false_negatives_gradcam.png)', '', '![false positives](false_positives_gradcam.png)', '']
+    if not multi: L += [f"Misclassified patches show the Grad-CAM of {metrics['classes'][1]} (the positive class): for a missed {metrics['classes'][1]} patch, where the "
+                        f"{metrics['classes'][1]} evidence the model saw lies; the map of its prediction, {metrics['classes'][0]}, would show only what it found normal.", '',
+                        '![false negatives](false_negatives_gradcam.png)', '', '![false positives](false_positives_gradcam.png)', '']
     L += ['![top losses](top_losses_gradcam.png)', '', '![most confident](confident_gallery.png)', '']
     L += ['## Confusion' if multi else '## ROC and confusion', '', '![confusion](confusion_valid.png)' if multi else '![roc](roc_valid.png) ![confusion](confusion_valid.png)', '']
     if metrics.get('test'): L += ['![confusion test](confusion_test.png)' if multi else '![roc test](roc_test.png) ![confusion test](confusion_test.png)', '']
@@ -254,3 +290,7 @@ def write_report(run_dir:Path, # The run folder
           f"Versions: {', '.join(f'{k} {v}' for k, v in metrics['versions'].items())}.", '']
     (run_dir/'report.md').write_text('\n'.join(L))
     return run_dir/'report.md'
+
+def _how_many(n, of):
+    "'64 of the 98', 'all 98', or '64' when the total is unknown"
+    return f'{n} of the {of}' if of and of > n else f'all {n}' if of == n else str(n)

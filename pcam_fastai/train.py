@@ -25,7 +25,7 @@ from .report import evaluate_run, headline, write_report
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'default_data_dir', 'resolve_config', 'run_key', 'reopen_finished_run',
-           'seed_run', 'cpu_weights', 'fit_stain_normalizer', 'train_pcam']
+           'seed_run', 'cpu_weights', 'fit_stain_normalizer', 'settings_line', 'train_pcam']
 
 # %% ../nbs/12_train.ipynb #7eb746ea
 PRESETS = {
@@ -218,10 +218,18 @@ def _reopen_or_clear(run_dir, key, force, dls, cfg):
         for f in ('progress.json', 'history.csv', 'metrics.json', 'model.pth', 'learner.pkl'): (run_dir/f).unlink(missing_ok=True)
     return None
 
+def settings_line(preset:str, # The preset's name
+                  cfg:dict, # Its settings after the overrides
+                  cuda:bool, # Whether the run computes on CUDA
+                 ) -> str:
+    "The line `train_pcam` prints about its settings, with the precision that actually runs: a preset's fp16 is fp32 without a CUDA GPU"
+    shown = {**cfg, 'fp16': 'False (fp32: fp16 needs a CUDA GPU)'} if cfg.get('fp16') and not cuda else cfg
+    return f'train_pcam: preset {preset!r} on {"CUDA" if cuda else "CPU"}: ' + ', '.join(f'{k}={v}' for k, v in shown.items())
+
 def _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic):
     "The learner of the run, after saying what will be trained where"
     cuda = cuda_in_use()
-    if is_main(): print(f'train_pcam: preset {preset!r} on {"CUDA" if cuda else "CPU"}: ' + ', '.join(f'{k}={v}' for k, v in cfg.items()))
+    if is_main(): print(settings_line(preset, cfg, cuda))
     if preset == 'card' and not cuda and is_main():
         print('train_pcam: warning: the card recipe on a CPU is very slow (ResNet50 at 224 px trains at ~3 img/s on 2 cores); '
               'for a quick run pass preset="cpu-demo" (CLI: --preset cpu-demo) or a smaller --size/--arch.')

@@ -23,8 +23,8 @@ from .core import UsageError, write_json_atomic
 from .distributed import is_main, broadcast_value, run_on_main, distrib_fit_ctx
 
 # %% auto #0
-__all__ = ['LRSuggestion', 'lr_suggestions', 'find_lr', 'lr_repr', 'EpochCheckpoint', 'HistoryLogger', 'fit_two_stage',
-           'read_history', 'plot_history', 'versions']
+__all__ = ['METRIC_NAMES', 'LRSuggestion', 'lr_suggestions', 'find_lr', 'lr_repr', 'EpochCheckpoint', 'HistoryLogger',
+           'fit_two_stage', 'read_history', 'metric_label', 'plot_history', 'versions']
 
 # %% ../nbs/10_training.ipynb #7c1103d1
 class LRSuggestion(NamedTuple):
@@ -194,6 +194,13 @@ def read_history(fn:str|Path, # history.csv written by `HistoryLogger`
     df = pd.read_csv(fn)
     return df.drop_duplicates(subset=['stage', 'epoch'], keep='last').reset_index(drop=True)  # an epoch rerun after a crash
 
+METRIC_NAMES = {'roc_auc_score': 'ROC AUC', 'roc_auc_ovr': 'ROC AUC (macro, one-vs-rest)', 'balanced_accuracy_score': 'balanced accuracy', 'error_rate': 'error rate'}
+
+def metric_label(name:str, # A metric's column in history.csv (fastai's name for it)
+                ) -> str:
+    "A metric's name as a plot shows it: 'ROC AUC', not 'roc_auc_score'"
+    return METRIC_NAMES.get(name, name.replace('_', ' '))
+
 def plot_history(history:str|Path|pd.DataFrame, # `history.csv` written during training, or its frame
                 ) -> plt.Figure:
     "Training and validation loss, and the metrics, per epoch across both stages"
@@ -202,9 +209,11 @@ def plot_history(history:str|Path|pd.DataFrame, # `history.csv` written during t
     mets = [c for c in df.columns if c not in ('epoch', 'train_loss', 'valid_loss', 'time', 'stage')]
     fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
     axs[0].plot(x, df.train_loss.astype(float), 'o-', label='train'); axs[0].plot(x, df.valid_loss.astype(float), 'o-', label='valid')
-    axs[0].set(xlabel='epoch', ylabel='loss', title='Loss'); axs[0].legend()
-    for m in mets: axs[1].plot(x, df[m].astype(float), 'o-', label=m)
-    axs[1].set(xlabel='epoch', ylim=(0, 1.02), title='Validation metrics'); axs[1].legend()
+    axs[0].set(xlabel='epoch', ylabel='loss', title='Loss'); axs[0].legend(loc='best', fontsize=8)
+    for m in mets: axs[1].plot(x, df[m].astype(float), 'o-', label=metric_label(m))
+    axs[1].set(xlabel='epoch', ylim=(0, 1.02), title='Validation metrics'); axs[1].legend(loc='best', fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+    for ax in axs: ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: no 1.5 or 2.5
     restarts = np.flatnonzero(df['stage'].values[1:] != df['stage'].values[:-1])
     for ax in axs:
         for r in restarts:  # between the stages
