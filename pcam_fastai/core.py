@@ -15,15 +15,16 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['PATCH_SIZE', 'PCAM_MPP', 'CENTRE', 'CLASSES', 'Split', 'PCamError', 'UsageError', 'UsageTypeError', 'PCamDataError',
-           'write_text_atomic', 'write_json_atomic', 'json_text', 'file_sha256', 'cuda_in_use', 'compute_device',
-           'to_rgb', 'image_error_reason']
+__all__ = ['PATCH_SIZE', 'PCAM_MPP', 'CENTRE', 'CLASSES', 'RESEARCH_USE', 'Split', 'PCamError', 'UsageError', 'UsageTypeError',
+           'PCamDataError', 'write_text_atomic', 'write_json_atomic', 'json_text', 'file_sha256', 'cuda_in_use',
+           'compute_device', 'to_rgb', 'image_error_reason']
 
 # %% ../nbs/00_core.ipynb #c0821cb4
 PATCH_SIZE = 96
 PCAM_MPP = 0.972  # µm per pixel of PCam's patches: Camelyon16's level 2 (10x), where they were cut
 CENTRE = slice(32, 64)  # PCam's label is about this centre 32x32 region only
 CLASSES = ['normal', 'tumour']  # label 0, label 1
+RESEARCH_USE = 'For research use only; not for clinical diagnosis.'  # on every page a person could read as a diagnosis: reports, serve, the web page
 
 # %% ../nbs/00_core.ipynb #44a2daf5
 class Split(NamedTuple):

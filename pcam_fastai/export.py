@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 from fastcore.basics import patch
 
-from .core import CLASSES, PATCH_SIZE, PCAM_MPP, compute_device, file_sha256, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
+from .core import CLASSES, PATCH_SIZE, PCAM_MPP, RESEARCH_USE, compute_device, file_sha256, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
 from .learner import resolve_arch, arch_name, timm_kwargs, apply_input_stats
 from .weights import weights_load_reason
 from .evaluate import ModelFileError, read_run_json, verify_model_checksum
@@ -26,9 +26,9 @@ from .stain import StainNormalizer, StainError
 
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'ONNX_LABELS_KEY', 'RESIZES', 'BUNDLE_SIZES', 'RESEARCH_ONLY',
-           'PatchClassifier', 'build_model', 'BundleError', 'bundle_meta_problems', 'bundle_device', 'Bundle',
-           'load_bundle', 'export_bundle']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'ONNX_LABELS_KEY', 'RESIZES', 'BUNDLE_SIZES', 'PatchClassifier',
+           'build_model', 'BundleError', 'bundle_meta_problems', 'bundle_device', 'Bundle', 'load_bundle',
+           'export_bundle']
 
 # %% ../nbs/13_export.ipynb #c3c3fa92
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -443,10 +443,8 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     return dest
 
 # %% ../nbs/13_export.ipynb #79081bed
-RESEARCH_ONLY = '**For research use only; not for clinical diagnosis.**'  # on every page a person could read as a diagnosis
-
 def _write_export_report(dest:Path, m:dict):
-    L = [f"# Inference bundle: {m['arch']}", '', RESEARCH_ONLY, '',
+    L = [f"# Inference bundle: {m['arch']}", '', f'**{RESEARCH_USE}**', '',
          f"Classes: {', '.join(m['classes'])}" + (f" (positive: {m['positive']}, labelled when p({m['positive']}) >= {m['threshold']:.3g}: {m['threshold_source']})" if m.get('threshold') is not None else ''),
          (f"Probabilities are calibrated: softmax(logits / T + bias) with T = {m.get('temperature', 1.0):.3g}, bias {m.get('bias')}, fitted on validation (inside model.onnx too)"
           if m.get('bias') is not None else 'Probabilities are the softmax of the logits (the run has no calibration)')

@@ -13,13 +13,14 @@ import torch
 import matplotlib.pyplot as plt
 from fastai.interpret import ClassificationInterpretation
 
+from .core import RESEARCH_USE
 from .sources import open_source, DataSource
 from .interpret import plot_top_losses_gradcam
 from .training import plot_history
 
 # %% auto #0
-__all__ = ['RESEARCH_USE', 'short_split_name', 'gradcam_centre_share', 'evaluate_run', 'threshold_rule', 'threshold_text',
-           'headline', 'stage_label', 'write_report']
+__all__ = ['short_split_name', 'gradcam_centre_share', 'evaluate_run', 'threshold_rule', 'threshold_text', 'headline',
+           'stage_label', 'write_report']
 
 # %% ../nbs/11_report.ipynb #e0830413
 def short_split_name(dls, # DataLoaders of a run
@@ -215,8 +216,6 @@ def stage_label(name:str, # A stage's name in metrics.json and history.csv, e.g.
     return f'{list(stages).index(name) + 1} of {len(stages)}: {what}' if name in stages else what
 
 # %% ../nbs/11_report.ipynb #245fa860
-RESEARCH_USE = 'For research use only; not for clinical diagnosis.'
-
 def write_report(run_dir:Path, # The run folder
                  metrics:dict, # metrics.json content
                  config:dict, # config.json content

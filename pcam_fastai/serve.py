@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .core import PCamError, PCamDataError, UsageError, UsageTypeError, to_rgb, image_error_reason
+from .core import RESEARCH_USE, PCamError, PCamDataError, UsageError, UsageTypeError, to_rgb, image_error_reason
 from .interpret import HEATMAP_CMAP
 
 # %% auto #0
@@ -192,7 +192,7 @@ def check_bundle_loads(bundle, # A `Bundle` (or an object with `size`, `predict`
 
 # %% ../nbs/14_serve.ipynb #7fff50cc
 TITLE = 'pcam_fastai: patch classifier'
-DISCLAIMER = 'For research use only; not for clinical diagnosis.'  # on every page and in every JSON answer with predictions
+DISCLAIMER = RESEARCH_USE  # on every page and in every JSON answer with predictions
 FORM_SLACK = 65536  # bytes allowed for multipart headers on top of the files
 
 CSS = """

@@ -11,13 +11,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pcam_fastai
-from .core import PCamError, UsageError, json_text, write_text_atomic
+from .core import RESEARCH_USE, PCamError, UsageError, json_text, write_text_atomic
 from .export import BUNDLE_FORMAT, BundleError
 
 # %% auto #0
-__all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'WEB_MANIFEST', 'RESEARCH_ONLY', 'MAX_MODEL_MB', 'CHROMIUM',
-           'CHROMIUM_ARGS', 'WebExportError', 'npm_tarball_name', 'runtime_cache_dir', 'web_runtime',
-           'check_bundle_for_web', 'wait_for', 'measure_page', 'remove_web_page', 'export_web']
+__all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'WEB_MANIFEST', 'MAX_MODEL_MB', 'CHROMIUM', 'CHROMIUM_ARGS',
+           'WebExportError', 'npm_tarball_name', 'runtime_cache_dir', 'web_runtime', 'check_bundle_for_web', 'wait_for',
+           'measure_page', 'remove_web_page', 'export_web']
 
 # %% ../nbs/14b_web.ipynb #05ea9156
 class WebExportError(PCamError, ValueError):
@@ -112,7 +112,6 @@ def web_runtime(source:str|Path|None=None, # A folder of the `npm pack` tarballs
 # %% ../nbs/14b_web.ipynb #78eaa8ff
 PAGE_FILES = ('index.html', 'page.js')  # the page itself, shipped in pcam_fastai/webpage/
 WEB_MANIFEST = '.pcam-web-manifest.json'  # in BUNDLE/web/: the files the export wrote there; a re-export replaces or removes those and no other
-RESEARCH_ONLY = 'For research use only; not for clinical diagnosis.'  # shown at the top of the page
 MAX_MODEL_MB = 300  # larger models do not fit a page: V8's strings end at 2^29 characters (a 400 MB model in base64)
 
 def _page_facts(meta:dict, max_mb:float, max_pixels:int) -> dict:
@@ -155,10 +154,10 @@ def _js_string(data:bytes|str) -> str:
     return json.dumps(base64.b64encode(data).decode() if isinstance(data, bytes) else data)
 
 def _index_html() -> str:
-    "The page's index.html, with `RESEARCH_ONLY` shown at its top, above the model's facts and the file picker"
+    "The page's index.html, with `RESEARCH_USE` shown at its top, above the model's facts and the file picker"
     html, mark = (Path(pcam_fastai.__file__).parent/'webpage'/'index.html').read_text(encoding='utf-8'), '<div id="model">'
     if mark not in html: raise WebExportError(f'pcam_fastai/webpage/index.html has no {mark}: this installation is damaged; reinstall pcam_fastai.')
-    return html.replace(mark, f'<p class="warn" id="research-only"><strong>{RESEARCH_ONLY}</strong> '
+    return html.replace(mark, f'<p class="warn" id="research-only"><strong>{RESEARCH_USE}</strong> '
                               "A probability here is a model's output on one patch, not a pathologist's finding.</p>\n" + mark, 1)
 
 def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
