@@ -287,7 +287,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
     init_distributed()  # joins the process group when started by accelerate launch or torchrun; nothing in one process
     preset, cfg, lr_frozen, lr_unfrozen = _recipe(data, preset, weights_path, lr_frozen, lr_unfrozen, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
                                        epochs_unfrozen=epochs_unfrozen, pretrained=pretrained, fp16=fp16, lr_find_iters=lr_find_iters, n_items=n_items)
-    run_dir = Path(run_dir).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir).resolve()
     source = _open_data(data, cache, cfg)
     split_kw = dict(size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed, n_items=cfg['n_items'], groups=groups)
     source, batch_norm = _stain_data(source, stain_norm, stain_norm_at, stain_ref, split_kw)
@@ -304,6 +304,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                   positive=getattr(dls, 'positive', None), resize=source.resize,  # how patches reach `size`: an export must do the same
                   stain_norm=stain.to_dict() if stain else None, stain_norm_at=getattr(dls, 'stain_norm_at', None), stain_ref=str(stain_ref) if stain_ref and stain else None)
     key = run_key(config)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad data path leaves no empty run folder behind
     done = _reopen_or_clear(run_dir, key, force, dls, cfg)
     if done is not None: return done
     learn = _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic)

@@ -24,8 +24,9 @@ def test_first_path_positional_or_flag(tmp_path):
     assert 'two different paths' in err
 
 
-def test_data_path_that_does_not_exist():
-    assert 'does not exist' in clean_error(run_main(['train', '--data', '/nonexistent/pcam']))
+def test_data_path_that_does_not_exist(tmp_path):
+    assert 'does not exist' in clean_error(run_main(['train', '--data', '/nonexistent/pcam', '--run-dir', tmp_path/'run']))
+    assert not (tmp_path/'run').exists()  # a failed start leaves no empty run folder
 
 
 def test_arch_suggestions_once():
