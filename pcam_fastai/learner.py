@@ -165,8 +165,8 @@ def choose_precision(fp16:bool, # Whether mixed precision was asked for (the car
         major, minor = capability or torch.cuda.get_device_capability()
         if major >= 8: return 'bf16', f'bf16 mixed precision (PyTorch AMP on CUDA; compute capability {major}.{minor} has bf16 tensor cores: fp16 speed, no loss scaling)'
         return 'fp16', f'fp16 mixed precision (PyTorch AMP with loss scaling on CUDA; compute capability {major}.{minor} has no bf16 tensor cores)'
-    if fp16: return None, ('fp32 on the CPU (mixed precision, the default, is for CUDA GPUs: fastai would silently train in fp32 here, '
-                            'and bf16 autocast is ~11x slower than fp32 on CPUs without AVX-512)')
+    if fp16: return None, ('fp32 on the CPU: mixed precision, the default, is for CUDA GPUs; fastai would silently train in fp32 here, '
+                            'and bf16 autocast is ~11x slower than fp32 on CPUs without AVX-512')
     return None, 'fp32 (fp16 not requested)'
 
 # %% ../nbs/06_learner.ipynb #2693e861

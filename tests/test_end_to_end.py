@@ -40,7 +40,7 @@ def test_demo_run_writes_everything(demo_run):
     assert (m['threshold'], m['threshold_source']) == (op['value'], op['source']) and 0 < m['calibration']['temperature']
     # the run says which data and which precision it used
     assert 'built-in synthetic PCam' in res.stdout
-    if not torch.cuda.is_available(): assert 'precision: fp32 on the CPU (mixed precision, the default, is for CUDA GPUs' in res.stdout
+    if not torch.cuda.is_available(): assert 'precision: fp32 on the CPU: mixed precision, the default, is for CUDA GPUs' in res.stdout
     assert m['compute_precision'].startswith('fp32' if not torch.cuda.is_available() else 'fp16')
 
 
