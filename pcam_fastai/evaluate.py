@@ -93,7 +93,7 @@ def ece_interval(probs, # Predicted probability of the positive class
     q_lo, q_hi = np.percentile(boot, [2.5, 97.5])
     floor_hi = float(np.percentile(floor, 97.5))
     lo = 0.0 if ece <= floor_hi else max(0.0, 2 * ece - q_hi)  # perfect calibration not ruled out: the interval reaches 0
-    hi = max(lo, 2 * ece - q_lo)
+    hi = max(lo, 2 * ece - q_lo, ece)  # and up to the measured ECE at least: the interval holds the number shown beside it, whichever is read
     return dict(ece=ece, ece_debiased=float(np.clip(2 * ece - boot.mean(), lo, hi)), ci95=[float(lo), float(hi)],
                 ece_floor=float(floor.mean()), ece_floor_hi=floor_hi)
 

@@ -109,8 +109,12 @@ def bundle_meta_problems(meta:dict, # What a bundle.json holds
         if f in meta and not isinstance(meta[f], bool): bad(f, 'true or false')
     for f in ('mpp', 'input_mpp'):
         if meta.get(f) is not None and not (_finite_number(meta[f]) and 0.01 <= meta[f] <= 100): bad(f, 'µm per pixel from 0.01 to 100, or null')
-    for f in ('stain_norm', 'input_stats', 'sha256'):
+    for f in ('stain_norm', 'sha256'):
         if meta.get(f) is not None and not isinstance(meta[f], dict): bad(f, 'an object, or null')
+    stats = meta.get('input_stats')
+    if stats is not None and not (isinstance(stats, list) and len(stats) == 2 and all(isinstance(s, list) and len(s) == 3 and all(map(_finite_number, s)) for s in stats)
+                                  and min(stats[1]) > 0):
+        bad('input_stats', "the backbone's [mean, std], three numbers each (std above 0), or null")
     return problems
 
 def _as_rgb(img, size:int, resize:str='pil-bilinear', normalizer=None) -> np.ndarray:
@@ -221,11 +225,13 @@ class Bundle:
             try: self._ort = ort.InferenceSession(str(fn), providers=providers + ['CPUExecutionProvider'])
             except Exception as e: raise BundleError(f"{fn} is not a model onnxruntime can load ({type(e).__name__}: {str(e)[:150]}); export the run again.") from None
             stamp = self._ort.get_modelmeta().custom_metadata_map.get(ONNX_LABELS_KEY)
-            if stamp is not None and json.loads(stamp) != dict(classes=list(self.classes), positive=self.positive):
-                raise BundleError(f"{fn} was exported for {json.loads(stamp)}, but bundle.json says classes {self.classes}, positive {self.positive!r}: "
+            try: stamped = None if stamp is None else json.loads(stamp)
+            except ValueError: stamped = stamp
+            if stamp is not None and stamped != dict(classes=list(self.classes), positive=self.positive):
+                raise BundleError(f"{fn} was exported for {stamped}, but bundle.json says classes {self.classes}, positive {self.positive!r}: "
                                   "probabilities would be read from the wrong columns. Restore bundle.json, or export the run again.")
-            out = self._ort.get_outputs()[0].shape
-            if len(out) != 2 or out[1] != len(self.classes):
+            out = self._ort.get_outputs()[0].shape  # the class axis is a number; a model of unknown output shape is checked on its first batch
+            if len(out) == 2 and isinstance(out[1], int) and out[1] != len(self.classes):
                 raise BundleError(f"{fn} gives outputs of shape {out}, but bundle.json names {len(self.classes)} classes {self.classes}; the model and bundle.json "
                                   "do not belong together: export the run again.")
             if providers and 'CUDAExecutionProvider' not in self._ort.get_providers():

@@ -26,10 +26,11 @@ from .export import load_bundle
 
 # %% auto #0
 __all__ = ['MIN_TISSUE', 'MIN_SATURATION', 'MAX_SATURATION', 'WHITE_LEVEL', 'OUTPUTS', 'MAX_TILES', 'MAX_UPSCALE', 'READERS',
-           'LEVEL_CHECK_MISMATCH', 'STATUS', 'READ_BLOCK', 'SlideError', 'SlideReadError', 'bundle_mpp', 'output_name',
-           'write_pyramid_tiff', 'PlacedPatches', 'make_mosaic_slide', 'make_sparse_slide', 'Slide', 'open_slide',
-           'TileGrid', 'best_level', 'tile_grid', 'otsu_threshold', 'saturation', 'tissue_mask', 'Thumbnail',
-           'slide_thumbnail', 'tile_tissue_fractions', 'covered_area', 'slide_heatmap']
+           'LEVEL_CHECK_MISMATCH', 'STATUS', 'READ_BLOCK', 'SlideError', 'SlideReadError', 'bundle_mpp',
+           'training_side', 'output_name', 'write_pyramid_tiff', 'PlacedPatches', 'make_mosaic_slide',
+           'make_sparse_slide', 'Slide', 'open_slide', 'TileGrid', 'best_level', 'tile_grid', 'otsu_threshold',
+           'saturation', 'tissue_mask', 'Thumbnail', 'slide_thumbnail', 'tile_tissue_fractions', 'covered_area',
+           'slide_heatmap']
 
 # %% ../nbs/14a_slide.ipynb #156d058a
 MIN_TISSUE = 0.1  # default: tiles with less tissue than this share are background (a tenth of PCam's own tiles have under a quarter)
@@ -85,6 +86,12 @@ def bundle_mpp(bundle, # An exported bundle (`load_bundle`)
     if size == PATCH_SIZE or not meta.get('centre_box', True): return mpp, 'bundle.json'
     # bundles before input_mpp: PCam's 96 px patches at `mpp`, resized to the model's `size` in training
     return mpp * PATCH_SIZE / size, f'bundle.json ({mpp:.4g} µm/px patches of {PATCH_SIZE} px, resized to {size} px in training)'
+
+def training_side(bundle) -> int:
+    "The side of a bundle's training patches before they were resized to its input size: PCam's 96 for PCam bundles, else the input size"
+    meta = getattr(bundle, 'meta', {}) or {}
+    pcam = meta.get('centre_box', True) and (meta.get('input_mpp') is not None or meta.get('mpp') is not None)
+    return PATCH_SIZE if pcam else getattr(bundle, 'size', PATCH_SIZE)
 
 def output_name(path:str|Path, # A slide file
                ) -> str: # A folder name: never empty, '.', '..' or a path
@@ -392,15 +399,18 @@ def tile_grid(slide:Slide, # An open slide
               size:int, # The model's input side (`bundle.size`)
               model_mpp:float=PCAM_MPP, # µm per pixel the model was trained at
               stride:float=1.0, # Distance between tiles, in tiles: 1 side by side, 0.5 half-overlapping (at least 0.125)
+              patch_side:int|None=None, # The side of the training patches before they were resized to `size` (PCam's: 96); None: `size`
              ) -> TileGrid:
     "Square tiles covering the slide at the model's resolution, and the pyramid level to read them from"
     if isinstance(stride, bool) or not isinstance(stride, (int, float, np.floating, np.integer)) or not 0.125 <= stride <= 1:
         raise UsageError(f"stride is the distance between tiles in tiles, from 0.125 to 1 (1: side by side, 0.5: half a tile), not {stride!r}.")
     tile = round(size * model_mpp / slide.mpp)
     w, h = slide.dimensions
-    if tile < max(8, size / MAX_UPSCALE):
+    patch_side = patch_side or size
+    if tile < max(8, patch_side / MAX_UPSCALE):
         raise SlideError(f"{slide.path}: at {slide.mpp:.4g} µm/px ({slide.mpp_source}) a model tile ({size} px at {model_mpp:.4g} µm/px) would be {tile} px of the slide, "
-                         f"blown up {size / max(tile, 1):.0f}x; slides more than {MAX_UPSCALE}x coarser than the model are refused. Is the resolution right? Pass mpp=... / --mpp ...")
+                         f"blown up {patch_side / max(tile, 1):.0f}x beyond the training patches; slides more than {MAX_UPSCALE}x coarser than them are refused. "
+                         "Is the resolution right? Pass mpp=... / --mpp ...")
     if w < tile or h < tile:
         raise SlideError(f"{slide.path} is {w} x {h} px ({w * slide.mpp / 1000:.3g} x {h * slide.mpp / 1000:.3g} mm at {slide.mpp:.4g} µm/px, {slide.mpp_source}), "
                          f"smaller than one model tile, which is {tile} x {tile} px here ({size} px at the model's {model_mpp:.4g} µm/px); is its resolution right? Pass mpp=... / --mpp ...")
@@ -409,7 +419,7 @@ def tile_grid(slide:Slide, # An open slide
     if cols * rows > MAX_TILES:
         raise SlideError(f"{slide.path}: {cols:,} x {rows:,} tiles of {tile} px every {step} px is {cols * rows:,} tiles, more than {MAX_TILES:,}; "
                          f"is its resolution right ({slide.mpp:.4g} µm/px, {slide.mpp_source})? Pass mpp=... / --mpp ..., or a larger stride.")
-    level = best_level(slide, tile / size)
+    level = best_level(slide, tile / patch_side)  # no finer than the training patches were, before they were resized to `size`
     ds = float(slide.level_downsamples[level])
     return TileGrid(tile, step, cols, rows, level, ds, max(1, round(tile / ds)))
 
@@ -626,7 +636,7 @@ def _write_heatmap(path:Path, bundle, dest:Path, mpp, reader:str, stride:float, 
     pos = _positive_index(bundle)
     threshold, threshold_source = _bundle_threshold(bundle)
     with open_slide(path, mpp, reader) as slide:
-        grid = tile_grid(slide, bundle.size, model_mpp, stride)
+        grid = tile_grid(slide, bundle.size, model_mpp, stride, training_side(bundle))
         thumb = slide_thumbnail(slide, show_progress=show_progress)
         mask, sat_threshold = tissue_mask(thumb.rgb, thumb.readable, tissue_threshold)
         fractions = tile_tissue_fractions(mask, thumb.px, grid).ravel()
@@ -728,8 +738,10 @@ def slide_heatmap(slides, # A slide file, or a list of them
     out_dir, plans, dests = Path(out_dir), [], {}
     if out_dir.exists() and not out_dir.is_dir(): raise UsageError(f"out_dir {out_dir} is a file; pass a folder (it is made when missing).")
     for path in map(Path, slides):  # every slide checked before the first tile is read
-        with open_slide(path, mpp, reader) as s: tile_grid(s, bundle.size, model_mpp, stride)
+        with open_slide(path, mpp, reader) as s: tile_grid(s, bundle.size, model_mpp, stride, training_side(bundle))
         dest = out_dir/output_name(path)
+        if path.stem not in ('', '.', '..') and (old := _finished(out_dir/path.stem)) and old.get('slide') == str(path.resolve()):
+            dest = out_dir/path.stem  # a folder named as before output_name: its finished heatmap is still this slide's
         if dest in dests: raise UsageError(f"{path} and {dests[dest]} would both write to {dest}; rename one, or run them with different out_dirs.")
         dests[dest] = path
         settings = dict(slide=str(path.resolve()), bundle=str(Path(getattr(bundle, 'path', '')).resolve()), bundle_created=bundle.meta.get('created'),
@@ -742,8 +754,8 @@ def slide_heatmap(slides, # A slide file, or a list of them
         plans.append((path, dest, settings, done))
     try: out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise UsageError(f"Cannot make {out_dir} ({e.strerror or e}); pass --out a folder you can write to.") from None
-    if (bp := getattr(bundle, 'path', None)) and Path(bp).is_dir() and not (Path(bp)/'weights.pth').exists():
-        print(f"slide_heatmap: {bp} has no weights.pth; its model.onnx classifies the tiles (enough for a heatmap)")
+    if getattr(bundle, 'backend', None) == 'onnx' and not (Path(bundle.path)/'weights.pth').exists():
+        print(f"slide_heatmap: {bundle.path} has no weights.pth; its model.onnx classifies the tiles (enough for a heatmap)")
     summaries = []
     for path, dest, settings, done in plans:
         if done and not force:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pcam_fastai
 from .core import RESEARCH_USE, PCamError, UsageError, json_text, write_text_atomic
-from .export import BUNDLE_FORMAT, BundleError
+from .export import Bundle, BundleError
 
 # %% auto #0
 __all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'WEB_MANIFEST', 'MAX_MODEL_MB', 'CHROMIUM', 'CHROMIUM_ARGS',
@@ -131,18 +131,19 @@ def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bund
     if not (bundle_dir/'bundle.json').exists():
         hint = f"its bundle is {bundle_dir/'bundle'}" if (bundle_dir/'bundle'/'bundle.json').exists() else 'export one first: pcam-fastai export --run-dir RUN --web'
         raise BundleError(f"{bundle_dir} is not a bundle (no bundle.json); {hint}.")
-    try: meta = json.loads((bundle_dir/'bundle.json').read_text())
-    except json.JSONDecodeError as e: raise BundleError(f"{bundle_dir}/bundle.json is damaged ({e}); export again.") from None
-    if meta.get('format', 0) > BUNDLE_FORMAT:
-        raise BundleError(f"{bundle_dir} was written by a newer pcam_fastai (format {meta['format']}); upgrade pcam_fastai.")
     if not (bundle_dir/'model.onnx').exists():
         raise WebExportError(f"{bundle_dir} has no model.onnx, which the page runs; export the run again without --no-onnx.")
+    try: raw = json.loads((bundle_dir/'bundle.json').read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise BundleError(f"{bundle_dir}/bundle.json is damaged ({e}); export again.") from None
+    if isinstance(raw, dict) and isinstance(raw.get('stain_norm'), dict):  # before the bundle's own checks: no stain method helps a page
+        raise WebExportError(f"{bundle_dir} stain-normalizes patches ({raw['stain_norm'].get('method')}) in Python before model.onnx; the page cannot, "
+                             "so its probabilities would differ. Use pcam-fastai serve for this bundle, or train without --stain-norm for a web page.")
+    bundle = Bundle(bundle_dir, backend='torch', device='cpu')  # every field of bundle.json checked, as for predict and serve
+    bundle.checked_file('model.onnx')  # the file exported, when bundle.json records its SHA-256
+    meta = dict(bundle.meta)
     if (mb := (bundle_dir/'model.onnx').stat().st_size / 1e6) > MAX_MODEL_MB:
         raise WebExportError(f"{bundle_dir}/model.onnx is {mb:.0f} MB; a page holds its model as one base64 string and needs about 4x its size in memory, "
                              f"so models over {MAX_MODEL_MB} MB are refused. Serve this bundle with pcam-fastai serve.")
-    if meta.get('stain_norm'):
-        raise WebExportError(f"{bundle_dir} stain-normalizes patches ({meta['stain_norm'].get('method')}) in Python before model.onnx; the page cannot, "
-                             "so its probabilities would differ. Use pcam-fastai serve for this bundle, or train without --stain-norm for a web page.")
     meta['resize'] = meta.get('resize') or 'pil-bilinear'  # as Bundle reads bundles from before the key
     if meta['resize'] not in ('pil-bilinear', 'torch-bilinear'):
         raise WebExportError(f"{bundle_dir}/bundle.json has resize {meta.get('resize')!r}, which the page does not implement; export it again with this version.")

@@ -223,7 +223,8 @@ def test_web_cli_errors(tmp_path):
     assert 'is not a bundle' in clean_error(run_main(['web', tmp_path]))
     assert '--web needs model.onnx' in clean_error(run_main(['export', '--run-dir', tmp_path, '--web', '--no-onnx']))
     (tmp_path/'b').mkdir()
-    (tmp_path/'b'/'bundle.json').write_text('{"classes": ["normal", "tumour"], "size": 96, "resize": "pil-bilinear"}')
+    (tmp_path/'b'/'bundle.json').write_text('{"arch": "resnet18", "classes": ["normal", "tumour"], "size": 96, "resize": "pil-bilinear", '
+                                            '"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}')
     (tmp_path/'b'/'model.onnx').write_bytes(b'')
     err = clean_error(run_main(['web', tmp_path/'b', '--web-runtime', tmp_path]))
     assert 'npm pack onnxruntime-web@1.30.0' in err and not (tmp_path/'b'/'web').exists()
@@ -241,7 +242,8 @@ def stand_in(tmp_path, monkeypatch):
     (rt/'ort.wasm.min.js').write_text('/*! stand-in */ var ort = {env: {wasm: {}}, InferenceSession: {create: () => new Promise(() => {})}};\n')
     monkeypatch.setattr(web, 'web_runtime', lambda source=None: {n: rt/n for n in names})
     b = tmp_path/'bundle'; b.mkdir()
-    (b/'bundle.json').write_text(json.dumps(dict(arch='resnet18', classes=['normal', 'tumour'], positive='tumour', size=96, resize='pil-bilinear', threshold=0.5)))
+    (b/'bundle.json').write_text(json.dumps(dict(arch='resnet18', classes=['normal', 'tumour'], positive='tumour', size=96, resize='pil-bilinear', threshold=0.5,
+                                                 mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])))
     (b/'model.onnx').write_bytes(b'not a model')
     return b
 
