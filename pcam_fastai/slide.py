@@ -87,7 +87,8 @@ def bundle_mpp(bundle, # An exported bundle (`load_bundle`)
     # bundles before input_mpp: PCam's 96 px patches at `mpp`, resized to the model's `size` in training
     return mpp * PATCH_SIZE / size, f'bundle.json ({mpp:.4g} µm/px patches of {PATCH_SIZE} px, resized to {size} px in training)'
 
-def training_side(bundle) -> int:
+def training_side(bundle, # An exported bundle (`load_bundle`)
+                 ) -> int: # Pixels
     "The side of a bundle's training patches before they were resized to its input size: PCam's 96 for PCam bundles, else the input size"
     meta = getattr(bundle, 'meta', {}) or {}
     pcam = meta.get('centre_box', True) and (meta.get('input_mpp') is not None or meta.get('mpp') is not None)
