@@ -222,7 +222,7 @@ def run_all(out, work, arch, size, n, warm, steps, bs, big_bs, smoke):
     def export():
         from pcam_fastai.train import train_pcam
         from pcam_fastai.export import export_bundle, load_bundle
-        from pcam_fastai.evaluate import load_run
+        from pcam_fastai.runs import load_run
         run = work/'run'
         t = time.time()
         _, m = train_pcam(cache, run_dir=run, preset='card', arch=arch, size=size, pretrained=False, epochs_frozen=0, epochs_unfrozen=1,
@@ -248,7 +248,8 @@ def run_all(out, work, arch, size, n, warm, steps, bs, big_bs, smoke):
         "The exported bundle where a slide user runs it: on this device (auto) against the CPU, then a sparse slide's heatmap"
         from PIL import Image
         from pcam_fastai.export import load_bundle
-        from pcam_fastai.slide import make_sparse_slide, slide_heatmap
+        from pcam_fastai.heatmap import slide_heatmap
+        from pcam_fastai.testslides import make_sparse_slide
         dest = work/'run'/'bundle'
         if not (dest/'bundle.json').exists(): return log(out, 'bundle_on_device', 'skipped: the export section did not finish')
         b, b_cpu = load_bundle(dest), load_bundle(dest, device='cpu')

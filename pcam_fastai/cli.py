@@ -45,11 +45,13 @@ def cache(src:str, # The Kaggle zip, its extracted folder, or a folder of the of
           dest:str, # Cache root to write
           on_bad:str='error', # Unreadable or non-96x96-RGB patches: error, skip or fix
           force:bool=False, # Rebuild even if cached
-          stain_norm:str='none', # Also write a stain-normalized copy: macenko, reinhard or none
+          stain_norm:str='none', # Also write a stain-normalized copy: a stain method (macenko, reinhard, ...) or none
           stain_ref:str=None, # Reference image(s) for the normalization (a file or a folder); default: training patches of the default split
          ):
     "Decode PCam once into a memory-mapped array cache (restartable; train on it with --data DEST)"
-    if stain_norm not in ('none', 'macenko', 'reinhard'): raise UsageError(f"Unknown --stain-norm {stain_norm!r}; choose macenko, reinhard or none.")
+    from pcam_fastai.stain import METHODS  # the registry of stain methods: the one list of their names
+    if stain_norm not in ('none', *METHODS):
+        raise UsageError(f"Unknown --stain-norm {stain_norm!r}; choose {', '.join(METHODS)} or none.")
     out = build_cache(src, dest, on_bad=on_bad, force=force)
     print(f'Cached {", ".join(cache_splits(out))} in {out}. Train on it with: pcam-fastai train --data {out}')
     if stain_norm != 'none':
@@ -78,7 +80,7 @@ def train(*, # keywords only: the command line names every option
           fp16:bool_arg=None, # Mixed precision on CUDA: true or false (default: from the preset)
           **kwargs, # The other parameters of `train_pcam`, with their defaults and docs (see `train_command`)
          ):
-    "Train and evaluate a PCam classifier; writes the model, plots, metrics.json and report.md into --run-dir"
+    "Train and evaluate a PCam classifier; writes the model, plots, metrics and report.md into --run-dir"
     from pcam_fastai.train import train_pcam
     train_pcam(pretrained=pretrained, fp16=fp16, **kwargs)
 
@@ -106,9 +108,10 @@ def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
            no_tta:bool=False, # Skip the 8-view dihedral test-time augmentation (default: as the run was evaluated)
           ):
     "Write a Kaggle submission (id,label with probabilities) for the test patches, checked against sample_submission.csv"
-    from pcam_fastai.evaluate import load_run, make_submission, read_run_json
+    from pcam_fastai.runs import load_run, read_config
+    from pcam_fastai.evaluate import make_submission
     learn = load_run(run_dir, data=data)
-    src = data or read_run_json(Path(run_dir)/'config.json')['data']
+    src = data or read_config(run_dir).data
     p = make_submission(learn, src, out, tta=False if no_tta else None)  # None: as the run evaluated (its calibration's setting)
     print(f'Wrote {p}: {sum(1 for _ in open(p)) - 1} rows, ids and order checked against sample_submission.csv')
 
@@ -163,7 +166,7 @@ def slide(slides:Annotated[str, {'nargs': '+', 'opt': False}], # Whole-slide ima
           force:bool=False, # Redo slides whose outputs are complete
          ):
     "Tumour heatmaps of whole slides with a bundle: tiles at the model's resolution, tissue only; resumable"
-    from pcam_fastai.slide import slide_heatmap
+    from pcam_fastai.heatmap import slide_heatmap
     for s in slide_heatmap(slides, bundle, out, mpp=mpp, stride=stride, min_tissue=min_tissue, tissue_threshold=tissue_threshold, bs=bs, device=device, reader=reader, force=force):
         mx = s.get('max_probability')
         print(f"{Path(s['slide']).name}: {s['tiles_classified']:,} tissue tiles classified ({s['tiles_background']:,} background), tumour area "

@@ -32,7 +32,7 @@ class Split(NamedTuple):
     name: str # Short, what plots show: 'kaggle-random-80/20', 'pcam-official-valid'
     description: str # What the report adds: 'optimistic: patches of one slide fall on both sides'
     optimistic: bool = False # Whether patches of one slide (or patient) can fall on both sides, which flatters the numbers
-    def __str__(self): return f'{self.name} ({self.description})'  # what metrics.json and the report record
+    def __str__(self): return f'{self.name} ({self.description})'  # what a run's numbers and its report record
 
 # %% ../nbs/00_core.ipynb #05b77003
 class PCamError(Exception):

@@ -12,7 +12,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .core import PCamError, PCamDataError, UsageError, cuda_in_use, file_sha256
+from .core import PCamDataError, UsageError
 
 # %% auto #0
 __all__ = ['ECE_BINS', 'ECE_BOOT', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_RANGE', 'expected_calibration_error',
@@ -20,8 +20,7 @@ __all__ = ['ECE_BINS', 'ECE_BOOT', 'MIN_PER_CLASS', 'TEMPERATURE_RANGE', 'BIAS_R
            'simulate_ci_coverage', 'youden_threshold', 'OperatingThreshold', 'operating_threshold', 'fit_temperature',
            'apply_temperature', 'Calibration', 'fit_calibration', 'plot_reliability', 'plot_roc', 'plot_confusion',
            'multiclass_metrics', 'plot_confusion_matrix', 'dihedral_logits', 'inference_autocast', 'predict_logits',
-           'predict', 'calibrated_softmax', 'make_submission', 'check_submission', 'ModelFileError', 'read_run_json',
-           'verify_model_checksum', 'load_weights', 'load_run', 'run_calibration']
+           'predict', 'calibrated_softmax', 'make_submission', 'check_submission']
 
 # %% ../nbs/08_evaluate.ipynb #5cee8db2
 def _check(probs, targets):
@@ -484,101 +483,3 @@ def check_submission(sub:pd.DataFrame, # The submission to check
         extra = set(sub.id) - set(sample_ids)
         raise PCamDataError(f"The submission's ids do not match sample_submission.csv ({len(extra)} unknown ids, e.g. {sorted(extra)[:1]}, "
                             f"or a different order); nothing written.")
-
-# %% ../nbs/08_evaluate.ipynb #6e3e23c3
-import json
-
-class ModelFileError(PCamError, ValueError):
-    "A model file is unreadable or does not fit the model; the message says what to do"
-
-def read_run_json(fn:str|Path, # A run folder's config.json or metrics.json
-                  fix:str='train the run again (pcam-fastai train ... --force)', # What to tell the user when it is damaged
-                 ) -> dict:
-    "A run folder's JSON file, or a `ModelFileError` that names the file and says what to do when it is missing or damaged"
-    fn = Path(fn)
-    if not fn.exists(): raise ModelFileError(f"{fn} does not exist; is {fn.parent} a run folder written by pcam-fastai train?")
-    try: out = json.loads(fn.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ModelFileError(f"{fn} is damaged (not JSON: {e}); {fix}.") from None
-    if not isinstance(out, dict): raise ModelFileError(f"{fn} holds a JSON {type(out).__name__}, not an object; {fix}.")
-    return out
-
-def verify_model_checksum(run_dir:str|Path, # A run folder
-                          metrics:dict|None=None, # Its metrics.json content; None: read it
-                         ) -> bool: # True if checked, False for a run that recorded no checksum (trained before pcam_fastai recorded one)
-    "Raise `ModelFileError` if `model.pth` is not the file training wrote (its SHA-256 differs from the one in metrics.json)"
-    run_dir = Path(run_dir)
-    if metrics is None: metrics = read_run_json(run_dir/'metrics.json') if (run_dir/'metrics.json').exists() else {}
-    want = metrics.get('model_sha256')
-    if not want: return False
-    try: have = file_sha256(run_dir/'model.pth')
-    except OSError as e: raise ModelFileError(f"{run_dir/'model.pth'} cannot be read ({e.strerror or e})") from None
-    if have != want: raise ModelFileError(f"{run_dir/'model.pth'} has changed since training finished (its SHA-256 differs from the one in metrics.json)")
-    return True
-
-def load_weights(learn, # The learner to load into
-                 fn:str|Path, # A state dict saved with `torch.save(model.state_dict(), fn)`, e.g. a run's `model.pth`
-                ):
-    "Load a state dict with `weights_only=True` (no code runs), with clear errors for corrupt or foreign files"
-    from pcam_fastai.weights import weights_load_reason
-    fn = Path(fn)
-    if not fn.exists(): raise ModelFileError(f"{fn} does not exist.")
-    try: sd = torch.load(fn, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ModelFileError(f"{fn} is not a readable PyTorch weights file ({weights_load_reason(e)}). "
-                             "It may be truncated, or not a state dict; load only model.pth files written by pcam-fastai.") from None
-    if not isinstance(sd, dict): raise ModelFileError(f"{fn} holds a {type(sd).__name__}, not a state dict.")
-    try: learn.model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ModelFileError(f"{fn} does not fit this model ({str(e).splitlines()[0][:200]} ...): it was trained with another arch or head.") from None
-    dev = getattr(getattr(learn, 'dls', None), 'device', None)
-    if dev is not None: learn.model.to(dev)  # fastai moves the model only when fitting: predictions would run on the CPU
-    return learn
-
-# %% ../nbs/08_evaluate.ipynb #57ab2b3f
-def _run_stain(cfg:dict, source) -> dict:
-    "The `stain_norm` argument that makes `source`'s patches reach the model normalized as the run's were (a raw cache: on every batch)"
-    from pcam_fastai.stain import StainNormalizer, cache_normalizer
-    have = cache_normalizer(source.path) if source.path.is_dir() else None
-    if not cfg.get('stain_norm'):
-        if have is not None: raise UsageError(f"{source.path} holds stain-normalized patches ({have.method}) and this run was trained on raw ones; pass the raw cache.")
-        return {}
-    want = StainNormalizer.from_dict(cfg['stain_norm'])
-    if source.kind != 'array cache':
-        raise UsageError(f"This run stain-normalizes its patches ({want.method}) through an array cache, and {source.path} is a {source.kind}; pass the run's "
-                         f"cache ({cfg['data']}), or cache this data first (pcam-fastai cache).")
-    if have is None: return dict(stain_norm=want)  # raw patches: normalized on the fly, exactly as the run's
-    if have.to_dict() != want.to_dict():
-        raise UsageError(f"{source.path} holds patches normalized with another reference than the run's; pass the raw cache, or the run's own data ({cfg['data']}).")
-    return {}
-
-def load_run(run_dir:str|Path, # A run folder written by `train_pcam`
-             data:str|Path|None=None, # Data for the learner's DataLoaders; None: the run's own data
-             cpu:bool|None=None, # Load onto the CPU; None: the GPU when `cuda_in_use()`
-            ):
-    "Rebuild a run's learner from `config.json` and load `model.pth` safely (no pickle)"
-    from pcam_fastai.sources import open_source
-    from pcam_fastai.learner import pcam_learner
-    run_dir = Path(run_dir)
-    if cpu is None: cpu = not cuda_in_use()
-    cfg = read_run_json(run_dir/'config.json')
-    st = cfg['settings']
-    source = open_source(data or cfg['data'])
-    dls = source.dataloaders(size=st['size'], bs=st['bs'], valid_pct=cfg['valid_pct'], seed=cfg['seed'], n_items=st['n_items'], num_workers=0,
-                             device='cpu' if cpu else None, positive=cfg.get('positive'), **_run_stain(cfg, source))
-    learn = pcam_learner(dls, st['arch'], pretrained=False, fp16=st.get('fp16', False), path=run_dir, quiet=True,
-                         input_stats=cfg.get('input_stats'))  # on a GPU: the precision it trained in
-    verify_model_checksum(run_dir)
-    load_weights(learn, run_dir/'model.pth')
-    learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
-    learn.dihedral_tta = bool(st.get('tta', False))
-    return learn
-
-def run_calibration(run_dir:str|Path, # A run folder written by `train_pcam`
-                   ) -> tuple: # (temperature, bias or None, operating threshold or None)
-    "The calibration and the operating threshold a finished run chose on validation (1, None, None for runs without them)"
-    fn = Path(run_dir)/'metrics.json'
-    if not fn.exists(): return 1.0, None, None
-    m = read_run_json(fn)
-    c = m.get('calibration') or {}
-    thr = (m.get('operating_threshold') or {}).get('value', m.get('youden_threshold_valid'))  # runs before the one-threshold rule: their Youden threshold
-    return float(c.get('temperature', 1.0)), c.get('bias'), thr

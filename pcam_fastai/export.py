@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/export.html.md"""
 
 # %% ../nbs/13_export.ipynb #288b7987
 from __future__ import annotations
-import json, math, time, warnings
+import json, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,18 +17,18 @@ import torch.nn as nn
 from PIL import Image
 from fastcore.basics import patch
 
-from .core import CLASSES, PATCH_SIZE, PCAM_MPP, RESEARCH_USE, compute_device, file_sha256, PCamError, UsageError, UsageTypeError, to_rgb, json_text, write_text_atomic
+from .core import CLASSES, PATCH_SIZE, PCAM_MPP, RESEARCH_USE, compute_device, file_sha256, UsageError, UsageTypeError, to_rgb
 from .learner import resolve_arch, arch_name, timm_kwargs, apply_input_stats
 from .weights import weights_load_reason
-from .evaluate import ModelFileError, read_run_json, verify_model_checksum
+from .runs import (BUNDLE_FILE, MODEL_FILE, BundleError, BundleMeta, ModelFileError,
+                              has_config, read_bundle_meta, write_bundle_meta, read_config, read_metrics, verify_model_checksum)
 from .sources import open_source
 from .stain import StainNormalizer, StainError
 
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BUNDLE_FORMAT', 'ONNX_LABELS_KEY', 'RESIZES', 'BUNDLE_SIZES', 'PatchClassifier',
-           'build_model', 'BundleError', 'bundle_meta_problems', 'bundle_device', 'Bundle', 'load_bundle',
-           'export_bundle']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ONNX_LABELS_KEY', 'PatchClassifier', 'build_model', 'bundle_device', 'Bundle',
+           'load_bundle', 'export_bundle']
 
 # %% ../nbs/13_export.ipynb #c3c3fa92
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -63,7 +63,7 @@ class PatchClassifier(nn.Module):
 
 def build_model(arch, # The arch the run was trained with (torchvision or timm name)
                 n_out:int, # Number of classes
-                input_stats=None, # The run's `input_stats` (config.json): the backbone's own normalization, or None
+                input_stats=None, # The run's `input_stats` (`RunConfig.input_stats`): the backbone's own normalization, or None
                ) -> nn.Module:
     "The same fastai model (body + head) that `vision_learner` builds, with random weights"
     from fastai.vision.learner import create_vision_model, create_timm_model
@@ -73,49 +73,7 @@ def build_model(arch, # The arch the run was trained with (torchvision or timm n
     return model
 
 # %% ../nbs/13_export.ipynb #23c00b97
-class BundleError(PCamError, ValueError):
-    "A bundle folder that is missing files, damaged, or was written by a newer version"
-
-BUNDLE_FORMAT = 3  # 2: bundles that stain-normalize (`stain_norm`); 3: that re-normalize for the backbone (`input_stats`); the others are still written as 1, which older versions read
 ONNX_LABELS_KEY = 'pcam_fastai.labels'  # model.onnx's metadata: the classes and positive class it was exported for
-RESIZES = ('pil-bilinear', 'torch-bilinear')  # how a bundle resizes other sizes: as the run's training loader did
-BUNDLE_SIZES = (16, 1024)  # input sides a bundle may declare, pixels: larger ones would take gigabytes per batch
-
-def _finite_number(v) -> bool: return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-def bundle_meta_problems(meta:dict, # What a bundle.json holds
-                        ) -> list[str]: # One line per field that is missing, of the wrong type or out of range; [] when all are right
-    "Every problem with a bundle.json's fields: a bundle is used only when this is empty"
-    if not isinstance(meta, dict): return [f"it holds a {type(meta).__name__}, not the bundle's fields"]
-    problems = []
-    def bad(field, want): problems.append(f"{field!r} must be {want}, not {meta.get(field, 'missing')!r}")
-    fmt, classes, size = meta.get('format', 0), meta.get('classes'), meta.get('size')
-    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 0: bad('format', 'a whole number')
-    if not (isinstance(meta.get('arch'), str) and meta['arch']): bad('arch', "the network's name (e.g. 'resnet18')")
-    ok_classes = (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes) and len(set(classes)) == len(classes))
-    if not ok_classes: bad('classes', 'a list of two or more different class names')
-    if ok_classes and meta.get('positive') is not None and meta['positive'] not in classes: bad('positive', 'one of the classes, or null')  # (with the classes wrong, they are the problem)
-    if isinstance(size, bool) or not isinstance(size, int) or not BUNDLE_SIZES[0] <= size <= BUNDLE_SIZES[1]:
-        bad('size', f'the input side in pixels, a whole number from {BUNDLE_SIZES[0]} to {BUNDLE_SIZES[1]}')
-    if meta.get('resize', RESIZES[0]) not in RESIZES: bad('resize', ' or '.join(RESIZES))
-    for f in ('mean', 'std'):
-        v = meta.get(f)
-        if not (isinstance(v, list) and len(v) == 3 and all(_finite_number(x) and (f == 'mean' or x > 0) for x in v)): bad(f, 'three numbers (R, G, B)' + (' above 0' if f == 'std' else ''))
-    if meta.get('threshold') is not None and not (_finite_number(meta['threshold']) and 0 < meta['threshold'] < 1): bad('threshold', 'a probability between 0 and 1, or null')
-    if not (_finite_number(meta.get('temperature', 1.0)) and meta.get('temperature', 1.0) > 0): bad('temperature', 'a number above 0')
-    bias = meta.get('bias')
-    if ok_classes and bias is not None and not (isinstance(bias, list) and len(bias) == len(classes) and all(map(_finite_number, bias))): bad('bias', 'one number per class, or null')
-    for f in ('tta', 'centre_box'):
-        if f in meta and not isinstance(meta[f], bool): bad(f, 'true or false')
-    for f in ('mpp', 'input_mpp'):
-        if meta.get(f) is not None and not (_finite_number(meta[f]) and 0.01 <= meta[f] <= 100): bad(f, 'µm per pixel from 0.01 to 100, or null')
-    for f in ('stain_norm', 'sha256'):
-        if meta.get(f) is not None and not isinstance(meta[f], dict): bad(f, 'an object, or null')
-    stats = meta.get('input_stats')
-    if stats is not None and not (isinstance(stats, list) and len(stats) == 2 and all(isinstance(s, list) and len(s) == 3 and all(map(_finite_number, s)) for s in stats)
-                                  and min(stats[1]) > 0):
-        bad('input_stats', "the backbone's [mean, std], three numbers each (std above 0), or null")
-    return problems
 
 def _as_rgb(img, size:int, resize:str='pil-bilinear', normalizer=None) -> np.ndarray:
     "One image (path, PIL image or array) as a (size, size, 3) uint8 array, stain-normalized at its own size (as in training) and resized the way the run's training loader did"
@@ -172,23 +130,14 @@ class Bundle:
                  device:str='auto', # 'cpu', 'cuda', 'cuda:N', 'mps', or 'auto': the GPU when torch sees one (`compute_device`), else the CPU
                 ):
         self.path = Path(path)
-        if not (self.path/'bundle.json').exists():
-            if (self.path/'bundle'/'bundle.json').exists():
-                raise BundleError(f"{self.path} is a run folder, not a bundle; its bundle is {self.path/'bundle'}: use that path.")
-            if (self.path/'config.json').exists():
-                raise BundleError(f"{self.path} is a run folder without a bundle; export one first: pcam-fastai export --run-dir {self.path}")
-            raise BundleError(f"{self.path} has no bundle.json; export a run first: pcam-fastai export --run-dir RUN --dest {self.path}")
-        try: self.meta = json.loads((self.path/'bundle.json').read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise BundleError(f"{self.path}/bundle.json is damaged ({e}); export again.") from None
-        if isinstance(self.meta, dict) and isinstance(self.meta.get('format'), int) and self.meta['format'] > BUNDLE_FORMAT:
-            raise BundleError(f"{self.path} was written by a newer pcam_fastai (format {self.meta['format']}); upgrade pcam_fastai.")
-        if problems := bundle_meta_problems(self.meta):
-            raise BundleError(f"{self.path}/bundle.json cannot be used; export the run again (or fix these fields):\n" + '\n'.join(f'  - {p}' for p in problems))
-        self.classes, self.positive, self.size = self.meta['classes'], self.meta.get('positive'), self.meta['size']
-        self.threshold, self.threshold_source = self.meta.get('threshold'), self.meta.get('threshold_source')
-        self.temperature, self.centre_box = float(self.meta.get('temperature', 1.0)), bool(self.meta.get('centre_box', True))
-        try: self.stain_normalizer = StainNormalizer.from_dict(self.meta['stain_norm']) if self.meta.get('stain_norm') else None
-        except StainError as e: raise BundleError(f"{self.path}/bundle.json: {e}".replace('train the run again', 'export the run again')) from None
+        self.info = info = read_bundle_meta(self.path)  # every field checked
+        self.meta = info.to_dict()  # what the bundle's metadata holds, every field
+        self.classes, self.positive, self.size = info.classes, info.positive, info.size
+        self.threshold, self.threshold_source = info.threshold, info.threshold_source
+        self.temperature, self.centre_box = float(info.temperature), bool(info.centre_box)
+        try: self.stain_normalizer = StainNormalizer.from_dict(info.stain_norm) if info.stain_norm else None
+        except StainError as e:
+            raise BundleError(f"{self.path/BUNDLE_FILE}: {e}".replace('train the run again', 'export the run again')) from None
         if backend not in ('onnx', 'torch', 'auto'): raise UsageError(f"backend must be 'onnx', 'torch' or 'auto', not {backend!r}.")
         self.device = bundle_device(device)
         ort_devices = _onnx_devices()
@@ -228,11 +177,11 @@ class Bundle:
             try: stamped = None if stamp is None else json.loads(stamp)
             except ValueError: stamped = stamp
             if stamp is not None and stamped != dict(classes=list(self.classes), positive=self.positive):
-                raise BundleError(f"{fn} was exported for {stamped}, but bundle.json says classes {self.classes}, positive {self.positive!r}: "
-                                  "probabilities would be read from the wrong columns. Restore bundle.json, or export the run again.")
+                raise BundleError(f"{fn} was exported for {stamped}, but {BUNDLE_FILE} says classes {self.classes}, positive {self.positive!r}: "
+                                  f"probabilities would be read from the wrong columns. Restore {BUNDLE_FILE}, or export the run again.")
             out = self._ort.get_outputs()[0].shape  # the class axis is a number; a model of unknown output shape is checked on its first batch
             if len(out) == 2 and isinstance(out[1], int) and out[1] != len(self.classes):
-                raise BundleError(f"{fn} gives outputs of shape {out}, but bundle.json names {len(self.classes)} classes {self.classes}; the model and bundle.json "
+                raise BundleError(f"{fn} gives outputs of shape {out}, but {BUNDLE_FILE} names {len(self.classes)} classes {self.classes}; the model and {BUNDLE_FILE} "
                                   "do not belong together: export the run again.")
             if providers and 'CUDAExecutionProvider' not in self._ort.get_providers():
                 warnings.warn(f"onnxruntime could not start its CUDA provider (its CUDA libraries may be missing), so {self.path.name} runs on the CPU; "
@@ -242,11 +191,11 @@ class Bundle:
 
     def checked_file(self, name:str, # A file of the bundle: 'weights.pth' or 'model.onnx'
                     ) -> Path:
-        "The path of one of the bundle's files, checked to be there and, when bundle.json records it, to have the SHA-256 it was exported with"
+        "The path of one of the bundle's files, checked to be there and, when the bundle records it, to have the SHA-256 it was exported with"
         fn, want = self.path/name, (self.meta.get('sha256') or {}).get(name)
         if not fn.is_file(): raise BundleError(f"{fn} is missing; export the run again.")
         if want and file_sha256(fn) != want:
-            raise BundleError(f"{fn} is not the file this bundle was exported with (its SHA-256 differs from the one in bundle.json); "
+            raise BundleError(f"{fn} is not the file this bundle was exported with (its SHA-256 differs from the one in {BUNDLE_FILE}); "
                               "restore it, or export the run again.")
         return fn
 
@@ -337,16 +286,16 @@ def _run_source(data):
 def _run_model(run_dir, arch, classes, input_stats=None):
     "The run's network with the weights of model.pth, loaded without unpickling anything"
     model = build_model(arch, len(classes), input_stats)
-    try: sd = torch.load(run_dir/'model.pth', map_location='cpu', weights_only=True); model.load_state_dict(sd)
+    try: sd = torch.load(run_dir/MODEL_FILE, map_location='cpu', weights_only=True); model.load_state_dict(sd)
     except Exception as e:
         why = str(e).splitlines()[0][:200] if isinstance(e, RuntimeError) and 'state_dict' in str(e) else weights_load_reason(e)
-        raise ModelFileError(f"{run_dir}/model.pth cannot be loaded into {arch} with {len(classes)} classes: {why}. Train the run again (--force).") from None
+        raise ModelFileError(f"{run_dir/MODEL_FILE} cannot be loaded into {arch} with {len(classes)} classes: {why}. Train the run again (--force).") from None
     return model
 
 def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source) -> dict:
-    "What bundle.json says: the model, its input and output, its preprocessing, calibration and threshold, and the run's validation numbers"
+    "What the bundle says: the model, its input and output, its preprocessing, calibration and threshold, and the run's validation numbers"
     stain = cfg.get('stain_norm')
-    return dict(format=3 if cfg.get('input_stats') else 2 if stain else 1, arch=arch_name(resolve_arch(cfg['settings']['arch'])), classes=classes, positive=classes[1] if len(classes) == 2 else None,
+    return dict(format=3 if cfg.get('input_stats') else 2 if stain else 1, arch=arch_name(resolve_arch(cfg.arch)), classes=classes, positive=classes[1] if len(classes) == 2 else None,
                 size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                 threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
                 centre_box=source.centre_labelled if source else True,  # PCam labels the centre 32x32; folder sets label whole patches
@@ -364,7 +313,7 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
                 pretrained_weights=cfg.get('weights'), pretrained_weights_sha256=cfg.get('weights_sha256'))  # what training started from: a file's SHA-256
 
 def _stamp_labels(fn:Path, classes:list, positive):
-    "Write the class names and the positive class into model.onnx's metadata: a bundle.json whose classes were swapped is caught on load"
+    "Write the class names and the positive class into model.onnx's metadata: a bundle whose classes were swapped in its metadata is caught on load"
     import onnx
     m = onnx.load(str(fn))
     onnx.helper.set_model_props(m, {ONNX_LABELS_KEY: json.dumps(dict(classes=list(classes), positive=positive))})
@@ -378,13 +327,13 @@ def _export_checked_onnx(pc, dest, size, bundle, xc, atol, meta):
     diff = float(np.abs(bo.predict(xc) - bundle.predict(xc)).max())
     meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))
     if diff > atol:
-        for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md'): (dest/f).unlink(missing_ok=True)
+        for f in ('model.onnx', BUNDLE_FILE, 'weights.pth', 'report.md'): (dest/f).unlink(missing_ok=True)
         raise ModelFileError(f"ONNX and torch disagree by {diff:.2e} (> {atol:g}) on {len(xc)} patches; no bundle was written to {dest}. "
                              "Export with onnx=False (CLI: --no-onnx) and serve with torch.")
     return bo
 
 # %% ../nbs/13_export.ipynb #ef8eccd4
-def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train_pcam` (config.json, metrics.json, model.pth)
+def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train_pcam` (its settings, numbers and model.pth)
                   dest:str|Path|None=None, # Bundle folder; None: `run_dir/bundle`
                   onnx:bool=True, # Also write and check `model.onnx`
                   bench_patches:int=256, # Patches timed for the throughput figures (0: skip timing)
@@ -395,27 +344,25 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
                  ) -> Path:
     "Write an inference bundle for a trained run: weights, ONNX with preprocessing, metadata and a size-and-speed report"
     run_dir = Path(run_dir)
-    for f in ('config.json', 'model.pth'):
-        if not (run_dir/f).exists(): raise ModelFileError(f"{run_dir} has no {f}; is it a finished run folder written by pcam-fastai train?")
-    if dest is not None and (Path(dest).resolve() == run_dir.resolve() or (Path(dest)/'config.json').exists()):  # a failed export cleans dest
+    cfg = read_config(run_dir)
+    if not (run_dir/MODEL_FILE).exists():
+        raise ModelFileError(f"{run_dir} has no {MODEL_FILE}; is it a finished run folder written by pcam-fastai train?")
+    if dest is not None and (Path(dest).resolve() == run_dir.resolve() or has_config(dest)):  # a failed export cleans dest
         raise ModelFileError(f"dest {dest} is a run folder; write the bundle into a folder of its own (default: {run_dir/'bundle'}).")
-    cfg = read_run_json(run_dir/'config.json')
-    metrics = read_run_json(run_dir/'metrics.json') if (run_dir/'metrics.json').exists() else {}
-    classes = cfg.get('classes') or metrics.get('classes') or list(CLASSES)
-    arch, size = cfg['settings']['arch'], int(cfg['settings']['size'])
-    source = _run_source(cfg.get('data', ''))
-    resize = cfg.get('resize') or (source.resize if source else 'pil-bilinear')
+    metrics = read_metrics(run_dir)
+    classes = cfg.classes or metrics.classes or list(CLASSES)
+    arch, size = cfg.arch, cfg.size
+    source = _run_source(cfg.data)
+    resize = cfg.resize or (source.resize if source else 'pil-bilinear')
     dest = Path(dest) if dest else run_dir/'bundle'
-    model = _run_model(run_dir, arch, classes, cfg.get('input_stats'))
+    model = _run_model(run_dir, arch, classes, cfg.input_stats)
     verify_model_checksum(run_dir, metrics)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        temperature, bias = float((metrics.get('calibration') or {}).get('temperature', 1.0)), (metrics.get('calibration') or {}).get('bias')
-        op = metrics.get('operating_threshold') if len(classes) == 2 else None
-        if op is None and len(classes) == 2 and metrics.get('youden_threshold_valid') is not None:  # a run from before the one-threshold rule
-            op = dict(value=metrics['youden_threshold_valid'], source="Youden's J on validation (older run, uncalibrated)")
-        run_tta = bool(cfg['settings'].get('tta', False))
+        temperature, bias = metrics.temperature, metrics.bias
+        op = metrics.threshold_record if len(classes) == 2 else None
+        run_tta = cfg.tta
         tta = run_tta if tta is None else bool(tta)
         pc = PatchClassifier(model, temperature=temperature, tta=tta, bias=bias).eval()
         torch.save(model.state_dict(), dest/'weights.pth')
@@ -427,7 +374,7 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         if check_images is None: check_images = _sample_patches(source)
         for f in ('model.onnx', 'report.md'): (dest/f).unlink(missing_ok=True)  # nothing stale from an earlier export
         stale_page = (dest/'web'/'model.js').exists()  # the page of the old model: `pcam-fastai web` replaces its files, and only its files
-        write_text_atomic(dest/'bundle.json', json_text(meta))
+        write_bundle_meta(dest, BundleMeta.from_dict(meta))
         b = load_bundle(dest, backend='torch', device='cpu')
         xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]
         bo = _export_checked_onnx(pc, dest, size, b, xc, atol, meta) if onnx else None
@@ -436,14 +383,14 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
             with torch.inference_mode(): meta['torch_patches_per_s'] = round(_throughput(lambda a: b.torch_model(torch.from_numpy(a)), x, bs), 1)
             if onnx: meta['onnx_patches_per_s'] = round(_throughput(lambda a: bo.onnx_session.run(None, {'patches': a}), x, bs), 1)
             meta.update(bench_batch=bs, bench_device='cpu', bench_threads=torch.get_num_threads())
-        write_text_atomic(dest/'bundle.json', json_text(meta))
+        write_bundle_meta(dest, BundleMeta.from_dict(meta))
         _write_export_report(dest, meta)
         print(f"export_bundle: {dest}: {meta['arch']}, {meta['n_params']/1e6:.1f} M parameters, weights {meta['weights_mb']} MB"
               + (f", ONNX {meta['onnx_mb']} MB (max |ONNX - torch| = {meta['onnx_max_abs_diff']:.1e})" if onnx else '')
               + (f"; CPU batch {bs}: torch {meta['torch_patches_per_s']} patches/s" + (f", onnxruntime {meta['onnx_patches_per_s']}" if onnx else '') if bench_patches else ''))
         if stale_page: print(f"export_bundle: {dest/'web'} still holds the page of the previous model; rebuild it: pcam-fastai web --bundle {dest}")
     except BaseException:  # a failed export leaves nothing: no half bundle, no empty folder
-        for f in ('model.onnx', 'bundle.json', 'weights.pth', 'report.md', 'bundle.json.tmp'): (dest/f).unlink(missing_ok=True)
+        for f in ('model.onnx', BUNDLE_FILE, 'weights.pth', 'report.md', f'{BUNDLE_FILE}.tmp'): (dest/f).unlink(missing_ok=True)
         if created and dest.is_dir() and not any(dest.iterdir()): dest.rmdir()
         raise
     return dest

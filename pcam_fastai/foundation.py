@@ -21,6 +21,7 @@ from .core import PCamError, UsageError, compute_device, json_text, write_text_a
 from .cache import cache_splits, load_cache
 from .loader import split_indices
 from .weights import PretrainedWeightsError, read_weights, fit_state_dict
+from .runs import CONFIG_FILE, METRICS_FILE
 from .evaluate import binary_metrics
 from .learner import is_token_arch
 
@@ -504,22 +505,22 @@ def _run_row(d:Path) -> dict:
                    n=_field(r, fn, 'n_test', 'number'), runs=_field(r, fn, 'n_runs', 'number'))
         for m in _METRIC_COLUMNS: row.update({m: _field(r, fn, f'summary.{m}.mean', 'number?'), f'{m}_sd': _field(r, fn, f'summary.{m}.sd', 'number?')})
         return dict(row, optimistic=_field(r, fn, 'optimistic', 'bool'), source='this package')
-    if (fn := d/'metrics.json').exists():
+    if (fn := d/METRICS_FILE).exists():
         m = _run_json(fn)
-        cfg = _run_json(d/'config.json') if (d/'config.json').exists() else {}
+        cfg = _run_json(d/CONFIG_FILE) if (d/CONFIG_FILE).exists() else {}
         t = m['test'] if isinstance(m.get('test'), dict) and 'balanced_accuracy' in m['test'] else m  # held-out test numbers where the run has them
         if not any(k in t for k in _METRIC_COLUMNS[:3]):
             raise UsageError(f"{fn} holds none of balanced_accuracy, accuracy or roc_auc: it is incomplete or not a file this package wrote; run it again, or leave this run out of compare.")
         split = _field(t, fn, 'split', 'str?', None) or '?'
-        row = dict(run=str(d), kind='fine-tuned', backbone=str(_field(cfg, d/'config.json', 'settings.arch', 'any', '?')),
-                   split=split.split(' (')[0],  # the short name: metrics.json adds the description in brackets, and `optimistic` says it in the table
+        row = dict(run=str(d), kind='fine-tuned', backbone=str(_field(cfg, d/CONFIG_FILE, 'settings.arch', 'any', '?')),
+                   split=split.split(' (')[0],  # the short name: the run's numbers add the description in brackets, and `optimistic` says it in the table
                    n=_field(t, fn, 'n', 'number?', None), runs=1)
         _field(t, fn, 'ci95', 'dict?', None)
         for k in _METRIC_COLUMNS:
             ci = _field(t, fn, f'ci95.{k}', 'pair?', None)
             row.update({k: _field(t, fn, k, 'number?', None), f'{k}_ci': ci if ci and None not in ci else None})
         return dict(row, optimistic='random' in split or bool(_field(m, fn, 'optimistic', 'bool?', False)), source='this package')
-    raise UsageError(f"{d} is neither a training run (metrics.json) nor a probe (probe.json).")
+    raise UsageError(f"{d} is neither a training run ({METRICS_FILE}) nor a probe (probe.json).")
 
 def compare_runs(runs, # Run folders: `train_pcam` runs and `probe` runs
                  anchors:bool=True, # Add the published anchors, marked as such

@@ -232,7 +232,7 @@ def backbone_stats(body:torch.nn.Module, # The body of a fastai vision model
 
 def apply_input_stats(model:torch.nn.Module, # A fastai vision model (body, head)
                       stats, # (mean, std) of the backbone, or None
-                     ) -> list|None: # What was applied, as [mean, std] (for config.json and bundle.json)
+                     ) -> list|None: # What was applied, as [mean, std] (for the run's settings and its bundle)
     "Re-normalize the body's input from ImageNet's statistics to `stats` (an `InputStats` pre-hook; no weights change)"
     if stats is None: return None
     mean, std = stats

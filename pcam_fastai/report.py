@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 from fastai.interpret import ClassificationInterpretation
 
 from .core import RESEARCH_USE
+from .runs import BUNDLE_FILE, CONFIG_FILE, METRICS_FILE
 from .sources import open_source, DataSource
 from .interpret import plot_top_losses_gradcam
 from .training import plot_history
@@ -163,7 +164,7 @@ def threshold_text(value:float, # The threshold
     "The threshold and how it was chosen, the value said once: '0.5 (fallback: ...)', '0.412 (Youden's J on validation)'"
     return f'{value:.3g} ({threshold_rule(value, source)})'
 
-def headline(metrics:dict, # A run's metrics.json content
+def headline(metrics:dict, # A run's numbers (`RunMetrics.to_dict()`)
             ) -> str:
     "The lines `train_pcam` prints about a run: validation accuracy and AUC, the operating threshold and calibration, held-out test"
     lines = [f'train_pcam: accuracy {metrics["accuracy"]:.4f}, ROC AUC {metrics["roc_auc"]:.4f} on {metrics["n_valid"]} validation patches '
@@ -208,7 +209,7 @@ def _ece_rows(m):
             f"| ECE as measured (biased upwards); its noise floor: perfectly calibrated labels, mean and 97.5th percentile "
             f"| {_fmt(m['ece'])}; floor {m['ece_floor']:.4f}, {m['ece_floor_hi']:.4f} | |"]
 
-def stage_label(name:str, # A stage's name in metrics.json and history.csv, e.g. 'stage2-unfrozen'
+def stage_label(name:str, # A stage's name in the run's numbers and history.csv, e.g. 'stage2-unfrozen'
                 stages:list, # The names of the stages the run trained, in order
                ) -> str:
     "A stage as the report names it: its place among the stages run, and what it trains ('1 of 1: whole network', not 'stage2-unfrozen')"
@@ -217,8 +218,8 @@ def stage_label(name:str, # A stage's name in metrics.json and history.csv, e.g.
 
 # %% ../nbs/11_report.ipynb #245fa860
 def write_report(run_dir:Path, # The run folder
-                 metrics:dict, # metrics.json content
-                 config:dict, # config.json content
+                 metrics:dict, # The run's numbers (`RunMetrics.to_dict()`)
+                 config:dict, # The run's settings (`RunConfig.to_dict()`)
                 ) -> Path:
     "`report.md`: the run on one page: data and split, settings, metrics with intervals, and every plot"
     run_dir = Path(run_dir)
@@ -239,7 +240,7 @@ def write_report(run_dir:Path, # The run folder
     op, cal = metrics.get('operating_threshold'), metrics.get('calibration') or {}
     if op:
         L += ['## Operating threshold', '', f"Patches are labelled {metrics['classes'][1]} when the calibrated p({metrics['classes'][1]}) >= **{op['value']:.3g}** "
-              f"({threshold_rule(op['value'], op['source'])}; chosen on {op['chosen_on']}). The same number labels the patches in every plot here, in `metrics.json`, in the exported bundle (`bundle.json`) "
+              f"({threshold_rule(op['value'], op['source'])}; chosen on {op['chosen_on']}). The same number labels the patches in every plot here, in `{METRICS_FILE}`, in the exported bundle (`{BUNDLE_FILE}`) "
               f"and in `pcam-fastai serve`. Rule: {op['rule']}.", '']
     if 'valid_before' in cal:
         L += ['## Calibration', '', f"A temperature T = {cal['temperature']:.3g} and a bias b = {cal['bias'][1]:+.3g}, fitted on the validation logits after training "
@@ -285,7 +286,7 @@ def write_report(run_dir:Path, # The run folder
     L += ['## Settings', '', '```json', json.dumps({k: config[k] for k in config if k != 'versions'}, indent=1, default=str), '```', '',
           '## Files', '', '- `model.pth`: the weights as a plain state dict; load with `torch.load(..., weights_only=True)` (safe).',
           '- `learner.pkl`: `learn.export()`, for `load_learner`. It is a pickle, which can run code when loaded: only load files you trust.',
-          '- `metrics.json`, `config.json`, `history.csv`, `models/` (a checkpoint after each stage).', '',
+          f'- `{METRICS_FILE}`, `{CONFIG_FILE}`, `history.csv`, `models/` (a checkpoint after each stage).', '',
           f"Versions: {', '.join(f'{k} {v}' for k, v in metrics['versions'].items())}.", '']
     (run_dir/'report.md').write_text('\n'.join(L))
     return run_dir/'report.md'

@@ -179,7 +179,7 @@ def classify(bundle, # A `Bundle`: `classes`, `size`, `predict` and `gradcam`
 def check_bundle_loads(bundle, # A `Bundle` (or an object with `size`, `predict` and `gradcam`)
                       ):
     "Run one blank patch through the bundle's model and load its Grad-CAM weights, so that a server never starts healthy with a model it cannot run"
-    from pcam_fastai.export import BundleError
+    from pcam_fastai.runs import BundleError
     try:
         bundle.predict(np.zeros((1, int(bundle.size), int(bundle.size), 3), np.uint8))
         getattr(bundle, 'torch_model', None)  # a Bundle loads weights.pth (Grad-CAM) on first use: now, not at the first upload

@@ -1,4 +1,4 @@
-"""H&E colour deconvolution, stain augmentation in H&E space (Tellez et al. 2019) as a batch transform on the device, a fixed stain shift for benchmarks, and Macenko and Reinhard normalization through torchstain.
+"""H&E colour deconvolution, stain augmentation (Tellez et al. 2019) and shift, and stain normalization by named methods
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/stain.html.md"""
 
@@ -6,12 +6,12 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/stain.html.md"""
 
 # %% ../nbs/03a_stain.ipynb #ec609fcb
 from __future__ import annotations
-import copy, hashlib, json, math
+import copy, hashlib, json, math, re
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastcore.basics import store_attr
+from fastcore.basics import patch, store_attr
 from fasttransform import Transform
 from fastai.torch_core import TensorImage
 
@@ -20,11 +20,12 @@ from .cache import Source, build_split, cache_splits, load_cache
 
 # %% auto #0
 __all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'REFERENCE_LIMITS', 'STAIN_FILE', 'rgb_to_hed', 'hed_to_rgb',
-           'HEDJitterBatch', 'stain_shift', 'StainError', 'tissue_fraction', 'StainNormalizer', 'choose_reference',
+           'HEDJitterBatch', 'stain_shift', 'StainError', 'tissue_fraction', 'StainMethod', 'register_stain_method',
+           'unregister_stain_method', 'TorchstainMethod', 'Macenko', 'Reinhard', 'StainNormalizer', 'choose_reference',
            'read_reference', 'StainNormalizeBatch', 'cache_normalizer', 'normalize_cache']
 
 # %% ../nbs/03a_stain.ipynb #0fbeca60
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29],   # haematoxylin's RGB optical-density vector (Ruifrok & Johnston 2001)
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29],   # haematoxylin's optical-density vector (Ruifrok & Johnston 2001)
                              [0.07, 0.99, 0.11],   # eosin
                              [0.27, 0.57, 0.78]])  # DAB
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
@@ -56,13 +57,16 @@ class HEDJitterBatch(Transform):
     def __init__(self,
                  strength:float=0.05, # Largest relative scale change and largest shift of each stain density; 0: off
                 ):
-        if not 0 <= strength <= 1: raise UsageError(f"stain augmentation strength must be between 0 and 1 (Tellez et al.: 0.05 light, 0.2 strong), got {strength}.")
+        if not 0 <= strength <= 1:
+            raise UsageError("stain augmentation strength must be between 0 and 1 "
+                             f"(Tellez et al.: 0.05 light, 0.2 strong), got {strength}.")
         store_attr()
     def encodes(self, x:TensorImage):
         if not self.strength: return x
         n = len(x)
         alpha = 1 + self.strength * (2 * torch.rand(n, 3, 1, 1, device=x.device) - 1)
-        beta = self.strength * (2 * torch.rand(n, 3, 1, 1, device=x.device) - 1) / -_LOG_FLOOR  # Tellez's natural-log densities, on this scale
+        # Tellez et al. shifted natural-log densities: divided by ln(10^6), on this scale
+        beta = self.strength * (2 * torch.rand(n, 3, 1, 1, device=x.device) - 1) / -_LOG_FLOOR
         return TensorImage(hed_to_rgb(rgb_to_hed(x.as_subclass(torch.Tensor)) * alpha + beta))
 
 # %% ../nbs/03a_stain.ipynb #9ae2faa8
@@ -79,6 +83,13 @@ def stain_shift(x:torch.Tensor, # RGB images (N, 3, H, W), 0-255
 class StainError(PCamDataError):
     "A patch (or the reference) cannot be stain-normalized: too little tissue, or the estimate failed"
 
+_FIT_ERRORS = (RuntimeError, ValueError, IndexError, ZeroDivisionError,  # torch's LinAlgError is a RuntimeError,
+               np.linalg.LinAlgError)                                      # numpy's a ValueError
+
+def _what(e:Exception) -> str:
+    "An exception's type and the first line of its message, for ours"
+    return f"{type(e).__name__.lstrip('_')}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+
 def _stained_share(t:torch.Tensor, beta:float=0.15, io:float=240) -> float:
     "`tissue_fraction` of one (3, H, W) uint8 tensor, on its device"
     od = -torch.log((t.reshape(3, -1).float() + 1) / io)
@@ -92,36 +103,121 @@ def tissue_fraction(patch:np.ndarray, # uint8 RGB patch (H, W, 3)
     return _stained_share(torch.from_numpy(np.require(patch, requirements=['C', 'W'])).permute(2, 0, 1), beta, io)
 
 
-# %% ../nbs/03a_stain.ipynb #679e756d
-METHODS = ('macenko', 'reinhard')
-REFERENCE_LIMITS = dict(  # what `StainNormalizer.fit` asks of a reference (the fixture's 91 real tiles with tissue: see below)
+# %% ../nbs/03a_stain.ipynb #5840df09
+METHODS = {}  # name -> `StainMethod` subclass: what `StainNormalizer`, `train_pcam` and `pcam-fastai cache` accept
+
+class StainMethod:
+    "One stain normalization method: what it learns from a reference and how it maps a patch; a subclass per method"
+    name:str = ''  # what `StainNormalizer(method)`, `--stain-norm` and the stored dicts call it
+    numbers:dict = {}  # what `fit` learns, as `to_dict` stores it: {key: shape}, each a float32 tensor (`get_number`)
+    on_device:bool = True  # normalize on the patch's device; False: on the CPU
+    def fit(self, ref:torch.Tensor): # uint8 (3, 1, N): every pixel of the reference, in one row
+        "Learn the reference's staining"
+        raise NotImplementedError
+    def normalize(self, t:torch.Tensor) -> torch.Tensor: # uint8 RGB patch (3, H, W) -> (3, H, W), 0-255, any dtype
+        "The patch with the reference's staining"
+        raise NotImplementedError
+    def check_reference(self, stained:np.ndarray, what:str): # the reference's stained pixels (N, 3); its name in errors
+        "Raise a `StainError` on a reference this method can't learn from (after the checks every method gets)"
+    def check_estimate(self):
+        "Raise a `StainError` when what `fit` learned is unusable (that it is finite is checked already)"
+    def get_number(self, key:str) -> torch.Tensor: return getattr(self, key)
+    def set_number(self, key:str, value:torch.Tensor): setattr(self, key, value)
+    def to(self, device) -> StainMethod:
+        "A copy with what `fit` learned on `device`"
+        out = copy.copy(self)
+        for k in self.numbers: out.set_number(k, self.get_number(k).to(device))
+        return out
+
+# %% ../nbs/03a_stain.ipynb #e2ebe41d
+def register_stain_method(cls:type, # A `StainMethod` subclass; its `name`: lower-case letters, digits, '-' and '_'
+                         ) -> type: # `cls`, so that it works as a class decorator
+    "Make a stain method known by its name to `StainNormalizer`, `train_pcam` and `pcam-fastai cache`"
+    name = getattr(cls, 'name', None)
+    if not (isinstance(cls, type) and issubclass(cls, StainMethod) and isinstance(name, str)
+            and re.fullmatch(r'[a-z0-9][a-z0-9_-]*', name) and name != 'none'):
+        raise UsageError("register_stain_method takes a StainMethod subclass named in lower-case letters, digits, "
+                         f"- and _ (not 'none'); got {cls!r} named {name!r}.")
+    old = METHODS.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise UsageError(f"A stain method named {name!r} is registered already ({old.__module__}.{old.__qualname__}); "
+                         f"choose another name, or unregister_stain_method({name!r}) first.")
+    METHODS[name] = cls  # the same class again (its cell run twice): replaced
+    return cls
+
+def unregister_stain_method(name:str, # A registered method's name
+                           ) -> type: # Its class
+    "Forget a stain method (a test's toy method, say): its name is refused again, like any unknown one"
+    if name not in METHODS:
+        raise UsageError(f"No stain method named {name!r} is registered; registered: {list(METHODS)}.")
+    return METHODS.pop(name)
+
+# %% ../nbs/03a_stain.ipynb #7dc8e4af
+REFERENCE_LIMITS = dict(  # what `StainNormalizer.fit` asks of a reference (the 91 fixture tiles with tissue: below)
     min_side=32,         # px, each reference image: a smaller one is a thumbnail or a crop made by mistake
-    min_stained=500,     # stained pixels in all, Macenko: fewer give unstable stain vectors (2x2 px ends in a failed eigendecomposition)
+    min_stained=500,     # stained pixels in all, Macenko: fewer give unstable stain vectors (2x2 px: a failed eigh)
     min_chroma=5.,       # mean Lab chroma of the stained pixels: real H&E tiles 16-60, a grayscale image 0
     min_texture=8.,      # grey levels, std of the stained pixels (mean over RGB): real tiles 22-52, one flat colour 0
-    min_stain_angle=3.,  # degrees between Macenko's haematoxylin and eosin vectors: real tiles 11-32, grayscale or one colour 0
+    min_stain_angle=3.,  # degrees between Macenko's H and E vectors: real tiles 11-32, grayscale or one colour 0
 )
-_FIT_ERRORS = (RuntimeError, ValueError, IndexError, ZeroDivisionError, np.linalg.LinAlgError)  # torch's LinAlgError is a RuntimeError, numpy's a ValueError
 
-def _reference_looks(stained:np.ndarray) -> tuple[float, float]:
-    "(mean Lab chroma, std in grey levels averaged over RGB) of stained uint8 pixels (N, 3)"
-    from torchstain.torch.utils.rgb2lab import rgb2lab
-    lab = rgb2lab(torch.from_numpy(stained.T.astype(np.float32)[..., None] / 255))[:, :, 0]  # OpenCV's Lab: a and b offset by 128
-    chroma = torch.sqrt((lab[1] - 128) ** 2 + (lab[2] - 128) ** 2).mean()
-    return float(chroma), float(stained.astype(np.float32).std(0).mean())
+class TorchstainMethod(StainMethod):
+    "A method of torchstain's: its normalizer object in `lib`, and what it learned in `lib`'s attributes"
+    lib_class, attrs = '', {}  # torchstain's class, by name; {key of `numbers`: its attribute in `lib`}
+    def __init__(self):
+        from torchstain.torch import normalizers
+        self.lib = getattr(normalizers, self.lib_class)()
+    def fit(self, ref): self.lib.fit(ref)
+    def get_number(self, key): return getattr(self.lib, self.attrs[key])
+    def set_number(self, key, value): setattr(self.lib, self.attrs[key], value)
+    def to(self, device):
+        out = copy.copy(self)
+        out.lib = copy.copy(self.lib)  # a copy of its own: the CPU one keeps its tensors
+        for k in self.numbers: out.set_number(k, self.get_number(k).to(device))
+        return out
 
+# %% ../nbs/03a_stain.ipynb #b893a9b3
+@register_stain_method
+class Macenko(TorchstainMethod):
+    "Macenko et al. (2009): the reference's two stain vectors and its stain concentrations' 99th percentiles"
+    name, lib_class = 'macenko', 'TorchMacenkoNormalizer'
+    numbers = dict(stain_matrix=(3, 2), max_concentrations=(2,))
+    attrs = dict(stain_matrix='HERef', max_concentrations='maxCRef')
+    def normalize(self, t): return self.lib.normalize(t, stains=False)[0].permute(2, 0, 1)
+    def check_reference(self, stained, what):
+        if len(stained) < REFERENCE_LIMITS['min_stained']:
+            raise StainError(f"{what} holds {len(stained)} stained pixels, too few for Macenko's stain vectors "
+                             f"(at least {REFERENCE_LIMITS['min_stained']} needed): "
+                             "pass larger patches, or more of them, full of tissue.")
+    def check_estimate(self):
+        h, e = self.lib.HERef[:, 0].double(), self.lib.HERef[:, 1].double()
+        angle = math.degrees(math.acos(float((h @ e / (h.norm() * e.norm())).clamp(-1, 1))))
+        if angle < REFERENCE_LIMITS['min_stain_angle']:
+            raise StainError("The stain reference shows a single stain (Macenko's haematoxylin and eosin vectors are "
+                             f"{angle:.1f} degrees apart, at least {REFERENCE_LIMITS['min_stain_angle']:g} needed): "
+                             "pass H&E patches with both nuclei and pink tissue.")
+
+@register_stain_method
+class Reinhard(TorchstainMethod):
+    "Reinhard et al. (2001): the mean and standard deviation of each of the reference's Lab channels"
+    name, lib_class, on_device = 'reinhard', 'TorchReinhardNormalizer', False  # torchstain's Lab tables live on the CPU
+    numbers = dict(lab_means=(3,), lab_stds=(3,))
+    attrs = dict(lab_means='target_means', lab_stds='target_stds')
+    def normalize(self, t): return self.lib.normalize(t).permute(2, 0, 1)
+
+# %% ../nbs/03a_stain.ipynb #4780462b
 class StainNormalizer:
-    "Macenko or Reinhard stain normalization (torchstain), fitted once on reference patches, stored as a few numbers"
+    "Stain normalization by one of `METHODS`, fitted once on reference patches and kept as a few numbers"
     def __init__(self,
-                 method:str='macenko', # 'macenko' or 'reinhard'
+                 method:str='macenko', # A name in `METHODS`: 'macenko', 'reinhard', or a registered one
                  min_tissue:float=0.1, # Patches with a smaller `tissue_fraction` are not normalized
-                 on_bad:str='skip', # A patch that can't be normalized: 'skip' (leave it as it is) or 'raise' (a `StainError`)
+                 on_bad:str='skip', # Unnormalizable patches: 'skip' (left as they are) or 'raise' (a `StainError`)
                 ):
-        if method not in METHODS: raise UsageError(f"Unknown stain normalization {method!r}; choose one of {list(METHODS)} (or none).")
+        if method not in METHODS:
+            raise UsageError(f"Unknown stain normalization {method!r}; choose one of {list(METHODS)} (or none).")
         if on_bad not in ('skip', 'raise'): raise UsageError(f"on_bad must be 'skip' or 'raise', got {on_bad!r}.")
-        from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
         self.method, self.min_tissue, self.on_bad = method, min_tissue, on_bad
-        self._lib = TorchMacenkoNormalizer() if method == 'macenko' else TorchReinhardNormalizer()
+        self.impl = METHODS[method]()  # the method's object: what it learned, and how it maps a patch
         self.fitted, self._on_device = False, {}
 
     def fit(self, reference): # One uint8 RGB patch (H, W, 3), several (N, H, W, 3), or a list of patches of any sizes
@@ -129,138 +225,160 @@ class StainNormalizer:
         if len(reference) == 0: raise UsageError("The stain reference is empty: pass one or more uint8 RGB patches.")
         refs = [np.asarray(reference)] if np.asarray(reference[0]).ndim == 2 else [np.asarray(r) for r in reference]
         if not refs or any(r.dtype != np.uint8 or r.ndim != 3 or r.shape[-1] != 3 for r in refs):
-            raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); got {[(str(r.dtype), r.shape) for r in refs[:3]]}.")
-        pixels = np.concatenate([r.reshape(-1, 3) for r in refs])[None]  # both methods use the set of pixels, not their layout
+            raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); "
+                             f"got {[(str(r.dtype), r.shape) for r in refs[:3]]}.")
+        pixels = np.concatenate([r.reshape(-1, 3) for r in refs])[None]  # the set of pixels counts, not their layout
         self._check_reference(refs, pixels[0])
-        try: self._lib.fit(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+        try: self.impl.fit(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
         except _FIT_ERRORS as e:
-            raise StainError(f"The {self.method} estimate failed on the stain reference ({type(e).__name__.lstrip('_')}: {(str(e).strip().splitlines() or [''])[0][:120]}): "
+            raise StainError(f"The {self.method} estimate failed on the stain reference ({_what(e)}): "
                              "pass other patches, full of tissue with both stains.") from None
         self._check_estimate()
         self.fitted, self._on_device = True, {}
         return self
 
-    def _check_reference(self, refs:list, pixels:np.ndarray):
-        "Refuse a reference that would normalize every patch wrongly: too small, too little tissue, grayscale, or a flat colour"
-        L, what = REFERENCE_LIMITS, ('The stain reference' if len(refs) == 1 else f'The stain reference ({len(refs)} images)')
-        side = L['min_side']
-        small = [(k, r.shape[:2]) for k, r in enumerate(refs) if min(r.shape[:2]) < side]
-        if small:
-            k, (h, w) = small[0]
-            raise StainError(f"{'The stain reference' if len(refs) == 1 else f'Stain reference image {k}'} is {w}x{h} px, too small to estimate staining from "
-                             f"(at least {side}x{side} px needed): pass whole tissue patches (PCam's are 96x96).")
-        od = -np.log((pixels.astype(np.float32) + 1) / 240)
-        stained = pixels[(od >= 0.15).all(1)]  # `tissue_fraction`'s pixels (Macenko's own threshold)
-        if (tf := len(stained) / len(pixels)) < self.min_tissue or not len(stained):
-            raise StainError(f"{what} holds too little tissue ({tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed): choose patches full of tissue.")
-        if self.method == 'macenko' and len(stained) < L['min_stained']:
-            raise StainError(f"{what} holds {len(stained)} stained pixels, too few for Macenko's stain vectors (at least {L['min_stained']} needed): "
-                             "pass larger patches, or more of them, full of tissue.")
-        chroma, texture = _reference_looks(stained)
-        if chroma < L['min_chroma']:
-            raise StainError(f"{what} has almost no colour (mean chroma {chroma:.1f} of its tissue, at least {L['min_chroma']:g} needed; H&E tiles have 15-60): "
-                             "it looks grayscale, and every normalized patch would turn grey; pass colour H&E patches.")
-        if texture < L['min_texture']:
-            raise StainError(f"{what} is a flat colour (its tissue varies by {texture:.1f} grey levels, at least {L['min_texture']:g} needed; H&E tiles vary by 20-50): "
-                             "every normalized patch would be flattened; pass real tissue patches, not a colour swatch.")
-
-    def _check_estimate(self):
-        "Refuse what `fit` learned when it is not finite, or when Macenko found one stain twice"
-        a, b = (self._lib.HERef, self._lib.maxCRef) if self.method == 'macenko' else (self._lib.target_means, self._lib.target_stds)
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise StainError(f"The {self.method} estimate on the stain reference is not finite: pass other patches, full of tissue with both stains.")
-        if self.method == 'macenko':
-            h, e = a[:, 0].double(), a[:, 1].double()
-            angle = math.degrees(math.acos(float((h @ e / (h.norm() * e.norm())).clamp(-1, 1))))
-            if angle < REFERENCE_LIMITS['min_stain_angle']:
-                raise StainError(f"The stain reference shows a single stain (Macenko's haematoxylin and eosin vectors are {angle:.1f} degrees apart, at least "
-                                 f"{REFERENCE_LIMITS['min_stain_angle']:g} needed): pass H&E patches with both nuclei and pink tissue.")
-
-    def to_dict(self) -> dict:
-        "The method, the options and what `fit` learned, as plain numbers (for config.json and bundle.json)"
-        self._check_fitted()
-        d = dict(method=self.method, min_tissue=self.min_tissue, on_bad=self.on_bad)
-        if self.method == 'macenko': d.update(stain_matrix=self._lib.HERef.tolist(), max_concentrations=self._lib.maxCRef.tolist())
-        else: d.update(lab_means=self._lib.target_means.tolist(), lab_stds=self._lib.target_stds.tolist())
-        return d
-
-    @classmethod
-    def from_dict(cls, d:dict): # What `to_dict` wrote
-        "A fitted normalizer from `to_dict`'s numbers"
-        try:
-            out = cls(d['method'], d.get('min_tissue', 0.1), d.get('on_bad', 'skip'))
-            if out.method == 'macenko':
-                a, b, want = torch.tensor(d['stain_matrix'], dtype=torch.float32), torch.tensor(d['max_concentrations'], dtype=torch.float32), ((3, 2), (2,))
-                out._lib.HERef, out._lib.maxCRef = a, b
-            else:
-                a, b, want = torch.tensor(d['lab_means'], dtype=torch.float32), torch.tensor(d['lab_stds'], dtype=torch.float32), ((3,), (3,))
-                out._lib.target_means, out._lib.target_stds = a, b
-            if (tuple(a.shape), tuple(b.shape)) != want or not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise ValueError(f'shapes {tuple(a.shape)} and {tuple(b.shape)}, expected {want[0]} and {want[1]}, all finite')
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise StainError(f"The stored stain normalization is incomplete or damaged ({type(e).__name__}: {e}); train the run again.") from None
-        out.fitted = True
-        return out
-
-    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_on_device'}  # no GPU tensors in a pickle
-    def __setstate__(self, d): self.__dict__.update(d, _on_device={})
-
-    def _lib_on(self, device):
-        "torchstain's normalizer with the reference on `device` (copied there once)"
-        device = torch.device(device)
-        if device.type == 'cpu': return self._lib
-        if device not in self._on_device:
-            lib = copy.copy(self._lib)
-            for a in ('HERef', 'maxCRef', 'target_means', 'target_stds'):
-                if torch.is_tensor(getattr(lib, a, None)): setattr(lib, a, getattr(lib, a).to(device))
-            self._on_device[device] = lib
-        return self._on_device[device]
-
     def _check_fitted(self):
         if not self.fitted: raise UsageError("This StainNormalizer is not fitted: call .fit(reference_patches) first.")
 
-    def normalize_tensor(self, t:torch.Tensor, # One uint8 RGB patch (3, H, W), on the CPU or a GPU
-                         name:str='patch', # What to call it in an error
-                        ) -> torch.Tensor|None: # The normalized patch, uint8 (3, H, W) on `t`'s device; None when skipped
-        "The patch with the reference's staining, computed on the patch's device; None (`on_bad='skip'`) or a `StainError` when it can't be normalized"
-        self._check_fitted()
-        if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[0] != 3: raise UsageError(f"{name}: stain normalization takes uint8 RGB (3, H, W); got {t.dtype} {tuple(t.shape)}.")
-        if (tf := _stained_share(t)) < self.min_tissue: return self._bad(name, f'{tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed')
-        if t.reshape(3, -1).float().std(1, unbiased=False).max() < 1: return self._bad(name, 'it is a single colour, with no stain vectors to estimate')
-        # float32 always (under a predict's autocast, eigh fails in half precision); Reinhard on the CPU (torchstain's Lab tables live there)
-        src = t if self.method == 'macenko' else t.cpu()
-        with torch.autocast(t.device.type, enabled=False):
-            try: out = self._lib_on(src.device).normalize(src, stains=False)[0] if self.method == 'macenko' else self._lib.normalize(src)
-            except _FIT_ERRORS as e: return self._bad(name, f'the {self.method} estimate failed ({type(e).__name__.lstrip("_")}: {(str(e).strip().splitlines() or [""])[0][:120]})')
-        out = out.float().to(t.device)
-        # torchstain casts to integers itself, so a failed (NaN) estimate arrives as black pixels, not as NaN
-        if not torch.isfinite(out).all() or out.max() < 1: return self._bad(name, f'the {self.method} estimate failed (a black result)')
-        return out.clamp(0, 255).round().to(torch.uint8).permute(2, 0, 1)
+    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_on_device'}  # no GPU tensors
+    def __setstate__(self, d):
+        if '_lib' in d:  # pickled (a learner.pkl) before the methods had classes: torchstain's object itself
+            d['impl'] = METHODS[d['method']]()
+            d['impl'].lib = d.pop('_lib')
+        self.__dict__.update(d, _on_device={})
 
-    def normalize(self, patch:np.ndarray, # One uint8 RGB patch (H, W, 3)
-                  name:str='patch', # What to call it in an error
-                 ) -> np.ndarray|None: # The normalized patch, uint8 (H, W, 3); None when skipped
-        "The patch with the reference's staining; None (`on_bad='skip'`) or a `StainError` when it can't be normalized"
-        if not (isinstance(patch, np.ndarray) and patch.dtype == np.uint8 and patch.ndim == 3 and patch.shape[-1] == 3):
-            raise UsageError(f"{name}: stain normalization takes a uint8 RGB (H, W, 3) array; got {getattr(patch, 'dtype', type(patch).__name__)} {getattr(patch, 'shape', '')}.")
-        out = self.normalize_tensor(torch.from_numpy(np.require(patch, requirements=['C', 'W'])).permute(2, 0, 1), name)
-        return None if out is None else out.permute(1, 2, 0).contiguous().numpy()
+# %% ../nbs/03a_stain.ipynb #659de00a
+def _reference_looks(stained:np.ndarray) -> tuple[float, float]:
+    "(mean Lab chroma, std in grey levels averaged over RGB) of stained uint8 pixels (N, 3)"
+    from torchstain.torch.utils.rgb2lab import rgb2lab
+    lab = rgb2lab(torch.from_numpy(stained.T.astype(np.float32)[..., None] / 255))[:, :, 0]  # OpenCV's Lab: a, b + 128
+    chroma = torch.sqrt((lab[1] - 128) ** 2 + (lab[2] - 128) ** 2).mean()
+    return float(chroma), float(stained.astype(np.float32).std(0).mean())
 
-    def _bad(self, name, why):
-        if self.on_bad == 'raise': raise StainError(f"{name} cannot be stain-normalized: {why}. Pass on_bad='skip' to leave such patches as they are.")
-        return None
+@patch
+def _check_reference(self:StainNormalizer, refs:list, pixels:np.ndarray):
+    "Refuse a reference that would normalize every patch wrongly: too small, little tissue, grayscale, a flat colour"
+    L, side = REFERENCE_LIMITS, REFERENCE_LIMITS['min_side']
+    what = 'The stain reference' if len(refs) == 1 else f'The stain reference ({len(refs)} images)'
+    small = [(k, r.shape[:2]) for k, r in enumerate(refs) if min(r.shape[:2]) < side]
+    if small:
+        k, (h, w) = small[0]
+        raise StainError(f"{'The stain reference' if len(refs) == 1 else f'Stain reference image {k}'} is {w}x{h} px, "
+                         f"too small to estimate staining from (at least {side}x{side} px needed): "
+                         "pass whole tissue patches (PCam's are 96x96).")
+    od = -np.log((pixels.astype(np.float32) + 1) / 240)
+    stained = pixels[(od >= 0.15).all(1)]  # `tissue_fraction`'s pixels (Macenko's own threshold)
+    if (tf := len(stained) / len(pixels)) < self.min_tissue or not len(stained):
+        raise StainError(f"{what} holds too little tissue ({tf:.0%} stained pixels, at least {self.min_tissue:.0%} "
+                         "needed): choose patches full of tissue.")
+    self.impl.check_reference(stained, what)  # Macenko: enough stained pixels
+    chroma, texture = _reference_looks(stained)
+    if chroma < L['min_chroma']:
+        raise StainError(f"{what} has almost no colour (mean chroma {chroma:.1f} of its tissue, "
+                         f"at least {L['min_chroma']:g} needed; H&E tiles have 15-60): it looks grayscale, "
+                         "and every normalized patch would turn grey; pass colour H&E patches.")
+    if texture < L['min_texture']:
+        raise StainError(f"{what} is a flat colour (its tissue varies by {texture:.1f} grey levels, "
+                         f"at least {L['min_texture']:g} needed; H&E tiles vary by 20-50): "
+                         "every normalized patch would be flattened; pass real tissue patches, not a colour swatch.")
 
-    def normalize_many(self, patches:np.ndarray, # uint8 RGB patches (N, H, W, 3)
-                       names:list|None=None, # What to call them in errors and in the skipped list; None: their index
-                      ) -> tuple[np.ndarray, list]: # (normalized patches, names of the patches left as they were)
-        "Normalize each patch; patches that can't be are left as they are and listed (or raise, with `on_bad='raise'`)"
-        out, skipped = np.array(patches, copy=True), []
-        for i, p in enumerate(patches):
-            name = names[i] if names is not None else str(i)
-            res = self.normalize(p, name)
-            if res is None: skipped.append(name)
-            else: out[i] = res
-        return out, skipped
+@patch
+def _check_estimate(self:StainNormalizer):
+    "Refuse what `fit` learned when it is not finite, or when its method finds it unusable (Macenko: one stain twice)"
+    if not all(torch.isfinite(self.impl.get_number(k)).all() for k in self.impl.numbers):
+        raise StainError(f"The {self.method} estimate on the stain reference is not finite: "
+                         "pass other patches, full of tissue with both stains.")
+    self.impl.check_estimate()
+
+# %% ../nbs/03a_stain.ipynb #c05053b3
+@patch
+def to_dict(self:StainNormalizer) -> dict:
+    "The method, the options and what `fit` learned, as plain numbers (for the run's settings and its bundle)"
+    self._check_fitted()
+    d = dict(method=self.method, min_tissue=self.min_tissue, on_bad=self.on_bad)
+    return d | {k: self.impl.get_number(k).tolist() for k in self.impl.numbers}
+
+@patch(cls_method=True)
+def from_dict(cls:StainNormalizer, d:dict, # What `to_dict` wrote
+             ) -> StainNormalizer:
+    "A fitted normalizer from `to_dict`'s numbers"
+    try:
+        out = cls(d['method'], d.get('min_tissue', 0.1), d.get('on_bad', 'skip'))
+        got = {k: torch.tensor(d[k], dtype=torch.float32) for k in out.impl.numbers}
+        have, want = [tuple(v.shape) for v in got.values()], list(out.impl.numbers.values())
+        if have != want or not all(torch.isfinite(v).all() for v in got.values()):
+            raise ValueError(f"shapes {' and '.join(map(str, have))}, "
+                             f"expected {' and '.join(map(str, want))}, all finite")
+        for k, v in got.items(): out.impl.set_number(k, v)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise StainError(f"The stored stain normalization is incomplete or damaged ({type(e).__name__}: {e}); "
+                         "train the run again.") from None
+    out.fitted = True
+    return out
+
+# %% ../nbs/03a_stain.ipynb #efddfa34
+@patch
+def _impl_on(self:StainNormalizer, device) -> StainMethod:
+    "The method's object with the reference on `device` (copied there once)"
+    device = torch.device(device)
+    if device.type == 'cpu': return self.impl
+    if device not in self._on_device: self._on_device[device] = self.impl.to(device)
+    return self._on_device[device]
+
+@patch
+def normalize_tensor(self:StainNormalizer, t:torch.Tensor, # One uint8 RGB patch (3, H, W), on the CPU or a GPU
+                     name:str='patch', # What to call it in an error
+                    ) -> torch.Tensor|None: # The normalized patch, uint8 (3, H, W) on `t`'s device; None when skipped
+    "The patch with the reference's staining, on its device; None (`on_bad='skip'`) or a `StainError` if it can't be"
+    self._check_fitted()
+    if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[0] != 3:
+        raise UsageError(f"{name}: stain normalization takes uint8 RGB (3, H, W); got {t.dtype} {tuple(t.shape)}.")
+    if (tf := _stained_share(t)) < self.min_tissue:
+        return self._bad(name, f'{tf:.0%} stained pixels, at least {self.min_tissue:.0%} needed')
+    if t.reshape(3, -1).float().std(1, unbiased=False).max() < 1:
+        return self._bad(name, 'it is a single colour, with no stain vectors to estimate')
+    # float32 always (under a predict's autocast, eigh fails in half precision); Reinhard on the CPU (`on_device` False)
+    src = t if self.impl.on_device else t.cpu()
+    with torch.autocast(t.device.type, enabled=False):
+        try: out = self._impl_on(src.device).normalize(src)
+        except _FIT_ERRORS as e: return self._bad(name, f'the {self.method} estimate failed ({_what(e)})')
+    out = out.float().to(t.device)
+    # torchstain casts to integers itself, so a failed (NaN) estimate arrives as black pixels, not as NaN
+    if not torch.isfinite(out).all() or out.max() < 1:
+        return self._bad(name, f'the {self.method} estimate failed (a black result)')
+    return out.clamp(0, 255).round().to(torch.uint8)
+
+@patch
+def _bad(self:StainNormalizer, name, why):
+    if self.on_bad == 'raise':
+        raise StainError(f"{name} cannot be stain-normalized: {why}. "
+                         "Pass on_bad='skip' to leave such patches as they are.")
+    return None
+
+# %% ../nbs/03a_stain.ipynb #62c0d9cc
+@patch
+def normalize(self:StainNormalizer, patch:np.ndarray, # One uint8 RGB patch (H, W, 3)
+              name:str='patch', # What to call it in an error
+             ) -> np.ndarray|None: # The normalized patch, uint8 (H, W, 3); None when skipped
+    "The patch with the reference's staining; None (`on_bad='skip'`) or a `StainError` when it can't be normalized"
+    if not (isinstance(patch, np.ndarray) and patch.dtype == np.uint8 and patch.ndim == 3 and patch.shape[-1] == 3):
+        raise UsageError(f"{name}: stain normalization takes a uint8 RGB (H, W, 3) array; "
+                         f"got {getattr(patch, 'dtype', type(patch).__name__)} {getattr(patch, 'shape', '')}.")
+    out = self.normalize_tensor(torch.from_numpy(np.require(patch, requirements=['C', 'W'])).permute(2, 0, 1), name)
+    return None if out is None else out.permute(1, 2, 0).contiguous().numpy()
+
+@patch
+def normalize_many(self:StainNormalizer, patches:np.ndarray, # uint8 RGB patches (N, H, W, 3)
+                   names:list|None=None, # What to call them in errors and in the skipped list; None: their index
+                  ) -> tuple[np.ndarray, list]: # (normalized patches, names of the patches left as they were)
+    "Normalize each patch; patches that can't be are left as they are and listed (or raise, with `on_bad='raise'`)"
+    out, skipped = np.array(patches, copy=True), []
+    for i, p in enumerate(patches):
+        name = names[i] if names is not None else str(i)
+        res = self.normalize(p, name)
+        if res is None: skipped.append(name)
+        else: out[i] = res
+    return out, skipped
 
 # %% ../nbs/03a_stain.ipynb #2f28a010
 def choose_reference(patches:np.ndarray, # uint8 candidate patches (N, H, W, 3), e.g. the first training patches
@@ -275,8 +393,11 @@ def read_reference(path:str|Path, # An image file, or a folder of them (.png, .j
     "Reference patches for `StainNormalizer.fit` from your own image files"
     from PIL import Image
     path = Path(path)
-    files = sorted(f for f in path.iterdir() if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.tif', '.tiff')) if path.is_dir() else [path]
-    if not path.exists() or not files: raise UsageError(f"The stain reference {path} {'has no .png, .jpg or .tif images' if path.exists() else 'does not exist'}; pass an image file or a folder of them.")
+    exts = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in exts) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        found = 'has no .png, .jpg or .tif images' if path.exists() else 'does not exist'
+        raise UsageError(f"The stain reference {path} {found}; pass an image file or a folder of them.")
     out = []
     for f in files:
         try:
@@ -286,14 +407,17 @@ def read_reference(path:str|Path, # An image file, or a folder of them (.png, .j
 
 # %% ../nbs/03a_stain.ipynb #5969d986
 class StainNormalizeBatch(Transform):
-    "Stain-normalize each patch of a uint8 batch on its device with a fitted `StainNormalizer`, in training and inference alike"
+    "Stain-normalize each patch of a uint8 batch on its device with a fitted `StainNormalizer` (training and inference)"
     order = 5  # first: on the patches as they were read, before any augmentation
     def __init__(self, normalizer:StainNormalizer): # Fitted
-        if not getattr(normalizer, 'fitted', False): raise UsageError("StainNormalizeBatch needs a fitted StainNormalizer: call .fit(reference_patches) first.")
+        if not getattr(normalizer, 'fitted', False):
+            raise UsageError("StainNormalizeBatch needs a fitted StainNormalizer: call .fit(reference_patches) first.")
         self.normalizer = normalizer
     def encodes(self, x:TensorImage):
         t = x.as_subclass(torch.Tensor)
-        if t.dtype != torch.uint8: raise UsageError(f"StainNormalizeBatch takes uint8 batches as read from the cache (order {self.order}, first); got {t.dtype}.")
+        if t.dtype != torch.uint8:
+            raise UsageError("StainNormalizeBatch takes uint8 batches as read from the cache "
+                             f"(order {self.order}, first); got {t.dtype}.")
         out = t.clone()
         for i in range(len(t)):
             res = self.normalizer.normalize_tensor(t[i], f'patch {i} of the batch')
@@ -309,37 +433,52 @@ def cache_normalizer(path:str|Path, # A cache root
     fn = Path(path)/STAIN_FILE
     if not fn.exists(): return None
     try: info = json.loads(fn.read_text())
-    except (OSError, ValueError) as e: raise StainError(f"{fn} is damaged ({e}); build the normalized cache again (pcam-fastai cache --stain-norm ...).") from None
+    except (OSError, ValueError) as e:
+        raise StainError(f"{fn} is damaged ({e}); "
+                         "build the normalized cache again (pcam-fastai cache --stain-norm ...).") from None
     if not info.get('complete'):
-        raise StainError(f"The stain-normalized cache at {path} is incomplete (its build was interrupted); run the same command again to finish it.")
+        raise StainError(f"The stain-normalized cache at {path} is incomplete (its build was interrupted); "
+                         "run the same command again to finish it.")
     try: return StainNormalizer.from_dict(info.get('normalizer') or {})
-    except StainError: raise StainError(f"{fn} is incomplete or damaged; build the normalized cache again (normalize_cache with force=True).") from None
+    except StainError:
+        raise StainError(f"{fn} is incomplete or damaged; "
+                         "build the normalized cache again (normalize_cache with force=True).") from None
 
+# %% ../nbs/03a_stain.ipynb #372d5292
+def _normalized_dest(src:Path, dest:Path, d:dict, force:bool) -> dict:
+    "Refuse a `dest` that holds raw patches, or patches normalized otherwise; its `stain.json` as it was"
+    if dest.resolve() == src.resolve() or (cache_splits(dest) and not (dest/STAIN_FILE).exists()):
+        raise UsageError(f"{dest} holds a cache of raw patches; write the normalized copy into a folder of its own "
+                         f"(default: inside {src}).")
+    if force or not (dest/STAIN_FILE).exists(): return {}
+    try: old = json.loads((dest/STAIN_FILE).read_text())
+    except ValueError:
+        raise UsageError(f"{dest/STAIN_FILE} is damaged; pass force=True to normalize {dest} again.") from None
+    if old.get('normalizer') != d and cache_splits(dest):
+        raise UsageError(f"{dest} holds patches normalized another way; "
+                         "pass another dest, or force=True to replace them.")
+    return old
+
+# %% ../nbs/03a_stain.ipynb #ea921c80
 def normalize_cache(src:str|Path, # A cache root from `build_cache`, of raw patches
                     normalizer:StainNormalizer, # Fitted
-                    dest:str|Path|None=None, # Root of the normalized cache; None: `src/stain-<method>-<hash of the normalizer>`
+                    dest:str|Path|None=None, # Root of the normalized cache; None: `src/stain-<method>-<hash>`
                     chunk:int=1024, # Patches per write
                     force:bool=False, # Normalize again even if `dest` is complete
                     show_progress:bool=True, # Progress bars with the rate
                    ) -> Path: # `dest`
-    "A copy of an array cache with every patch stain-normalized once: restartable and verified like `build_cache`, the normalizer in `stain.json`"
+    "A copy of an array cache with every patch stain-normalized once, restartable and verified like `build_cache`"
     src = Path(src)
-    if not cache_splits(src): raise UsageError(f"{src} is not an array cache; build one first (pcam-fastai cache SRC DEST).")
-    if (src/STAIN_FILE).exists(): raise UsageError(f"{src} is already stain-normalized; normalize the raw cache it was made from.")
+    if not cache_splits(src):
+        raise UsageError(f"{src} is not an array cache; build one first (pcam-fastai cache SRC DEST).")
+    if (src/STAIN_FILE).exists():
+        raise UsageError(f"{src} is already stain-normalized; normalize the raw cache it was made from.")
     d = normalizer.to_dict()
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     dest = Path(dest) if dest else src/f'stain-{normalizer.method}-{digest}'
-    if dest.resolve() == src.resolve() or (cache_splits(dest) and not (dest/STAIN_FILE).exists()):
-        raise UsageError(f"{dest} holds a cache of raw patches; write the normalized copy into a folder of its own (default: inside {src}).")
-    info = dict(normalizer=d, source=str(src.resolve()), complete=False)
-    old = {}
-    if not force and (dest/STAIN_FILE).exists():
-        try: old = json.loads((dest/STAIN_FILE).read_text())
-        except ValueError: raise UsageError(f"{dest/STAIN_FILE} is damaged; pass force=True to normalize {dest} again.") from None
-        if old.get('normalizer') != d and cache_splits(dest):
-            raise UsageError(f"{dest} holds patches normalized another way; pass another dest, or force=True to replace them.")
+    old, info = _normalized_dest(src, dest, d, force), dict(normalizer=d, source=str(src.resolve()), complete=False)
     dest.mkdir(parents=True, exist_ok=True)
-    done = old.get('left_as_they_were', {}) if not force and (dest/STAIN_FILE).exists() and old.get('complete') else {}
+    done = old.get('left_as_they_were', {}) if old.get('complete') else {}
     write_json_atomic(dest/STAIN_FILE, info)  # first, so that an interrupted build is never taken for raw patches
     for split in cache_splits(src):
         c, left = load_cache(src, split), set()
@@ -348,10 +487,12 @@ def normalize_cache(src:str|Path, # A cache root from `build_cache`, of raw patc
             left.update(skipped)  # a set: the build's verification reads some patches twice
             return out, [i for i in range(i0, i1) if not c.keep[i]]
         sig = hashlib.sha1(f"{c.manifest['signature']}:{digest}".encode()).hexdigest()[:16]
-        build_split(Source(split, c.ids, c.labels, read, sig, c.manifest['layout'], c.manifest.get('synthetic', False)), dest,
-                    chunk=chunk, force=force, show_progress=show_progress)
+        source = Source(split, c.ids, c.labels, read, sig, c.manifest['layout'], c.manifest.get('synthetic', False))
+        build_split(source, dest, chunk=chunk, force=force, show_progress=show_progress)
         if left or split not in done: done[split] = len(left)  # a split reused as it was (nothing read) keeps its count
-        if show_progress and done[split]: print(f'normalize_cache: {split}: {done[split]} of {len(c.ids)} patches could not be normalized '
-                                                f'(too little tissue, or a single colour) and were left as they were')
-    write_json_atomic(dest/STAIN_FILE, {**info, 'complete': True, 'splits': cache_splits(src), 'left_as_they_were': done})
+        if show_progress and done[split]:
+            print(f'normalize_cache: {split}: {done[split]} of {len(c.ids)} patches could not be normalized '
+                  f'(too little tissue, or a single colour) and were left as they were')
+    write_json_atomic(dest/STAIN_FILE, {**info, 'complete': True, 'splits': cache_splits(src),
+                                        'left_as_they_were': done})
     return dest

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from fastai.torch_core import set_seed
 
-from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, json_text, write_text_atomic, cuda_in_use, file_sha256
+from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, cuda_in_use, file_sha256
 from .data import make_synthetic_pcam
 from .sources import open_source, check_data_path, DataSource, ArrayCache
 from .stain import METHODS, StainNormalizer, choose_reference, read_reference, normalize_cache, cache_normalizer
@@ -21,6 +21,8 @@ from .weights import PretrainedWeightsError
 from .learner import pcam_learner, resolve_arch, token_backbone, find_pretrained
 from .distributed import init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main
 from .training import fit_two_stage, lr_repr, versions
+from .runs import (ModelFileError, RunConfig, RunMetrics, read_config, read_metrics, write_config, write_metrics,
+                              reopen_learner, has_config, is_finished, clear_run_outputs, MODEL_FILE)
 from .report import evaluate_run, headline, write_report
 
 # %% auto #0
@@ -71,7 +73,7 @@ def resolve_config(data=None, # The data given; None: the built-in synthetic set
     return preset, {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
 
 # %% ../nbs/12_train.ipynb #4f781add
-def run_key(config:dict, # A run configuration (config.json)
+def run_key(config:dict, # A run configuration (`RunConfig.to_dict()`)
            ) -> str:
     "What identifies a run: everything that changes the trained model"
     keep = {k: config[k] for k in ('data', 'labels_sha1', 'preset', 'settings', 'lr_frozen', 'lr_unfrozen', 'seed', 'valid_pct',
@@ -85,36 +87,30 @@ def run_key(config:dict, # A run configuration (config.json)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 # %% ../nbs/12_train.ipynb #a5de6deb
-def _old_config(run_dir:Path, force:bool) -> dict|None:
-    "The config.json of an earlier run in `run_dir` (None if there is none, or a damaged one is to be replaced with `force`)"
-    from pcam_fastai.evaluate import read_run_json, ModelFileError
-    if not (run_dir/'config.json').exists(): return None
-    try: return read_run_json(run_dir/'config.json', fix='pass force=True (CLI: --force) to train this run folder again, or use another run_dir')
+def _old_config(run_dir:Path, force:bool) -> RunConfig|None:
+    "The settings of an earlier run in `run_dir` (None if there is none, or a damaged one is to be replaced with `force`)"
+    try: return read_config(run_dir, fix='pass force=True (CLI: --force) to train this run folder again, or use another run_dir')
     except ModelFileError:
-        if force: return None
+        if force or not has_config(run_dir): return None
         raise
 
-def reopen_finished_run(run_dir:Path, # A run folder whose config.json has this run's key
+def reopen_finished_run(run_dir:Path, # A run folder whose settings have this run's key
                         dls, # The run's DataLoaders
                         cfg:dict, # The run's settings
                        ) -> tuple|None: # (learner, metrics), or None when a file is damaged
     "A finished run's learner rebuilt from `model.pth` (weights only: `learner.pkl` is never unpickled) with its calibration, after checking its files"
-    from pcam_fastai.evaluate import load_weights, run_calibration, read_run_json, verify_model_checksum, ModelFileError
     try:
-        metrics = read_run_json(run_dir/'metrics.json', fix='it is trained again')
-        checked = verify_model_checksum(run_dir, metrics)  # False: a run from before checksums (its model is only load-checked)
-        input_stats = read_run_json(run_dir/'config.json').get('input_stats')  # None for runs from before it was recorded
-        learn = pcam_learner(dls, cfg['arch'], pretrained=False, fp16=cfg['fp16'], path=run_dir, quiet=True, input_stats=input_stats)
-        load_weights(learn, run_dir/'model.pth')
-        learn.temperature, learn.logit_bias, learn.threshold = run_calibration(run_dir)
-        headline(metrics)  # the summary a reopened run prints: an incomplete metrics.json fails here, not later
+        metrics = read_metrics(run_dir, fix='it is trained again')
+        learn, checked = reopen_learner(run_dir, dls, metrics=metrics)  # checked False: a run from before checksums (only load-checked)
+        headline(metrics.to_dict())  # the summary a reopened run prints: incomplete numbers fail here, not later
     except (ModelFileError, KeyError, TypeError, AttributeError, ValueError, OSError) as e:
-        why = str(e).rstrip('.') if isinstance(e, ModelFileError) else f'its metrics.json is incomplete or damaged ({type(e).__name__}: {e})'
+        why = str(e).rstrip('.') if isinstance(e, ModelFileError) else f'its metrics are incomplete or damaged ({type(e).__name__}: {e})'
         if is_main(): print(f'train_pcam: {run_dir} looked like a finished run of this configuration, but {why}. Training it again.')
         return None
-    if not checked and is_main(): print(f'train_pcam: {run_dir} records no checksum of model.pth (trained by an older pcam_fastai); it loads, so it is reused.')
+    if not checked and is_main():
+        print(f'train_pcam: {run_dir} records no checksum of {MODEL_FILE} (trained by an older pcam_fastai); it loads, so it is reused.')
     learn.dihedral_tta = bool(cfg.get('tta'))
-    return learn, metrics
+    return learn, metrics.to_dict()
 
 # %% ../nbs/12_train.ipynb #027dbf4f
 def seed_run(seed:int, # The run's seed
@@ -202,20 +198,19 @@ def _stain_data(source, method, at, ref, split_kw):
 
 def _reopen_or_clear(run_dir, key, force, dls, cfg):
     "A finished run of this configuration, reopened (learner, metrics); else None, with the folder cleared of an old run's files when training again"
-    old, finished = broadcast_value((_old_config(run_dir, force), all((run_dir/f).exists() for f in ('model.pth', 'metrics.json'))))
+    old, finished = broadcast_value((_old_config(run_dir, force), is_finished(run_dir)))
     if old and not force:
-        if old.get('key') == key and finished:
+        if old.key == key and finished:
             done = reopen_finished_run(run_dir, dls, cfg)
             if done is not None:
                 if is_main(): print(f'train_pcam: {run_dir} already holds a finished run of this configuration (key {key}); skipping training '
                                     f'(force=True, CLI: --force, trains again).\n{headline(done[1])}')
                 return done
             force = True  # its files are damaged (reopen_finished_run said which): train it again
-        elif old.get('key') != key and (finished or (run_dir/'progress.json').exists()):
-            raise PCamDataError(f"{run_dir} holds a run with another configuration (key {old.get('key')}, now {key}). "
+        elif old.key != key and (finished or (run_dir/'progress.json').exists()):
+            raise PCamDataError(f"{run_dir} holds a run with another configuration (key {old.key}, now {key}). "
                                 "Use another run_dir (CLI: --run-dir), or force=True (--force) to replace it.")
-    if force and is_main():
-        for f in ('progress.json', 'history.csv', 'metrics.json', 'model.pth', 'learner.pkl'): (run_dir/f).unlink(missing_ok=True)
+    if force and is_main(): clear_run_outputs(run_dir)
     return None
 
 def settings_line(preset:str, # The preset's name
@@ -312,7 +307,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                   precision=learn.precision, weights=learn.weights, weights_layout=learn.weights_layout, input_stats=learn.input_stats,  # the backbone's own normalization after the loaders' ImageNet one
                   world_size=world_size(), global_bs=cfg['bs'] * world_size(),
                   versions=versions(), started=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    if is_main(): write_text_atomic(run_dir/'config.json', json.dumps(config, indent=2))
+    if is_main(): write_config(run_dir, RunConfig.from_dict(config))
     barrier()
     stages = fit_two_stage(learn, cfg['epochs_frozen'], cfg['epochs_unfrozen'], lr_frozen, lr_unfrozen,
                            lr_find_iters=cfg['lr_find_iters'], plot_dir=run_dir, show=show, keep_finished=True, discriminative=cfg['pretrained'])
@@ -322,7 +317,7 @@ def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 f
                    n_train=len(dls.train_ds), data=str(source.path), synthetic=source.synthetic, preset=preset, config=cfg, seed=seed, key=key,
                    compute_precision=learn.precision, weights=learn.weights, device=config['device'], stages=stages,
                    seconds=round(time.time() - t_start, 1), versions=versions(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    write_text_atomic(run_dir/'metrics.json', json_text(metrics))  # with model.pth (whose checksum it records), it marks a finished run
+    write_metrics(run_dir, RunMetrics.from_dict(metrics))  # with model.pth (whose checksum it records), it marks a finished run
     write_report(run_dir, metrics, config)
     print(headline(metrics) + f'\ntrain_pcam: {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
     return learn, metrics
@@ -342,11 +337,10 @@ def _check_feature_grid(learn, size:int):
 
 def _finish(learn, dls, source, run_dir, top_k):
     "Save the model, evaluate (which fits the calibration), then export the learner (rank 0 only in a distributed run)"
-    tmp = run_dir/'model.pth.partial'
-    try: torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, tmp); os.replace(tmp, run_dir/'model.pth')  # CPU tensors: loads anywhere
+    tmp = run_dir/f'{MODEL_FILE}.partial'
+    try: torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, tmp); os.replace(tmp, run_dir/MODEL_FILE)  # CPU tensors: loads anywhere
     finally: tmp.unlink(missing_ok=True)  # a crash or a full disk leaves no half-written model
     m = evaluate_run(learn, dls, source, run_dir, top_k=top_k)
-    from pcam_fastai.evaluate import file_sha256
-    m['model_sha256'] = file_sha256(run_dir/'model.pth')  # a later run of the same configuration checks it before skipping training
+    m['model_sha256'] = file_sha256(run_dir/MODEL_FILE)  # a later run of the same configuration checks it before skipping training
     learn.export(run_dir/'learner.pkl')  # after evaluate_run: it carries learn.temperature, learn.logit_bias and learn.threshold
     return m

@@ -83,7 +83,7 @@ def find_lr(learn, # A fastai Learner
 
 # %% ../nbs/10_training.ipynb #f6203259
 def lr_repr(lr, # A learning rate, or a `slice(low, high)` of discriminative rates
-           ): # What config.json records: a float, or [low, high]
+           ): # What the run's settings record: a float, or [low, high]
     "A learning rate as JSON"
     return [float(lr.start), float(lr.stop)] if isinstance(lr, slice) else float(lr)
 def _lr_value(r): return slice(*r) if isinstance(r, list) else r

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pcam_fastai
 from .core import RESEARCH_USE, PCamError, UsageError, json_text, write_text_atomic
-from .export import Bundle, BundleError
+from .runs import BUNDLE_FILE, BundleError, is_bundle, read_bundle_meta
+from .export import Bundle
 
 # %% auto #0
 __all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'WEB_MANIFEST', 'MAX_MODEL_MB', 'CHROMIUM', 'CHROMIUM_ARGS',
@@ -115,7 +116,7 @@ WEB_MANIFEST = '.pcam-web-manifest.json'  # in BUNDLE/web/: the files the export
 MAX_MODEL_MB = 300  # larger models do not fit a page: V8's strings end at 2^29 characters (a 400 MB model in base64)
 
 def _page_facts(meta:dict, max_mb:float, max_pixels:int) -> dict:
-    "What the page shows and needs from bundle.json (no paths from the exporting machine)"
+    "What the page shows and needs from the bundle's metadata (no paths from the exporting machine)"
     keep = ('arch', 'classes', 'positive', 'size', 'resize', 'threshold', 'threshold_source', 'temperature', 'tta', 'valid_tta', 'split',
             'valid_accuracy', 'valid_roc_auc', 'valid_balanced_accuracy', 'valid_ece', 'n_params', 'onnx_mb', 'created', 'centre_box', 'mpp')
     facts = {k: meta.get(k) for k in keep}
@@ -126,27 +127,28 @@ def _page_facts(meta:dict, max_mb:float, max_pixels:int) -> dict:
 
 def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bundle`
                         ) -> dict:
-    "bundle.json of a bundle the page can reproduce; a clear error for one it cannot"
+    "The metadata of a bundle the page can reproduce; a clear error for one it cannot"
     bundle_dir = Path(bundle_dir)
-    if not (bundle_dir/'bundle.json').exists():
-        hint = f"its bundle is {bundle_dir/'bundle'}" if (bundle_dir/'bundle'/'bundle.json').exists() else 'export one first: pcam-fastai export --run-dir RUN --web'
-        raise BundleError(f"{bundle_dir} is not a bundle (no bundle.json); {hint}.")
+    if not is_bundle(bundle_dir):
+        hint = (f"its bundle is {bundle_dir/'bundle'}" if is_bundle(bundle_dir/'bundle')
+                else 'export one first: pcam-fastai export --run-dir RUN --web')
+        raise BundleError(f"{bundle_dir} is not a bundle (no {BUNDLE_FILE}); {hint}.")
     if not (bundle_dir/'model.onnx').exists():
         raise WebExportError(f"{bundle_dir} has no model.onnx, which the page runs; export the run again without --no-onnx.")
-    try: raw = json.loads((bundle_dir/'bundle.json').read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise BundleError(f"{bundle_dir}/bundle.json is damaged ({e}); export again.") from None
-    if isinstance(raw, dict) and isinstance(raw.get('stain_norm'), dict):  # before the bundle's own checks: no stain method helps a page
-        raise WebExportError(f"{bundle_dir} stain-normalizes patches ({raw['stain_norm'].get('method')}) in Python before model.onnx; the page cannot, "
-                             "so its probabilities would differ. Use pcam-fastai serve for this bundle, or train without --stain-norm for a web page.")
-    bundle = Bundle(bundle_dir, backend='torch', device='cpu')  # every field of bundle.json checked, as for predict and serve
-    bundle.checked_file('model.onnx')  # the file exported, when bundle.json records its SHA-256
+    stain = read_bundle_meta(bundle_dir).stain_norm  # every field checked, as for predict and serve
+    if stain:  # before the stain method is loaded: none helps a page
+        raise WebExportError(f"{bundle_dir} stain-normalizes patches ({stain.get('method')}) in Python before model.onnx; "
+                             "the page cannot, so its probabilities would differ. Use pcam-fastai serve for this bundle, "
+                             "or train without --stain-norm for a web page.")
+    bundle = Bundle(bundle_dir, backend='torch', device='cpu')
+    bundle.checked_file('model.onnx')  # the file exported, when the bundle records its SHA-256
     meta = dict(bundle.meta)
     if (mb := (bundle_dir/'model.onnx').stat().st_size / 1e6) > MAX_MODEL_MB:
         raise WebExportError(f"{bundle_dir}/model.onnx is {mb:.0f} MB; a page holds its model as one base64 string and needs about 4x its size in memory, "
                              f"so models over {MAX_MODEL_MB} MB are refused. Serve this bundle with pcam-fastai serve.")
-    meta['resize'] = meta.get('resize') or 'pil-bilinear'  # as Bundle reads bundles from before the key
-    if meta['resize'] not in ('pil-bilinear', 'torch-bilinear'):
-        raise WebExportError(f"{bundle_dir}/bundle.json has resize {meta.get('resize')!r}, which the page does not implement; export it again with this version.")
+    if meta['resize'] not in ('pil-bilinear', 'torch-bilinear'):  # bundles from before the field: PIL's (`BundleMeta`)
+        raise WebExportError(f"{bundle_dir/BUNDLE_FILE} has resize {meta['resize']!r}, which the page does not implement; "
+                             "export it again with this version.")
     return meta
 
 # %% ../nbs/14b_web.ipynb #ef2584be
@@ -174,7 +176,7 @@ def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
         f"window.PCAM_ORT_WASM = {_js_string(runtime['ort-wasm-simd-threaded.wasm'].read_bytes())};\n"
         f"window.PCAM_ORT_GLUE = {_js_string(runtime['ort-wasm-simd-threaded.mjs'].read_text())};\n"
         f"window.PCAM_ORT_JS = {_js_string(runtime['ort.wasm.min.js'].read_text())};  // again, as text: the model's web worker is made from it\n")
-    (dest/'model.js').write_text(f"// model.onnx (base64) and the facts of bundle.json, written by pcam_fastai {pcam_fastai.__version__}\n"
+    (dest/'model.js').write_text(f"{_MODEL_JS_HEAD} {pcam_fastai.__version__}\n"
                                  f"window.PCAM_BUNDLE = {json.dumps(facts)};\n"
                                  f"window.PCAM_MODEL = {_js_string((bundle_dir/'model.onnx').read_bytes())};\n")
     ort_header = runtime['ort.wasm.min.js'].read_text().split('*/', 1)[0].strip('/*! \n')
@@ -240,7 +242,7 @@ def measure_page(web_dir:str|Path, # A folder written by `export_web`
     return out
 
 # %% ../nbs/14b_web.ipynb #6e2f9a41
-_MODEL_JS_HEAD = '// model.onnx (base64) and the facts of bundle.json, written by pcam_fastai'  # the first line of every model.js
+_MODEL_JS_HEAD = f'// model.onnx (base64) and the facts of {BUNDLE_FILE}, written by pcam_fastai'  # the first line of every model.js
 
 def _web_dir(bundle_dir:Path) -> Path:
     "BUNDLE/web, refused when it is a symbolic link or a file: the export never writes or removes through a link"

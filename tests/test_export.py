@@ -38,7 +38,8 @@ def test_onnx_matches_torch_in_onnxruntime(bundle):
     "onnxruntime on model.onnx alone (numpy + PIL preprocessing as in the report) vs the run's torch model via fastai"
     import onnxruntime as ort
     from PIL import Image
-    from pcam_fastai.evaluate import load_run, predict
+    from pcam_fastai.runs import load_run
+    from pcam_fastai.evaluate import predict
     dest, run_dir, data = bundle
     files = sorted((data/'train').glob('*.tif'))[:64]
     x = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])
@@ -107,7 +108,7 @@ def test_damaged_bundles_are_refused(bundle, tmp_path):
     "A bundle's files are checked against the SHA-256s in bundle.json, its fields against their types and ranges, and its outputs for shape and NaN"
     import shutil
     from pcam_fastai.export import BundleError, load_bundle
-    from pcam_fastai.slide import make_mosaic_slide
+    from pcam_fastai.testslides import make_mosaic_slide
     src = bundle[0]
     meta = json.loads((src/'bundle.json').read_text())
     assert set(meta['sha256']) == {'weights.pth', 'model.onnx'} and meta['input_mpp'] == meta['mpp'] == 0.972  # the demo trains at 96 px

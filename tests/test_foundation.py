@@ -157,7 +157,8 @@ def test_vit_trains_with_the_card_recipe_reports_and_exports(tmp_path):
     from pcam_fastai.cache import build_cache, load_cache
     from pcam_fastai.train import train_pcam
     from pcam_fastai.export import export_bundle, load_bundle
-    from pcam_fastai.evaluate import load_run, predict
+    from pcam_fastai.runs import load_run
+    from pcam_fastai.evaluate import predict
     from pcam_fastai.foundation import create_backbone
     cache = build_cache(FIXTURE, tmp_path/'cache', show_progress=False)
     torch.manual_seed(0)  # "pretrained" weights from a local file (no hub here): the frozen stage runs, then the unfrozen one

@@ -34,7 +34,7 @@ def _copy(run, dest):
 
 def test_no_command_unpickles_learner_pkl(tiny_run, small_set, tmp_path):
     from starlette.testclient import TestClient
-    from pcam_fastai.evaluate import load_run
+    from pcam_fastai.runs import load_run
     from pcam_fastai.serve import serve_app
     run, marker = _copy(tiny_run, tmp_path/'run'), tmp_path/'code-ran'
     (run/'learner.pkl').write_bytes(pickle.dumps(_Marker(marker)))
@@ -58,8 +58,8 @@ def _damage_metrics(run): (run/'metrics.json').write_text('{"accuracy": 0.9, ')
 @pytest.mark.parametrize('damage, says', [(_damage_truncate, 'has changed since training finished'),
                                           (_damage_metrics, 'metrics.json is damaged (not JSON')])
 def test_damaged_finished_run_is_trained_again(tiny_run, small_set, tmp_path, damage, says):
-    from pcam_fastai.evaluate import load_run
-    from pcam_fastai.evaluate import file_sha256
+    from pcam_fastai.runs import load_run
+    from pcam_fastai.core import file_sha256
     run = _copy(tiny_run, tmp_path/'run')
     damage(run)
     res = run_main(['train', '--data', small_set, '--run-dir', run, *TINY])

@@ -151,7 +151,8 @@ def test_discriminative_rates_reach_each_layer_group(real_dls):
 @pytest.mark.slow
 def test_the_bundle_reproduces_the_learner(pretrained_run):
     "The exported bundle (ONNX with the calibration and the 8-view TTA inside) gives the reopened run's calibrated probabilities"
-    from pcam_fastai.evaluate import load_run, calibrated_softmax, predict_logits
+    from pcam_fastai.runs import load_run
+    from pcam_fastai.evaluate import calibrated_softmax, predict_logits
     from pcam_fastai.export import load_bundle
     run, bundle, _ = pretrained_run
     learn = load_run(run)
@@ -165,7 +166,7 @@ def test_the_bundle_reproduces_the_learner(pretrained_run):
 @pytest.mark.slow
 def test_gradcam_of_the_pretrained_model_passes_the_sanity_checks(pretrained_run):
     "Adebayo et al. 2018 on the real tiles: maps differ from the same architecture re-initialised, and differ between patches"
-    from pcam_fastai.evaluate import load_run
+    from pcam_fastai.runs import load_run
     from pcam_fastai.interpret import gradcam, gradcam_layer
     from pcam_fastai.learner import pcam_learner
     run, _, _ = pretrained_run

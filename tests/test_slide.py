@@ -11,8 +11,9 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import ROOT
 from pcam_fastai.core import PCamError, UsageError
-from pcam_fastai.slide import (SlideError, make_mosaic_slide, open_slide, slide_heatmap,
-                               write_pyramid_tiff)
+from pcam_fastai.heatmap import slide_heatmap
+from pcam_fastai.slide import SlideError, SlideReader, open_slide, register_slide_reader, slide_readers, unregister_slide_reader
+from pcam_fastai.testslides import make_mosaic_slide, write_pyramid_tiff
 
 FIXTURE = ROOT/'tests'/'data'/'real-pcam-100'
 SHARED = ROOT.parent/'shared'/'real-pcam'
@@ -132,6 +133,49 @@ def test_a_tiff_openslide_does_not_read_goes_to_tiffslide(tmp_path, real):
     assert res['tiles_classified'] == ref['tiles_classified'] == 12 and res['tumour_area_mm2'] == ref['tumour_area_mm2']
     assert np.allclose(probabilities_at(tmp_path/'out'/'striped', m.boxes), probabilities_at(tmp_path/'ref'/'tiled', m.boxes))
     with pytest.raises(UsageError, match='applies to a bundle folder'): slide_heatmap(m.path, DarknessBundle(), tmp_path/'x', device='cuda')
+
+
+class PNGHandle:
+    "A PNG held in memory, shaped like an OpenSlide handle: one level, its resolution in its properties"
+    def __init__(self, path, mpp):
+        self.rgb = np.asarray(Image.open(path).convert('RGB'))
+        self.properties = {'toy.mpp-x': str(mpp), 'toy.mpp-y': str(mpp)}
+        self.dimensions = self.rgb.shape[1], self.rgb.shape[0]
+        self.level_dimensions, self.level_downsamples = (self.dimensions,), (1.0,)
+    def close(self): pass
+
+
+class ToyReader(SlideReader):
+    "A slide reader that serves a PNG as a one-level slide at PCam's resolution"
+    name = 'toy'
+    def can_open(self, path): return Path(path).suffix.lower() == '.png'
+    def open(self, path, tried=()): return PNGHandle(path, 0.972)
+    def read_inside(self, handle, x, y, level, w, h): return handle.rgb[y:y + h, x:x + w]
+
+
+def test_a_registered_reader_serves_slides(tmp_path, real):
+    "A toy reader registered by name: open_slide and slide_heatmap read through it, 'auto' reaches it, and it goes away again"
+    x, y = real
+    m = make_mosaic_slide(tmp_path/'m.tif', x[:12], y[:12], cols=4)
+    with open_slide(m.path) as s: Image.fromarray(s.read(0, 0, 0, *s.dimensions)).save(tmp_path/'mosaic.png')  # the mosaic as a PNG
+    assert register_slide_reader(ToyReader) is ToyReader
+    try:
+        assert slide_readers() == ('auto', 'openslide', 'tiffslide', 'toy')
+        with open_slide(tmp_path/'mosaic.png', reader='toy') as s:
+            assert (s.reader, s.dimensions, s.mpp, s.mpp_source) == ('toy', (576, 480), 0.972, 'toy.mpp-x/mpp-y')
+            assert (s.read(96, 96, 0, 96, 96) == x[0]).all()  # the first placed patch
+            assert (s.read(560, 0, 0, 32, 8)[:, 16:] == 255).all()  # beyond the PNG: the background colour
+        with open_slide(tmp_path/'mosaic.png') as s: assert s.reader == 'toy'  # auto: OpenSlide turns a PNG down, tiffslide does not try it
+        res = slide_heatmap(tmp_path/'mosaic.png', DarknessBundle(), tmp_path/'out', reader='toy', tissue_threshold=20, min_tissue=0.05,
+                            show_progress=False)[0]
+        assert (res['reader'], res['tiles_classified']) == ('toy', 12)
+        assert np.allclose(probabilities_at(tmp_path/'out'/'mosaic', m.boxes), DarknessBundle().predict(x[:12])[:, 1], atol=1e-6)
+    finally: unregister_slide_reader('toy')
+    assert 'toy' not in slide_readers()
+    with pytest.raises(UsageError, match="reader must be one of auto, openslide, tiffslide, not 'toy'"): open_slide(tmp_path/'mosaic.png', reader='toy')
+    with pytest.raises(SlideError, match='not a whole-slide image OpenSlide can read'): open_slide(tmp_path/'mosaic.png')
+    with pytest.raises(UsageError, match='takes a subclass of SlideReader'): register_slide_reader(PNGHandle)
+    with pytest.raises(UsageError, match="other than 'auto'"): register_slide_reader(type('Auto', (ToyReader,), {'name': 'auto'}))
 
 
 def write_levels(dest, levels, mpp):
@@ -262,7 +306,8 @@ from pathlib import Path
 t0 = time.perf_counter()
 import numpy as np, pandas as pd
 from PIL import Image
-from pcam_fastai.slide import make_sparse_slide, slide_heatmap
+from pcam_fastai.testslides import make_sparse_slide
+from pcam_fastai.heatmap import slide_heatmap
 fixture, tmp, bundle = map(Path, sys.argv[1:4])
 labels = pd.read_csv(fixture/'train_labels.csv')
 x = np.stack([np.asarray(Image.open(fixture/'train'/f'{i}.tif').convert('RGB')) for i in labels.id])

@@ -30,7 +30,8 @@ def check_bundle_predicts_like_learner(run_dir, learn, raw_cache, at, onnx=True,
     "The run's bundle, fed raw patches, predicts what the learner predicts; so does the run reloaded"
     from pcam_fastai.cache import load_cache
     from pcam_fastai.export import export_bundle, load_bundle
-    from pcam_fastai.evaluate import predict, load_run
+    from pcam_fastai.evaluate import predict
+    from pcam_fastai.runs import load_run
     cfg = json.loads((run_dir/'config.json').read_text())
     assert (cfg['stain_norm']['method'], cfg['stain_norm_at']) == (method, at)
     assert (cfg['data'] != str(raw_cache.resolve())) == (at == 'cache')  # cache: trained on the normalized copy
@@ -53,7 +54,7 @@ def check_bundle_predicts_like_learner(run_dir, learn, raw_cache, at, onnx=True,
 def test_cli_cache_train_export_serve_normalize_alike(raw_cache, tmp_path):
     "`cache --stain-norm macenko` writes the normalized copy that `train --stain-norm macenko` reuses; its bundle and the server normalize raw tiles as training did"
     from PIL import Image
-    from pcam_fastai.evaluate import load_run
+    from pcam_fastai.runs import load_run
     from pcam_fastai.serve import classify
     res = run_main(['cache', FIXTURE, tmp_path/'c', '--stain-norm', 'macenko'])
     assert res.returncode == 0, res.stdout + res.stderr
@@ -160,11 +161,11 @@ def test_a_failed_reference_estimate_is_a_stain_error(error):
     tile = odd_patches()[-1]
     def fail(*a, **k): raise (np.linalg.LinAlgError if error == 'numpy' else torch.linalg.LinAlgError)('SVD did not converge')
     n = StainNormalizer('macenko', on_bad='raise')
-    n._lib.fit = fail
+    n.impl.lib.fit = fail
     with pytest.raises(StainError, match=r'estimate failed on the stain reference \(LinAlgError: SVD did not converge\)'): n.fit(tile)
     assert not n.fitted
     n = StainNormalizer('macenko', on_bad='raise').fit(tile)
-    n._lib.normalize = fail
+    n.impl.lib.normalize = fail
     with pytest.raises(StainError, match=r'tile cannot be stain-normalized: the macenko estimate failed \(LinAlgError'): n.normalize(tile, 'tile')
 
 
@@ -176,3 +177,47 @@ def test_cli_cache_refuses_a_grayscale_reference(tmp_path):
     err = clean_error(run_main(['cache', FIXTURE, tmp_path/'c', '--stain-norm', 'reinhard', '--stain-ref', tmp_path/'gray.png']))
     assert 'it looks grayscale' in err and 'pass colour H&E patches' in err
     assert not list((tmp_path/'c').glob('stain-*'))
+
+
+def test_a_registered_stain_method_is_accepted_everywhere(tmp_path):
+    "A toy method in a few lines: StainNormalizer uses it and stores its numbers; train_pcam and `cache` accept its name; unregistered, all refuse it"
+    from pcam_fastai import cli
+    from pcam_fastai.core import PCamError, UsageError
+    from pcam_fastai.stain import METHODS, StainError, StainMethod, StainNormalizer, register_stain_method, unregister_stain_method
+    from pcam_fastai.train import train_pcam
+
+    @register_stain_method
+    class MeanRGB(StainMethod):
+        "Scale each RGB channel so that the patch's mean colour is the reference's"
+        name, numbers = 'mean-rgb', dict(rgb_means=(3,))
+        def fit(self, ref): self.rgb_means = ref.float().mean((1, 2))
+        def normalize(self, t): return t.float() * (self.rgb_means / t.float().mean((1, 2)).clamp_min(1))[:, None, None]
+
+    ref = odd_patches()[-1]
+    tile = np.ascontiguousarray(ref[::-1, :, ::-1])  # another staining: the channels swapped
+    try:
+        assert list(METHODS) == ['macenko', 'reinhard', 'mean-rgb']
+        n = StainNormalizer('mean-rgb').fit(ref)
+        out = n.normalize(tile)
+        assert out.dtype == np.uint8 and out.shape == tile.shape
+        np.testing.assert_allclose(out.reshape(-1, 3).mean(0), ref.reshape(-1, 3).mean(0), atol=3)  # the reference's mean colour
+        assert n.normalize(np.full((96, 96, 3), 255, np.uint8)) is None  # background is left as it is, as with every method
+        d = json.loads(json.dumps(n.to_dict()))
+        assert d['method'] == 'mean-rgb' and np.allclose(d['rgb_means'], ref.reshape(-1, 3).mean(0), atol=1e-3)
+        again = StainNormalizer.from_dict(d)
+        assert again.to_dict() == n.to_dict() and (again.normalize(tile) == out).all()
+        # the name passes train_pcam's and the command's checks: what fails is the next setting, or the missing data
+        with pytest.raises(UsageError, match='stain_norm_at must be'):
+            train_pcam(tmp_path/'none', run_dir=tmp_path/'r', stain_norm='mean-rgb', stain_norm_at='gpu')
+        with pytest.raises(PCamError, match='does not exist') as e: cli.cache(tmp_path/'none', tmp_path/'c', stain_norm='mean-rgb')
+        assert 'Unknown' not in str(e.value)
+    finally:
+        assert unregister_stain_method('mean-rgb') is MeanRGB
+    assert list(METHODS) == ['macenko', 'reinhard']  # other tests see the package's methods only
+    with pytest.raises(UsageError, match="Unknown stain normalization 'mean-rgb'; choose one of \\['macenko', 'reinhard'\\]"):
+        StainNormalizer('mean-rgb')
+    with pytest.raises(UsageError, match="Unknown stain normalization 'mean-rgb'"):
+        train_pcam(tmp_path/'none', run_dir=tmp_path/'r', stain_norm='mean-rgb')
+    with pytest.raises(UsageError, match="Unknown --stain-norm 'mean-rgb'; choose macenko, reinhard or none."):
+        cli.cache(tmp_path/'none', tmp_path/'c', stain_norm='mean-rgb')
+    with pytest.raises(StainError, match='incomplete or damaged'): StainNormalizer.from_dict(d)  # a stored toy is refused too

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT/'bench'))
 from real_pcam import split_folder  # noqa: E402  the benchmark's split rule, so the held-out tiles are the benchmark's
 
 from pcam_fastai.export import export_bundle, load_bundle  # noqa: E402
-from pcam_fastai.slide import make_mosaic_slide, slide_heatmap  # noqa: E402
+from pcam_fastai.heatmap import slide_heatmap  # noqa: E402
+from pcam_fastai.testslides import make_mosaic_slide  # noqa: E402
 from pcam_fastai.train import train_pcam  # noqa: E402
 
 
