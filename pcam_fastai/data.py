@@ -1,4 +1,4 @@
-"""Get PatchCamelyon from Kaggle, or make a small synthetic copy in the same layout, and check what is on disk. (`pcam_fastai.sources` turns it into fastai `DataLoaders`.)
+"""Get PatchCamelyon from Kaggle, or make a small synthetic copy in the same layout, and check what is on disk
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/data.html.md"""
 
@@ -29,7 +29,7 @@ __all__ = ['COMPETITION', 'RANDOM_SPLIT', 'TUMOUR_RGB', 'LYMPHOCYTE_RGB', 'NO_CR
 COMPETITION = 'histopathologic-cancer-detection'
 def random_split(valid_pct:float=0.2, # Fraction of the patches that validate
                 ) -> Split:
-    "The reference notebook's random split of the Kaggle train folder: optimistic, since patches of one slide fall on both sides"
+    "The reference notebook's random split of the Kaggle train folder: optimistic (one slide on both sides)"
     v = round(100 * valid_pct)
     return Split(f'kaggle-random-{100 - v}/{v}', 'optimistic: patches of one slide fall on both sides', optimistic=True)
 
@@ -78,6 +78,7 @@ def write_tiff(fn, # File to write
     "Write `img` as an uncompressed RGB TIFF the way the Kaggle files were written (tifffile)"
     tifffile.imwrite(fn, img, photometric='rgb')
 
+# %% ../nbs/01_data.ipynb #87005b9f
 def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle layout
                         n_train:int=600, # Labelled patches in `train/`
                         n_test:int=50, # Unlabelled patches in `test/`
@@ -93,7 +94,8 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
     try: done = not force and marker.exists() and json.loads(marker.read_text()) == spec
     except (OSError, ValueError): done = False  # a damaged marker: write the set again
     if done: return dest
-    if n_train < 2 or n_test < 0: raise UsageError(f"n_train must be >= 2 and n_test >= 0, got n_train={n_train}, n_test={n_test}.")
+    if n_train < 2 or n_test < 0:
+        raise UsageError(f"n_train must be >= 2 and n_test >= 0, got n_train={n_train}, n_test={n_test}.")
     marker.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
     rng = np.random.default_rng(seed)
     labels = (rng.random(n_train) < pos_frac).astype(int)
@@ -102,10 +104,12 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
         if (dest/sub).exists(): shutil.rmtree(dest/sub)
         (dest/sub).mkdir(parents=True)
     ids = [_patch_id(seed, 'train', i) for i in range(n_train)]
-    for i in (progress_bar(range(n_train), leave=False) if show_progress else range(n_train)): write_tiff(dest/'train'/f'{ids[i]}.tif', synthetic_patch(rng, bool(labels[i])))
+    for i in (progress_bar(range(n_train), leave=False) if show_progress else range(n_train)):
+        write_tiff(dest/'train'/f'{ids[i]}.tif', synthetic_patch(rng, bool(labels[i])))
     pd.DataFrame(dict(id=ids, label=labels)).to_csv(dest/'train_labels.csv', index=False)
     test_ids = [_patch_id(seed, 'test', i) for i in range(n_test)]
-    for i, tid in enumerate(test_ids): write_tiff(dest/'test'/f'{tid}.tif', synthetic_patch(rng, bool(rng.random() < pos_frac)))
+    for i, tid in enumerate(test_ids):
+        write_tiff(dest/'test'/f'{tid}.tif', synthetic_patch(rng, bool(rng.random() < pos_frac)))
     pd.DataFrame(dict(id=test_ids, label=0)).to_csv(dest/'sample_submission.csv', index=False)
     marker.write_text(json.dumps(spec))
     return dest
@@ -128,6 +132,7 @@ To download PCam from Kaggle:
   3. Accept the rules once at https://www.kaggle.com/c/{competition}/rules
 Without Kaggle, try the package on built-in synthetic data: `pcam-fastai train` with no --data."""
 
+# %% ../nbs/01_data.ipynb #606c9853
 def kaggle_api():
     "An authenticated `KaggleApi`, imported lazily and quietly"
     import contextlib, io
@@ -161,9 +166,11 @@ def explain_kaggle_error(e:Exception, # The exception the Kaggle API raised
         return (f"Kaggle refused the download (HTTP 403). Accept the competition rules once at "
                 f"https://www.kaggle.com/c/{competition}/rules while logged in, then run again.")
     if code == 401 or '401' in text:
-        return "Kaggle rejected your credentials (HTTP 401). Create a new token at https://www.kaggle.com/settings and replace ~/.kaggle/kaggle.json."
+        return ("Kaggle rejected your credentials (HTTP 401). "
+                "Create a new token at https://www.kaggle.com/settings and replace ~/.kaggle/kaggle.json.")
     if code == 404: return f"Kaggle has no competition named '{competition}' (HTTP 404). Check the name."
-    net_words = ('connection', 'resolve', 'network', 'timed out', 'timeout', 'unreachable', 'max retries', 'name or service')
+    net_words = ('connection', 'resolve', 'network', 'timed out', 'timeout', 'unreachable', 'max retries',
+                 'name or service')
     if isinstance(e, (ConnectionError, TimeoutError, OSError)) or any(w in text.lower() for w in net_words):
         return (f"Could not reach Kaggle ({text}). Check your internet connection or proxy, then run again; "
                 "a partial download is discarded and started over.")
@@ -178,7 +185,8 @@ def check_zip(zip_path:Path, # The downloaded zip
         if bad is not None: raise zipfile.BadZipFile(f'member {bad} fails its CRC check')
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         Path(zip_path).unlink(missing_ok=True)
-        raise KaggleDownloadError(f"{zip_path} is corrupt or incomplete ({e}). It was deleted; run the download again.") from None
+        raise KaggleDownloadError(f"{zip_path} is corrupt or incomplete ({e}). "
+                                  "It was deleted; run the download again.") from None
     return Path(zip_path)
 
 def unzip_safely(zip_path:Path, # The downloaded zip
@@ -189,6 +197,7 @@ def unzip_safely(zip_path:Path, # The downloaded zip
     with zipfile.ZipFile(zip_path) as zf:
         for m in progress_bar(zf.infolist(), leave=False): zf.extract(m, dest)
 
+# %% ../nbs/01_data.ipynb #3c328087
 def kaggle_fetch(dest:Path, # Final folder
                  name:str, # Competition or dataset name
                  fetch, # Called with a temporary folder; downloads into it
@@ -199,13 +208,15 @@ def kaggle_fetch(dest:Path, # Final folder
     try: fetch(tmp)
     except Exception as e: raise KaggleDownloadError(explain_kaggle_error(e, name)) from None
     zips = sorted(tmp.glob('*.zip'))
-    if not zips: raise KaggleDownloadError(f"Kaggle reported success but no zip arrived in {tmp}. Run again with force=True.")
+    if not zips:
+        raise KaggleDownloadError(f"Kaggle reported success but no zip arrived in {tmp}. Run again with force=True.")
     check_zip(zips[0])
     final = dest/zips[0].name
     os.replace(zips[0], final)
     shutil.rmtree(tmp, ignore_errors=True)
     return final
 
+# %% ../nbs/01_data.ipynb #42096dd9
 def download_pcam(dest:str|Path='data/pcam', # Folder to download (and unpack) into
                   competition:str=COMPETITION, # Kaggle competition to download
                   force:bool=False, # Download again even if already complete
@@ -221,7 +232,8 @@ def download_pcam(dest:str|Path='data/pcam', # Folder to download (and unpack) i
             if not kaggle_credentials_found(): raise KaggleDownloadError(NO_CREDENTIALS.format(competition=competition))
             api = kaggle_api()
         dest.mkdir(parents=True, exist_ok=True)
-        kaggle_fetch(dest, competition, lambda tmp: api.competition_download_files(competition, path=str(tmp), force=True, quiet=False))
+        kaggle_fetch(dest, competition,
+                     lambda tmp: api.competition_download_files(competition, path=str(tmp), force=True, quiet=False))
     else: check_zip(zip_path)
     if unzip: unzip_safely(zip_path, dest)
     marker.write_text('unzipped' if unzip else 'zip')
@@ -242,19 +254,23 @@ def check_labels(df:pd.DataFrame, # The labels CSV as read
     empty = df.id.isna() | (df.id.astype(str).str.strip() == '')
     if empty.any():
         rows = (np.flatnonzero(empty.values) + 2).tolist()  # line numbers in the file: the header is line 1
-        raise PCamDataError(f"{csv} has {int(empty.sum())} rows with an empty id (line {_first(rows)}). Give every row the id of its patch, or drop it.")
+        raise PCamDataError(f"{csv} has {int(empty.sum())} rows with an empty id (line {_first(rows)}). "
+                            "Give every row the id of its patch, or drop it.")
     df = df[['id', 'label']].astype({'id': str})
     dup = df.id[df.id.duplicated()]
     if len(dup): raise PCamDataError(f"{csv} lists {len(dup)} duplicate ids ({_first(set(dup))}). Keep one row per id.")
     bad = df[~df.label.isin([0, 1])]
     if len(bad):
         v = bad.label.iloc[0]
-        raise PCamDataError(f"{csv} has {len(bad)} labels that are not 0 or 1 (e.g. id {bad.id.iloc[0]}: {v.item() if isinstance(v, np.generic) else v!r}).")
+        raise PCamDataError(f"{csv} has {len(bad)} labels that are not 0 or 1 "
+                            f"(e.g. id {bad.id.iloc[0]}: {v.item() if isinstance(v, np.generic) else v!r}).")
     no_image = set(df.id) - files
     if no_image:
         spaced, cased = [i for i in no_image if i != i.strip()], no_image & set(other_case)
-        hint = ((f" {len(spaced)} of those ids have leading or trailing spaces ({_first([repr(i) for i in spaced])}): strip them in the CSV." if spaced else '')
-                + (f" {len(cased)} of them have an image whose name ends in another case ({_first(cased)}.TIF ...): rename the files to end in .tif." if cased else ''))
+        hint = ((f" {len(spaced)} of those ids have leading or trailing spaces "
+                 f"({_first([repr(i) for i in spaced])}): strip them in the CSV." if spaced else '')
+                + (f" {len(cased)} of them have an image whose name ends in another case "
+                   f"({_first(cased)}.TIF ...): rename the files to end in .tif." if cased else ''))
         raise PCamDataError(f"{len(no_image)} ids in {csv} have no {folder}/<id>.tif ({_first(no_image)})." + (hint or
                             " Re-download or unzip again, or drop those rows from the CSV."))
     no_label = files - set(df.id)
@@ -262,6 +278,7 @@ def check_labels(df:pd.DataFrame, # The labels CSV as read
                                      "Add their labels, or move them out of the folder.")
     return df.assign(label=df.label.astype(int)).reset_index(drop=True)
 
+# %% ../nbs/01_data.ipynb #1b2cb4ef
 def read_labels(path:str|Path, # Folder in the Kaggle layout
                 csv:str='train_labels.csv', # Labels file inside `path`
                 folder:str='train', # Image folder inside `path`
@@ -270,11 +287,14 @@ def read_labels(path:str|Path, # Folder in the Kaggle layout
     path = Path(path)
     if not (path/csv).exists():
         raise PCamDataError(f"{path/csv} not found. `path` must be a folder in the Kaggle layout "
-                            f"(train/, train_labels.csv); download it with `pcam-fastai download` or make one with `make_synthetic_pcam`.")
-    if not (path/folder).is_dir(): raise PCamDataError(f"{path/folder} is not a folder of .tif patches; is the zip fully unpacked?")
+                            f"(train/, train_labels.csv); download it with `pcam-fastai download` "
+                            "or make one with `make_synthetic_pcam`.")
+    if not (path/folder).is_dir():
+        raise PCamDataError(f"{path/folder} is not a folder of .tif patches; is the zip fully unpacked?")
     try: df = pd.read_csv(path/csv, dtype={'id': str})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise PCamDataError(f"{path/csv} is empty or not a CSV ({str(e).splitlines()[0]}). It needs a header line id,label and one row per patch "
+        raise PCamDataError(f"{path/csv} is empty or not a CSV ({str(e).splitlines()[0]}). "
+                            "It needs a header line id,label and one row per patch "
                             "in train/; re-download it, or write it again.") from None
     names = [e.name for e in os.scandir(path/folder)]
     files = {n[:-4] for n in names if n.endswith('.tif')}

@@ -1,4 +1,4 @@
-"""`pcam-fastai export`: a trained run as an inference bundle: safe weights, an ONNX model with its preprocessing baked in, a `predict(images) -> probabilities` API, and a report of its size and speed.
+"""`pcam-fastai export`: a trained run as an inference bundle, with ONNX and a `predict` API.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/export.html.md"""
 
@@ -85,21 +85,25 @@ def _as_rgb(img, size:int, resize:str='pil-bilinear', normalizer=None) -> np.nda
     elif isinstance(img, np.ndarray):
         a = img
         if a.ndim == 2: a = np.repeat(a[..., None], 3, 2)
-        if a.ndim != 3 or a.shape[2] not in (3, 4): raise UsageError(f"An image array must be (H, W, 3) RGB (or (H, W) gray); got shape {img.shape}.")
+        if a.ndim != 3 or a.shape[2] not in (3, 4): raise UsageError("An image array must be (H, W, 3) RGB (or (H, W) "
+                                                                     f"gray); got shape {img.shape}.")
         if a.dtype != np.uint8:
             if a.dtype.kind == 'f' and a.min() >= 0 and a.max() <= 1: a = (a * 255).round()
-            elif a.min() < 0 or a.max() > 255: raise UsageError(f"Image values must be 0-255 (uint8) or 0-1 (float); got {a.min()}..{a.max()}.")
+            elif a.min() < 0 or a.max() > 255: raise UsageError("Image values must be 0-255 (uint8) or 0-1 (float); "
+                                                                f"got {a.min()}..{a.max()}.")
             a = a.astype(np.uint8)
         img = Image.fromarray(a[..., :3])
     elif isinstance(img, Image.Image): img = to_rgb(img)
     else: raise UsageTypeError(f"Images must be file paths, PIL images or uint8 arrays, not {type(img).__name__}.")
     if normalizer is not None and (normed := normalizer.normalize(np.asarray(img, dtype=np.uint8), name)) is not None: img = Image.fromarray(normed)
     if img.size == (size, size): return np.asarray(img, dtype=np.uint8)
-    if resize == 'torch-bilinear':  # the array cache's loader: torch bilinear on uint8, no antialiasing (like cv2.INTER_LINEAR)
+    # the array cache's loader: torch bilinear on uint8, no antialiasing (like cv2.INTER_LINEAR)
+    if resize == 'torch-bilinear':
         t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
         t = torch.nn.functional.interpolate(t, size=(size, size), mode='bilinear', align_corners=False, antialias=False)
         return t[0].permute(1, 2, 0).contiguous().numpy()
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)  # fastai's Resize on files (squish for folder sets)
+    # fastai's Resize on files (squish for folder sets)
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 # %% ../nbs/13_export.ipynb #963e132d
 def bundle_device(device:str|torch.device='auto', # 'cpu', 'cuda', 'cuda:N', 'mps', or 'auto' (`compute_device`: the GPU when there is one)
@@ -111,10 +115,14 @@ def bundle_device(device:str|torch.device='auto', # 'cpu', 'cuda', 'cuda:N', 'mp
     if d is None or d.type not in ('cpu', 'cuda', 'mps'):
         raise UsageError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', not {device!r}.")
     if d.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f"device={str(device)!r}, but torch sees no CUDA GPU here (torch {torch.__version__}, CUDA build {torch.version.cuda}); use device='cpu' or 'auto'.")
+        raise UsageError(f"device={str(device)!r}, but torch sees no CUDA GPU here (torch {torch.__version__}, CUDA "
+                         f"build {torch.version.cuda}); use device='cpu' or 'auto'.")
     if d.type == 'cuda' and d.index is not None and d.index >= torch.cuda.device_count():
-        raise UsageError(f"device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
-    if d.type == 'mps' and not torch.backends.mps.is_available(): raise UsageError("device='mps', but torch sees no Apple GPU here; use device='cpu' or 'auto'.")
+        raise UsageError(f"device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         "numbered from 0.")
+    if d.type == 'mps' and not torch.backends.mps.is_available(): raise UsageError("device='mps', but torch sees no "
+                                                                                   "Apple GPU here; use device='cpu' "
+                                                                                   "or 'auto'.")
     return d
 
 def _onnx_devices() -> set:
@@ -138,15 +146,20 @@ class Bundle:
         try: self.stain_normalizer = StainNormalizer.from_dict(info.stain_norm) if info.stain_norm else None
         except StainError as e:
             raise BundleError(f"{self.path/BUNDLE_FILE}: {e}".replace('train the run again', 'export the run again')) from None
-        if backend not in ('onnx', 'torch', 'auto'): raise UsageError(f"backend must be 'onnx', 'torch' or 'auto', not {backend!r}.")
+        if backend not in ('onnx', 'torch', 'auto'): raise UsageError("backend must be 'onnx', 'torch' or 'auto', not "
+                                                                      f"{backend!r}.")
         self.device = bundle_device(device)
         ort_devices = _onnx_devices()
         if backend == 'auto':
-            backend = 'onnx' if (self.path/'model.onnx').exists() and self.device.type in ort_devices else 'torch'  # a GPU without onnxruntime-gpu: torch on the GPU
+            # a GPU without onnxruntime-gpu: torch on the GPU
+            backend = 'onnx' if (self.path/'model.onnx').exists() and self.device.type in ort_devices else 'torch'
         elif backend == 'onnx' and self.device.type not in ort_devices:
-            if not ort_devices: raise UsageError("backend='onnx' needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu for CUDA); or use backend='torch'.")
-            if device == 'auto': self.device = torch.device('cpu')  # asked for onnx by name: onnxruntime where it can run
-            else: raise UsageError(f"backend='onnx' on {self.device} needs onnxruntime's CUDA provider, which this onnxruntime lacks: pip install onnxruntime-gpu, "
+            if not ort_devices: raise UsageError("backend='onnx' needs onnxruntime: pip install onnxruntime (or "
+                                                 "onnxruntime-gpu for CUDA); or use backend='torch'.")
+            # asked for onnx by name: onnxruntime where it can run
+            if device == 'auto': self.device = torch.device('cpu')
+            else: raise UsageError(f"backend='onnx' on {self.device} needs onnxruntime's CUDA provider, which this "
+                                   "onnxruntime lacks: pip install onnxruntime-gpu, "
                                    "or use backend='torch' (or 'auto') to run on the GPU with torch, or device='cpu'.")
         self.backend, self._torch, self._ort = backend, None, None
 
@@ -156,10 +169,12 @@ class Bundle:
         if self._torch is None:
             fn = self.checked_file('weights.pth')
             try: sd = torch.load(fn, map_location='cpu', weights_only=True)
-            except Exception as e: raise BundleError(f"{fn} is not a readable weights file ({type(e).__name__}); export again.") from None
+            except Exception as e: raise BundleError(f"{fn} is not a readable weights file ({type(e).__name__}); "
+                                                     "export again.") from None
             model = build_model(self.meta['arch'], len(self.classes), self.meta.get('input_stats'))
             try: model.load_state_dict(sd)
-            except RuntimeError as e: raise BundleError(f"{fn} does not fit {self.meta['arch']}: {str(e).splitlines()[0][:200]}") from None
+            except RuntimeError as e: raise BundleError(f"{fn} does not fit {self.meta['arch']}: "
+                                                        f"{str(e).splitlines()[0][:200]}") from None
             self._torch = PatchClassifier(model, self.meta['mean'], self.meta['std'], self.meta.get('temperature', 1.0), self.meta.get('tta', False),
                                           self.meta.get('bias')).eval().to(self.device)
         return self._torch
@@ -172,19 +187,25 @@ class Bundle:
             providers = [('CUDAExecutionProvider', dict(device_id=self.device.index or 0))] if self.device.type == 'cuda' else []
             fn = self.checked_file('model.onnx')
             try: self._ort = ort.InferenceSession(str(fn), providers=providers + ['CPUExecutionProvider'])
-            except Exception as e: raise BundleError(f"{fn} is not a model onnxruntime can load ({type(e).__name__}: {str(e)[:150]}); export the run again.") from None
+            except Exception as e: raise BundleError(f"{fn} is not a model onnxruntime can load ({type(e).__name__}: "
+                                                     f"{str(e)[:150]}); export the run again.") from None
             stamp = self._ort.get_modelmeta().custom_metadata_map.get(ONNX_LABELS_KEY)
             try: stamped = None if stamp is None else json.loads(stamp)
             except ValueError: stamped = stamp
             if stamp is not None and stamped != dict(classes=list(self.classes), positive=self.positive):
-                raise BundleError(f"{fn} was exported for {stamped}, but {BUNDLE_FILE} says classes {self.classes}, positive {self.positive!r}: "
-                                  f"probabilities would be read from the wrong columns. Restore {BUNDLE_FILE}, or export the run again.")
-            out = self._ort.get_outputs()[0].shape  # the class axis is a number; a model of unknown output shape is checked on its first batch
+                raise BundleError(f"{fn} was exported for {stamped}, but {BUNDLE_FILE} says classes {self.classes}, "
+                                  f"positive {self.positive!r}: "
+                                  f"probabilities would be read from the wrong columns. Restore {BUNDLE_FILE}, or "
+                                  "export the run again.")
+            # the class axis is a number; a model of unknown output shape is checked on its first batch
+            out = self._ort.get_outputs()[0].shape
             if len(out) == 2 and isinstance(out[1], int) and out[1] != len(self.classes):
-                raise BundleError(f"{fn} gives outputs of shape {out}, but {BUNDLE_FILE} names {len(self.classes)} classes {self.classes}; the model and {BUNDLE_FILE} "
+                raise BundleError(f"{fn} gives outputs of shape {out}, but {BUNDLE_FILE} names {len(self.classes)} "
+                                  f"classes {self.classes}; the model and {BUNDLE_FILE} "
                                   "do not belong together: export the run again.")
             if providers and 'CUDAExecutionProvider' not in self._ort.get_providers():
-                warnings.warn(f"onnxruntime could not start its CUDA provider (its CUDA libraries may be missing), so {self.path.name} runs on the CPU; "
+                warnings.warn("onnxruntime could not start its CUDA provider (its CUDA libraries may be missing), so "
+                              f"{self.path.name} runs on the CPU; "
                               "load it with backend='torch' to use the GPU.")
                 self.device = torch.device('cpu')
         return self._ort
@@ -195,7 +216,8 @@ class Bundle:
         fn, want = self.path/name, (self.meta.get('sha256') or {}).get(name)
         if not fn.is_file(): raise BundleError(f"{fn} is missing; export the run again.")
         if want and file_sha256(fn) != want:
-            raise BundleError(f"{fn} is not the file this bundle was exported with (its SHA-256 differs from the one in {BUNDLE_FILE}); "
+            raise BundleError(f"{fn} is not the file this bundle was exported with (its SHA-256 differs from the one "
+                              f"in {BUNDLE_FILE}); "
                               "restore it, or export the run again.")
         return fn
 
@@ -228,9 +250,11 @@ def predict(self:Bundle, images, # Paths, PIL images, uint8 (H, W, 3) arrays, or
             with torch.no_grad(): out.append(self.torch_model(torch.from_numpy(xb).to(self.device)).float().cpu().numpy())
     p = np.concatenate(out)
     if p.shape != (len(x), len(self.classes)):
-        raise BundleError(f"{self.path}: the model gave outputs of shape {p.shape} for {len(x)} patches and {len(self.classes)} classes; export the run again.")
+        raise BundleError(f"{self.path}: the model gave outputs of shape {p.shape} for {len(x)} patches and "
+                          f"{len(self.classes)} classes; export the run again.")
     if not np.isfinite(p).all():  # a NaN must never read as a label
-        raise BundleError(f"{self.path}: the model gave non-finite probabilities (NaN or inf) for {int((~np.isfinite(p)).any(1).sum())} of {len(x)} patches; "
+        raise BundleError(f"{self.path}: the model gave non-finite probabilities (NaN or inf) for "
+                          f"{int((~np.isfinite(p)).any(1).sum())} of {len(x)} patches; "
                           "its model file may be damaged: export the run again.")
     return p
 
@@ -267,7 +291,8 @@ def _export_onnx(pc:PatchClassifier, fn:Path, size:int):
     kw = dict(input_names=['patches'], output_names=['probabilities'], opset_version=18)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        try: torch.onnx.export(pc, (x,), str(fn), dynamo=True, verbose=False, external_data=False,  # one file, for browsers and copies
+        # one file, for browsers and copies
+        try: torch.onnx.export(pc, (x,), str(fn), dynamo=True, verbose=False, external_data=False,
                                dynamic_shapes={'x': {0: torch.export.Dim('batch', min=1, max=4096)}}, **kw)
         except Exception:  # the TorchScript exporter handles some models the dynamo exporter doesn't
             torch.onnx.export(pc, (x,), str(fn), dynamo=False, dynamic_axes={'patches': {0: 'batch'}, 'probabilities': {0: 'batch'}}, **kw)
@@ -289,7 +314,8 @@ def _run_model(run_dir, arch, classes, input_stats=None):
     try: sd = torch.load(run_dir/MODEL_FILE, map_location='cpu', weights_only=True); model.load_state_dict(sd)
     except Exception as e:
         why = str(e).splitlines()[0][:200] if isinstance(e, RuntimeError) and 'state_dict' in str(e) else weights_load_reason(e)
-        raise ModelFileError(f"{run_dir/MODEL_FILE} cannot be loaded into {arch} with {len(classes)} classes: {why}. Train the run again (--force).") from None
+        raise ModelFileError(f"{run_dir/MODEL_FILE} cannot be loaded into {arch} with {len(classes)} classes: {why}. "
+                             "Train the run again (--force).") from None
     return model
 
 def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source) -> dict:
@@ -298,19 +324,25 @@ def _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, 
     return dict(format=3 if cfg.get('input_stats') else 2 if stain else 1, arch=arch_name(resolve_arch(cfg.arch)), classes=classes, positive=classes[1] if len(classes) == 2 else None,
                 size=size, resize=resize, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                 threshold=op['value'] if op else None, threshold_source=op['source'] if op else None, temperature=temperature, bias=bias, tta=tta,
-                centre_box=source.centre_labelled if source else True,  # PCam labels the centre 32x32; folder sets label whole patches
+                # PCam labels the centre 32x32; folder sets label whole patches
+                centre_box=source.centre_labelled if source else True,
                 input=dict(name='patches', dtype='uint8', shape=['N', size, size, 3], layout='NHWC RGB, 0-255; ' + (f"stain-normalize first ({stain['method']}, stain_norm below; Bundle.predict does it), then resize to {size} x {size} ({resize})"
-                                                                     if stain else f'resize to {size} x {size} first ({resize})')),
+                                                                     if stain else f'resize to {size} x {size} first '
+                                                                                   f'({resize})')),
                 stain_norm=stain,
-                mpp=PCAM_MPP if source is None or source.centre_labelled else None,  # the resolution of its training patches (PCam's); folder sets: unknown
-                input_mpp=PCAM_MPP * PATCH_SIZE / size if source is None or source.centre_labelled else None,  # of the model's input: the patches resized to `size`
+                # the resolution of its training patches (PCam's); folder sets: unknown
+                mpp=PCAM_MPP if source is None or source.centre_labelled else None,
+                # of the model's input: the patches resized to `size`
+                input_mpp=PCAM_MPP * PATCH_SIZE / size if source is None or source.centre_labelled else None,
                 output=dict(name='probabilities', dtype='float32', shape=['N', len(classes)]),
                 run=str(run_dir.resolve()), split=metrics.get('split'), valid_accuracy=metrics.get('accuracy'), valid_roc_auc=metrics.get('roc_auc'),
                 valid_balanced_accuracy=metrics.get('balanced_accuracy'), valid_ece=metrics.get('ece'),
                 n_params=sum(p.numel() for p in model.parameters()), weights_mb=round((dest/'weights.pth').stat().st_size / 1e6, 2),
                 created=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__,
-                input_stats=cfg.get('input_stats'),  # the backbone's own normalization after the ImageNet one above (inside model.onnx)
-                pretrained_weights=cfg.get('weights'), pretrained_weights_sha256=cfg.get('weights_sha256'))  # what training started from: a file's SHA-256
+                # the backbone's own normalization after the ImageNet one above (inside model.onnx)
+                input_stats=cfg.get('input_stats'),
+                # what training started from: a file's SHA-256
+                pretrained_weights=cfg.get('weights'), pretrained_weights_sha256=cfg.get('weights_sha256'))
 
 def _stamp_labels(fn:Path, classes:list, positive):
     "Write the class names and the positive class into model.onnx's metadata: a bundle whose classes were swapped in its metadata is caught on load"
@@ -323,12 +355,14 @@ def _export_checked_onnx(pc, dest, size, bundle, xc, atol, meta):
     "Write model.onnx and check it against torch on `xc`; the ONNX bundle, or an error (and no bundle) when they disagree"
     _export_onnx(pc, dest/'model.onnx', size)
     _stamp_labels(dest/'model.onnx', meta['classes'], meta['positive'])
-    bo = load_bundle(dest, backend='onnx', device='cpu')  # the check and the timing: on the CPU, the same on every machine
+    # the check and the timing: on the CPU, the same on every machine
+    bo = load_bundle(dest, backend='onnx', device='cpu')
     diff = float(np.abs(bo.predict(xc) - bundle.predict(xc)).max())
     meta.update(onnx_max_abs_diff=diff, onnx_checked_on=len(xc), onnx_mb=round((dest/'model.onnx').stat().st_size / 1e6, 2))
     if diff > atol:
         for f in ('model.onnx', BUNDLE_FILE, 'weights.pth', 'report.md'): (dest/f).unlink(missing_ok=True)
-        raise ModelFileError(f"ONNX and torch disagree by {diff:.2e} (> {atol:g}) on {len(xc)} patches; no bundle was written to {dest}. "
+        raise ModelFileError(f"ONNX and torch disagree by {diff:.2e} (> {atol:g}) on {len(xc)} patches; no bundle was "
+                             f"written to {dest}. "
                              "Export with onnx=False (CLI: --no-onnx) and serve with torch.")
     return bo
 
@@ -347,7 +381,8 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
     cfg = read_config(run_dir)
     if not (run_dir/MODEL_FILE).exists():
         raise ModelFileError(f"{run_dir} has no {MODEL_FILE}; is it a finished run folder written by pcam-fastai train?")
-    if dest is not None and (Path(dest).resolve() == run_dir.resolve() or has_config(dest)):  # a failed export cleans dest
+    # a failed export cleans dest
+    if dest is not None and (Path(dest).resolve() == run_dir.resolve() or has_config(dest)):
         raise ModelFileError(f"dest {dest} is a run folder; write the bundle into a folder of its own (default: {run_dir/'bundle'}).")
     metrics = read_metrics(run_dir)
     classes = cfg.classes or metrics.classes or list(CLASSES)
@@ -368,12 +403,14 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
         torch.save(model.state_dict(), dest/'weights.pth')
         meta = _bundle_meta(model, run_dir, dest, cfg, metrics, classes, size, resize, op, temperature, bias, tta, source)
         meta['valid_tta'] = run_tta  # whether the validation numbers and the threshold were measured with TTA
-        meta['sha256'] = {'weights.pth': file_sha256(dest/'weights.pth')}  # checked on load: a swapped or damaged file is refused
+        # checked on load: a swapped or damaged file is refused
+        meta['sha256'] = {'weights.pth': file_sha256(dest/'weights.pth')}
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (max(bench_patches, 8), size, size, 3), dtype=np.uint8)
         if check_images is None: check_images = _sample_patches(source)
         for f in ('model.onnx', 'report.md'): (dest/f).unlink(missing_ok=True)  # nothing stale from an earlier export
-        stale_page = (dest/'web'/'model.js').exists()  # the page of the old model: `pcam-fastai web` replaces its files, and only its files
+        # the page of the old model: `pcam-fastai web` replaces its files, and only its files
+        stale_page = (dest/'web'/'model.js').exists()
         write_bundle_meta(dest, BundleMeta.from_dict(meta))
         b = load_bundle(dest, backend='torch', device='cpu')
         xc = np.concatenate([x[:8], b.prepare(check_images)]) if len(check_images) else x[:8]

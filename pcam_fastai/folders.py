@@ -1,4 +1,4 @@
-"""Any binary or multi-class patch set laid out as one folder per class: the colorectal (Kather et al.) and breast IDC sets, your own, at any patch size.
+"""Any binary or multi-class patch set laid out as one folder per class, at any patch size
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/folders.html.md"""
 
@@ -29,8 +29,10 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 SPLIT_DIRS = {'train': 'train', 'valid': 'valid', 'val': 'valid', 'validation': 'valid', 'test': 'test'}
 
 def _images(folder:Path) -> list[Path]:
-    return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and not any(s.startswith('.') for s in p.parts[len(folder.parts):]))
+    return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS
+                  and not any(s.startswith('.') for s in p.parts[len(folder.parts):]))
 
+# %% ../nbs/03_folders.ipynb #380ab7d8
 @dataclass
 class FolderLayout:
     "What `folder_layout` found: the splits, the classes and the files with their labels"
@@ -41,16 +43,19 @@ class FolderLayout:
     def counts(self) -> dict:
         "Images per split and class"
         return {s: {c: sum(parent_label(f) == c for f in fs) for c in self.classes} for s, fs in self.files.items()}
+    # `folder_layout` orders a binary task [negative, positive]
     @property
-    def positive(self): return self.classes[1] if len(self.classes) == 2 else None  # `folder_layout` orders a binary task [negative, positive]
+    def positive(self): return self.classes[1] if len(self.classes) == 2 else None
 
+# %% ../nbs/03_folders.ipynb #ebc910c5
 _HEALTHY = re.compile(r'^(normal|benign|negative|healthy|non|no[-_ ]|0$)|^norm', re.I)
 _DISEASE = re.compile(r'tum|cancer|malig|metasta|carcin|lesion|idc|^positive|^1$', re.I)
 
 def _order_binary(classes:list, positive:str|None, root) -> list:
-    "[negative, positive] for a two-class set: the named positive, else a disease-like name against a healthy-like one, else sorted"
+    "[negative, positive] for two classes: the named positive, else a disease-like name, else sorted"
     if positive is not None:
-        if positive not in classes: raise PCamDataError(f"positive={positive!r} is not a class of {root}; its classes are {classes}.")
+        if positive not in classes:
+            raise PCamDataError(f"positive={positive!r} is not a class of {root}; its classes are {classes}.")
     else:
         score = lambda c: -1 if _HEALTHY.search(c) else (1 if _DISEASE.search(c) else 0)
         a, b = classes
@@ -58,43 +63,62 @@ def _order_binary(classes:list, positive:str|None, root) -> list:
     return [c for c in classes if c != positive] + [positive]
 
 # %% ../nbs/03_folders.ipynb #91b8103c
-def folder_layout(root:str|Path, # A folder of class folders, with an optional train/valid/test level or a patient level above them
-                  positive:str|None=None, # For two classes: the positive (disease) class; None: guessed from the names, else sorted order
+def _split_layout(root:Path, splits:dict) -> tuple:
+    "The files and classes of a set with train/valid/test folders"
+    if 'train' not in splits:
+        raise PCamDataError(f"{root} has {', '.join(d.name for d in splits.values())} but no train/ folder; "
+                            "add train/<class>/ with images.")
+    files = {s: _images(d) for s, d in splits.items()}
+    for s, fs in files.items():
+        deep = [f for f in fs if len(f.relative_to(splits[s]).parts) != 2]
+        if deep:
+            raise PCamDataError(f"{splits[s]} should hold <class>/<image> only, but has {deep[0].relative_to(root)}.")
+    classes = sorted({parent_label(f) for f in files['train']})
+    for s in ('valid', 'test'):
+        extra = sorted({parent_label(f) for f in files.get(s, [])} - set(classes))
+        if extra:
+            raise PCamDataError(f"{splits[s]} has classes {extra} that train/ does not; "
+                                "every class needs training images.")
+    return files, classes
+
+def _flat_layout(root:Path) -> tuple:
+    "The kind ('flat' or 'grouped'), files and classes of a set without split folders"
+    imgs = _images(root)
+    if not imgs:
+        raise PCamDataError(f"No images ({', '.join(IMAGE_EXTS)}) under {root}. Expected <root>/<class>/<image>.")
+    depths = {len(f.relative_to(root).parts) for f in imgs}
+    if 1 in depths:
+        loose = next(f for f in imgs if f.parent == root).name
+        raise PCamDataError(f"{root} has images directly in it (e.g. {loose}); "
+                            "put each image in a folder named after its class.")
+    if len(depths) > 1:
+        raise PCamDataError(f"{root} mixes <class>/<image> and <group>/<class>/<image> layouts; use one.")
+    kind = 'flat' if depths == {2} else 'grouped'
+    if depths not in ({2}, {3}):
+        raise PCamDataError(f"{root}: images are {depths.pop()} folders deep; "
+                            "expected <class>/<image> or <patient>/<class>/<image>.")
+    return kind, {'all': imgs}, sorted({parent_label(f) for f in imgs})
+
+# %% ../nbs/03_folders.ipynb #ba498f9f
+def folder_layout(root:str|Path, # A folder of class folders, optionally under train/valid/test or patient folders
+                  positive:str|None=None, # For two classes: the positive (disease) class; None: guessed, else sorted
                  ) -> FolderLayout:
     "Find the split folders, the class folders and the images of a folder-per-class patch set"
     root = Path(root)
-    if not root.is_dir(): raise PCamDataError(f"{root} is not a folder. Point at the folder that holds one folder per class (or train/valid/test).")
+    if not root.is_dir():
+        raise PCamDataError(f"{root} is not a folder. "
+                            "Point at the folder that holds one folder per class (or train/valid/test).")
     subs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith('.')]
     found = [d for d in subs if d.name.lower() in SPLIT_DIRS]
     splits = {SPLIT_DIRS[d.name.lower()]: d for d in found}
     if len(splits) < len(found):
-        raise PCamDataError(f"{root} has both {' and '.join(d.name + '/' for d in found if SPLIT_DIRS[d.name.lower()] == 'valid')}; keep one validation folder.")
-    if splits:
-        if 'train' not in splits:
-            raise PCamDataError(f"{root} has {', '.join(d.name for d in splits.values())} but no train/ folder; add train/<class>/ with images.")
-        files = {s: _images(d) for s, d in splits.items()}
-        for s, fs in files.items():
-            deep = [f for f in fs if len(f.relative_to(splits[s]).parts) != 2]
-            if deep: raise PCamDataError(f"{splits[s]} should hold <class>/<image> only, but has {deep[0].relative_to(root)}.")
-        classes = sorted({parent_label(f) for f in files['train']})
-        for s in ('valid', 'test'):
-            extra = sorted({parent_label(f) for f in files.get(s, [])} - set(classes))
-            if extra: raise PCamDataError(f"{splits[s]} has classes {extra} that train/ does not; every class needs training images.")
-        kind = 'splits'
-    else:
-        imgs = _images(root)
-        if not imgs: raise PCamDataError(f"No images ({', '.join(IMAGE_EXTS)}) under {root}. Expected <root>/<class>/<image>.")
-        depths = {len(f.relative_to(root).parts) for f in imgs}
-        if 1 in depths:
-            raise PCamDataError(f"{root} has images directly in it (e.g. {next(f for f in imgs if f.parent == root).name}); "
-                                "put each image in a folder named after its class.")
-        if len(depths) > 1: raise PCamDataError(f"{root} mixes <class>/<image> and <group>/<class>/<image> layouts; use one.")
-        kind = 'flat' if depths == {2} else 'grouped'
-        if depths not in ({2}, {3}): raise PCamDataError(f"{root}: images are {depths.pop()} folders deep; expected <class>/<image> or <patient>/<class>/<image>.")
-        files = {'all': imgs}
-        classes = sorted({parent_label(f) for f in imgs})
+        valid = ' and '.join(d.name + '/' for d in found if SPLIT_DIRS[d.name.lower()] == 'valid')
+        raise PCamDataError(f"{root} has both {valid}; keep one validation folder.")
+    if splits: (files, classes), kind = _split_layout(root, splits), 'splits'
+    else: kind, files, classes = _flat_layout(root)
     if len(classes) < 2:
-        raise PCamDataError(f"{root} has only one class ({classes[0] if classes else 'none'}); a classifier needs at least two class folders.")
+        raise PCamDataError(f"{root} has only one class ({classes[0] if classes else 'none'}); "
+                            "a classifier needs at least two class folders.")
     if len(classes) == 2: classes = _order_binary(classes, positive, root)
     elif positive is not None: raise PCamDataError(f"positive= is for two classes; {root} has {len(classes)}.")
     return FolderLayout(root, kind, classes, files)
@@ -109,12 +133,13 @@ def _class_patch(rng, k:int, n_classes:int, tumour_class:bool) -> np.ndarray:
         img = img * (1 + 0.25*hue)
     return np.clip(img, 0, 255).astype(np.uint8)
 
+# %% ../nbs/03_folders.ipynb #5a985a50
 def make_synthetic_folders(dest:str|Path, # Folder to create
-                           classes=('normal', 'tumour'), # Class folder names; with 2, the second is the tumour class
+                           classes=('normal', 'tumour'), # Class folder names; with 2, the second is the tumour one
                            n_per_class:int=30, # Images per class (per split when `splits`)
                            size:int=50, # Patch side in pixels (IDC: 50, Kather: 224, PCam: 96)
                            splits:tuple|None=None, # e.g. ('train', 'valid', 'test'): a split level above the classes
-                           groups:int=0, # >0: a patient level above the classes, with this many patients (the IDC layout)
+                           groups:int=0, # >0: a patient level above the classes, this many patients (IDC's layout)
                            ext:str='png', # Image format: png, jpg or tif
                            seed:int=0, # Random seed
                           ) -> Path:
@@ -129,7 +154,8 @@ def make_synthetic_folders(dest:str|Path, # Folder to create
                 folder = dest/s/c if s else (dest/f'patient{i % groups:03d}'/c if groups else dest/c)
                 folder.mkdir(parents=True, exist_ok=True)
                 img.save(folder/f'{c}_{s or "all"}_{i:04d}.{ext}')
-    (dest/'.synthetic.json').write_text(json.dumps(dict(classes=list(classes), n_per_class=n_per_class, size=size, seed=seed)))
+    spec = dict(classes=list(classes), n_per_class=n_per_class, size=size, seed=seed)
+    (dest/'.synthetic.json').write_text(json.dumps(spec))
     return dest
 
 # %% ../nbs/03_folders.ipynb #2830eed1
@@ -143,13 +169,37 @@ def open_rgb(fn, # An image file
 
 def _group_of(f:Path) -> str: return f.parent.parent.name
 
+# %% ../nbs/03_folders.ipynb #f7466a1f
+def _folder_split(lay:FolderLayout, root, valid_pct:float, seed:int, n_items:int|None) -> tuple:
+    "The items, the fastai splitter and the `Split`: valid/, held-out patients, or a random split"
+    split = None
+    if lay.kind == 'splits':
+        train, valid = lay.files['train'], lay.files.get('valid', [])
+        if valid: split = Split('folder-valid', 'as given in valid/')
+    else: train, valid = lay.files['all'], []
+    if n_items: train = random.Random(seed).sample(train, min(n_items, len(train)))
+    if valid:
+        in_valid = set(valid)
+        return train + valid, FuncSplitter(lambda f: f in in_valid), split
+    if lay.kind == 'grouped':
+        groups = sorted({_group_of(f) for f in train})
+        if len(groups) < 2:
+            raise PCamDataError(f"{root} has one patient folder; a patient-level split needs at least two.")
+        held = set(random.Random(seed).sample(groups, min(len(groups) - 1, max(1, round(valid_pct * len(groups))))))
+        split = Split('grouped-by-patient', f'{len(held)} of {len(groups)} patients held out')
+        return train, FuncSplitter(lambda f: _group_of(f) in held), split
+    split = Split(f'random-{round(100*(1-valid_pct))}/{round(100*valid_pct)}',
+                  'optimistic if patches of one slide fall on both sides', optimistic=True)
+    return train, RandomSplitter(valid_pct, seed=seed), split
+
+# %% ../nbs/03_folders.ipynb #4a4ca135
 def folder_dataloaders(root:str|Path, # A folder-per-class patch set (see `folder_layout`)
-                       size:int|None=None, # Side of the square images the model sees; None: the first image's side (at least 32)
+                       size:int|None=None, # Side of the square images the model sees; None: the first image's (>= 32)
                        bs:int=64, # Batch size
-                       valid_pct:float=0.2, # Validation fraction when there is no valid/ folder (of patients, in the grouped layout)
+                       valid_pct:float=0.2, # Validation fraction without a valid/ folder (of patients, when grouped)
                        seed:int=42, # Seed of the split
                        max_zoom:float=1.1, # Largest random zoom; 1 for none
-                       n_items:int|None=None, # Use only this many training images (a seeded random subset, quick runs)
+                       n_items:int|None=None, # Use only this many training images (a seeded random subset)
                        num_workers:int|None=None, # DataLoader worker processes; None: fastai's default
                        device=None, # Device for batches; None: the GPU if there is one
                        positive:str|None=None, # For two classes: the positive class (see `folder_layout`)
@@ -159,35 +209,26 @@ def folder_dataloaders(root:str|Path, # A folder-per-class patch set (see `folde
     if size is None:
         first = (lay.files.get('train') or lay.files['all'])[0]
         with Image.open(first) as im: size = max(32, *im.size)
-    if size < 32: raise UsageError(f"size={size} is too small for a CNN; use at least 32 (e.g. 64 for IDC's 50x50, 224 for ImageNet).")
+    if size < 32:
+        raise UsageError(f"size={size} is too small for a CNN; "
+                         "use at least 32 (e.g. 64 for IDC's 50x50, 224 for ImageNet).")
     if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
-    if lay.kind == 'splits':
-        train, valid = lay.files['train'], lay.files.get('valid', [])
-        if valid: split = Split('folder-valid', 'as given in valid/')
-    else: train, valid = lay.files['all'], []
-    if n_items: train = random.Random(seed).sample(train, min(n_items, len(train)))
-    if valid:
-        in_valid = set(valid)
-        items, splitter = train + valid, FuncSplitter(lambda f: f in in_valid)
-    elif lay.kind == 'grouped':
-        groups = sorted({_group_of(f) for f in train})
-        if len(groups) < 2: raise PCamDataError(f"{root} has one patient folder; a patient-level split needs at least two.")
-        held = set(random.Random(seed).sample(groups, min(len(groups) - 1, max(1, round(valid_pct * len(groups))))))
-        items, splitter = train, FuncSplitter(lambda f: _group_of(f) in held)
-        split = Split('grouped-by-patient', f'{len(held)} of {len(groups)} patients held out')
-    else:
-        items, splitter = train, RandomSplitter(valid_pct, seed=seed)
-        split = Split(f'random-{round(100*(1-valid_pct))}/{round(100*valid_pct)}', 'optimistic if patches of one slide fall on both sides', optimistic=True)
-    block = DataBlock(blocks=(TransformBlock(type_tfms=open_rgb, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=lay.classes)),
+    items, splitter, split = _folder_split(lay, root, valid_pct, seed, n_items)
+    block = DataBlock(blocks=(TransformBlock(type_tfms=open_rgb, batch_tfms=IntToFloatTensor),
+                              CategoryBlock(vocab=lay.classes)),
                       get_y=parent_label, splitter=splitter, item_tfms=Resize(size, method=ResizeMethod.Squish),
-                      batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0., max_lighting=0.1),
+                      batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0.,
+                                                  max_lighting=0.1),
                                   Normalize.from_stats(*imagenet_stats)])
-    kw = dict(bs=bs, device=compute_device() if device is None else device)  # fastai's default ignores `accelerate launch --cpu`
+    # fastai's default ignores `accelerate launch --cpu`
+    kw = dict(bs=bs, device=compute_device() if device is None else device)
     if num_workers is not None: kw['num_workers'] = num_workers
     dls = block.dataloaders(items, **kw)
-    if len(dls.valid_ds) == 0: raise PCamDataError(f"The validation split of {root} is empty; add images to valid/ or raise valid_pct.")
+    if len(dls.valid_ds) == 0:
+        raise PCamDataError(f"The validation split of {root} is empty; add images to valid/ or raise valid_pct.")
     missing = sorted(set(lay.classes) - {parent_label(f) for f in dls.valid.items})
-    if missing: warnings.warn(f"The validation split of {root} has no {', '.join(missing)} images: their recall and AUC are undefined there "
+    if missing: warnings.warn(f"The validation split of {root} has no {', '.join(missing)} images: "
+                              "their recall and AUC are undefined there "
                               "(reported as NaN). Add them to valid/, or use more data or patients.")
     dls.split, dls.split_name, dls.layout, dls.positive = split, str(split), lay, lay.positive
     dls.test_items = lay.files.get('test', [])
@@ -203,7 +244,7 @@ def folder_test_dl(dls, # DataLoaders from `folder_dataloaders`
 
 def is_folder_dataset(path:str|Path, # A folder
                      ) -> bool:
-    "Whether `path` looks like a folder-per-class patch set (and not a Kaggle-layout folder or an array cache)"
+    "Whether `path` looks like a folder-per-class patch set (not a Kaggle-layout folder or an array cache)"
     path = Path(path)
     if not path.is_dir() or (path/'train_labels.csv').exists() or (path/'manifest.json').exists(): return False
     try: folder_layout(path); return True

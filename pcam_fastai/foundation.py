@@ -1,4 +1,4 @@
-"""Pathology foundation models as frozen backbones: their embeddings of every patch cached on disk once, a linear probe trained on them with eva's protocol over several seeds, and a table that puts them beside fine-tuned runs and the published numbers.
+"""Pathology foundation models as frozen backbones through timm, their embeddings of every patch cached once.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/foundation.html.md"""
 
@@ -6,12 +6,11 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/foundation.html.md"""
 
 # %% ../nbs/08a_foundation.ipynb #c13f5e57
 from __future__ import annotations
-import copy, difflib, hashlib, json, math, os, time
+import difflib, hashlib, json, os, time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,17 +18,12 @@ from fastprogress.fastprogress import progress_bar
 
 from .core import PCamError, UsageError, compute_device, json_text, write_text_atomic, file_sha256
 from .cache import cache_splits, load_cache
-from .loader import split_indices
 from .weights import PretrainedWeightsError, read_weights, fit_state_dict
-from .runs import CONFIG_FILE, METRICS_FILE
-from .evaluate import binary_metrics
 from .learner import is_token_arch
 
 # %% auto #0
-__all__ = ['IMAGENET_STATS', 'KNOWN_BACKBONES', 'NOT_TIMM', 'EMBEDDINGS_VERSION', 'SUMMARY_METRICS', 'PUBLISHED_ANCHORS',
-           'KnownBackbone', 'BackboneError', 'create_backbone', 'state_checksum', 'embed_patches', 'embedding_cache',
-           'ProbeSplits', 'probe_splits', 'train_linear_head', 'head_probabilities', 'linear_probe', 'probe_markdown',
-           'probe', 'compare_runs', 'compare_markdown']
+__all__ = ['IMAGENET_STATS', 'KNOWN_BACKBONES', 'NOT_TIMM', 'EMBEDDINGS_VERSION', 'KnownBackbone', 'BackboneError',
+           'create_backbone', 'state_checksum', 'embed_patches', 'backbone_slug', 'embedding_cache']
 
 # %% ../nbs/08a_foundation.ipynb #6e825697
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -38,10 +32,10 @@ class KnownBackbone(NamedTuple):
     "A backbone the docs name: where timm finds it, how to build it offline, its preprocessing, and what eva measured"
     hub: str # The timm name, e.g. 'hf-hub:MahmoodLab/UNI'
     arch: str # The timm architecture the weights fit, to build it offline around a local weights file
-    kwargs: dict # `timm.create_model` arguments from the model card ('swiglu_packed', 'silu': timm's SwiGLUPacked, nn.SiLU)
+    kwargs: dict # `timm.create_model` arguments from the model card ('swiglu_packed', 'silu': SwiGLUPacked, nn.SiLU)
     mean: tuple # Normalization mean, [0, 1] units
     std: tuple # Normalization std
-    pool: str # 'model': timm's pooled features (the class token); 'cls+mean': class token and mean patch token, concatenated
+    pool: str # 'model': timm's pooled features (class token); 'cls+mean': class token and mean patch token, concatenated
     gated: bool # Whether the hub page asks you to accept a licence first
     page: str # The model page
     eva_pcam_bacc: float|None # eva's PCam test balanced accuracy with a linear probe: the anchor to reproduce
@@ -58,12 +52,14 @@ KNOWN_BACKBONES = {
     'h-optimus-0': KnownBackbone('hf-hub:bioptimus/H-optimus-0', 'vit_giant_patch14_reg4_dinov2', dict(img_size=224, init_values=1e-5, dynamic_img_size=False),
                                  (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 'model', True, 'https://huggingface.co/bioptimus/H-optimus-0', 0.943),
     'virchow2': KnownBackbone('hf-hub:paige-ai/Virchow2', 'vit_huge_patch14_224',
-                              dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, mlp_layer='swiglu_packed', act_layer='silu', dynamic_img_size=True),
+                              dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4,
+                                   mlp_layer='swiglu_packed', act_layer='silu', dynamic_img_size=True),
                               *IMAGENET_STATS, 'cls+mean', True, 'https://huggingface.co/paige-ai/Virchow2', 0.938),
     'vit-s16-imagenet': KnownBackbone('vit_small_patch16_224.augreg_in21k_ft_in1k', 'vit_small_patch16_224', {}, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
                                       'model', False, 'https://huggingface.co/timm/vit_small_patch16_224.augreg_in21k_ft_in1k', 0.861),
 }
-NOT_TIMM = {'hibou-l': ('histai/hibou-L', 0.955), 'hibou-b': ('histai/hibou-b', None), 'phikon': ('owkin/phikon', 0.920), 'phikon-v2': ('owkin/phikon-v2', None)}
+NOT_TIMM = {'hibou-l': ('histai/hibou-L', 0.955), 'hibou-b': ('histai/hibou-b', None),
+            'phikon': ('owkin/phikon', 0.920), 'phikon-v2': ('owkin/phikon-v2', None)}
 
 class BackboneError(PCamError, ValueError):
     "A backbone that cannot be built, or a weights file that does not fit it; the message says what to do"
@@ -76,12 +72,15 @@ def _timm_kwargs(kw:dict) -> dict:
     return {k: names.get(v, v) if k in ('mlp_layer', 'act_layer') and isinstance(v, str) else v for k, v in kw.items()}
 
 def _hub_error(name:str, hub:str, page:str|None, gated:bool, e:Exception) -> PretrainedWeightsError:
-    page = page or (f"https://huggingface.co/{hub.removeprefix('hf-hub:')}" if hub.startswith('hf-hub:') else f"https://huggingface.co/timm/{hub}")
+    page = page or (f"https://huggingface.co/{hub.removeprefix('hf-hub:')}" if hub.startswith('hf-hub:')
+                    else f"https://huggingface.co/timm/{hub}")
     first = (str(e).strip().splitlines() or [''])[0][:200]
     return PretrainedWeightsError(
-        f"Could not get the weights of {name} ({hub}) from the Hugging Face hub ({type(e).__name__}: {first}). Either:\n"
+        f"Could not get the weights of {name} ({hub}) from the Hugging Face hub ({type(e).__name__}: {first}). "
+        "Either:\n"
         + (f"  1. it is a gated model: accept its licence on {page} while logged in there, log in here (`hf auth login`, or set HF_TOKEN: "
-           "huggingface_hub reads it, pcam_fastai never does) and run again with a network, which fills the Hugging Face cache;\n" if gated else
+           "huggingface_hub reads it, pcam_fastai never does) and run again with a network, which fills the Hugging "
+           "Face cache;\n" if gated else
            f"  1. run once with a network so the weights land in the Hugging Face cache ({page}), then work offline with HF_HUB_OFFLINE=1;\n")
         + f"  2. or download the weights file from {page} where you can, and pass weights_path='FILE' (CLI: --weights-path FILE; safetensors or a torch state dict).")
 
@@ -102,7 +101,8 @@ def create_backbone(name:str, # A short name from KNOWN_BACKBONES ('uni', 'virch
                          + (f" (eva: PCam balanced accuracy {acc})" if acc else '') + f"; the timm backbones are: {', '.join(KNOWN_BACKBONES)}.")
     known = KNOWN_BACKBONES.get(key)
     kw = {**_timm_kwargs({**(known.kwargs if known else {}), **(model_kwargs or {})}), 'num_classes': 0}
-    if img_size is not None and is_token_arch(known.arch if known else name): kw['img_size'] = int(img_size)  # a CNN takes any size: embed_patches resizes to it
+    # a CNN takes any size: embed_patches resizes to it
+    if img_size is not None and is_token_arch(known.arch if known else name): kw['img_size'] = int(img_size)
     target = known.hub if known else name
     if weights_path is not None:
         arch = known.arch if known else name
@@ -116,7 +116,8 @@ def create_backbone(name:str, # A short name from KNOWN_BACKBONES ('uni', 'virch
         try: model = _create(timm, target, pretrained, kw)
         except (UsageError, BackboneError): raise
         except Exception as e:  # huggingface_hub's errors (offline, gated, not found) come in many kinds
-            raise _hub_error(name, target, known.page if known else None, bool(known and known.gated) or 'gated' in str(e).lower(), e) from None
+            raise _hub_error(name, target, known.page if known else None, bool(known and known.gated)
+                             or 'gated' in str(e).lower(), e) from None
         source = f"{target} (pretrained)" if pretrained else 'random init (pretrained=False)'
     cfg = timm.data.resolve_model_data_config(model)
     mean, std = (known.mean, known.std) if known and weights_path is not None else (tuple(cfg['mean']), tuple(cfg['std']))
@@ -153,27 +154,35 @@ def embed_patches(model:nn.Module, # A backbone from `create_backbone`
     cfg = model.pcam_backbone
     dev = next(model.parameters()).device
     x = x if torch.is_tensor(x) else torch.from_numpy(np.array(x))  # a copy: cache memmaps are read-only
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3: raise UsageError(f"patches must be uint8 (N, H, W, 3), not {x.dtype} {tuple(x.shape)}.")
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3: raise UsageError("patches must be uint8 (N, H, W, "
+                                                                                    f"3), not {x.dtype} {tuple(x.shape)}.")
     x = x.to(dev).permute(0, 3, 1, 2).float().div_(255)
     s = cfg['input_size']
     if x.shape[-2:] != (s, s): x = F.interpolate(x, size=(s, s), mode='bilinear', align_corners=False, antialias=False)
-    x = (x - torch.tensor(cfg['mean'], device=dev).view(1, 3, 1, 1)) / torch.tensor(cfg['std'], device=dev).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(cfg[k], device=dev).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    x = (x - mean) / std
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp and dev.type == 'cuda'):
         feats = model.forward_features(x)
         if cfg['pool'] == 'cls+mean': e = torch.cat([feats[:, 0], feats[:, model.num_prefix_tokens:].mean(1)], 1)
         else: e = model.forward_head(feats, pre_logits=True)
     return e.float().cpu()
 
-# %% ../nbs/08a_foundation.ipynb #4f27a8af
+# %% ../nbs/08a_foundation.ipynb #38cef1fb
 EMBEDDINGS_VERSION = 1
 
-def _slug(name:str) -> str: return ''.join(ch if ch.isalnum() or ch in '-_.' else '-' for ch in name.removeprefix('hf-hub:')).strip('-').lower()
+def backbone_slug(name:str, # A backbone's name, e.g. 'hf-hub:MahmoodLab/UNI'
+                 ) -> str:
+    "A backbone's name as a folder name, e.g. 'mahmoodlab-uni'"
+    return ''.join(ch if ch.isalnum() or ch in '-_.' else '-' for ch in name.removeprefix('hf-hub:')).strip('-').lower()
 
 def _not_a_cache(data:Path) -> str:
-    "What to do when `data` is not an array cache: decode it into a new folder beside it (never into the user's data), or build one there"
-    if not data.exists() or (data.is_dir() and not any(data.iterdir())): return f"{data} is not an array cache; build one first: pcam-fastai cache SRC {data}"
+    ("What to do when `data` is not an array cache: decode it into a new folder beside it (never into the user's data), "
+     "or build one there")
+    if not data.exists() or (data.is_dir() and not any(data.iterdir())):
+        return f"{data} is not an array cache; build one first: pcam-fastai cache SRC {data}"
     base = data if data.name else data.resolve()  # '.' has no name
-    dest = base.with_name(f"{base.stem if base.is_file() else base.name}-cache")  # data/pcam.zip or data/pcam: data/pcam-cache
+    # data/pcam.zip or data/pcam: data/pcam-cache
+    dest = base.with_name(f"{base.stem if base.is_file() else base.name}-cache")
     if cache_splits(dest): return f"{data} is not an array cache, but {dest} is: pass --data {dest}"
     return (f"{data} is not an array cache; if it holds PCam (the Kaggle folder or zip, or the official h5 files), decode it once into a new folder: "
             f"pcam-fastai cache {data} {dest}, then pass --data {dest}")
@@ -182,7 +191,8 @@ def _cache_identity(data:Path) -> dict:
     "What the embeddings were computed from: each split's size and label checksum"
     splits = cache_splits(data)
     if not splits: raise UsageError(_not_a_cache(data))
-    stain = (data/'stain.json').read_text() if (data/'stain.json').exists() else None  # a stain-normalized cache holds other pixels
+    # a stain-normalized cache holds other pixels
+    stain = (data/'stain.json').read_text() if (data/'stain.json').exists() else None
     ident = {}
     for s in splits:
         c = load_cache(data, s)
@@ -192,47 +202,10 @@ def _cache_identity(data:Path) -> dict:
     if not ident: raise UsageError(f"{data} has no labelled patches to probe with.")
     return ident
 
-def embedding_cache(data:str|Path, # An array cache root (`build_cache`)
-                    backbone:str|nn.Module='vit-s16-imagenet', # A name for `create_backbone`, or a backbone it made
-                    dest:str|Path|None=None, # Folder for the embeddings; None: DATA/embeddings/<backbone>-<key>
-                    pretrained:bool=True, # As for `create_backbone`
-                    weights_path:str|Path|None=None, # As for `create_backbone`
-                    img_size:int|None=None, # As for `create_backbone`
-                    model_kwargs:dict|None=None, # As for `create_backbone`
-                    bs:int=64, # Patches per batch through the backbone
-                    device:str|None=None, # Where the backbone runs; None: the GPU when there is one
-                    amp:bool=True, # bf16 autocast on CUDA
-                    force:bool=False, # Compute again even where complete
-                    show_progress:bool=True, # A progress bar per split, with the patch rate
-                   ) -> Path: # The embeddings folder
-    "Embeddings of every cached patch by a frozen backbone, on disk once (memory-mapped, restartable), with the labels and what made them"
-    data = Path(data)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise UsageError(f"bs must be a positive integer, not {bs!r}.")
-    ident = _cache_identity(data)
-    model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs)
-    if not hasattr(model, 'pcam_backbone'): raise UsageError("backbone must be a name, or a model made by create_backbone.")
-    model = model.to(compute_device() if device in (None, 'auto') else torch.device(device)).eval()
-    info = dict(model.pcam_backbone, weights_sha1=state_checksum(model), amp=bool(amp and next(model.parameters()).device.type == 'cuda'))
-    key = hashlib.sha1(json.dumps([info, ident], sort_keys=True).encode()).hexdigest()[:12]
-    dest = Path(dest) if dest is not None else data/'embeddings'/f"{_slug(info['name'])}-{key}"
-    dest.mkdir(parents=True, exist_ok=True)
-    meta_fn = dest/'meta.json'
-    meta = json.loads(meta_fn.read_text()) if meta_fn.exists() else {}
-    if meta and meta.get('key') != key:
-        if not force: raise UsageError(f"{dest} holds embeddings of another backbone or cache ({meta.get('backbone', {}).get('name')}, key {meta.get('key')}); "
-                                       "pass another dest, or force=True to replace them.")
-        meta = {}
-    meta = dict(meta, version=EMBEDDINGS_VERSION, key=key, backbone=info, cache=str(data.resolve()), cache_splits=ident, splits=meta.get('splits', {}))
-    if force: meta['splits'] = {}
-    for split in ident:
-        if split in meta['splits'] and (dest/f'{split}.npy').exists(): continue
-        meta['splits'][split] = _embed_split(model, data, dest, split, key, bs, amp, force, show_progress)
-        write_text_atomic(meta_fn, json_text(meta))
-    write_text_atomic(meta_fn, json_text(meta))
-    return dest
-
+# %% ../nbs/08a_foundation.ipynb #4506c0a4
 def _check_embeddings(model:nn.Module, x:np.ndarray, e:torch.Tensor, where:str, first:bool):
-    "Refuse a backbone whose embeddings are not finite, or (on the first batch) the same for different patches: its weights are broken"
+    ("Refuse a backbone whose embeddings are not finite, or (on the first batch) the same for different patches: its "
+     "weights are broken")
     b = model.pcam_backbone
     if not torch.isfinite(e).all():
         raise BackboneError(f"{b['name']} ({b['weights']}) gives non-finite embeddings (NaN or inf) to {int((~torch.isfinite(e)).any(1).sum())} of {len(e)} patches "
@@ -276,280 +249,50 @@ def _embed_split(model, data, dest, split, key, bs, amp, force, show_progress) -
     np.save(dest/f'{split}.labels.npy', c.labels); np.save(dest/f'{split}.keep.npy', c.keep)
     os.replace(part, dest/f'{split}.npy'); prog.unlink(missing_ok=True)
     secs = time.perf_counter() - t0
-    return dict(n=n, dim=dim, seconds=round(secs, 2), patches_per_s=round((n - start) / secs, 1) if secs > 0 else None, resumed_at=start)
+    return dict(n=n, dim=dim, seconds=round(secs, 2), patches_per_s=round((n - start) / secs, 1) if secs > 0 else None,
+                resumed_at=start)
 
-# %% ../nbs/08a_foundation.ipynb #4c430377
-class ProbeSplits(NamedTuple):
-    "Embeddings and labels for the probe: train, valid and test, and where they came from"
-    train: tuple # (X, y)
-    valid: tuple # (X, y): the checkpoint is chosen on it
-    test: tuple # (X, y): scored once per run
-    name: str # e.g. 'pcam-official' or 'kaggle-random-60/20/20'
-    optimistic: bool # True for random patch splits (patches of one slide on several sides)
-
-def probe_splits(embeddings:str|Path, # A folder written by `embedding_cache`
-                 valid_pct:float=0.2, # Kaggle caches: the validation share (as `train_pcam`'s split)
-                 seed:int=42, # Kaggle caches: the seed of that split (as `train_pcam`'s)
-                ) -> ProbeSplits:
-    "The probe's train, valid and test sets: the official splits where the cache has them, else seeded random parts of the labelled patches"
-    d = Path(embeddings)
-    if not (d/'meta.json').exists(): raise UsageError(f"{d} holds no embeddings (no meta.json); compute them with embedding_cache or pcam-fastai probe.")
-    meta = json.loads((d/'meta.json').read_text())
-    done = meta.get('splits', {})
-    missing = [s for s in meta.get('cache_splits', {}) if s not in done]
-    if missing: raise UsageError(f"{d}: the embeddings of {', '.join(missing)} are not complete; run embedding_cache (or pcam-fastai probe) again to finish them.")
-    def load(s):
-        X, y, keep = np.load(d/f'{s}.npy', mmap_mode='r'), np.load(d/f'{s}.labels.npy'), np.load(d/f'{s}.keep.npy')
-        rows = np.flatnonzero(keep & (y >= 0))
-        return X, y, rows
-    if 'train' not in done: raise UsageError(f"{d} has no complete train split; run embedding_cache again to finish it.")
-    X, y, rows = load('train')
-    if {'valid', 'test'} <= set(done):
-        Xv, yv, rv = load('valid'); Xt, yt, rt = load('test')
-        if len(rt) == 0: raise UsageError(f"{d}: the test split has no labels.")
-        return ProbeSplits((np.asarray(X[rows]), y[rows]), (np.asarray(Xv[rv]), yv[rv]), (np.asarray(Xt[rt]), yt[rt]), 'pcam-official', False)
-    t, v = split_indices(len(rows), valid_pct, seed)
-    t2, te = split_indices(len(t), 0.25, seed + 1)
-    tr, va, tst = rows[t[t2]], rows[v], rows[t[te]]
-    if min(len(tr), len(va), len(tst)) < 2: raise UsageError(f"{d}: {len(rows)} labelled patches are too few to split into train, valid and test.")
-    pct = lambda a: round(100 * len(a) / len(rows))
-    return ProbeSplits((np.asarray(X[tr]), y[tr]), (np.asarray(X[va]), y[va]), (np.asarray(X[tst]), y[tst]),
-                       f'kaggle-random-{pct(tr)}/{pct(va)}/{pct(tst)}', True)
-
-# %% ../nbs/08a_foundation.ipynb #ed5b448d
-def _balanced_accuracy(p:np.ndarray, y:np.ndarray) -> float:
-    pred = p >= 0.5
-    return float(((pred[y == 1]).mean() + (~pred[y == 0]).mean()) / 2) if 0 < y.sum() < len(y) else float('nan')
-
-def train_linear_head(train:tuple, # (X, y) embeddings and 0/1 labels
-                      valid:tuple, # (X, y) for choosing the checkpoint
-                      seed:int=0, # Seed of the head's initialization and the batch order
-                      max_steps:int=12500, # Most optimizer steps (eva: 12,500)
-                      bs:int=4096, # Batch size (eva: 4,096)
-                      lr:float=0.01, # SGD learning rate (eva: 0.01, momentum 0.9, cosine to 0)
-                      patience:int=9, # Validations without improvement before stopping (eva: 9)
-                      device=None, # Where to train; None: the GPU when there is one
-                     ) -> tuple[nn.Linear, dict]: # The head at its best validation balanced accuracy, and how training went
-    "A linear layer on frozen embeddings, trained as eva trains its PCam probe"
-    device = compute_device() if device in (None, 'auto') else torch.device(device)
-    torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
-    X, y = torch.as_tensor(np.asarray(train[0]), dtype=torch.float32, device=device), torch.as_tensor(np.asarray(train[1]), dtype=torch.float32, device=device)
-    Xv, yv = torch.as_tensor(np.asarray(valid[0]), dtype=torch.float32, device=device), np.asarray(valid[1])
-    head = nn.Linear(X.shape[1], 1).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps, eta_min=0.0)
-    best, best_state, best_step, step, since, epochs = -1.0, None, 0, 0, 0, 0
-    while step < max_steps and since < patience:
-        perm = torch.randperm(len(X), generator=g).to(device)
-        for j in range(0, len(X), bs):
-            idx = perm[j:j + bs]
-            loss = F.binary_cross_entropy_with_logits(head(X[idx])[:, 0], y[idx])
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
-            if step >= max_steps: break
-        epochs += 1
-        with torch.no_grad(): bacc = _balanced_accuracy(torch.sigmoid(head(Xv)[:, 0]).cpu().numpy(), yv)
-        if bacc > best: best, best_state, best_step, since = bacc, copy.deepcopy(head.state_dict()), step, 0
-        else: since += 1
-    if best_state is None: raise UsageError("The validation set has only one class, so balanced accuracy cannot choose a checkpoint; use a larger cache.")
-    head.load_state_dict(best_state)
-    return head.eval(), dict(seed=seed, steps=step, epochs=epochs, best_step=best_step, valid_balanced_accuracy=best,
-                             stopped='early (no better validation for {} epochs)'.format(patience) if since >= patience else 'max_steps')
-
-def head_probabilities(head:nn.Linear, # A head from `train_linear_head`
-                       X, # (N, dim) embeddings
-                      ) -> np.ndarray: # (N,) p(tumour)
-    "The head's probability of the positive class"
-    dev = head.weight.device
-    with torch.no_grad(): return torch.sigmoid(head(torch.as_tensor(np.asarray(X), dtype=torch.float32, device=dev))[:, 0]).cpu().numpy()
-
-# %% ../nbs/08a_foundation.ipynb #c8b418e0
-SUMMARY_METRICS = ('balanced_accuracy', 'roc_auc', 'accuracy', 'nll', 'ece', 'sensitivity', 'specificity')
-
-def linear_probe(embeddings:str|Path, # A folder written by `embedding_cache`
-                 out:str|Path|None=None, # Folder for probe.json, probe.md and heads.pth; None: don't write
-                 n_runs:int=5, # Seeds (eva: 5); the summary gives mean and sd over them
-                 seed:int=0, # First seed; run k uses seed + k
-                 max_steps:int=12500, # As for `train_linear_head`
-                 bs:int=4096, # As for `train_linear_head`
-                 lr:float=0.01, # As for `train_linear_head`
-                 patience:int=9, # As for `train_linear_head`
-                 valid_pct:float=0.2, # Kaggle caches: as for `probe_splits`
-                 device=None, # Where the heads train; None: the GPU when there is one
-                 show_progress:bool=True, # A progress bar over the runs
-                ) -> dict: # What probe.json holds
-    "eva's linear-probe protocol on cached embeddings: `n_runs` seeds, checkpoint on validation balanced accuracy, test scored once per run"
-    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1: raise UsageError(f"n_runs must be a positive integer, not {n_runs!r}.")
-    emb = Path(embeddings)
-    sp = probe_splits(emb, valid_pct)
-    meta = json.loads((emb/'meta.json').read_text())
-    t0, runs, heads = time.perf_counter(), [], {}
-    for k in (progress_bar(range(n_runs), leave=False) if show_progress else range(n_runs)):
-        head, info = train_linear_head(sp.train, sp.valid, seed + k, max_steps, bs, lr, patience, device)
-        test = binary_metrics(head_probabilities(head, sp.test[0]), sp.test[1], threshold=0.5, split=f'{sp.name}-test', seed=seed + k,
-                              threshold_source='0.5 (eva: the probe is not calibrated)')
-        valid = binary_metrics(head_probabilities(head, sp.valid[0]), sp.valid[1], threshold=0.5, split=f'{sp.name}-valid', n_boot=0)
-        runs.append(dict(info, valid={m: valid[m] for m in SUMMARY_METRICS}, test=test))
-        heads[f'run{k}.weight'], heads[f'run{k}.bias'] = head.weight.detach().cpu(), head.bias.detach().cpu()
-    summary = {m: dict(mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-               for m in SUMMARY_METRICS for v in [[r['test'][m] for r in runs]]}
-    res = dict(kind='linear probe', protocol=dict(name="eva's PCam linear probe", max_steps=max_steps, bs=bs, lr=lr, momentum=0.9, weight_decay=0.0,
-                                                  schedule='cosine', patience=patience, checkpoint='best validation balanced accuracy', threshold=0.5),
-               backbone=meta['backbone'], embeddings=str(emb.resolve()), split=sp.name, optimistic=sp.optimistic,
-               n_train=len(sp.train[1]), n_valid=len(sp.valid[1]), n_test=len(sp.test[1]), n_runs=n_runs, seeds=[seed + k for k in range(n_runs)],
-               summary=summary, runs=runs, seconds=round(time.perf_counter() - t0, 2))
-    if out is not None:
-        out = Path(out); out.mkdir(parents=True, exist_ok=True)
-        torch.save(heads, out/'heads.pth')
-        write_text_atomic(out/'probe.md', probe_markdown(res))
-        write_text_atomic(out/'probe.json', json_text(res))  # last: a folder with probe.json is complete
-    return res
-
-def _pm(s:dict, m:str, digits:int=4) -> str: return f"{s[m]['mean']:.{digits}f} ± {s[m]['sd']:.{digits}f}"
-
-def probe_markdown(res:dict, # What `linear_probe` returns
-                  ) -> str:
-    "The probe's report: the summary over runs and each run's test numbers with their bootstrap intervals"
-    b, s = res['backbone'], res['summary']
-    L = [f"# Linear probe: {b['name']}", '', f"Backbone `{b['timm']}`, weights: {b['weights']}; input {b['input_size']} px, mean {b['mean']}, std {b['std']}, "
-         f"pool {b['pool']}, {b['dim']} dimensions, frozen.", '',
-         f"Protocol: {res['protocol']['name']} (SGD lr {res['protocol']['lr']}, batch {res['protocol']['bs']}, at most {res['protocol']['max_steps']} steps, "
-         f"checkpoint on validation balanced accuracy, threshold 0.5); {res['n_runs']} seeds.", '',
-         f"Split: {res['split']} ({res['n_train']:,} train, {res['n_valid']:,} valid, {res['n_test']:,} test)"
-         + (': random patch splits, so these numbers are optimistic.' if res['optimistic'] else '.'), '',
-         '| test metric | mean ± sd over runs |', '|---|---|', *[f'| {m.replace("_", " ")} | {_pm(s, m)} |' for m in SUMMARY_METRICS], '',
-         '| run | seed | best step | valid balanced accuracy | test balanced accuracy (95 % CI) | test AUC (95 % CI) |', '|---|---|---|---|---|---|']
-    for k, r in enumerate(res['runs']):
-        t, ci = r['test'], r['test'].get('ci95', {})
-        L.append(f"| {k} | {r['seed']} | {r['best_step']} | {r['valid_balanced_accuracy']:.4f} | {t['balanced_accuracy']:.4f} "
-                 f"({ci.get('balanced_accuracy', [float('nan')] * 2)[0]:.4f}-{ci.get('balanced_accuracy', [float('nan')] * 2)[1]:.4f}) | "
-                 f"{t['roc_auc']:.4f} ({ci.get('roc_auc', [float('nan')] * 2)[0]:.4f}-{ci.get('roc_auc', [float('nan')] * 2)[1]:.4f}) |")
-    return '\n'.join(L) + '\n'
-
-
-# %% ../nbs/08a_foundation.ipynb #93cbf1e4
-def probe(data:str|Path, # An array cache root (`build_cache`)
-          backbone:str='vit-s16-imagenet', # A name for `create_backbone`
-          out:str|Path|None=None, # Run folder; None: runs/probe-<backbone>
-          weights_path:str|Path|None=None, # A local weights file instead of the hub
-          pretrained:bool=True, # False: random weights (eva's lower anchor; tests)
-          img_size:int|None=None, # Input side; None: the backbone's own
-          model_kwargs:dict|None=None, # More `timm.create_model` arguments
-          n_runs:int=5, # Seeds of the probe
-          embed_bs:int=64, # Patches per batch through the backbone
-          embeddings:str|Path|None=None, # Where the embeddings go; None: DATA/embeddings/<backbone>-<key>
-          device=None, # Where the backbone and heads run; None: the GPU when there is one
-          show_progress:bool=True, # Progress bars
-          **probe_kwargs, # For `linear_probe`: max_steps, bs, lr, patience, seed, valid_pct
-         ) -> dict: # What probe.json holds
-    "A frozen backbone's linear probe on an array cache, end to end: embeddings cached, heads trained over seeds, report written"
-    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1: raise UsageError(f"n_runs must be a positive integer, not {n_runs!r}.")
-    model = create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs)
-    before = state_checksum(model)
-    emb = embedding_cache(data, model, embeddings, bs=embed_bs, device=device, show_progress=show_progress)
-    out = Path(out) if out is not None else Path('runs')/f'probe-{_slug(backbone)}'
-    res = linear_probe(emb, out, n_runs, device=device, show_progress=show_progress, **probe_kwargs)  # heads.pth, and the report again below
-    res.update(backbone_sha1_before=before, backbone_sha1_after=state_checksum(model), data=str(Path(data).resolve()))
-    if res['backbone_sha1_before'] != res['backbone_sha1_after']: raise PCamError("The backbone's weights changed during the probe; this is a bug, please report it.")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out/'probe.md', probe_markdown(res))
-    write_text_atomic(out/'probe.json', json_text(res))
-    s = res['summary']
-    print(f"probe: {backbone}: test balanced accuracy {_pm(s, 'balanced_accuracy')}, AUC {_pm(s, 'roc_auc')} over {n_runs} seeds "
-          f"({res['split']}, {res['n_test']:,} test patches); {out/'probe.md'}")
-    return res
-
-# %% ../nbs/08a_foundation.ipynb #2287a003
-PUBLISHED_ANCHORS = [  # (name, kind, balanced accuracy, accuracy, AUC, source): PCam's official test split
-    *[(f"{k} (eva)", 'linear probe, published', b.eva_pcam_bacc, None, None, 'kaiko-ai eva benchmark') for k, b in KNOWN_BACKBONES.items()],
-    ('hibou-L (eva)', 'linear probe, published', 0.955, None, None, 'kaiko-ai eva benchmark'),
-    ('Phikon (eva)', 'linear probe, published', 0.920, None, None, 'kaiko-ai eva benchmark'),
-    ('random weights (eva)', 'linear probe, published', 0.752, None, None, 'kaiko-ai eva benchmark'),
-    ('P4M-DenseNet', 'fine-tuned CNN, published', None, 0.898, 0.963, 'Veeling et al. 2018'),
-]
-
-def _run_json(fn:Path) -> dict:
-    "A run's JSON file as a dict, or one line saying what is wrong with it"
-    try: d = json.loads(fn.read_text())
-    except (OSError, UnicodeDecodeError) as e: raise UsageError(f"{fn} cannot be read ({type(e).__name__}: {e}); leave this run out of compare, or run it again.") from None
-    except ValueError as e: raise UsageError(f"{fn} is not valid JSON ({e}): the file is damaged; leave this run out of compare, or run it again.") from None
-    if not isinstance(d, dict): raise UsageError(f"{fn} holds a JSON {type(d).__name__}, not an object: it is not a file this package wrote; leave this run out of compare.")
-    return d
-
-_NOT_GIVEN = object()
-def _field(d:dict, fn:Path, path:str, kind:str='any', default=_NOT_GIVEN):
-    "`d`'s value at the dotted `path`, checked: kind 'number', 'str', 'bool', 'dict' or 'pair' (of numbers), '?' after it allowing null; `default` where it is missing"
-    v = d
-    for k in path.split('.'):
-        if not isinstance(v, dict) or k not in v:
-            if default is not _NOT_GIVEN: return default
-            raise UsageError(f"{fn} has no {path}: it is incomplete or not a file this package wrote; run it again, or leave this run out of compare.")
-        v = v[k]
-    kind, null = kind.rstrip('?'), kind.endswith('?')
-    if v is None and null: return None  # json_text writes NaN as null
-    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-    ok = dict(any=True, number=num(v), dict=isinstance(v, dict), str=isinstance(v, str), bool=isinstance(v, bool),
-              pair=isinstance(v, list) and len(v) == 2 and all(x is None or num(x) for x in v))[kind]
-    if not ok:
-        want = dict(number='a number', dict='an object', str='a string', bool='true or false', pair='a pair of numbers')[kind]
-        raise UsageError(f"{fn}: {path} is {json.dumps(v)[:60]}, not {want}: the file is damaged; run it again, or leave this run out of compare.")
-    return v
-
-_METRIC_COLUMNS = ('balanced_accuracy', 'accuracy', 'roc_auc', 'nll')
-
-def _run_row(d:Path) -> dict:
-    if not d.exists(): raise UsageError(f"{d} does not exist; pass run folders written by pcam-fastai train or pcam-fastai probe.")
-    if (fn := d/'probe.json').exists():
-        r = _run_json(fn)
-        _field(r, fn, 'summary', 'dict')
-        row = dict(run=str(d), kind='linear probe', backbone=str(_field(r, fn, 'backbone.name')), split=f"{_field(r, fn, 'split', 'str')}-test",
-                   n=_field(r, fn, 'n_test', 'number'), runs=_field(r, fn, 'n_runs', 'number'))
-        for m in _METRIC_COLUMNS: row.update({m: _field(r, fn, f'summary.{m}.mean', 'number?'), f'{m}_sd': _field(r, fn, f'summary.{m}.sd', 'number?')})
-        return dict(row, optimistic=_field(r, fn, 'optimistic', 'bool'), source='this package')
-    if (fn := d/METRICS_FILE).exists():
-        m = _run_json(fn)
-        cfg = _run_json(d/CONFIG_FILE) if (d/CONFIG_FILE).exists() else {}
-        t = m['test'] if isinstance(m.get('test'), dict) and 'balanced_accuracy' in m['test'] else m  # held-out test numbers where the run has them
-        if not any(k in t for k in _METRIC_COLUMNS[:3]):
-            raise UsageError(f"{fn} holds none of balanced_accuracy, accuracy or roc_auc: it is incomplete or not a file this package wrote; run it again, or leave this run out of compare.")
-        split = _field(t, fn, 'split', 'str?', None) or '?'
-        row = dict(run=str(d), kind='fine-tuned', backbone=str(_field(cfg, d/CONFIG_FILE, 'settings.arch', 'any', '?')),
-                   split=split.split(' (')[0],  # the short name: the run's numbers add the description in brackets, and `optimistic` says it in the table
-                   n=_field(t, fn, 'n', 'number?', None), runs=1)
-        _field(t, fn, 'ci95', 'dict?', None)
-        for k in _METRIC_COLUMNS:
-            ci = _field(t, fn, f'ci95.{k}', 'pair?', None)
-            row.update({k: _field(t, fn, k, 'number?', None), f'{k}_ci': ci if ci and None not in ci else None})
-        return dict(row, optimistic='random' in split or bool(_field(m, fn, 'optimistic', 'bool?', False)), source='this package')
-    raise UsageError(f"{d} is neither a training run ({METRICS_FILE}) nor a probe (probe.json).")
-
-def compare_runs(runs, # Run folders: `train_pcam` runs and `probe` runs
-                 anchors:bool=True, # Add the published anchors, marked as such
-                ) -> pd.DataFrame:
-    "Runs side by side with the published anchors: balanced accuracy, accuracy, AUC and NLL, with CIs or sd over seeds"
-    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    if not runs: raise UsageError("No runs given; pass run folders written by pcam-fastai train or pcam-fastai probe.")
-    rows = [_run_row(Path(r)) for r in runs]
-    if anchors:
-        rows += [dict(run=n, kind=k, backbone=n.split(' (')[0], split='pcam-official-test (published)', balanced_accuracy=b, accuracy=a, roc_auc=auc,
-                      optimistic=False, source=src) for n, k, b, a, auc, src in PUBLISHED_ANCHORS]
-    return pd.DataFrame(rows)
-
-def _cell(r, m:str) -> str:
-    v = r.get(m)
-    if v is None or (isinstance(v, float) and math.isnan(v)): return ''
-    sd, ci = r.get(f'{m}_sd'), r.get(f'{m}_ci')
-    if isinstance(sd, float) and not math.isnan(sd) and r.get('runs', 1) and r.get('runs', 1) > 1: return f'{v:.4f} ± {sd:.4f}'
-    if isinstance(ci, (list, tuple)) and len(ci) == 2: return f'{v:.4f} ({ci[0]:.3f}-{ci[1]:.3f})'
-    return f'{v:.4f}' if m != 'nll' else f'{v:.3f}'
-
-def compare_markdown(table:pd.DataFrame, # What `compare_runs` returns
-                    ) -> str:
-    "The comparison as a markdown table (mean ± sd over seeds; a single run's bootstrap 95 % CI in brackets)"
-    L = ['| run | kind | backbone | split | balanced accuracy | accuracy | AUC | NLL |', '|---|---|---|---|---|---|---|---|']
-    for r in table.to_dict('records'):
-        split = str(r['split']) + (' (optimistic)' if r.get('optimistic') is True and 'optimistic' not in str(r['split']) else '')
-        name = Path(r['run']).name if r['source'] == 'this package' else f"*{r['run']}* ({r['source']})"
-        L.append(f"| {name} | {r['kind']} | {r['backbone']} | {split} | {_cell(r, 'balanced_accuracy')} | {_cell(r, 'accuracy')} | {_cell(r, 'roc_auc')} | {_cell(r, 'nll')} |")
-    return ('\n'.join(L) + "\n\n*Italic rows are published numbers, not run here; they are on PCam's official test split.* Rows compare only where their splits "
-            "are the same: on a Kaggle cache a probe is tested on a quarter of the patches a fine-tuned run trains on, and a fine-tuned run reports its validation split.\n")
-
+# %% ../nbs/08a_foundation.ipynb #16ea8df4
+def embedding_cache(data:str|Path, # An array cache root (`build_cache`)
+                    backbone:str|nn.Module='vit-s16-imagenet', # A name for `create_backbone`, or a backbone it made
+                    dest:str|Path|None=None, # Folder for the embeddings; None: DATA/embeddings/<backbone>-<key>
+                    pretrained:bool=True, # As for `create_backbone`
+                    weights_path:str|Path|None=None, # As for `create_backbone`
+                    img_size:int|None=None, # As for `create_backbone`
+                    model_kwargs:dict|None=None, # As for `create_backbone`
+                    bs:int=64, # Patches per batch through the backbone
+                    device:str|None=None, # Where the backbone runs; None: the GPU when there is one
+                    amp:bool=True, # bf16 autocast on CUDA
+                    force:bool=False, # Compute again even where complete
+                    show_progress:bool=True, # A progress bar per split, with the patch rate
+                   ) -> Path: # The embeddings folder
+    ("Embeddings of every cached patch by a frozen backbone, on disk once (memory-mapped, restartable), with the labels "
+     "and what made them")
+    data = Path(data)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise UsageError("bs must be a positive integer, not "
+                                                                                   f"{bs!r}.")
+    ident = _cache_identity(data)
+    model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs)
+    if not hasattr(model, 'pcam_backbone'): raise UsageError("backbone must be a name, or a model made by "
+                                                             "create_backbone.")
+    model = model.to(compute_device() if device in (None, 'auto') else torch.device(device)).eval()
+    info = dict(model.pcam_backbone, weights_sha1=state_checksum(model),
+                amp=bool(amp and next(model.parameters()).device.type == 'cuda'))
+    key = hashlib.sha1(json.dumps([info, ident], sort_keys=True).encode()).hexdigest()[:12]
+    dest = Path(dest) if dest is not None else data/'embeddings'/f"{backbone_slug(info['name'])}-{key}"
+    dest.mkdir(parents=True, exist_ok=True)
+    meta_fn = dest/'meta.json'
+    meta = json.loads(meta_fn.read_text()) if meta_fn.exists() else {}
+    if meta and meta.get('key') != key:
+        if not force: raise UsageError(f"{dest} holds embeddings of another backbone or cache ({meta.get('backbone', {}).get('name')}, key {meta.get('key')}); "
+                                       "pass another dest, or force=True to replace them.")
+        meta = {}
+    meta = dict(meta, version=EMBEDDINGS_VERSION, key=key, backbone=info, cache=str(data.resolve()),
+                cache_splits=ident, splits=meta.get('splits', {}))
+    if force: meta['splits'] = {}
+    for split in ident:
+        if split in meta['splits'] and (dest/f'{split}.npy').exists(): continue
+        meta['splits'][split] = _embed_split(model, data, dest, split, key, bs, amp, force, show_progress)
+        write_text_atomic(meta_fn, json_text(meta))
+    write_text_atomic(meta_fn, json_text(meta))
+    return dest

@@ -1,4 +1,4 @@
-"""A tumour heatmap over a whole-slide image: the slide tiled at the model's resolution, background skipped, every tissue tile classified by an exported bundle, and the result as a picture, a table, QuPath annotations and a summary.
+"""A tumour heatmap over a whole-slide image, every tissue tile classified by an exported bundle.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/heatmap.html.md"""
 

@@ -27,33 +27,38 @@ __all__ = ['MIN_CAM_CELLS', 'HEATMAP_CMAP', 'STAGE_CONTAINERS', 'body_stages', '
 
 # %% ../nbs/09_interpret.ipynb #5a0b53c7
 MIN_CAM_CELLS = 6  # the centre third of PCam (its labelled 32x32 of 96) then spans at least 2x2 cells
-HEATMAP_CMAP = 'inferno'  # every heatmap of the package (plots and the web page): perceptually uniform, dark = no heat
+# every heatmap of the package (plots and the web page): perceptually uniform, dark = no heat
+HEATMAP_CMAP = 'inferno'
 
-STAGE_CONTAINERS = ('blocks', 'stages')  # timm's names for a sequence of stages (efficientnet, mobilenet; convnext ...): each of its children is a stage
+# timm's names for a sequence of stages (efficientnet, mobilenet; convnext ...): each of its children is a stage
+STAGE_CONTAINERS = ('blocks', 'stages')
 
 def body_stages(body:torch.nn.Module, # The body of a fastai vision model, `learn.model[0]`
                ) -> list: # [(name, module)] in definition order
-    "The stages of a CNN body: its children, looking through single-child wrappers (fastai's `TimmBody`, torchvision's `features`) and into timm's `blocks`/`stages` sequences"
+    "The stages of a CNN body: its children, looking through single-child wrappers and into timm's `blocks`/`stages`"
     m = body
     while True:
         kids = [(n, c) for n, c in m.named_children() if len(list(c.parameters())) or len(list(c.children()))]
         if len(kids) == 1 and len(list(kids[0][1].children())): m = kids[0][1]; continue
+        seq = (torch.nn.Sequential, torch.nn.ModuleList)
         out = [(f'{n}.{k}', s) for n, c in m.named_children()
-               for k, s in (c.named_children() if n in STAGE_CONTAINERS and isinstance(c, (torch.nn.Sequential, torch.nn.ModuleList)) else [(None, c)])]
+               for k, s in (c.named_children() if n in STAGE_CONTAINERS and isinstance(c, seq) else [(None, c)])]
         return [(n.removesuffix('.None'), c) for n, c in out] or [('body', body)]
 
+# %% ../nbs/09_interpret.ipynb #166488d1
 def gradcam_layer(model:torch.nn.Module, # A fastai vision model (body, head)
                   xb:torch.Tensor, # A model-ready batch (one image is enough) at the size to explain
                   min_cells:int=MIN_CAM_CELLS, # Fewest cells per side
                  ) -> tuple: # (module, its name, its grid side)
-    "The deepest body stage whose feature map has at least `min_cells` cells per side for `xb` (else the body's output); for a ViT, its last block's tokens"
+    "The deepest body stage whose feature map has at least `min_cells` cells per side for `xb`; a ViT's last block"
     vit = token_backbone(model[0])
     if vit is not None:
         ph, pw = vit.patch_embed.patch_size
         return vit.blocks[-1].norm1, f'blocks.{len(vit.blocks) - 1}.norm1', min(xb.shape[-2] // ph, xb.shape[-1] // pw)
     fired, hooks = [], []
     for name, mod in body_stages(model[0]):
-        hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: fired.append((name, m, o.shape if torch.is_tensor(o) else None))))
+        hooks.append(mod.register_forward_hook(
+            lambda m, i, o, name=name: fired.append((name, m, o.shape if torch.is_tensor(o) else None))))
     was = model.training; model.eval()
     try:
         with torch.no_grad(): model[0](xb[:1].to(next(model.parameters()).device).as_subclass(torch.Tensor))
@@ -65,23 +70,25 @@ def gradcam_layer(model:torch.nn.Module, # A fastai vision model (body, head)
     if ok: return ok[-1][1], ok[-1][0], ok[-1][2]
     return (grids[-1][1], grids[-1][0], grids[-1][2]) if grids else (model[0], 'body', None)
 
-# %% ../nbs/09_interpret.ipynb #5ddd47bc
+# %% ../nbs/09_interpret.ipynb #5717c523
 def tokens_to_grid(tokens:torch.Tensor, # (N, prefix + rows x cols, C): a ViT block's output
                    vit:torch.nn.Module, # The timm vision transformer it came from (`token_backbone`)
                    size, # The input's (H, W)
                   ) -> torch.Tensor: # (N, C, rows, cols)
-    "A ViT's patch tokens as a feature map: the class and register tokens dropped, the rest laid out on the patch grid"
+    "A ViT's patch tokens as a feature map: the class and register tokens dropped, the rest laid out on the grid"
     ph, pw = vit.patch_embed.patch_size
     rows, cols = size[0] // ph, size[1] // pw
     patches = tokens[:, vit.num_prefix_tokens:]
     if patches.shape[1] != rows * cols:
-        raise UsageError(f"{patches.shape[1]} patch tokens do not fill a {rows} x {cols} grid (input {tuple(size)}, patches {ph} x {pw}); pass layer= a block of the ViT.")
+        raise UsageError(f"{patches.shape[1]} patch tokens do not fill a {rows} x {cols} grid "
+                         f"(input {tuple(size)}, patches {ph} x {pw}); pass layer= a block of the ViT.")
     return patches.reshape(len(tokens), rows, cols, -1).permute(0, 3, 1, 2)
 
+# %% ../nbs/09_interpret.ipynb #7daf4c7c
 def gradcam(learn, # A trained (or any) fastai vision learner
             xb:torch.Tensor, # A batch of model-ready (normalized) images, (N, 3, H, W)
             target:int|torch.Tensor|None=None, # Class index (or one per image) to explain; None: the predicted class
-            layer:torch.nn.Module|None=None, # Layer to explain; None: `gradcam_layer`'s choice (the deepest stage with >= 6x6 cells)
+            layer:torch.nn.Module|None=None, # Layer to explain; None: `gradcam_layer`'s (deepest with >= 6x6 cells)
             normalize:bool=True, # Scale each map to [0, 1]
            ) -> torch.Tensor: # (N, H, W) non-negative maps at input resolution
     "Grad-CAM maps, one per image, at the input's resolution"
@@ -98,13 +105,18 @@ def gradcam(learn, # A trained (or any) fastai vision learner
             grid = tokens_to_grid(acts, vit, xb.shape[-2:]) if vit is not None else acts
             if not (torch.is_tensor(grid) and grid.dim() == 4):
                 raise UsageError(f"Grad-CAM needs a spatial feature map, but {type(layer).__name__} outputs "
-                                 f"{tuple(acts.shape) if torch.is_tensor(acts) else type(acts).__name__}. For a timm vision transformer, "
-                                 "pass `layer=` one of its blocks (or a block's norm1), whose tokens lie on the patch grid; for a CNN, a module with an (N, C, H, W) output.")
+                                 f"{tuple(acts.shape) if torch.is_tensor(acts) else type(acts).__name__}. "
+                                 "For a timm vision transformer, "
+                                 "pass `layer=` one of its blocks (or a block's norm1), "
+                                 "whose tokens lie on the patch grid; "
+                                 "for a CNN, a module with an (N, C, H, W) output.")
             if target is None: target = out.argmax(1)
-            target = torch.as_tensor(target, device=out.device).expand(len(out)) if torch.as_tensor(target).dim() == 0 else torch.as_tensor(target, device=out.device)
+            target = torch.as_tensor(target, device=out.device)
+            if target.dim() == 0: target = target.expand(len(out))
             score = out.float().gather(1, target.long()[:, None]).sum()
             grads, = torch.autograd.grad(score, acts)
-            if vit is not None: acts, grads = grid, tokens_to_grid(grads, vit, xb.shape[-2:])  # the patch tokens' gradients, on their grid
+            # the patch tokens' gradients, on their grid
+            if vit is not None: acts, grads = grid, tokens_to_grid(grads, vit, xb.shape[-2:])
     finally: model.train(was_training)
     weights = grads.float().mean((2, 3), keepdim=True)
     cam = F.relu((weights * acts.float()).sum(1, keepdim=True)).detach()
@@ -113,7 +125,7 @@ def gradcam(learn, # A trained (or any) fastai vision learner
     if normalize: cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return cam
 
-# %% ../nbs/09_interpret.ipynb #b4cd17c7
+# %% ../nbs/09_interpret.ipynb #56f6b40f
 def centre_ratio(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
                 ) -> torch.Tensor:
     "Mean map value in the centre third (PCam's labelled 32x32 of 96) divided by the mean outside it, per image"
@@ -124,15 +136,15 @@ def centre_ratio(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
 
 def centre_mass_share(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
                      ) -> torch.Tensor:
-    "Share of each map's total heat inside the centre third (1/9 of the area: a map blind to the centre scores about 0.11)"
+    "Share of each map's total heat inside the centre third (1/9 of the area: a map blind to it scores about 0.11)"
     h, w = cams.shape[-2:]
     inside = cams[:, h//3:h - h//3, w//3:w - w//3].flatten(1).sum(1)
     return inside / cams.flatten(1).sum(1).clamp_min(1e-12)
 
-# %% ../nbs/09_interpret.ipynb #3b8f5628
+# %% ../nbs/09_interpret.ipynb #c2fdb13d
 def all_preds(interp:ClassificationInterpretation, # An interpretation of a learner
              ):
-    "Probabilities (as `pcam_fastai.evaluate.predict` gives them: the learner's temperature and TTA) and targets for every patch of `interp`'s DataLoader, computed once and kept on `interp`"
+    "Probabilities (as `pcam_fastai.evaluate.predict` gives them) and targets of `interp`'s loader, kept on `interp`"
     if getattr(interp, '_all_preds', None) is None:
         from pcam_fastai.evaluate import predict
         interp._all_preds = predict(interp.learn, interp.dl)
@@ -148,7 +160,8 @@ def _rows(interp, idxs):
         finally: interp.dl.after_batch.split_idx = old
         with torch.no_grad(): preds = torch.softmax(interp.learn.model.eval()(inps).float(), 1)
         return inps, preds.cpu(), targs.cpu(), interp.losses[idxs]
-    metrics, interp.learn.metrics = interp.learn.metrics, []  # metrics on a handful of patches (e.g. AUC with one class) fail or warn
+    # metrics on a handful of patches (e.g. AUC with one class) fail or warn
+    metrics, interp.learn.metrics = interp.learn.metrics, []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -165,6 +178,7 @@ def _wrap(title:str, fig_width:float) -> str:
     import textwrap
     return textwrap.fill(title, max(30, int(fig_width * 11)), break_on_hyphens=False)  # 'Grad-CAM' stays whole
 
+# %% ../nbs/09_interpret.ipynb #f8bb3311
 def outline_centre(ax, # Axes showing a patch
                    side:int, # The patch's side in pixels, as drawn
                    **kwargs, # Passed to `matplotlib.patches.Rectangle`
@@ -186,7 +200,20 @@ def heatmap_colorbar(fig, # The figure
     cb.set_label(label, fontsize=8); cb.ax.tick_params(labelsize=7)
     return cb
 
-# %% ../nbs/09_interpret.ipynb #20146d9c
+# %% ../nbs/09_interpret.ipynb #b4cd17c7
+def _patch_grid(k:int, ncols, title:str) -> tuple:
+    "A figure of `k` empty axes, about square; for none, a figure that says so (and axes None)"
+    ncols = ncols or max(1, math.ceil(math.sqrt(k)))
+    nrows = max(1, math.ceil(k / ncols))
+    fig, axs = plt.subplots(nrows, ncols, figsize=(2.3*ncols + 0.8, 2.5*nrows + 0.5), squeeze=False)
+    for ax in axs.flat: ax.axis('off')
+    if k: return fig, axs
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 1.6)); ax.axis('off')
+    ax.text(0.5, 0.5, 'None in this set.', ha='center', va='center', fontsize=12)
+    fig.suptitle(_wrap(title, 7), fontsize=10); return fig, None
+
+# %% ../nbs/09_interpret.ipynb #e6621ab6
 def plot_patches_gradcam(learn, # A trained learner
                          idxs, # Positions in `interp.dl` to show
                          interp:ClassificationInterpretation, # Its interpretation
@@ -195,26 +222,21 @@ def plot_patches_gradcam(learn, # A trained learner
                          cmap:str=HEATMAP_CMAP, # Heatmap colour map (the web page uses the same)
                          ncols:int|None=None, # Grid columns; None: about square
                          centre_box:bool=True, # Outline the centre third (PCam's labelled 32x32)
-                         threshold:float|None=None, # The run's operating threshold: labels are p(positive) >= threshold; None: the most likely class
-                         cam_class:int|None=None, # The class whose evidence every map shows (1: tumour); None: each patch's predicted label
+                         threshold:float|None=None, # The run's operating threshold (p(positive) >= it); None: argmax
+                         cam_class:int|None=None, # The class every map shows (1: tumour); None: each predicted label
                         ) -> plt.Figure:
-    "Patches with the Grad-CAM of their predicted label (or of `cam_class`), the centre 32x32 outlined and a colour bar; titles: actual / predicted, loss, p(positive class)"
+    "Patches with the Grad-CAM of their predicted label (or `cam_class`), the centre 32x32 outlined and a colour bar"
     idxs = torch.as_tensor(idxs, dtype=torch.long)
     k = len(idxs)
-    ncols = ncols or max(1, math.ceil(math.sqrt(k)))
-    nrows = max(1, math.ceil(k / ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(2.3*ncols + 0.8, 2.5*nrows + 0.5), squeeze=False)
-    for ax in axs.flat: ax.axis('off')
-    if k == 0:
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(7, 1.6)); ax.axis('off')
-        ax.text(0.5, 0.5, 'None in this set.', ha='center', va='center', fontsize=12)
-        fig.suptitle(_wrap(title, 7), fontsize=10); return fig
+    fig, axs = _patch_grid(k, ncols, title)
+    if axs is None: return fig
     inps, _, targs, _ = _rows(interp, idxs)
     inps, targs = inps.as_subclass(torch.Tensor), targs.as_subclass(torch.Tensor)
     from pcam_fastai.evaluate import dihedral_logits, calibrated_softmax
-    with torch.no_grad():  # the probabilities `predict` gives (calibration, TTA), so titles, threshold and reports agree
-        preds = calibrated_softmax(learn, dihedral_logits(learn.model.eval(), inps, getattr(learn, 'dihedral_tta', False))).cpu()
+    # the probabilities `predict` gives (calibration, TTA), so titles, threshold and reports agree
+    with torch.no_grad():
+        logits = dihedral_logits(learn.model.eval(), inps, getattr(learn, 'dihedral_tta', False))
+        preds = calibrated_softmax(learn, logits).cpu()
     losses = F.nll_loss(preds.clamp_min(1e-12).log(), targs.cpu().long(), reduction='none')
     two = preds.shape[1] == 2
     labels = (preds[:, 1] >= threshold).long() if two and threshold is not None else preds.argmax(1)
@@ -227,52 +249,59 @@ def plot_patches_gradcam(learn, # A trained learner
         img = to_np(imgs[i].permute(1, 2, 0)).astype(np.float32)
         ax.imshow(np.clip(img / (255 if img.max() > 1 else 1), 0, 1))
         cam = to_np(cams[i])  # heat fades to transparent where the map is zero, so the tissue stays readable
-        ax.imshow(cam, cmap=cmap, alpha=alpha*cam, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5), vmin=0, vmax=1)
+        ax.imshow(cam, cmap=cmap, alpha=alpha*cam, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5),
+                  vmin=0, vmax=1)
         if centre_box: outline_centre(ax, img.shape[0])
-        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(labels[i])]}\nloss {loss_text(losses[i])}, {p_name} {float(p_pos[i]):.2f}', fontsize=8)
+        ax.set_title(f'{vocab[int(targs[i])]} / {vocab[int(labels[i])]}\n'
+                     f'loss {loss_text(losses[i])}, {p_name} {float(p_pos[i]):.2f}', fontsize=8)
     fig.suptitle(_wrap(title, fig.get_figwidth() * 0.85), fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.89, 1))
     heatmap_colorbar(fig, cmap)
     return fig
 
+# %% ../nbs/09_interpret.ipynb #3eb345a6
 def calibrated_losses(interp:ClassificationInterpretation, # An interpretation of a learner
                      ) -> torch.Tensor:
-    "Cross-entropy of each patch under the probabilities `all_preds` gives (calibrated, with the run's TTA), not fastai's raw losses"
+    "Cross-entropy of each patch under the probabilities `all_preds` gives (calibrated, with TTA), not fastai's"
     probs, targs = all_preds(interp)
     return -probs.gather(1, targs.long()[:, None])[:, 0].clamp_min(1e-12).log()
 
-# %% ../nbs/09_interpret.ipynb #db9ef200
 def top_loss_idxs(interp:ClassificationInterpretation, # An interpretation
                   k:int=9, # How many
                   kind:str='all', # 'all', 'fn' (missed tumour) or 'fp' (false alarms)
                   threshold:float|None=None, # Operating threshold that decides 'fn'/'fp'; None: the most likely class
                  ) -> torch.Tensor: # Positions, highest loss first
-    "Positions of the `k` highest-loss patches (the loss of the calibrated probabilities the plots show), optionally only false negatives or false positives"
+    "Positions of the `k` highest-loss patches (calibrated, as plotted), optionally only false negatives or positives"
     if kind not in ('all', 'fn', 'fp'): raise UsageError(f"kind must be 'all', 'fn' or 'fp', not {kind!r}.")
     probs, targs = all_preds(interp)
     order = calibrated_losses(interp).argsort(descending=True)
     if kind == 'all': return order[:k]
-    if probs.shape[1] != 2: raise UsageError(f"kind={kind!r} needs a binary task; this one has {probs.shape[1]} classes. Use kind='all'.")
+    if probs.shape[1] != 2:
+        raise UsageError(f"kind={kind!r} needs a binary task; this one has {probs.shape[1]} classes. Use kind='all'.")
     pred = (probs[:, 1] >= threshold).long() if threshold is not None else probs.argmax(1)
     wrong = (targs == 1) & (pred == 0) if kind == 'fn' else (targs == 0) & (pred == 1)
     return order[wrong[order]][:k]
 
+# %% ../nbs/09_interpret.ipynb #af640a44
 def plot_top_losses_gradcam(learn, # A trained learner
                             k:int=9, # How many patches to show
                             dl=None, # DataLoader to rank; None: the validation set
                             interp:ClassificationInterpretation|None=None, # Reuse an interpretation already computed
                             kind:str='all', # 'all', 'fn' (tumour called normal: what matters most) or 'fp'
-                            positive_cam:bool=True, # Two classes: every map shows the positive class's evidence (for a missed tumour: where its tumour evidence lies); False: the predicted label's
+                            positive_cam:bool=True, # Two classes: every map shows the positive class's evidence
                             **kwargs, # Passed to `plot_patches_gradcam`
                            ) -> plt.Figure:
-    "Grid of the `k` highest-loss patches (all, false negatives or false positives) with Grad-CAM heatmaps, of the positive class in a two-class task"
+    "Grid of the `k` highest-loss patches (all, false negatives or false positives) with Grad-CAM heatmaps"
     interp = interp or ClassificationInterpretation.from_learner(learn, dl=dl)
-    names = dict(all='Top losses', fn='False negatives (missed tumour), highest loss first', fp='False positives, highest loss first')
+    names = dict(all='Top losses', fn='False negatives (missed tumour), highest loss first',
+                 fp='False positives, highest loss first')
     vocab = list(learn.dls.vocab)
     cam_class = 1 if positive_cam and len(vocab) == 2 else None
     explains = f'Grad-CAM of {vocab[1]}' if cam_class == 1 else 'Grad-CAM of the predicted label'
-    return plot_patches_gradcam(learn, top_loss_idxs(interp, k, kind, kwargs.get('threshold')), interp, cam_class=cam_class,
-                                title=f'{names[kind]}: actual / predicted, {explains}' + ('; dashed: the labelled centre' if kwargs.get('centre_box', True) else ''), **kwargs)
+    dashed = '; dashed: the labelled centre' if kwargs.get('centre_box', True) else ''
+    return plot_patches_gradcam(learn, top_loss_idxs(interp, k, kind, kwargs.get('threshold')), interp,
+                                cam_class=cam_class, title=f'{names[kind]}: actual / predicted, {explains}' + dashed,
+                                **kwargs)
 
 def plot_confident_gallery(learn, # A trained learner
                            k:int=4, # Patches per class
@@ -286,4 +315,6 @@ def plot_confident_gallery(learn, # A trained learner
     right = ((probs[:, 1] >= thr).long() if thr is not None and probs.shape[1] == 2 else probs.argmax(1)) == targs
     order = calibrated_losses(interp).argsort()
     idxs = torch.cat([order[(right & (targs == c))[order]][:k] for c in range(probs.shape[1])])
-    return plot_patches_gradcam(learn, idxs, interp, title='Most confident correct patches per class, Grad-CAM of the predicted label', ncols=k, **kwargs)
+    return plot_patches_gradcam(learn, idxs, interp,
+                                title='Most confident correct patches per class, Grad-CAM of the predicted label',
+                                ncols=k, **kwargs)

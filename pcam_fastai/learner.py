@@ -1,4 +1,4 @@
-"""A fastai `vision_learner` for PCam: the backbone, the metrics, the precision it really trains in, and clear errors when ImageNet weights cannot be had.
+"""A fastai `vision_learner` for PCam: the backbone, the metrics and the precision it really trains in
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/learner.html.md"""
 
@@ -38,7 +38,9 @@ def _register_meta(fn):
     if fn in model_meta: return
     names = [n for n, _ in fn(weights=None).named_children()]
     cut = next((i for i, n in enumerate(names) if n in _HEAD_CHILDREN), None)
-    if cut is None: raise UsageError(f"Cannot tell where {fn.__name__}'s body ends (no pooling or classifier child among {names}); use a CNN such as 'resnet50'.")
+    if cut is None:
+        raise UsageError(f"Cannot tell where {fn.__name__}'s body ends (no pooling or classifier child among {names}); "
+                         "use a CNN such as 'resnet50'.")
     model_meta[fn] = {'cut': cut, 'split': default_split, 'stats': imagenet_stats}
 
 def _timm_is_model(name):
@@ -50,23 +52,30 @@ def _timm_names():
     except ImportError: return []
     return timm.list_models()
 
+# %% ../nbs/06_learner.ipynb #75c5bbf8
 def resolve_arch(arch): # A torchvision or timm model name like 'resnet50', or a model function
-    "The torchvision model function for `arch`, or the name itself for a timm model; a clear error for unknown names"
+    "The torchvision model function for `arch`, or the name itself for a timm model; a clear error for unknown ones"
     if callable(arch): return arch
     name = str(arch)
     fn = getattr(torchvision.models, name, None)
     if callable(fn) and name in torchvision.models.list_models(module=torchvision.models):
         if name.startswith(_UNSUPPORTED) or name in _UNSUPPORTED:
-            raise UsageError(f"arch {name!r} is not supported: {'its auxiliary classifiers sit inside the body' if name in ('googlenet', 'inception_v3') else 'torchvision builds vision transformers that fastai cannot cut into body and head'}. "
-                             "Use a CNN such as 'resnet50', 'densenet169', 'efficientnet_b0' or 'convnext_tiny', or timm's vision transformers ('vit_small_patch16_224', 'vit_base_patch16_224', ...).")
+            why = ('its auxiliary classifiers sit inside the body' if name in ('googlenet', 'inception_v3')
+                   else 'torchvision builds vision transformers that fastai cannot cut into body and head')
+            raise UsageError(f"arch {name!r} is not supported: {why}. "
+                             "Use a CNN such as 'resnet50', 'densenet169', 'efficientnet_b0' or 'convnext_tiny', "
+                             "or timm's vision transformers ('vit_small_patch16_224', 'vit_base_patch16_224', ...).")
         _register_meta(fn)
         return fn
-    if name.startswith('hf-hub:'): return name  # a timm model on the Hugging Face hub (the foundation models)
+    # a timm model on the Hugging Face hub (the foundation models)
+    if name.startswith('hf-hub:'): return name
     timm_names = _timm_names()
     if timm_names and _timm_is_model(name): return name
     known = torchvision.models.list_models(module=torchvision.models)
-    close = difflib.get_close_matches(name, sorted(set(known) | set(timm_names)), n=5, cutoff=0.6)  # a name in both lists is suggested once
-    raise UsageError(f"Unknown arch {arch!r}. Use a torchvision classification model name such as 'resnet50', 'vgg16_bn', "
+    # a name in both lists is suggested once
+    close = difflib.get_close_matches(name, sorted(set(known) | set(timm_names)), n=5, cutoff=0.6)
+    raise UsageError(f"Unknown arch {arch!r}. "
+                     "Use a torchvision classification model name such as 'resnet50', 'vgg16_bn', "
                      f"'mobilenet_v2', 'wide_resnet50_2', 'densenet169', or a timm model name"
                      + (f"; did you mean {', '.join(close)}?" if close else '.')
                      + ('' if timm_names else ' (timm is not installed: pip install timm)'))
@@ -92,7 +101,8 @@ def _weights_error(arch, err) -> PretrainedWeightsError:
         f"Could not get ImageNet weights for {name} ({type(err).__name__}: {err}). No network? Either:\n"
         f"  1. download {url} on a machine with internet and put it at {cached}\n"
         f"  2. or pass weights_path='/path/to/{cached.name}' (CLI: --weights-path)\n"
-        f"  3. or train from scratch with pretrained=False (CLI: --pretrained false); expect lower accuracy on real data.")
+        f"  3. or train from scratch with pretrained=False (CLI: --pretrained false); "
+        "expect lower accuracy on real data.")
 
 def ensure_weights(arch, # A torchvision model name or function (timm models download themselves)
                   ):
@@ -103,14 +113,16 @@ def ensure_weights(arch, # A torchvision model name or function (timm models dow
     try: torch.hub.load_state_dict_from_url(url, map_location='cpu', progress=True)
     except Exception as e: raise _weights_error(arch, e) from None
 
+# %% ../nbs/06_learner.ipynb #3ba47150
 def load_body_weights(learn:Learner, # A learner made by `vision_learner`
                       arch, # The arch it was made with (torchvision or timm)
-                      weights_path:str|Path, # A weights file for `arch`: a state dict (.pth, .bin) or safetensors, names as saved or in a known layout
-                     ) -> str: # How the names were matched: 'as saved', or the layout that mapped them (`pcam_fastai.weights`)
-    "Load a local weights file into `learn`'s body (the model minus the fastai head): every body tensor, or an error that says what differs"
+                      weights_path:str|Path, # A weights file for `arch`: a state dict (.pth, .bin) or safetensors
+                     ) -> str: # How the names were matched: 'as saved', or the layout that mapped them
+    "Load a local weights file into `learn`'s body (the model minus the fastai head): every body tensor, or an error"
     fn = resolve_arch(arch)
     sd = read_weights(weights_path)
-    if isinstance(fn, str): return fit_state_dict(learn.model[0].model, sd, weights_path, fn)  # timm: the body is the model without its classifier
+    # timm: the body is the model without its classifier
+    if isinstance(fn, str): return fit_state_dict(learn.model[0].model, sd, weights_path, fn)
     full = fn(weights=None)
     used = fit_state_dict(full, sd, weights_path, fn.__name__)
     body = create_body(full, pretrained=True, cut=model_meta.get(fn, _default_meta)['cut'])
@@ -129,14 +141,16 @@ def host_resolves(host:str, # A host name, e.g. 'huggingface.co'
     except (OSError, Timeout): return False
     finally: pool.shutdown(wait=False)
 
+# %% ../nbs/06_learner.ipynb #f628d352
 def find_pretrained(arch, # A torchvision or timm model name
                    ) -> tuple[bool, str]: # (whether its ImageNet weights are here now, where from or why not)
-    "Whether `arch`'s default pretrained weights can be had: from torch's or the Hugging Face cache, else one download if the network is there"
+    "Whether `arch`'s pretrained weights can be had: from torch's or the Hugging Face cache, else one download"
     fn = resolve_arch(arch)
     if not isinstance(fn, str):
         url, cached = weights_info(fn)
         if cached.exists(): return True, f"in torch's cache ({cached})"
-        if not host_resolves('download.pytorch.org'): return False, 'not in torch\'s cache and no network (download.pytorch.org does not resolve)'
+        if not host_resolves('download.pytorch.org'):
+            return False, 'not in torch\'s cache and no network (download.pytorch.org does not resolve)'
         try: ensure_weights(fn)
         except PretrainedWeightsError: return False, f'the download of {url} failed'
         return True, f'downloaded from {url}'
@@ -146,10 +160,14 @@ def find_pretrained(arch, # A torchvision or timm model name
     cfg = get_pretrained_cfg(fn)
     hub_id = getattr(cfg, 'hf_hub_id', None)
     if not hub_id: return False, f'timm has no pretrained weights on the Hugging Face hub for {fn}'
-    if any(isinstance(huggingface_hub.try_to_load_from_cache(hub_id, f), str) for f in ('model.safetensors', 'pytorch_model.bin')):
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(hub_id, f), str)
+           for f in ('model.safetensors', 'pytorch_model.bin')):
         return True, f'{hub_id} in the Hugging Face cache'
-    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes'): return False, f'{hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set'
-    if not host_resolves('huggingface.co'): return False, f'{hub_id} is not in the Hugging Face cache and there is no network (huggingface.co does not resolve)'
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes'):
+        return False, f'{hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set'
+    if not host_resolves('huggingface.co'):
+        return False, (f'{hub_id} is not in the Hugging Face cache and there is no network '
+                       '(huggingface.co does not resolve)')
     try: huggingface_hub.hf_hub_download(hub_id, 'model.safetensors')
     except Exception as e: return False, f'the download of {hub_id} failed ({type(e).__name__})'
     return True, f'{hub_id} downloaded from the Hugging Face hub'
@@ -157,24 +175,28 @@ def find_pretrained(arch, # A torchvision or timm model name
 # %% ../nbs/06_learner.ipynb #0d0f1947
 def choose_precision(fp16:bool, # Whether mixed precision was asked for (the card's `fp16`)
                      cuda:bool|None=None, # Whether this process computes on CUDA; None: `cuda_in_use()`
-                     capability:tuple[int, int]|None=None, # The GPU's compute capability; None: `torch.cuda.get_device_capability()`
-                    ) -> tuple[str|None, str]: # ('bf16', 'fp16' or None for fp32; a sentence saying what precision is used)
+                     capability:tuple[int, int]|None=None, # The GPU's compute capability; None: ask torch.cuda
+                    ) -> tuple[str|None, str]: # ('bf16', 'fp16' or None for fp32; a sentence saying what is used)
     "Decide the training precision and explain it in one line"
     cuda = cuda_in_use() if cuda is None else cuda
     if fp16 and cuda:
         major, minor = capability or torch.cuda.get_device_capability()
-        if major >= 8: return 'bf16', f'bf16 mixed precision (PyTorch AMP on CUDA; compute capability {major}.{minor} has bf16 tensor cores: fp16 speed, no loss scaling)'
-        return 'fp16', f'fp16 mixed precision (PyTorch AMP with loss scaling on CUDA; compute capability {major}.{minor} has no bf16 tensor cores)'
-    if fp16: return None, ('fp32 on the CPU: mixed precision, the default, is for CUDA GPUs; fastai would silently train in fp32 here, '
-                            'and bf16 autocast is ~11x slower than fp32 on CPUs without AVX-512')
+        if major >= 8: return 'bf16', (f'bf16 mixed precision (PyTorch AMP on CUDA; compute capability {major}.{minor} '
+                                       'has bf16 tensor cores: fp16 speed, no loss scaling)')
+        return 'fp16', ('fp16 mixed precision (PyTorch AMP with loss scaling on CUDA; '
+                        f'compute capability {major}.{minor} has no bf16 tensor cores)')
+    if fp16: return None, ('fp32 on the CPU: mixed precision, the default, is for CUDA GPUs; '
+                           'fastai would silently train in fp32 here, '
+                           'and bf16 autocast is ~11x slower than fp32 on CPUs without AVX-512')
     return None, 'fp32 (fp16 not requested)'
 
 # %% ../nbs/06_learner.ipynb #2693e861
-TOKEN_MODULES = ('timm.models.vision_transformer', 'timm.models.deit')  # timm families whose blocks give patch tokens on a grid
+# timm families whose blocks give patch tokens on a grid
+TOKEN_MODULES = ('timm.models.vision_transformer', 'timm.models.deit')
 
 def is_token_arch(arch, # A name from `resolve_arch` (timm) or a torchvision function
                  ) -> bool:
-    "Whether `arch` is one of timm's vision transformers (patch tokens, not a feature map), which train with `dynamic_img_size` and `vit_splitter`"
+    "Whether `arch` is one of timm's vision transformers (patch tokens, not a feature map)"
     if not isinstance(arch, str): return False
     if arch.startswith('hf-hub:'): return True  # the foundation models on the hub are timm ViTs
     from timm.models import model_entrypoint
@@ -183,27 +205,32 @@ def is_token_arch(arch, # A name from `resolve_arch` (timm) or a torchvision fun
 
 def token_backbone(model:torch.nn.Module, # A fastai vision model (body, head), or any module
                   ) -> torch.nn.Module|None:
-    "The timm vision transformer inside `model` (it has `blocks`, `patch_embed` and `num_prefix_tokens`), or None for a CNN"
-    return next((m for m in model.modules() if hasattr(m, 'blocks') and hasattr(m, 'patch_embed') and hasattr(m, 'num_prefix_tokens')), None)
+    "The timm vision transformer inside `model` (it has `blocks`, `patch_embed` and `num_prefix_tokens`), or None"
+    return next((m for m in model.modules()
+                 if hasattr(m, 'blocks') and hasattr(m, 'patch_embed') and hasattr(m, 'num_prefix_tokens')), None)
 
 def vit_splitter(model:torch.nn.Module, # A fastai model (TimmBody around a vision transformer, head)
                 ) -> list: # Three parameter groups
-    "Layer groups for discriminative learning rates on a ViT: embeddings and the first half of the blocks, the second half and the final norm, the head"
+    "Layer groups for discriminative learning rates on a ViT: embeddings and early blocks, late blocks and norm, head"
     vit = token_backbone(model[0])
-    if vit is None: raise UsageError("vit_splitter needs a vision transformer body; CNNs split with fastai's own splitters.")
+    if vit is None:
+        raise UsageError("vit_splitter needs a vision transformer body; CNNs split with fastai's own splitters.")
     half = len(vit.blocks) // 2
     late_ids = {id(p) for b in list(vit.blocks)[half:] for p in b.parameters()}
-    late_ids |= {id(p) for n_, m in vit.named_children() if n_ in ('norm', 'fc_norm', 'attn_pool', 'head') for p in m.parameters()}
+    late_ids |= {id(p) for n_, m in vit.named_children() if n_ in ('norm', 'fc_norm', 'attn_pool', 'head')
+                 for p in m.parameters()}
     body = list(model[0].parameters())
-    return [[p for p in body if id(p) not in late_ids], [p for p in body if id(p) in late_ids], list(model[1].parameters())]
+    return [[p for p in body if id(p) not in late_ids], [p for p in body if id(p) in late_ids],
+            list(model[1].parameters())]
 
+# %% ../nbs/06_learner.ipynb #bc4ab5d3
 def timm_kwargs(arch, # A timm name
                ) -> dict:
-    "The `timm.create_model` arguments this package adds: `dynamic_img_size` for vision transformers, so one model takes PCam's 96 px and 224 px alike"
+    "The `timm.create_model` arguments this package adds: `dynamic_img_size` for vision transformers (96 and 224 px)"
     return dict(dynamic_img_size=True) if is_token_arch(arch) else {}
 
 class InputStats:
-    "A forward pre-hook on the body: batches normalized with ImageNet's statistics (as every loader here does) re-normalized to the backbone's own"
+    "A forward pre-hook on the body: batches normalized with ImageNet's statistics re-normalized to the backbone's own"
     def __init__(self, mean, # The backbone's normalization mean, [0, 1] units
                  std, # Its std
                 ):
@@ -211,16 +238,19 @@ class InputStats:
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.scale = [a / b for a, b in zip(s0, self.std)]
         self.shift = [(a - b) / c for a, b, c in zip(m0, self.mean, self.std)]
-        self._on = {}  # (device, dtype) -> (scale, shift) tensors, made once: a copy to the GPU on every batch would stall it
+        # (device, dtype) -> (scale, shift) tensors, made once: a copy to the GPU on every batch would stall it
+        self._on = {}
     def __getstate__(self): return {**self.__dict__, '_on': {}}  # an exported learner holds no CUDA tensors
     def __call__(self, module, args):
         x = args[0]
         key = (x.device, x.dtype)
         if key not in self._on:
-            self._on[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (self.scale, self.shift))
+            self._on[key] = tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+                                  for v in (self.scale, self.shift))
         scale, shift = self._on[key]
         return (x * scale + shift, *args[1:])
 
+# %% ../nbs/06_learner.ipynb #47dd3fa8
 def backbone_stats(body:torch.nn.Module, # The body of a fastai vision model
                   ) -> tuple|None: # (mean, std) when they are not ImageNet's, else None
     "The normalization a timm backbone was pretrained with (its pretrained config), when it differs from ImageNet's"
@@ -239,16 +269,19 @@ def apply_input_stats(model:torch.nn.Module, # A fastai vision model (body, head
     model[0].register_forward_pre_hook(InputStats(mean, std))
     return [list(map(float, mean)), list(map(float, std))]
 
+# %% ../nbs/06_learner.ipynb #0c496847
 def _batches_on_cuda(dls) -> bool:
-    "Whether `dls` put their batches on a GPU (a learner for CPU batches, e.g. `load_run(cpu=True)` on a GPU host, stays fp32)"
+    "Whether `dls` put their batches on a GPU (a learner for CPU batches, e.g. `load_run(cpu=True)`, stays fp32)"
     dev = getattr(dls, 'device', None)
     return cuda_in_use() if dev is None else torch.device(dev).type == 'cuda'
 
 def _normalizes(dls) -> bool:
-    "Whether `dls` already normalize their batches (fastai's `Normalize`, or the array-cache loader's `NormalizeBatch`)"
+    "Whether `dls` already normalize their batches (fastai's `Normalize`, or the array cache's `NormalizeBatch`)"
     from fastai.data.transforms import Normalize
-    return any(isinstance(t, Normalize) or type(t).__name__ == 'NormalizeBatch' for t in getattr(dls, 'after_batch', []).fs)
+    return any(isinstance(t, Normalize) or type(t).__name__ == 'NormalizeBatch'
+               for t in getattr(dls, 'after_batch', []).fs)
 
+# %% ../nbs/06_learner.ipynb #704051ec
 def _roc_auc_ovr(preds, targs, n):
     from sklearn.metrics import roc_auc_score
     try: return roc_auc_score(targs, preds, multi_class='ovr', average='macro', labels=list(range(n)))
@@ -260,23 +293,55 @@ def macro_roc_auc(n_classes:int): # Number of classes
     m.name = 'roc_auc_ovr'
     return m
 
+# %% ../nbs/06_learner.ipynb #4813f4ef
 def _timm_weights_error(name, err) -> PretrainedWeightsError:
     return PretrainedWeightsError(
-        f"Could not get ImageNet weights for timm model {name} ({type(err).__name__}: {str(err)[:200]}). No network? Either:\n"
-        f"  1. run once with a network so the weights land in the Hugging Face cache (~/.cache/huggingface), then set HF_HUB_OFFLINE=1\n"
+        f"Could not get ImageNet weights for timm model {name} ({type(err).__name__}: {str(err)[:200]}). "
+        "No network? Either:\n"
+        f"  1. run once with a network so the weights land in the Hugging Face cache (~/.cache/huggingface), "
+        "then set HF_HUB_OFFLINE=1\n"
         f"  2. or pass weights_path='/path/to/{name}.safetensors' or .pth (CLI: --weights-path)\n"
-        f"  3. or train from scratch with pretrained=False (CLI: --pretrained false); expect lower accuracy on real data.")
+        f"  3. or train from scratch with pretrained=False (CLI: --pretrained false); "
+        "expect lower accuracy on real data.")
+
+# %% ../nbs/06_learner.ipynb #a86f53de
+def _vision_learner(dls, fn, pretrained:bool, weights_path, kw:dict) -> Learner:
+    "fastai's `vision_learner` for a timm name or a torchvision function; a weights file is loaded later, checked"
+    if isinstance(fn, str):  # timm: it downloads from the Hugging Face hub, or reads a local file
+        kw.update(timm_kwargs(fn))
+        if is_token_arch(fn): kw.setdefault('splitter', vit_splitter)
+        # a file is loaded below, checked
+        try: return vision_learner(dls, fn, pretrained=pretrained and weights_path is None, **kw)
+        except (OSError, ConnectionError) as e:  # the hub download (huggingface_hub's errors are OSErrors)
+            if not pretrained or weights_path is not None: raise
+            raise _timm_weights_error(fn, e) from None
+        except TypeError as e:  # a hub model that is not a ViT takes no dynamic_img_size
+            if 'dynamic_img_size' not in str(e): raise
+            kw.pop('dynamic_img_size'); kw.pop('splitter', None)
+            return vision_learner(dls, fn, pretrained=pretrained and weights_path is None, **kw)
+    if pretrained and weights_path is None:
+        ensure_weights(fn)
+        return vision_learner(dls, fn, pretrained=True, **kw)
+    return vision_learner(dls, fn, pretrained=False, **kw)
+
+def _weights_text(fn, pretrained:bool, weights_path, sha256, layout) -> str:
+    "Where a learner's weights came from, in words"
+    if weights_path:
+        return (f"{weights_path} (sha256 {sha256[:12]}, "
+                + ('names as saved)' if layout == 'as saved' else f'names mapped by the {layout} layout)'))
+    if pretrained: return 'ImageNet (torchvision DEFAULT)' if not isinstance(fn, str) else 'ImageNet (timm default)'
+    return 'random init (pretrained=False)'
 
 # %% ../nbs/06_learner.ipynb #e679b5c7
 def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai vision DataLoaders)
                  arch='resnet50', # torchvision or timm model name, or a model function
                  pretrained:bool=True, # Start from ImageNet weights
                  fp16:bool=True, # Mixed precision on CUDA (on a CPU: fp32, and it says so)
-                 weights_path:str|Path|None=None, # A local pretrained weights file instead of a download: every body tensor from it (names as saved, or mapped by a layout of `pcam_fastai.weights`), or an error
+                 weights_path:str|Path|None=None, # A local weights file instead of a download, every body tensor
                  path:str|Path='.', # Where `learn.save` writes (in `path/models`)
-                 metrics=None, # Default: accuracy and ROC AUC for two classes; accuracy and macro one-vs-rest AUC for more
+                 metrics=None, # Default: accuracy and ROC AUC (two classes) or macro one-vs-rest AUC (more)
                  quiet:bool=False, # Don't print the precision line
-                 input_stats='auto', # The backbone's own normalization: 'auto' (its timm pretrained config, when not ImageNet's), None, or (mean, std)
+                 input_stats='auto', # The backbone's own normalization: 'auto' (timm's config), None, or (mean, std)
                  **kwargs, # Passed to fastai's `vision_learner`
                 ) -> Learner:
     "A fastai `vision_learner` for PCam, honest about its weights and its precision"
@@ -284,29 +349,19 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
     if weights_path is not None: pretrained = True  # a weights file is ImageNet weights from disk
     if metrics is None: metrics = [accuracy, RocAucBinary() if len(dls.vocab) == 2 else macro_roc_auc(len(dls.vocab))]
     kw = dict(metrics=metrics, path=path, **kwargs)
-    if _normalizes(dls): kw.setdefault('normalize', False)  # our loaders normalize already; fastai would add a second Normalize
-    if isinstance(fn, str):  # timm: it downloads from the Hugging Face hub, or reads a local file
-        kw.update(timm_kwargs(fn))
-        if is_token_arch(fn): kw.setdefault('splitter', vit_splitter)
-        try: learn = vision_learner(dls, fn, pretrained=pretrained and weights_path is None, **kw)  # a file is loaded below, checked
-        except (OSError, ConnectionError) as e:  # the hub download (huggingface_hub's errors are OSErrors)
-            if not pretrained or weights_path is not None: raise
-            raise _timm_weights_error(fn, e) from None
-        except TypeError as e:  # a hub model that is not a ViT takes no dynamic_img_size
-            if 'dynamic_img_size' not in str(e): raise
-            kw.pop('dynamic_img_size'); kw.pop('splitter', None)
-            learn = vision_learner(dls, fn, pretrained=pretrained and weights_path is None, **kw)
-    elif pretrained and weights_path is None:
-        ensure_weights(fn)
-        learn = vision_learner(dls, fn, pretrained=True, **kw)
-    else: learn = vision_learner(dls, fn, pretrained=False, **kw)
+    # our loaders normalize already; fastai would add a second Normalize
+    if _normalizes(dls): kw.setdefault('normalize', False)
+    learn = _vision_learner(dls, fn, pretrained, weights_path, kw)
     learn.weights_sha256 = learn.weights_layout = None
-    if weights_path is not None:  # every body tensor from the file, or an error; then normalized and frozen as downloaded weights would be
+    # every body tensor from the file, or an error; then normalized and frozen as downloaded weights would be
+    if weights_path is not None:
         learn.weights_layout = load_body_weights(learn, fn, weights_path)
         learn.weights_sha256 = file_sha256(weights_path)
-        if not _normalizes(dls): dls.add_tfms([Normalize.from_stats(*imagenet_stats)], 'after_batch')  # fastai adds it only for its own downloads
+        # fastai adds it only for its own downloads
+        if not _normalizes(dls): dls.add_tfms([Normalize.from_stats(*imagenet_stats)], 'after_batch')
         learn.freeze()
-    if input_stats == 'auto':  # only for our loaders, which normalize with ImageNet's statistics; fastai normalizes other loaders itself, with the model's
+    # only for our loaders, which normalize with ImageNet's statistics; fastai normalizes other loaders itself
+    if input_stats == 'auto':
         input_stats = backbone_stats(learn.model[0]) if kw.get('normalize') is False else None
     learn.input_stats = apply_input_stats(learn.model, input_stats)
     on_cuda = _batches_on_cuda(dls)
@@ -315,9 +370,8 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
         learn.to_channelslast(use_amp=amp is not None, amp_mode=amp or 'fp16')
         learn.precision += ', channels-last'
     learn.arch_name = arch_name(fn)
-    learn.weights = (f"{weights_path} (sha256 {learn.weights_sha256[:12]}, " + ('names as saved)' if learn.weights_layout == 'as saved' else
-                     f'names mapped by the {learn.weights_layout} layout)') if weights_path else
-                     'ImageNet (torchvision DEFAULT)' if pretrained and not isinstance(fn, str) else 'ImageNet (timm default)' if pretrained else 'random init (pretrained=False)')
+    learn.weights = _weights_text(fn, pretrained, weights_path, learn.weights_sha256, learn.weights_layout)
     if not quiet: print(f'pcam_learner: {learn.arch_name}, weights: {learn.weights}; precision: {learn.precision}'
-                        + (f'; inputs re-normalized to its own mean {learn.input_stats[0]}, std {learn.input_stats[1]}' if learn.input_stats else ''))
+                        + (f'; inputs re-normalized to its own mean {learn.input_stats[0]}, std {learn.input_stats[1]}'
+                           if learn.input_stats else ''))
     return learn

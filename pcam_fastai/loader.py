@@ -1,4 +1,4 @@
-"""fastai `DataLoaders` that read batches from the array cache: one index and one uint8 tensor per batch, with the augmentation done on whole batches on the model's device.
+"""fastai `DataLoaders` over the array cache: one gather per batch, augmented as a whole on the model's device.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/loader.html.md"""
 
@@ -7,6 +7,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/loader.html.md"""
 # %% ../nbs/04_loader.ipynb #d192373d
 from __future__ import annotations
 import os, random, weakref
+from dataclasses import dataclass
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,12 +26,13 @@ from fastai.vision.core import imagenet_stats
 from .core import CLASSES, PATCH_SIZE, PCamDataError, UsageError, Split, compute_device
 from .data import random_split, open_patch
 from .cache import load_cache, cache_splits, CacheError
-from .stain import HEDJitterBatch, StainNormalizeBatch, cache_normalizer
+from .stain import HEDJitterBatch, StainNormalizeBatch, StainNormalizer
+from .stain_cache import cache_normalizer
 
 # %% auto #0
 __all__ = ['OFFICIAL_VALID', 'OFFICIAL_TEST', 'GROUPED_SPLIT', 'dihedral', 'DihedralBatch', 'RandomCropBatch', 'ResizeBatch',
-           'NormalizeBatch', 'StainJitterBatch', 'PatchArrays', 'CacheDL', 'CacheDataLoaders', 'split_indices',
-           'batch_tfms', 'cache_dataloaders', 'cache_test_dl']
+           'NormalizeBatch', 'StainJitterBatch', 'pread_rows', 'PatchArrays', 'CacheDL', 'LoaderInfo', 'loader_info',
+           'CacheDataLoaders', 'split_indices', 'batch_tfms', 'cache_dataloaders', 'cache_test_dl']
 
 # %% ../nbs/04_loader.ipynb #d1df84c8
 def dihedral(x:torch.Tensor, # (N, C, H, W) square images
@@ -53,6 +55,7 @@ class DihedralBatch(Transform):
         t = torch.where((k & 1).bool(), t.flip(-1), t)
         return TensorImage(torch.where((k & 2).bool(), t.flip(-2), t))
 
+# %% ../nbs/04_loader.ipynb #905969f3
 class RandomCropBatch(Transform):
     "A random square crop per image (one zoom per batch, up to `max_zoom`); training only"
     split_idx, order = 0, 20
@@ -82,7 +85,8 @@ class ResizeBatch(Transform):
         if x.shape[-1] == self.size and x.shape[-2] == self.size: return x
         t = x.as_subclass(torch.Tensor).contiguous(memory_format=torch.channels_last)
         if t.dtype == torch.uint8 and t.is_cuda: t = t.float()  # uint8 interpolation is a CPU fast path
-        return TensorImage(F.interpolate(t, size=(self.size, self.size), mode='bilinear', align_corners=False, antialias=False))
+        out = F.interpolate(t, size=(self.size, self.size), mode='bilinear', align_corners=False, antialias=False)
+        return TensorImage(out)
 
 # %% ../nbs/04_loader.ipynb #1bfdcc53
 class NormalizeBatch(Transform):
@@ -98,9 +102,11 @@ class NormalizeBatch(Transform):
         cache = self.__dict__.setdefault('_on_device', {})
         key = (x.device, scale)
         if key not in cache:
-            cache[key] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * scale, torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * scale)
+            cache[key] = tuple(torch.tensor(v, device=x.device).view(1, -1, 1, 1) * scale
+                               for v in (self.mean, self.std))
         return cache[key]
-    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_on_device'}  # an exported learner holds no CUDA tensors
+    # an exported learner holds no CUDA tensors
+    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_on_device'}
     def encodes(self, x:TensorImage):
         m, s = self._stats(x, 255.)
         t = x.as_subclass(torch.Tensor)
@@ -112,6 +118,7 @@ class NormalizeBatch(Transform):
         m, s = self._stats(x, 1.)
         return TensorImage((x.as_subclass(torch.Tensor) * s + m).clamp(0, 1))
 
+# %% ../nbs/04_loader.ipynb #210a19d9
 class StainJitterBatch(Transform):
     "Random per-image, per-channel scale and shift of normalized images, imitating stain variation; training only"
     split_idx, order = 0, 95
@@ -125,6 +132,32 @@ class StainJitterBatch(Transform):
         shift = self.strength * 4 * (2 * torch.rand(n, c, 1, 1, device=x.device) - 1)
         return TensorImage(x.as_subclass(torch.Tensor) * scale + shift)
 
+# %% ../nbs/04_loader.ipynb #da08c994
+def pread_rows(fd:int, # An open file descriptor of the memory map's file
+               images:np.memmap, # A whole memory-mapped (N, H, W, C) uint8 array of that file
+               js:np.ndarray, # Rows to read, in any order, repeats allowed
+              ) -> np.ndarray:
+    "Rows `js` of `images`, read with `pread` into one buffer: one read per run of consecutive rows"
+    # Read with pread rather than indexing the memory map: pages of a memory map that were touched count in the
+    # process's RSS (6 GB after one epoch of Kaggle PCam); the kernel's page cache does not.
+    fn, out = images.filename, np.empty((len(js), *images.shape[1:]), np.uint8)
+    row = out[0].nbytes
+    order = np.argsort(js, kind='stable')
+    sj = js[order]
+    brk = np.flatnonzero(np.diff(sj) != 1) + 1  # runs of consecutive rows: one read each
+    flat = out.reshape(len(js), -1)
+    if (order == np.arange(len(js))).all():
+        for a, b in zip(np.r_[0, brk], np.r_[brk, len(js)]):
+            got = os.preadv(fd, [memoryview(flat[a:b]).cast('B')], images.offset + int(sj[a]) * row)
+            if got != (b - a) * row:
+                raise CacheError(f"Short read from {fn} (rows {sj[a]}-{sj[b-1]}): "
+                                 "the cache file is truncated; rebuild it.")
+    else:
+        for k, j in zip(order, sj):
+            if os.preadv(fd, [memoryview(flat[k])], images.offset + int(j) * row) != row:
+                raise CacheError(f"Short read from {fn} (row {j}): the cache file is truncated; rebuild it.")
+    return out
+
 # %% ../nbs/04_loader.ipynb #2de9a4a8
 class PatchArrays:
     "Rows `idxs` of cached patches as a dataset: item i is (TensorImage uint8 3x96x96, TensorCategory)"
@@ -137,7 +170,8 @@ class PatchArrays:
                  split_idx:int|None=None, # 0 train, 1 valid: which batch transforms apply
                 ):
         self.images, self.labels, self.idxs = images, labels, np.asarray(idxs, dtype=np.int64)
-        self.vocab, self.with_labels, self.split_idx, self.n_inp = CategoryMap(list(vocab), sort=False), with_labels, split_idx, 1
+        self.vocab = CategoryMap(list(vocab), sort=False)
+        self.with_labels, self.split_idx, self.n_inp = with_labels, split_idx, 1
         self.loss_func = CrossEntropyLossFlat()  # what fastai would infer from a CategoryBlock
         self._fd = None
     def __len__(self): return len(self.idxs)
@@ -147,30 +181,16 @@ class PatchArrays:
     def read_rows(self, js:np.ndarray) -> np.ndarray:
         "Patches `js` of the cache as one (len(js), 96, 96, 3) uint8 array"
         fn = getattr(self.images, 'filename', None)
-        whole = fn is not None and self.images.flags['C_CONTIGUOUS'] and os.path.getsize(fn) == self.images.offset + self.images.nbytes
+        whole = (fn is not None and self.images.flags['C_CONTIGUOUS']
+                 and os.path.getsize(fn) == self.images.offset + self.images.nbytes)
         if not whole: return np.ascontiguousarray(self.images[js])  # an in-memory array, or a slice of a memory map
-        # Read with pread into one buffer rather than indexing the memory map: pages of a memory map that were
-        # touched count in the process's RSS (6 GB after one epoch of Kaggle PCam); the kernel's page cache does not.
         if self._fd is None:
             self._fd = os.open(fn, os.O_RDONLY)
             weakref.finalize(self, os.close, self._fd)
-        out = np.empty((len(js), *self.images.shape[1:]), np.uint8)
-        row = out[0].nbytes
-        order = np.argsort(js, kind='stable')
-        sj = js[order]
-        brk = np.flatnonzero(np.diff(sj) != 1) + 1  # runs of consecutive rows: one read each
-        flat = out.reshape(len(js), -1)
-        if (order == np.arange(len(js))).all():
-            for a, b in zip(np.r_[0, brk], np.r_[brk, len(js)]):
-                got = os.preadv(self._fd, [memoryview(flat[a:b]).cast('B')], self.images.offset + int(sj[a]) * row)
-                if got != (b - a) * row: raise CacheError(f"Short read from {fn} (rows {sj[a]}-{sj[b-1]}): the cache file is truncated; rebuild it.")
-        else:
-            for k, j in zip(order, sj):
-                if os.preadv(self._fd, [memoryview(flat[k])], self.images.offset + int(j) * row) != row:
-                    raise CacheError(f"Short read from {fn} (row {j}): the cache file is truncated; rebuild it.")
-        return out
+        return pread_rows(self._fd, self.images, js)
     def _pack(self, x, y):
-        x = TensorImage(torch.from_numpy(x).permute(0, 3, 1, 2) if x.ndim == 4 else torch.from_numpy(x).permute(2, 0, 1))
+        t = torch.from_numpy(x)
+        x = TensorImage(t.permute(0, 3, 1, 2) if x.ndim == 4 else t.permute(2, 0, 1))
         return (x, TensorCategory(torch.as_tensor(np.maximum(y, 0).astype(np.int64)))) if self.with_labels else (x,)
     def __getitem__(self, i):
         j = self.idxs[i]
@@ -187,39 +207,81 @@ class PatchArrays:
         try: yield self
         finally: self.split_idx = old
     def new_empty(self):
-        return PatchArrays(np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), np.zeros(0, np.int8), [], self.vocab, self.with_labels, self.split_idx)
+        return PatchArrays(np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), np.zeros(0, np.int8), [], self.vocab,
+                           self.with_labels, self.split_idx)
 
 # %% ../nbs/04_loader.ipynb #392b83f0
 class CacheDL(TfmdDL):
-    "A fastai DataLoader whose batches are one gather from a `PatchArrays`; to a GPU through pinned memory, without blocking"
+    "A fastai DataLoader whose batches are one gather from a `PatchArrays`; to a GPU through pinned memory"
     def create_batches(self, samps):
-        # fake_l holds the real worker count (fastai sets self.num_workers to 1 in the main process); in a worker it is > 0
+        # fake_l holds the real worker count (fastai sets self.num_workers to 1 in the main process); in a worker it is
+        # > 0
         to_gpu = self.device is not None and torch.device(self.device).type == 'cuda' and self.fake_l.num_workers == 0
         for pos in self.chunkify(samps):
             b = self.dataset.batch(pos)
             # fastai then calls `to_device`, a no-op for tensors already there
             yield tuple(t.pin_memory().to(self.device, non_blocking=True) for t in b) if to_gpu else b
 
+# %% ../nbs/04_loader.ipynb #0daf7583
+@dataclass(frozen=True)
+class LoaderInfo:
+    "What a run's `DataLoaders` know beyond fastai's own attributes: one typed record, `dls.pcam`"
+    split:Split # The validation split: its name, and whether its numbers are optimistic
+    positive:str|None=None # A folder set's positive class; None: PCam's (`CLASSES[1]`)
+    # The normalizer the patches go through (or went through); None: raw patches
+    stain_normalizer:StainNormalizer|None=None
+    # Where: 'batch' (the batch pipeline), 'cache' (the cache holds normalized patches), None
+    stain_norm_at:str|None=None
+
+def loader_info(dls, # DataLoaders of a run: `cache_dataloaders`', `folder_dataloaders`' or `pcam_dataloaders`'
+               ) -> LoaderInfo:
+    "The `LoaderInfo` of `dls`: its `pcam` record, else made from the `split` (and `positive`) the other loaders set"
+    info = vars(dls).get('pcam')  # vars: fastai's DataLoaders hand unknown attributes on to their train DataLoader
+    return info if info is not None else LoaderInfo(dls.split, positive=vars(dls).get('positive'))
+
+# %% ../nbs/04_loader.ipynb #35fb16c4
 class CacheDataLoaders(DataLoaders):
-    "`DataLoaders` over an array cache"
+    "`DataLoaders` over an array cache; what fastai does not know about them is in `pcam`, a `LoaderInfo`"
+    pcam:LoaderInfo # set by `cache_dataloaders`, kept by `new_empty` (and so by `learn.export`)
+    @property
+    def split(self) -> Split: return self.pcam.split
+    @property
+    def split_name(self) -> str: return str(self.pcam.split)
+    @property
+    def stain_normalizer(self) -> StainNormalizer|None: return self.pcam.stain_normalizer
+    @property
+    def stain_norm_at(self) -> str|None: return self.pcam.stain_norm_at
     def new_empty(self):
         "Empty `DataLoaders` (what `learn.export` keeps) that still know how their patches are stain-normalized"
         res = super().new_empty()
-        res.stain_normalizer, res.stain_norm_at = getattr(self, 'stain_normalizer', None), getattr(self, 'stain_norm_at', None)
+        res.pcam = self.pcam
         return res
+    def __setstate__(self, d):
+        "Unpickle; a learner exported by an older pcam_fastai kept `stain_normalizer` and `stain_norm_at` loose"
+        if 'pcam' not in d and 'stain_norm_at' in d:
+            d = dict(d)
+            d['pcam'] = LoaderInfo(Split('not recorded', 'exported by an older pcam_fastai'),
+                                   stain_normalizer=d.pop('stain_normalizer', None),
+                                   stain_norm_at=d.pop('stain_norm_at'))
+        super().__setstate__(d)
 
     def check_stain(self, path:str|Path): # A cache root whose patches these loaders are to read
         "Fail when the patches of the cache at `path` are not stain-normalized the way these loaders' model was trained"
-        have, at, want = cache_normalizer(path), getattr(self, 'stain_norm_at', None), getattr(self, 'stain_normalizer', None)
+        have, at, want = cache_normalizer(path), self.stain_norm_at, self.stain_normalizer
         if at is None and have is None: return
         if at is None: why = f"it holds stain-normalized patches ({have.method}) and the model was trained on raw ones"
-        elif at == 'batch' and have is not None: why = 'it holds stain-normalized patches and the model normalizes every batch itself (they would be normalized twice)'
+        elif at == 'batch' and have is not None:
+            why = ('it holds stain-normalized patches and the model normalizes every batch itself '
+                   '(they would be normalized twice)')
         elif at == 'cache' and (have is None or have.to_dict() != want.to_dict()):
-            why = f"the model was trained on patches normalized with its own {want.method} reference and this cache {'holds raw patches' if have is None else 'used another'}"
+            why = (f"the model was trained on patches normalized with its own {want.method} reference and this cache "
+                   + ('holds raw patches' if have is None else 'used another'))
         else: return
-        raise UsageError(f"The cache at {path} does not fit this model: {why}. Pass the run's own data, or its raw cache through load_run.")
+        raise UsageError(f"The cache at {path} does not fit this model: {why}. "
+                         "Pass the run's own data, or its raw cache through load_run.")
     def test_dl(self,
-                test_items, # Cache rows (indices into the validation source), a uint8 N x 96 x 96 x 3 array, or patch files
+                # Cache rows (indices into the validation source), a uint8 N x 96 x 96 x 3 array, or patch files
+                test_items,
                 with_labels:bool=False, # Yield (image, label) pairs (cache rows only)
                 bs:int|None=None, # Batch size; None: the validation batch size
                 **kwargs, # Accepted for fastai compatibility
@@ -229,9 +291,11 @@ class CacheDataLoaders(DataLoaders):
         src = self.valid.dataset
         items = list(test_items) if not isinstance(test_items, np.ndarray) else test_items
         if (isinstance(items, np.ndarray) and items.ndim == 4) or (len(items) and isinstance(items[0], (str, Path))):
-            arr = items.astype(np.uint8) if isinstance(items, np.ndarray) else np.stack([np.asarray(open_patch(f)) for f in items])
-            if getattr(self, 'stain_norm_at', None) == 'cache':  # the cache holds normalized patches; these raw ones are normalized here, the same way
-                arr = self.stain_normalizer.normalize_many(arr, [str(f) for f in items] if not isinstance(items, np.ndarray) else None)[0]
+            files = None if isinstance(items, np.ndarray) else [str(f) for f in items]
+            arr = items.astype(np.uint8) if files is None else np.stack([np.asarray(open_patch(f)) for f in items])
+            # the cache holds normalized patches; these raw ones are normalized here, the same way
+            if self.stain_norm_at == 'cache':
+                arr = self.stain_normalizer.normalize_many(arr, files)[0]
             ds = PatchArrays(arr, np.zeros(len(arr), np.int8), np.arange(len(arr)), src.vocab, with_labels, 1)
         else:
             ds = PatchArrays(src.images, src.labels, np.asarray(items, dtype=np.int64), src.vocab, with_labels, 1)
@@ -254,7 +318,8 @@ def split_indices(n:int, # Rows to split
         nv = int(round(n * valid_pct))
         return np.sort(perm[nv:]), np.sort(perm[:nv])
     uniq, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    if len(uniq) < 2: raise PCamDataError(f"The groups table has only {len(uniq)} slide(s); a grouped split needs at least 2.")
+    if len(uniq) < 2:
+        raise PCamDataError(f"The groups table has only {len(uniq)} slide(s); a grouped split needs at least 2.")
     valid_g, total = set(), 0
     for g in rng.permutation(len(uniq)):
         if total >= valid_pct * n or len(valid_g) == len(uniq) - 1: break  # never take the last slide
@@ -267,12 +332,40 @@ def batch_tfms(size:int=224, # Output side in pixels
                max_zoom:float=1.1, # Largest random zoom (training)
                stain_jitter:float=0., # Colour jitter strength (training); 0: none
                stain_aug:float=0., # Stain augmentation in H&E space (training; `HEDJitterBatch`); 0: none
-               stain_norm=None, # A fitted `StainNormalizer` applied to every batch first (`StainNormalizeBatch`); None: none
+               # A fitted `StainNormalizer` applied to every batch first (`StainNormalizeBatch`); None: none
+               stain_norm=None,
               ) -> list:
     "The batch pipeline: (stain normalization,) dihedral, crop, resize, normalize (and optionally stain jitter)"
-    return [*([StainNormalizeBatch(stain_norm)] if stain_norm is not None else []), DihedralBatch(), RandomCropBatch(max_zoom), ResizeBatch(size), NormalizeBatch(),
-            *([StainJitterBatch(stain_jitter)] if stain_jitter else []), *([HEDJitterBatch(stain_aug)] if stain_aug else [])]
+    return [*([StainNormalizeBatch(stain_norm)] if stain_norm is not None else []),
+            DihedralBatch(), RandomCropBatch(max_zoom), ResizeBatch(size), NormalizeBatch(),
+            *([StainJitterBatch(stain_jitter)] if stain_jitter else []),
+            *([HEDJitterBatch(stain_aug)] if stain_aug else [])]
 
+# %% ../nbs/04_loader.ipynb #82452a46
+def _slide_of(groups:str|Path, ids, rows) -> np.ndarray:
+    "The slide of each of `rows`, from the groups CSV `id,slide`"
+    try: gdf = pd.read_csv(groups, dtype={'id': str})
+    except (OSError, ValueError) as e: raise PCamDataError(f"Cannot read the groups CSV {groups}: {e}") from None
+    if not {'id', 'slide'} <= set(gdf.columns): raise PCamDataError(f"{groups} must have columns id,slide.")
+    m = dict(zip(gdf.id, gdf.slide))
+    missing = [ids[i] for i in rows if ids[i] not in m]
+    if missing: raise PCamDataError(f"{len(missing)} cached patches have no slide in {groups} (e.g. {missing[0]}).")
+    return np.array([m[ids[i]] for i in rows])
+
+def _split_datasets(path:Path, tr, rows, valid_pct, seed, groups, n_items) -> tuple:
+    "(train dataset, valid dataset, `Split`): the official valid split when cached, else a seeded (grouped) random one"
+    if 'valid' in cache_splits(path):
+        va = load_cache(path, 'valid')
+        vrows = np.flatnonzero(va.keep)
+        if n_items: rows, vrows = rows[:n_items], vrows[:max(1, int(n_items * valid_pct))]
+        valid = PatchArrays(va.images, va.labels, vrows, split_idx=1)
+        return PatchArrays(tr.images, tr.labels, rows), valid, OFFICIAL_VALID
+    if n_items: rows = rows[:n_items]
+    grp, name = (None, random_split(valid_pct)) if groups is None else (_slide_of(groups, tr.ids, rows), GROUPED_SPLIT)
+    t, v = split_indices(len(rows), valid_pct, seed, grp)
+    return PatchArrays(tr.images, tr.labels, rows[t]), PatchArrays(tr.images, tr.labels, rows[v], split_idx=1), name
+
+# %% ../nbs/04_loader.ipynb #e909d520
 def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                       size:int=224, # Side of the images the model sees
                       bs:int=64, # Batch size
@@ -280,9 +373,13 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                       seed:int=42, # Seed of that split
                       max_zoom:float=1.1, # Largest random zoom (crop)
                       stain_jitter:float=0., # Strength of the per-channel colour jitter (0: off; try 0.05)
-                      stain_aug:float=0., # Strength of the stain augmentation in H&E space (0: off; Tellez et al.: 0.05 light, 0.2 strong)
-                      stain_norm=None, # A fitted `StainNormalizer` applied to every batch on the device; None: none (a normalized cache needs none)
-                      groups:str|Path|None=None, # CSV `id,slide` mapping patches to slides: a grouped split (Kaggle cache)
+                      # Strength of the stain augmentation in H&E space (0: off; Tellez et al.: 0.05 light, 0.2 strong)
+                      stain_aug:float=0.,
+                      # A fitted `StainNormalizer` applied to every batch on the device; None: none (a normalized cache
+                      # needs none)
+                      stain_norm=None,
+                      # CSV `id,slide` mapping patches to slides: a grouped split (Kaggle cache)
+                      groups:str|Path|None=None,
                       n_items:int|None=None, # Use only the first `n_items` patches of each split (quick runs)
                       num_workers:int=0, # Worker processes (0 is fastest, see above)
                       device=None, # Where batches go and are augmented; None: the GPU if there is one
@@ -293,36 +390,24 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
     if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
     cached_norm = cache_normalizer(path)
     if stain_norm is not None and cached_norm is not None:
-        raise UsageError(f"{path} holds patches already stain-normalized ({cached_norm.method}); pass no stain_norm, or train on the raw cache it was made from.")
+        raise UsageError(f"{path} holds patches already stain-normalized ({cached_norm.method}); pass no stain_norm, "
+                         "or train on the raw cache it was made from.")
     tr = load_cache(path, 'train')
     rows = np.flatnonzero(tr.keep & (tr.labels >= 0))
     if len(rows) < 2: raise CacheError(f"The train split at {path} has {len(rows)} labelled patches.")
-    if 'valid' in cache_splits(path):
-        va = load_cache(path, 'valid')
-        vrows = np.flatnonzero(va.keep)
-        if n_items: rows, vrows = rows[:n_items], vrows[:max(1, int(n_items * valid_pct))]
-        train_ds, valid_ds, name = PatchArrays(tr.images, tr.labels, rows), PatchArrays(va.images, va.labels, vrows, split_idx=1), OFFICIAL_VALID
-    else:
-        if n_items: rows = rows[:n_items]
-        grp, name = None, random_split(valid_pct)
-        if groups is not None:
-            try: gdf = pd.read_csv(groups, dtype={'id': str})
-            except (OSError, ValueError) as e: raise PCamDataError(f"Cannot read the groups CSV {groups}: {e}") from None
-            if not {'id', 'slide'} <= set(gdf.columns): raise PCamDataError(f"{groups} must have columns id,slide.")
-            m = dict(zip(gdf.id, gdf.slide))
-            missing = [tr.ids[i] for i in rows if tr.ids[i] not in m]
-            if missing: raise PCamDataError(f"{len(missing)} cached patches have no slide in {groups} (e.g. {missing[0]}).")
-            grp, name = np.array([m[tr.ids[i]] for i in rows]), GROUPED_SPLIT
-        t, v = split_indices(len(rows), valid_pct, seed, grp)
-        train_ds, valid_ds = PatchArrays(tr.images, tr.labels, rows[t]), PatchArrays(tr.images, tr.labels, rows[v], split_idx=1)
+    train_ds, valid_ds, name = _split_datasets(path, tr, rows, valid_pct, seed, groups, n_items)
     train_ds.split_idx = 0
     device = compute_device() if device is None else device
     tfms = batch_tfms(size, max_zoom, stain_jitter, stain_aug, stain_norm)
     kw = dict(bs=bs, num_workers=num_workers, device=device, after_batch=tfms)
-    dls = CacheDataLoaders(CacheDL(train_ds, shuffle=True, drop_last=len(train_ds) > bs, **kw), CacheDL(valid_ds, **kw), path=path, device=device)
-    dls.split, dls.split_name, dls.c = name, str(name), len(CLASSES)
-    # where patches are stain-normalized: 'batch' (the pipeline does it), 'cache' (they were; `test_dl` normalizes raw patches), None
-    dls.stain_normalizer, dls.stain_norm_at = (stain_norm, 'batch') if stain_norm is not None else (cached_norm, 'cache') if cached_norm else (None, None)
+    dls = CacheDataLoaders(CacheDL(train_ds, shuffle=True, drop_last=len(train_ds) > bs, **kw), CacheDL(valid_ds, **kw),
+                           path=path, device=device)
+    dls.c = len(CLASSES)
+    # where patches are stain-normalized: 'batch' (the pipeline does it), 'cache' (they were; `test_dl` normalizes raw
+    # ones), None
+    at = 'batch' if stain_norm is not None else 'cache' if cached_norm else None
+    dls.pcam = LoaderInfo(name, stain_normalizer=stain_norm if stain_norm is not None else cached_norm,
+                          stain_norm_at=at)
     return dls
 
 def cache_test_dl(dls:CacheDataLoaders, # DataLoaders from `cache_dataloaders`
@@ -332,5 +417,8 @@ def cache_test_dl(dls:CacheDataLoaders, # DataLoaders from `cache_dataloaders`
     "A DataLoader over a whole held-out split of the cache, with labels"
     dls.check_stain(path)
     c = load_cache(path, split)
-    if (c.labels[c.keep] < 0).any(): raise CacheError(f"The {split!r} split at {path} has no labels (e.g. the Kaggle test folder): use it for a submission, not for metrics.")
-    return dls.valid.new(PatchArrays(c.images, c.labels, np.flatnonzero(c.keep), split_idx=1), shuffle=False, drop_last=False)
+    if (c.labels[c.keep] < 0).any():
+        raise CacheError(f"The {split!r} split at {path} has no labels (e.g. the Kaggle test folder): "
+                         "use it for a submission, not for metrics.")
+    ds = PatchArrays(c.images, c.labels, np.flatnonzero(c.keep), split_idx=1)
+    return dls.valid.new(ds, shuffle=False, drop_last=False)

@@ -36,14 +36,16 @@ def _save(fig, fn):
 
 def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
     "Temperature-scaled predictions of `dl` and their metrics: (metrics, probs, targets)"
-    from pcam_fastai.evaluate import predict, binary_metrics, multiclass_metrics
+    from pcam_fastai.evaluate import predict
+    from pcam_fastai.metrics import binary_metrics, multiclass_metrics
     probs, targs = predict(learn, dl)  # temperature-scaled with learn.temperature
     if probs.shape[1] > 2: return multiclass_metrics(probs.numpy(), targs.numpy(), list(learn.dls.vocab), split=split), probs, targs
     return binary_metrics(probs[:, 1].numpy(), targs.numpy(), threshold=threshold, split=split, threshold_source=threshold_source), probs, targs
 
 # %% ../nbs/11_report.ipynb #7d8fa085
 def _calibration_numbers(logits, targs, cal):
-    from pcam_fastai.evaluate import apply_temperature, negative_log_likelihood, expected_calibration_error
+    from pcam_fastai.calibrate import apply_temperature
+    from pcam_fastai.metrics import negative_log_likelihood, expected_calibration_error
     out = {}
     for name, (t, b) in (('before', (1.0, None)), ('after', (cal.temperature, cal.bias))):
         p = apply_temperature(logits, t, b)
@@ -79,8 +81,10 @@ def evaluate_run(learn, # The trained learner
                  top_k:int=9, # Patches per top-losses plot
                 ) -> dict:
     "Fit the calibration (temperature and bias) and the operating threshold on validation, then validation (and test) metrics with intervals, and every plot"
-    from pcam_fastai.evaluate import (plot_roc, plot_confusion, plot_reliability, predict_logits, fit_calibration, apply_temperature,
-                                      operating_threshold, binary_metrics, ECE_BINS)
+    from pcam_fastai.plots import plot_roc, plot_confusion, plot_reliability
+    from pcam_fastai.evaluate import predict_logits
+    from pcam_fastai.calibrate import fit_calibration, apply_temperature, operating_threshold
+    from pcam_fastai.metrics import binary_metrics, ECE_BINS
     from pcam_fastai.interpret import plot_confident_gallery
     source = data if isinstance(data, DataSource) else open_source(data)
     vdl = dls.valid.new(shuffle=False, drop_last=False)
@@ -133,7 +137,7 @@ def evaluate_run(learn, # The trained learner
 # %% ../nbs/11_report.ipynb #f00d329f
 def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k, source):
     "`evaluate_run` for more than two classes: no threshold, ROC or FN/FP; a full confusion matrix and per-class scores"
-    from pcam_fastai.evaluate import plot_confusion_matrix
+    from pcam_fastai.plots import plot_confusion_matrix
     from pcam_fastai.interpret import plot_confident_gallery
     interp = ClassificationInterpretation.from_learner(learn, dl=vdl)
     classes = list(dls.vocab)
@@ -190,13 +194,13 @@ def _metric_rows(m):
                 for k, name in (('accuracy', 'accuracy'), ('balanced_accuracy', 'balanced accuracy'), ('macro_f1', 'macro F1'), ('roc_auc', 'ROC AUC (macro, one-vs-rest)'))]
         rows += [f"| {c}: precision / recall / F1 (n) | {v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f} ({v['support']}) | |" for c, v in m['per_class'].items()]
         return rows + [f"| patches | {m['n']} | |"]
-    rows = [f"| accuracy | {_fmt(m['accuracy'])} | {' - '.join(_fmt(x) for x in ci.get('accuracy', []))} |",
-            f"| ROC AUC | {_fmt(m['roc_auc'])} | {' - '.join(_fmt(x) for x in ci.get('roc_auc', []))} |",
-            f"| balanced accuracy | {_fmt(m.get('balanced_accuracy'))} | {' - '.join(_fmt(x) for x in ci.get('balanced_accuracy', []))} |"]
-    rows += [f'| {k} | {_fmt(m[k])} | |' for k in ('sensitivity', 'specificity', 'precision', 'f1') if k in m]
-    rows += [f"| {name} | {_fmt(m[k])} | {' - '.join(_fmt(x) for x in ci.get(k, []))} |" for k, name in (('sensitivity_at_spec90', 'sensitivity at 90 % specificity'),
-             ('nll', 'NLL (calibrated)')) if k in m]
-    rows += _ece_rows(m)
+    from pcam_fastai.metrics import METRICS, report_metrics
+    rows = []
+    for k in report_metrics():  # the registry's metrics, in the report's order: a registered metric gets a row too
+        if k == 'ece': rows += _ece_rows(m)
+        elif k in m:
+            interval = f" {' - '.join(_fmt(x) for x in ci[k])} |" if k in ci else ' |'
+            rows.append(f"| {METRICS[k].label} | {_fmt(m[k])} |{interval}")
     rows += [f"| confusion (tp / fp / tn / fn) | {m['tp']} / {m['fp']} / {m['tn']} / {m['fn']} | |",
              f"| threshold | {threshold_text(m['threshold'], m['threshold_source'])} | |", f"| patches | {m['n']} ({m['positives']} tumour) | |"]
     return rows

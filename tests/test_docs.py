@@ -83,7 +83,8 @@ def test_every_parameter_has_a_docment(module):
         if inspect.isclass(obj) and (hasattr(obj, '__dataclass_fields__') or hasattr(obj, '_fields')):  # dataclass, NamedTuple: field comments
             src = inspect.getsource(obj)
             missing += [f'{name}.{fl}' for fl in getattr(obj, '_fields', None) or obj.__dataclass_fields__
-                        if not re.search(rf'^\s*{fl}\s*:[^#\n]*#\s*\S', src, flags=re.M)]
+                        if not (re.search(rf'^\s*{fl}\s*:[^#\n]*#\s*\S', src, flags=re.M)  # a comment on the field's line,
+                                or re.search(rf'#[^\n]*\n\s*{fl}\s*:', src))]  # or on the line above it
             continue
         if inspect.isclass(obj):
             if '__init__' not in vars(obj): continue  # inherited: documented where it is defined

@@ -245,3 +245,30 @@ def test_compare_marks_a_random_split_optimistic_once(tmp_path):
     assert res.returncode == 0, res.stderr
     row = [l for l in res.stdout.splitlines() if l.startswith('| run |') and 'fine-tuned' in l][0]
     assert row.count('optimistic') == 1 and '| kaggle-random-80/20 (optimistic) | 0.8000 (0.600-0.950) |' in row, row
+
+
+def test_a_registered_metric_reaches_binary_metrics_the_probe_and_compare(tmp_path):
+    "One `register_metric` call: the metric is in binary_metrics' result (with its interval), the probe's summary over seeds, and compare's table"
+    from pcam_fastai.metrics import binary_metrics, register_metric, unregister_metric, percentile_ci, summary_metrics
+    from pcam_fastai.probe import linear_probe
+    from pcam_fastai.compare import compare_runs, compare_markdown
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200); X = (rng.normal(0, 1, (200, 8)) + y[:, None]).astype(np.float32)
+    emb = tmp_path/'emb'; emb.mkdir()  # an embeddings folder as embedding_cache writes it, without a backbone
+    np.save(emb/'train.npy', X); np.save(emb/'train.labels.npy', y); np.save(emb/'train.keep.npy', np.ones(200, bool))
+    b = dict(name='toy', timm='toy', weights='random', input_size=8, mean=[0.0] * 3, std=[1.0] * 3, pool='model', dim=8)
+    (emb/'meta.json').write_text(json.dumps(dict(backbone=b, splits={'train': {}}, cache_splits={'train': {}})))
+    register_metric('prevalence', lambda p, t, pred: float(t.mean()), 'share of tumour patches', fmt='.3f',
+                    ci=lambda r: percentile_ci(r.t[r.idx].mean(1)))
+    try:
+        m = binary_metrics(rng.uniform(0, 1, 50), np.r_[np.ones(10), np.zeros(40)].astype(int), n_boot=50)
+        assert m['prevalence'] == 0.2 and m['ci95']['prevalence'][0] <= 0.2 <= m['ci95']['prevalence'][1]
+        res = linear_probe(emb, tmp_path/'probe', n_runs=2, max_steps=50, bs=32, device='cpu', show_progress=False)
+        assert list(res['summary']) == list(summary_metrics()) and list(res['summary'])[-1] == 'prevalence'
+        assert res['summary']['prevalence']['mean'] == pytest.approx(np.mean([r['test']['prevalence'] for r in res['runs']]))
+        assert '| prevalence |' in (tmp_path/'probe'/'probe.md').read_text()
+        table = compare_runs([tmp_path/'probe'], anchors=False)
+        assert table.prevalence[0] == pytest.approx(res['summary']['prevalence']['mean'])
+        assert compare_markdown(table).splitlines()[0].endswith('| NLL | share of tumour patches |')
+    finally: unregister_metric('prevalence')
+    assert 'prevalence' not in binary_metrics([0.2, 0.8], [0, 1], n_boot=0) and 'prevalence' not in summary_metrics()

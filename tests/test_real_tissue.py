@@ -8,8 +8,9 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 
-from pcam_fastai.evaluate import (binary_metrics, expected_calibration_error, fit_temperature, apply_temperature, predict_logits,
-                                  negative_log_likelihood)
+from pcam_fastai.metrics import binary_metrics, expected_calibration_error, negative_log_likelihood
+from pcam_fastai.calibrate import fit_temperature, apply_temperature
+from pcam_fastai.evaluate import predict_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT/'tests'/'data'/'real-pcam-100'

@@ -9,7 +9,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from pcam_fastai.evaluate import binary_metrics, expected_calibration_error, ece_interval, plot_reliability
+from pcam_fastai.metrics import binary_metrics, expected_calibration_error, ece_interval
+from pcam_fastai.plots import plot_reliability
 from pcam_fastai.report import write_report, headline, threshold_text, stage_label, RESEARCH_USE
 
 FALLBACK = '0.5 (fallback: validation separates the classes perfectly)'

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from pcam_fastai.serve import DISCLAIMER, NO_FILE, serve_app, serve_in_thread
+from pcam_fastai.serve import DISCLAIMER, serve_app, serve_in_thread
+from pcam_fastai.uploads import NO_FILE
 
 from conftest import launch_chromium
 

@@ -55,7 +55,7 @@ def test_cli_cache_train_export_serve_normalize_alike(raw_cache, tmp_path):
     "`cache --stain-norm macenko` writes the normalized copy that `train --stain-norm macenko` reuses; its bundle and the server normalize raw tiles as training did"
     from PIL import Image
     from pcam_fastai.runs import load_run
-    from pcam_fastai.serve import classify
+    from pcam_fastai.uploads import classify
     res = run_main(['cache', FIXTURE, tmp_path/'c', '--stain-norm', 'macenko'])
     assert res.returncode == 0, res.stdout + res.stderr
     normed = list((tmp_path/'c').glob('stain-macenko-*'))
@@ -96,7 +96,8 @@ def test_stain_norm_bad_input(tmp_path):
     from pcam_fastai.core import UsageError
     raw_cache = build_cache(FIXTURE, tmp_path/'cache', show_progress=False)
     from pcam_fastai.train import train_pcam
-    from pcam_fastai.stain import StainNormalizer, normalize_cache, choose_reference
+    from pcam_fastai.stain import StainNormalizer, choose_reference
+    from pcam_fastai.stain_cache import normalize_cache
     from pcam_fastai.cache import load_cache
     with pytest.raises(UsageError, match="Unknown stain normalization 'vahadane'"): train_pcam(raw_cache, run_dir=tmp_path/'r', stain_norm='vahadane')
     with pytest.raises(UsageError, match="stain_norm_at must be"): train_pcam(raw_cache, run_dir=tmp_path/'r', stain_norm='macenko', stain_norm_at='gpu')
