@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from .core import CLASSES, PATCH_SIZE, PCAM_MPP, RESEARCH_USE, compute_device, file_sha256, UsageError, UsageTypeError, to_rgb
 from .learner import resolve_arch, arch_name, timm_kwargs, apply_input_stats
 from .weights import weights_load_reason
-from .runs import (BUNDLE_FILE, MODEL_FILE, BundleError, BundleMeta, ModelFileError,
+from .runs import (BUNDLE_FILE, CONFIG_FILE, MODEL_FILE, BundleError, BundleMeta, ModelFileError,
                               has_config, read_bundle_meta, write_bundle_meta, read_config, read_metrics, verify_model_checksum)
 from .sources import open_source
 from .stain import StainNormalizer, StainError
@@ -378,9 +378,10 @@ def export_bundle(run_dir:str|Path='runs/pcam', # A run folder written by `train
                  ) -> Path:
     "Write an inference bundle for a trained run: weights, ONNX with preprocessing, metadata and a size-and-speed report"
     run_dir = Path(run_dir)
+    for f in (CONFIG_FILE, MODEL_FILE):
+        if not (run_dir/f).exists():
+            raise ModelFileError(f"{run_dir} has no {f}; is it a finished run folder written by pcam-fastai train?")
     cfg = read_config(run_dir)
-    if not (run_dir/MODEL_FILE).exists():
-        raise ModelFileError(f"{run_dir} has no {MODEL_FILE}; is it a finished run folder written by pcam-fastai train?")
     # a failed export cleans dest
     if dest is not None and (Path(dest).resolve() == run_dir.resolve() or has_config(dest)):
         raise ModelFileError(f"dest {dest} is a run folder; write the bundle into a folder of its own (default: {run_dir/'bundle'}).")
