@@ -77,7 +77,8 @@ class Record:
             default=None, # What a file without it gives
            ):
         "A field by name, for the report and the tables that show every field"
-        return self.to_dict().get(name, default)
+        if name != 'extra' and name in self.__dataclass_fields__: return getattr(self, name)
+        return self.extra.get(name, default)
 
 # %% ../nbs/07a_runs.ipynb #90818720
 @dataclass
