@@ -221,7 +221,8 @@ def run_all(out, work, arch, size, n, warm, steps, bs, big_bs, smoke):
 
     def export():
         from pcam_fastai.train import train_pcam
-        from pcam_fastai.export import export_bundle, load_bundle
+        from pcam_fastai.bundling import export_bundle
+        from pcam_fastai.export import load_bundle
         from pcam_fastai.runs import load_run
         run = work/'run'
         t = time.time()

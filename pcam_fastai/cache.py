@@ -6,7 +6,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/cache.html.md"""
 
 # %% ../nbs/02_cache.ipynb #e982af12
 from __future__ import annotations
-import errno, fcntl, hashlib, io, json, os, shutil, time, zipfile, zlib
+import errno, fcntl, gzip, hashlib, io, json, os, shutil, time, zipfile, zlib
 from typing import NamedTuple
 from pathlib import Path
 
@@ -16,13 +16,12 @@ from PIL import Image
 from fastprogress.fastprogress import progress_bar
 
 from .core import PATCH_SIZE, PCamDataError, UsageError, to_rgb, image_error_reason, write_json_atomic
-from .data import (check_labels, read_labels, synthetic_patch, kaggle_credentials_found, kaggle_api,
-                              kaggle_fetch, KaggleDownloadError, NO_CREDENTIALS, unzip_safely)
+from .data import check_labels, read_labels, synthetic_patch
 
 # %% auto #0
-__all__ = ['CACHE_VERSION', 'PCAM_H5', 'zlib_error', 'PCAM_H5_DATASET', 'PCamCache', 'CacheError', 'decode_patch', 'Source',
-           'folder_stamp', 'kaggle_sources', 'h5_sources', 'gunzip_file', 'download_pcam_h5', 'make_synthetic_pcam_h5',
-           'size_text', 'build_split', 'build_cache', 'cache_splits', 'is_cache', 'load_cache']
+__all__ = ['CACHE_VERSION', 'PCAM_H5', 'zlib_error', 'PCamCache', 'CacheError', 'decode_patch', 'Source', 'folder_stamp',
+           'kaggle_sources', 'h5_sources', 'make_synthetic_pcam_h5', 'size_text', 'build_split', 'build_cache',
+           'cache_splits', 'is_cache', 'load_cache']
 
 # %% ../nbs/02_cache.ipynb #10da5604
 CACHE_VERSION = 1
@@ -47,9 +46,8 @@ def decode_patch(data:bytes, # The file's bytes
                 ) -> np.ndarray|None:
     "Decode one patch file's bytes to a (96, 96, 3) uint8 array, checking it"
     try:
-        # reads the header only: size and mode are known before any pixel is decoded
+        # reads the header only: size and mode are known before any pixel is decoded (an 8000x8000 TIFF costs nothing)
         im = Image.open(io.BytesIO(data))
-        # e.g. an 8000x8000 TIFF costs nothing here
         if (im.mode != 'RGB' or im.size != (PATCH_SIZE, PATCH_SIZE)) and on_bad != 'fix':
             if on_bad == 'skip': return None
             raise CacheError(f"Patch {name} is {im.size[0]}x{im.size[1]} {im.mode}, not 96x96 RGB. "
@@ -66,7 +64,7 @@ def decode_patch(data:bytes, # The file's bytes
         im = to_rgb(im, name).resize((PATCH_SIZE, PATCH_SIZE), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
-# %% ../nbs/02_cache.ipynb #02001ff3
+# %% ../nbs/02_cache.ipynb #d93041dc
 class Source:
     "One split to cache: ids, labels, and a reader of decoded patches"
     def __init__(self,
@@ -82,6 +80,7 @@ class Source:
         self.signature, self.layout, self.synthetic = signature, layout, synthetic
     def __len__(self): return len(self.ids)
 
+# %% ../nbs/02_cache.ipynb #650c696e
 def _file_reader(get_bytes, names, on_bad):
     "A `read(i0, i1) -> (array, bad indices)` over files whose bytes `get_bytes(name)` returns"
     def read(i0, i1):
@@ -133,48 +132,54 @@ def _zip_member(zf, zip_path):
 
 zlib_error = zlib.error
 
-# %% ../nbs/02_cache.ipynb #70de1f8d
+# %% ../nbs/02_cache.ipynb #feb7085c
+def _kaggle_zip(src:Path) -> tuple:
+    "(labels, get bytes, member of a split's id, sample submission or None, test ids, signature) of a Kaggle zip"
+    zf = _open_zip(src)
+    names = zf.namelist()
+    root = next((n[:-len('train_labels.csv')] for n in names if n.endswith('train_labels.csv')), None)
+    if root is None:
+        raise CacheError(f"{src} has no train_labels.csv; "
+                         "is it the histopathologic-cancer-detection competition zip?")
+    files = {'train': {n[len(root)+6:-4] for n in names if n.startswith(root + 'train/') and n.endswith('.tif')},
+             'test': {n[len(root)+5:-4] for n in names if n.startswith(root + 'test/') and n.endswith('.tif')}}
+    def csv(name):
+        try: return pd.read_csv(io.BytesIO(zf.read(root + name)), dtype={'id': str})
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+            raise CacheError(f"{src} is corrupt at {name} ({e}). Delete the zip and download again.") from None
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise CacheError(f"{src}:{name} is empty or not a CSV ({str(e).splitlines()[0]}); "
+                             "it needs a header id,label. "
+                             "Download the zip again.") from None
+    df = check_labels(csv('train_labels.csv'), files['train'], f'{src.name}:train_labels.csv', 'train')
+    sub = csv('sample_submission.csv') if root + 'sample_submission.csv' in names else None
+    return (df, _zip_member(zf, src), lambda split, i: f'{root}{split}/{i}.tif', sub, files['test'],
+            (src.name, src.stat().st_size, int(src.stat().st_mtime)))
+
+# %% ../nbs/02_cache.ipynb #90ea1571
+def _kaggle_folder(src:Path) -> tuple:
+    "The same as `_kaggle_zip`, for an extracted Kaggle folder"
+    df = read_labels(src)
+    has_sub, has_test = (src/'sample_submission.csv').exists(), (src/'test').is_dir()
+    sub = pd.read_csv(src/'sample_submission.csv', dtype={'id': str}) if has_sub else None
+    test = {p.name[:-4] for p in os.scandir(src/'test') if p.name.endswith('.tif')} if has_test else set()
+    stamp = lambda f: hashlib.sha1(f.read_bytes()).hexdigest() if f.exists() else ''
+    sig = (str(src.resolve()), stamp(src/'train_labels.csv'), stamp(src/'sample_submission.csv'),
+           folder_stamp(src/'train'), folder_stamp(src/'test'))
+    return df, (lambda name: Path(name).read_bytes()), (lambda split, i: str(src/split/f'{i}.tif')), sub, test, sig
+
+# %% ../nbs/02_cache.ipynb #1712e968
 def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted into
                    on_bad:str='error', # What to do with unreadable or non-96x96-RGB patches
                   ) -> list[Source]:
     "The `train` (and, if present, `test`) splits of a Kaggle-layout zip or folder"
     src = Path(src)
-    if src.is_file():
-        zf = _open_zip(src)
-        names = zf.namelist()
-        root = next((n[:-len('train_labels.csv')] for n in names if n.endswith('train_labels.csv')), None)
-        if root is None:
-            raise CacheError(f"{src} has no train_labels.csv; "
-                             "is it the histopathologic-cancer-detection competition zip?")
-        files = {'train': {n[len(root)+6:-4] for n in names if n.startswith(root + 'train/') and n.endswith('.tif')},
-                 'test': {n[len(root)+5:-4] for n in names if n.startswith(root + 'test/') and n.endswith('.tif')}}
-        def csv(name):
-            try: return pd.read_csv(io.BytesIO(zf.read(root + name)), dtype={'id': str})
-            except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-                raise CacheError(f"{src} is corrupt at {name} ({e}). Delete the zip and download again.") from None
-            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-                raise CacheError(f"{src}:{name} is empty or not a CSV ({str(e).splitlines()[0]}); "
-                                 "it needs a header id,label. "
-                                 "Download the zip again.") from None
-        df = check_labels(csv('train_labels.csv'), files['train'], f'{src.name}:train_labels.csv', 'train')
-        get, where = _zip_member(zf, src), lambda split, i: f'{root}{split}/{i}.tif'
-        sub = csv('sample_submission.csv') if root + 'sample_submission.csv' in names else None
-        sig = (src.name, src.stat().st_size, int(src.stat().st_mtime))
-    else:
-        df = read_labels(src)
-        get, where = (lambda name: Path(name).read_bytes()), lambda split, i: str(src/split/f'{i}.tif')
-        has_sub, has_test = (src/'sample_submission.csv').exists(), (src/'test').is_dir()
-        sub = pd.read_csv(src/'sample_submission.csv', dtype={'id': str}) if has_sub else None
-        files = {'test': ({p.name[:-4] for p in os.scandir(src/'test') if p.name.endswith('.tif')}
-                          if has_test else set())}
-        stamp = lambda f: hashlib.sha1(f.read_bytes()).hexdigest() if f.exists() else ''
-        sig = (str(src.resolve()), stamp(src/'train_labels.csv'), stamp(src/'sample_submission.csv'),
-               folder_stamp(src/'train'), folder_stamp(src/'test'))
+    df, get, where, sub, test_ids, sig = _kaggle_zip(src) if src.is_file() else _kaggle_folder(src)
     synthetic = src.is_dir() and (src/'.synthetic.json').exists()
     srcs = [Source('train', df.id, df.label, _file_reader(get, [where('train', i) for i in df.id], on_bad),
                    _signature('kaggle', 'train', *sig, on_bad), 'kaggle', synthetic)]
-    if sub is not None and len(files['test']):
-        missing = set(sub.id) - files['test']
+    if sub is not None and len(test_ids):
+        missing = set(sub.id) - test_ids
         if missing:
             raise CacheError(f"{len(missing)} ids in sample_submission.csv have no test/<id>.tif "
                              f"(e.g. {sorted(missing)[0]}).")
@@ -183,87 +188,53 @@ def kaggle_sources(src:str|Path, # The Kaggle zip, or a folder it was extracted 
                            _signature('kaggle', 'test', *sig, on_bad), 'kaggle', synthetic))
     return srcs
 
-# %% ../nbs/02_cache.ipynb #a9d90b03
+# %% ../nbs/02_cache.ipynb #b83a4550
+def _h5_labels(fx:Path, fy:Path) -> np.ndarray:
+    "The 0/1 labels of the official h5 pair `fx`, `fy`, once the pair is checked to have the official format"
+    import h5py
+    try: hx, hy = h5py.File(fx, 'r'), h5py.File(fy, 'r')
+    except OSError as e:
+        raise CacheError(f"Cannot open {fx.name} or {fy.name} ({e}): truncated or not HDF5. "
+                         "Download them again.") from None
+    with hx, hy:
+        if 'x' not in hx or 'y' not in hy:
+            raise CacheError(f"{fx.name} must hold a dataset 'x' and {fy.name} a dataset 'y', "
+                             "as the official files do.")
+        x, y = hx['x'], hy['y']
+        if x.dtype != np.uint8 or tuple(x.shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 3):
+            raise CacheError(f"{fx.name}: 'x' is {x.dtype} {tuple(x.shape)}; expected uint8 N x 96 x 96 x 3.")
+        if len(x) != len(y):
+            raise CacheError(f"{fx.name} holds {len(x)} patches but {fy.name} holds {len(y)} labels; "
+                             "re-download the pair.")
+        labels = np.asarray(y).reshape(len(y), -1)
+        if labels.shape[1] != 1: raise CacheError(f"{fy.name}: 'y' has shape {y.shape}; expected N x 1 x 1 x 1.")
+        labels = labels[:, 0]
+        if not np.isin(labels, [0, 1]).all(): raise CacheError(f"{fy.name} holds labels other than 0 and 1.")
+        return labels
+
+# %% ../nbs/02_cache.ipynb #e8ba386d
+def _h5_pair(folder:Path, split:str) -> tuple[Path, Path]:
+    "The official x and y files of `split` anywhere under `folder`"
+    fx, fy = (next(iter(sorted(folder.rglob(PCAM_H5.format(split=split, xy=xy)))), None) for xy in 'xy')
+    if fx is None or fy is None:
+        gz = sorted(folder.rglob(PCAM_H5.format(split=split, xy='*') + '.gz'))
+        hint = f" Found {gz[0].name}: unpack it first with `gunzip -k {gz[0]}`." if gz else ''
+        raise CacheError(f"{folder} lacks {PCAM_H5.format(split=split, xy='x')} or its _y file.{hint}")
+    return fx, fy
+
 def h5_sources(folder:str|Path, # Folder holding the six official h5 files (any depth)
               ) -> list[Source]:
     "The `train`, `valid` and `test` splits of the official PCam h5 files"
     import h5py
-    folder = Path(folder)
-    srcs = []
+    folder, srcs = Path(folder), []
     for split in ('train', 'valid', 'test'):
-        fx, fy = (next(iter(sorted(folder.rglob(PCAM_H5.format(split=split, xy=xy)))), None) for xy in 'xy')
-        if fx is None or fy is None:
-            gz = sorted(folder.rglob(PCAM_H5.format(split=split, xy='*') + '.gz'))
-            hint = f" Found {gz[0].name}: unpack it first with `gunzip -k {gz[0]}`." if gz else ''
-            raise CacheError(f"{folder} lacks {PCAM_H5.format(split=split, xy='x')} or its _y file.{hint}")
-        try: hx, hy = h5py.File(fx, 'r'), h5py.File(fy, 'r')
-        except OSError as e:
-            raise CacheError(f"Cannot open {fx.name} or {fy.name} ({e}): truncated or not HDF5. "
-                             "Download them again.") from None
-        with hx, hy:
-            if 'x' not in hx or 'y' not in hy:
-                raise CacheError(f"{fx.name} must hold a dataset 'x' and {fy.name} a dataset 'y', "
-                                 "as the official files do.")
-            x, y = hx['x'], hy['y']
-            if x.dtype != np.uint8 or tuple(x.shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 3):
-                raise CacheError(f"{fx.name}: 'x' is {x.dtype} {tuple(x.shape)}; expected uint8 N x 96 x 96 x 3.")
-            if len(x) != len(y):
-                raise CacheError(f"{fx.name} holds {len(x)} patches but {fy.name} holds {len(y)} labels; "
-                                 "re-download the pair.")
-            labels = np.asarray(y).reshape(len(y), -1)
-            if labels.shape[1] != 1: raise CacheError(f"{fy.name}: 'y' has shape {y.shape}; expected N x 1 x 1 x 1.")
-            labels = labels[:, 0]
-            if not np.isin(labels, [0, 1]).all(): raise CacheError(f"{fy.name} holds labels other than 0 and 1.")
-            n = len(x)
+        fx, fy = _h5_pair(folder, split)
+        labels = _h5_labels(fx, fy)
         def read(i0, i1, fx=fx):
             with h5py.File(fx, 'r') as h: return h['x'][i0:i1], []
-        srcs.append(Source(split, [str(i) for i in range(n)], labels, read,
+        srcs.append(Source(split, [str(i) for i in range(len(labels))], labels, read,
                            _signature('h5', split, fx.name, fx.stat().st_size, int(fx.stat().st_mtime)), 'pcam-h5'))
     return srcs
-
-# %% ../nbs/02_cache.ipynb #a05b8325
-PCAM_H5_DATASET = 'andrewmvd/metastatic-tissue-classification-patchcamelyon'
-
-def gunzip_file(gz:Path, # A .gz file; the result is written beside it
-               ) -> Path:
-    "Unpack `x.h5.gz` to `x.h5` with a progress bar, atomically (a temp name, then a rename)"
-    import gzip
-    out = gz.with_suffix('')
-    if out.exists(): return out
-    tmp, size = Path(f'{out}.partial'), gz.stat().st_size
-    with open(gz, 'rb') as raw, gzip.GzipFile(fileobj=raw) as g, open(tmp, 'wb') as f:
-        pb = progress_bar(range(100), leave=False); it = iter(pb); done = 0
-        while block := g.read(1 << 24):
-            f.write(block)
-            pct = int(100 * raw.tell() / max(size, 1))
-            while done < pct: next(it, None); done += 1
-    os.replace(tmp, out)
-    return out
-
-# %% ../nbs/02_cache.ipynb #1670389e
-def download_pcam_h5(dest:str|Path='data/pcam-h5', # Folder for the six h5 files
-                     dataset:str=PCAM_H5_DATASET, # Kaggle dataset `owner/name` that holds them
-                     force:bool=False, # Download again
-                     api=None, # A `KaggleApi`-like object (for tests); default: Kaggle's, authenticated
-                    ) -> Path: # `dest`
-    "Download the official PCam h5 files (slide-disjoint train/valid/test) through the Kaggle API"
-    dest = Path(dest)
-    names = [PCAM_H5.format(split=s, xy=xy) for s in ('train', 'valid', 'test') for xy in 'xy']
-    if not force and all(any(dest.rglob(n)) for n in names): return dest
-    if api is None:
-        if not kaggle_credentials_found():
-            raise KaggleDownloadError(NO_CREDENTIALS.format(competition='histopathologic-cancer-detection'))
-        api = kaggle_api()
-    dest.mkdir(parents=True, exist_ok=True)
-    zp = kaggle_fetch(dest, dataset, lambda tmp: api.dataset_download_files(dataset, path=str(tmp), force=True,
-                                                                            quiet=False, unzip=False))
-    unzip_safely(zp, dest)
-    for gz in sorted(dest.rglob(PCAM_H5.format(split='*', xy='*') + '.gz')): gunzip_file(gz)
-    missing = [n for n in names if not any(dest.rglob(n))]
-    if missing: raise KaggleDownloadError(f"The Kaggle dataset {dataset} did not contain {', '.join(missing)}. "
-                                          "Pass another dataset, or put the six files from "
-                                          "https://zenodo.org/records/2546921 into a folder yourself.")
-    return dest
 
 # %% ../nbs/02_cache.ipynb #8b49a87b
 def make_synthetic_pcam_h5(dest:str|Path, # Folder for the six files
@@ -285,17 +256,17 @@ def make_synthetic_pcam_h5(dest:str|Path, # Folder for the six files
             with h5py.File(fn, 'w') as h:
                 h.create_dataset(xy, data=arr, chunks=(min(n, 64), *arr.shape[1:]), compression='gzip')
             if gz:
-                import gzip
                 with open(fn, 'rb') as f, gzip.open(f'{fn}.gz', 'wb') as g: shutil.copyfileobj(f, g)
                 fn.unlink()
     return dest
 
-# %% ../nbs/02_cache.ipynb #de795f6a
+# %% ../nbs/02_cache.ipynb #826bb720
 def size_text(n:int, # A number of bytes
              ) -> str:
     "Bytes for a person: GiB from 1 GiB up, else MB (a small cache is not '0.00 GiB')"
     return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 1e6:.3g} MB'
 
+# %% ../nbs/02_cache.ipynb #bbd7dfca
 def _allocate(fn, shape):
     "Create the .npy memmap with every byte reserved on disk, so a full disk fails here and not mid-write"
     need = int(np.prod(shape))
@@ -358,29 +329,28 @@ def _verify(part, source, k):
             raise CacheError(f"Verification failed: patch {source.ids[i]} in {part} differs from its source. "
                              "Rebuild with force=True.")
 
-# %% ../nbs/02_cache.ipynb #73c01714
-def _build_split(source, dest, chunk, force, verify, show_progress):
-    final, part, old = dest/source.split, dest/f'{source.split}.partial', dest/f'{source.split}.old'
-    # a crash between the two renames of a swap
-    if not final.exists() and old.exists(): os.replace(old, final)
-    def sig_of(d):
-        try: return json.loads((d/'manifest.json').read_text()).get('signature')
-        except (OSError, ValueError): return None
-    if not force and sig_of(final) == source.signature: return final
-    # complete, not yet swapped in
-    if not force and sig_of(part) == source.signature: return _swap(part, final, old)
-    n, state = len(source), part/'progress.json'
-    done = 0
+# %% ../nbs/02_cache.ipynb #f57e9214
+def _manifest_signature(d:Path) -> str|None:
+    "The source signature in the manifest of the split folder `d`; None without a readable one"
+    try: return json.loads((d/'manifest.json').read_text()).get('signature')
+    except (OSError, ValueError): return None
+
+def _resume(source:Source, part:Path, state:Path, force:bool) -> tuple[int, list]:
+    "(patches written, bad indices) of an interrupted build of `source` in `part`; else a fresh `part` and (0, [])"
+    n = len(source)
     if not force and part.exists() and state.exists():
         st = json.loads(state.read_text())
-        if st.get('signature') == source.signature and st.get('n') == n: done, bad = st['done'], st['bad']
-    if not done:
-        shutil.rmtree(part, ignore_errors=True); part.mkdir()
-        _allocate(part/'images.npy', (n, PATCH_SIZE, PATCH_SIZE, 3))
-        bad = []
-        write_json_atomic(state, dict(signature=source.signature, n=n, done=0, bad=[]))
-    images = np.load(part/'images.npy', mmap_mode='r+')
-    t0, start = time.time(), done
+        if st.get('signature') == source.signature and st.get('n') == n and st['done']: return st['done'], st['bad']
+    shutil.rmtree(part, ignore_errors=True); part.mkdir()
+    _allocate(part/'images.npy', (n, PATCH_SIZE, PATCH_SIZE, 3))
+    write_json_atomic(state, dict(signature=source.signature, n=n, done=0, bad=[]))
+    return 0, []
+
+# %% ../nbs/02_cache.ipynb #48f45d08
+def _write_chunks(source:Source, part:Path, state:Path, done:int, bad:list, chunk:int, show_progress:bool,
+                  t0:float) -> list:
+    "Decode `source` from patch `done` on into `part`, saving progress in `state` after each chunk; the bad indices"
+    n, images, start = len(source), np.load(part/'images.npy', mmap_mode='r+'), done
     starts = range(done, n, chunk)
     pb = progress_bar(starts, leave=False) if show_progress and len(starts) else starts
     for i0 in pb:
@@ -391,7 +361,20 @@ def _build_split(source, dest, chunk, force, verify, show_progress):
         write_json_atomic(state, dict(signature=source.signature, n=n, done=i1, bad=bad))
         if show_progress:
             pb.comment = f'{source.split}: {(i1 - start) / max(time.time() - t0, 1e-9):,.0f} patches/s'
-    del images
+    return bad
+
+# %% ../nbs/02_cache.ipynb #1fa0a2bf
+def _build_split(source, dest, chunk, force, verify, show_progress):
+    final, part, old = dest/source.split, dest/f'{source.split}.partial', dest/f'{source.split}.old'
+    # a crash between the two renames of a swap
+    if not final.exists() and old.exists(): os.replace(old, final)
+    if not force and _manifest_signature(final) == source.signature: return final
+    # complete, not yet swapped in
+    if not force and _manifest_signature(part) == source.signature: return _swap(part, final, old)
+    n, state = len(source), part/'progress.json'
+    done, bad = _resume(source, part, state, force)
+    t0 = time.time()
+    bad = _write_chunks(source, part, state, done, bad, chunk, show_progress, t0)
     np.save(part/'labels.npy', source.labels)
     (part/'ids.txt').write_text('\n'.join(source.ids) + '\n')
     keep = np.ones(n, bool); keep[bad] = False

@@ -40,6 +40,7 @@ class OperatingThreshold(NamedTuple):
     value: float # Predict the positive class when p(positive) >= value
     source: str # How it was chosen, in words (goes into every report)
 
+# %% ../nbs/08c_calibrate.ipynb #1eaa44d2
 def operating_threshold(probs, # Validation probabilities of the positive class (temperature-scaled)
                         targets, # Validation labels, 0 or 1
                         min_per_class:int=MIN_PER_CLASS, # Fewest patches of each class for Youden's J
@@ -52,8 +53,8 @@ def operating_threshold(probs, # Validation probabilities of the positive class 
                                        f"fewer than {min_per_class} of a class for Youden's J)")
     top_neg, low_pos = float(p[t == 0].max()), float(p[t == 1].min())
     if top_neg < low_pos:
-        if top_neg < 0.5 <= low_pos: return OperatingThreshold(0.5, '0.5 (fallback: validation separates the classes '
-                                                                    'perfectly)')
+        if top_neg < 0.5 <= low_pos:
+            return OperatingThreshold(0.5, '0.5 (fallback: validation separates the classes perfectly)')
         return OperatingThreshold((top_neg + low_pos) / 2, 'middle of the gap (fallback: validation separates the '
                                                            'classes perfectly, 0.5 lies outside the gap)')
     return OperatingThreshold(youden_threshold(p, t), "Youden's J on validation")
@@ -68,10 +69,11 @@ def _check_logits(logits, targets):
     if len(z) != len(y): raise UsageError(f"logits and targets differ in length: {len(z)} vs {len(y)}.")
     if len(z) == 0: raise UsageError("No logits: nothing to calibrate on.")
     if not np.isfinite(z).all(): raise UsageError("logits contain NaN or infinite values; check the model's outputs.")
-    if not np.isin(y, np.arange(z.shape[1])).all(): raise UsageError("targets must be class indices "
-                                                                     f"0..{z.shape[1] - 1}.")
+    if not np.isin(y, np.arange(z.shape[1])).all():
+        raise UsageError(f"targets must be class indices 0..{z.shape[1] - 1}.")
     return z, y.astype(int)
 
+# %% ../nbs/08c_calibrate.ipynb #4e3472fb
 def fit_temperature(logits, # Validation logits (N, n_classes), before softmax
                     targets, # Validation class indices
                    ) -> float: # T: the calibrated probabilities are softmax(logits / T)
@@ -82,6 +84,7 @@ def fit_temperature(logits, # Validation logits (N, n_classes), before softmax
     res = minimize_scalar(nll, bounds=np.log(TEMPERATURE_RANGE), method='bounded', options=dict(xatol=1e-5))
     return float(np.exp(res.x))
 
+# %% ../nbs/08c_calibrate.ipynb #3cc9dd0c
 def apply_temperature(logits, # Logits (N, n_classes)
                       temperature:float=1.0, # From `fit_temperature` or `fit_calibration`
                       bias=None, # Per-class offsets added after the division (`fit_calibration`); None: none
@@ -101,6 +104,7 @@ class Calibration(NamedTuple):
 
 BIAS_RANGE = 10.0  # largest |bias| searched
 
+# %% ../nbs/08c_calibrate.ipynb #b397f6be
 def fit_calibration(logits, # Validation logits (N, n_classes), before softmax
                     targets, # Validation class indices
                     bias:bool=True, # Also fit per-class offsets; False: the temperature alone (`fit_temperature`)
@@ -123,5 +127,5 @@ def fit_calibration(logits, # Validation logits (N, n_classes), before softmax
         return -log_softmax(z / np.exp(params[0]) + b, axis=1)[np.arange(len(y)), y].mean()
     bounds = [tuple(np.log(TEMPERATURE_RANGE))] + [(-BIAS_RANGE, BIAS_RANGE)] * (k - 1)
     res = minimize(nll, np.r_[np.log(T0), np.zeros(k - 1)], method='L-BFGS-B', bounds=bounds)
-    return Calibration(float(np.exp(res.x[0])), [0.0, *map(float, res.x[1:])], 'temperature and bias fitted on '
-                                                                               'validation')
+    return Calibration(float(np.exp(res.x[0])), [0.0, *map(float, res.x[1:])],
+                       'temperature and bias fitted on validation')

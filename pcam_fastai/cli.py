@@ -6,65 +6,133 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/cli.html.md"""
 
 # %% ../nbs/15_cli.ipynb #dba35ce3
 from __future__ import annotations
-import errno, inspect, sys, typing, warnings
+import errno, functools, importlib, inspect, sys, typing, warnings
 from typing import Annotated
 from pathlib import Path
 
+from fastcore.docments import docments
 from fastcore.script import anno_parser, bool_arg
 
 # fastai 2.8 decorates a layer with torch.jit.script, which torch >= 2.10 deprecates: noise for a CLI user
 warnings.filterwarnings('ignore', message=r'`torch.jit.script` is deprecated', category=FutureWarning)
-
-from .core import PCamError, UsageError
-from .data import COMPETITION, download_pcam, make_synthetic_pcam
-from .cache import PCAM_H5_DATASET, build_cache, cache_splits, download_pcam_h5
+# No package module at the top: they import torch, so each command imports what it needs when it runs, and
+# `pcam-fastai --help` answers at once
 
 # %% auto #0
-__all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'USER_ERRORS', 'download', 'cache', 'synth', 'train', 'cli_type',
-           'train_command', 'submit', 'export', 'web', 'serve', 'slide', 'probe', 'compare', 'user_message', 'main']
+__all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'cli_type', 'library_fn', 'options_from', 'option_params', 'derived_defaults',
+           'command', 'download', 'cache', 'synth', 'train', 'submit', 'export', 'web', 'serve', 'slide', 'probe',
+           'compare', 'user_message', 'main']
+
+# %% ../nbs/15_cli.ipynb #6d44f342
+def cli_type(annotation, # A library parameter's annotation, e.g. `int|None`
+            ):
+    "What argparse parses an option as: `int|None` as int, `str|Path|None` as str (argparse names the type in errors)"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if not args: return annotation
+    return str if str in args else args[0]
+
+def library_fn(ref, # A function, or 'module:name' of one in `pcam_fastai` (its module is imported now)
+              ) -> typing.Callable:
+    "The library function a command's options come from"
+    if callable(ref): return ref
+    mod, name = ref.split(':')
+    return getattr(importlib.import_module(f'pcam_fastai.{mod}'), name)
+
+def options_from(ref, # The library function the command calls, as 'module:name' (imported only when needed)
+                 # The options in `--help` order: the command's own parameters, else `ref`'s (`name@module:function`:
+                 # another function's); None: all of `ref`'s
+                 names:str|None=None,
+                 hidden:tuple=(), # With `names=None`: parameters of `ref` the command leaves out
+                ):
+    "Decorator: the command's `**kwargs` are parameters of library functions, with their defaults, types and docs"
+    def decorate(cmd):
+        @functools.wraps(cmd)
+        def command(*args, **kwargs): return cmd(*args, **{**derived_defaults(command), **kwargs})
+        command.options_from = ref, names, hidden
+        return command
+    return decorate
+
+# %% ../nbs/15_cli.ipynb #23aa30d8
+def option_params(cmd, # A command decorated with `options_from`
+                 ) -> dict:
+    "Each option of `cmd` -> (its parameter, the library function it is from; None: the command's own)"
+    ref, names, hidden = cmd.options_from
+    own, fn = inspect.signature(cmd.__wrapped__, eval_str=True).parameters, library_fn(ref)
+    if names is None: names = ' '.join(n for n in inspect.signature(fn).parameters if n not in hidden)
+    res = {}
+    for name in names.split():
+        name, _, other = name.partition('@')
+        f = library_fn(other) if other else fn
+        res[name] = (own[name], None) if name in own else (inspect.signature(f, eval_str=True).parameters[name], f)
+    lost = [n for n, p in own.items() if n not in res and p.kind != p.VAR_KEYWORD]
+    if lost: raise TypeError(f'{cmd.__name__}: its parameters {lost} are missing from its options_from names.')
+    return res
+
+def derived_defaults(cmd, # A command decorated with `options_from`
+                    ) -> dict:
+    "The library defaults of the options `cmd` takes from library functions: what a call that leaves them out gets"
+    return {n: p.default for n, (p, f) in option_params(cmd).items() if f is not None and p.default is not p.empty}
+
+def command(cmd, # A command of `COMMANDS`
+           ):
+    "`cmd` with its full signature for `anno_parser`: the options it takes from library functions, typed and documented"
+    if not hasattr(cmd, 'options_from') or '__signature__' in vars(cmd): return cmd
+    params = []
+    for n, (p, f) in option_params(cmd).items():
+        if f is not None: p = p.replace(annotation=Annotated[cli_type(p.annotation), docments(f)[n]])
+        params.append(p.replace(kind=p.KEYWORD_ONLY))
+    cmd.__signature__ = inspect.Signature(params)
+    return cmd
 
 # %% ../nbs/15_cli.ipynb #39885740
-def download(dest:str='data/pcam', # Folder to download into
-             competition:str=COMPETITION, # Kaggle competition
+@options_from('data:download_pcam', 'dest competition official dataset@h5_download:download_pcam_h5 no_unzip force')
+def download(*,
              # Instead, the official PCam h5 files (slide-disjoint train/valid/test) from a Kaggle dataset
              official:bool=False,
-             dataset:str=PCAM_H5_DATASET, # With --official: the Kaggle dataset that mirrors them
              no_unzip:bool=False, # Keep only the competition zip (build the cache straight from it)
-             force:bool=False, # Download again even if complete
+             **kwargs, # `download_pcam`'s dest, competition and force, `download_pcam_h5`'s dataset
             ):
     "Download PCam through the Kaggle API (needs ~/.kaggle/kaggle.json; the competition needs its rules accepted)"
+    from pcam_fastai.data import download_pcam
+    from pcam_fastai.h5_download import download_pcam_h5
+    dest, force, competition = kwargs['dest'], kwargs['force'], kwargs['competition']
     if official:
-        out = download_pcam_h5(dest, dataset=dataset, force=force)
+        out = download_pcam_h5(dest, dataset=kwargs['dataset'], force=force)
         print(f'The official PCam h5 files are in {out}. Next: pcam-fastai train --data {out} --cache {out}-cache')
         return
+    # --official and --no-unzip are the command's own: one chooses the library function, the other negates `unzip=True`
     out = download_pcam(dest, competition=competition, force=force, unzip=not no_unzip)
     src = out/f'{competition}.zip' if no_unzip else out
     print(f'PCam is in {out}. Next: pcam-fastai train --data {src} --cache {out}-cache (decodes once, then fast)'
           + ('' if no_unzip else f', or --data {out}'))
 
 # %% ../nbs/15_cli.ipynb #ad51b1b7
+@options_from('cache:build_cache', 'src dest on_bad force stain_norm stain_ref')
 def cache(src:str, # The Kaggle zip, its extracted folder, or a folder of the official PCam h5 files
           dest:str, # Cache root to write
-          on_bad:str='error', # Unreadable or non-96x96-RGB patches: error, skip or fix
-          force:bool=False, # Rebuild even if cached
+          *,
           stain_norm:str='none', # Also write a stain-normalized copy: a stain method (macenko, reinhard, ...) or none
           # Reference image(s) for the normalization (a file or a folder); default: training patches of the default
           # split
           stain_ref:str=None,
+          **kwargs, # `build_cache`'s on_bad and force
          ):
     "Decode PCam once into a memory-mapped array cache (restartable; train on it with --data DEST)"
+    from pcam_fastai.core import UsageError
+    from pcam_fastai.cache import build_cache, cache_splits
     from pcam_fastai.stain import METHODS  # the registry of stain methods: the one list of their names
     if stain_norm not in ('none', *METHODS):
         raise UsageError(f"Unknown --stain-norm {stain_norm!r}; choose {', '.join(METHODS)} or none.")
-    out = build_cache(src, dest, on_bad=on_bad, force=force)
+    out = build_cache(src, dest, **kwargs)
     print(f'Cached {", ".join(cache_splits(out))} in {out}. Train on it with: pcam-fastai train --data {out}')
     if stain_norm != 'none':
         from pcam_fastai.sources import open_source  # these import torch: only when asked
         from pcam_fastai.stain_cache import normalize_cache
-        from pcam_fastai.train import fit_stain_normalizer, TrainSettings
+        from pcam_fastai.train import fit_stain_normalizer
+        from pcam_fastai.settings import TrainSettings
         split = TrainSettings()  # the default split, which `train --stain-norm` looks for
         normalizer, said = fit_stain_normalizer(open_source(out), stain_norm, stain_ref)
-        normed = normalize_cache(out, normalizer, force=force)
+        normed = normalize_cache(out, normalizer, force=kwargs['force'])
         print(f'Stain-normalized ({stain_norm}, fitted on {said}) into {normed}. '
               f'Train on it with: pcam-fastai train --data {normed} '
               f'(or --data {out} --stain-norm {stain_norm}, which reuses it with the default split, '
@@ -72,51 +140,38 @@ def cache(src:str, # The Kaggle zip, its extracted folder, or a folder of the of
               + (f' and --stain-ref {stain_ref})' if stain_ref else ')'))
 
 # %% ../nbs/15_cli.ipynb #84b51b5c
+@options_from('data:make_synthetic_pcam', 'dest n_train n_test seed')
 def synth(dest:str='data/synthetic-pcam', # Folder to write the synthetic set into
-          n_train:int=600, # Labelled patches
-          n_test:int=50, # Unlabelled test patches
-          seed:int=42, # Random seed
+          **kwargs, # `make_synthetic_pcam`'s n_train, n_test and seed
          ):
     "Write a small synthetic PCam in the Kaggle layout"
-    out = make_synthetic_pcam(dest, n_train=n_train, n_test=n_test, seed=seed)
-    print(f'Wrote {n_train} + {n_test} synthetic patches to {out}')
+    from pcam_fastai.data import make_synthetic_pcam
+    out = make_synthetic_pcam(dest, **kwargs)  # dest: the command's own default path
+    print(f"Wrote {kwargs['n_train']} + {kwargs['n_test']} synthetic patches to {out}")
 
 # %% ../nbs/15_cli.ipynb #c8e109cb
 CLI_HIDDEN = ('show',)  # train_pcam parameters that make no sense on a command line
 
+# every parameter of train_pcam (its signature is `TrainSettings`' fields), in its order
+@options_from('train:train_pcam', hidden=CLI_HIDDEN)
 def train(*, # keywords only: the command line names every option
+          # the command's own: `true`/`false` values (the library's `bool|None` would be a flag that cannot say false)
           pretrained:bool_arg=None, # Start from ImageNet weights: true or false (default: from the preset)
           fp16:bool_arg=None, # Mixed precision on CUDA: true or false (default: from the preset)
-          **kwargs, # The other parameters of `train_pcam`, with their defaults and docs (see `train_command`)
+          **kwargs, # The other parameters of `train_pcam`, with their defaults and docs
          ):
     "Train and evaluate a PCam classifier; writes the model, plots, metrics and report.md into --run-dir"
     from pcam_fastai.train import train_pcam
     train_pcam(pretrained=pretrained, fp16=fp16, **kwargs)
 
-def cli_type(annotation, # A parameter's annotation in `train_pcam`, e.g. `int|None`
-            ):
-    "What argparse parses an option as: `int|None` as int, `str|Path|None` as str (argparse names the type in errors)"
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if not args: return annotation
-    return str if str in args else args[0]
-
-def train_command():
-    "`train` with `train_pcam`'s signature and docs: imports the training code, so only when the command is `train`"
-    if getattr(train, '__delwrap__', None) is None:
-        from pcam_fastai.train import train_pcam  # imports torch, timm and matplotlib: not for the other commands
-        own = inspect.signature(train, eval_str=True).parameters
-        params = [own.get(p.name) or p.replace(annotation=cli_type(p.annotation), kind=p.KEYWORD_ONLY)
-                  for p in inspect.signature(train_pcam, eval_str=True).parameters.values() if p.name not in CLI_HIDDEN]
-        # docments reads the rest of the docs from train_pcam
-        train.__signature__, train.__delwrap__ = inspect.Signature(params), train_pcam
-    return train
-
 # %% ../nbs/15_cli.ipynb #cec95769
+@options_from('evaluate:make_submission', 'run_dir data out no_tta')
 def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`
            # Kaggle folder (test/, sample_submission.csv) or a cache built from the Kaggle zip; default: the run's data
            data:str=None,
-           out:str='submission.csv', # CSV to write
+           *,
            no_tta:bool=False, # Skip the 8-view dihedral test-time augmentation (default: as the run was evaluated)
+           **kwargs, # `make_submission`'s out
           ):
     ("Write a Kaggle submission (id,label with probabilities) for the test patches, "
      "checked against sample_submission.csv")
@@ -125,14 +180,14 @@ def submit(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
     learn = load_run(run_dir, data=data)
     src = data or read_config(run_dir).data
     # None: as the run evaluated (its calibration's setting)
-    p = make_submission(learn, src, out, tta=False if no_tta else None)
+    # run_dir, data: the command's own (a default path; two functions read them), --no-tta: negates `tta`
+    p = make_submission(learn, src, tta=False if no_tta else None, **kwargs)
     print(f'Wrote {p}: {sum(1 for _ in open(p)) - 1} rows, ids and order checked against sample_submission.csv')
 
 # %% ../nbs/15_cli.ipynb #46a358d7
-def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train`
-           dest:str=None, # Bundle folder; default: RUN_DIR/bundle
+@options_from('bundling:export_bundle', 'run_dir dest no_onnx bench_patches no_tta web web_runtime')
+def export(*,
            no_onnx:bool=False, # Skip the ONNX model (torch weights only)
-           bench_patches:int=256, # Patches timed for the throughput figures (0: skip)
            # Predict from one view, 8x faster, instead of averaging the 8 dihedral views as the run was evaluated
            no_tta:bool=False,
            # Also write BUNDLE/web/: a static page that classifies patches in the browser (as pcam-fastai web)
@@ -140,62 +195,58 @@ def export(run_dir:str='runs/pcam', # A run folder written by `pcam-fastai train
            # With --web: a folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else
            # the npm registry
            web_runtime:str=None,
+           **kwargs, # `export_bundle`'s run_dir, dest and bench_patches
           ):
     "Write an inference bundle: safe weights, ONNX with preprocessing, and a size and speed report"
-    from pcam_fastai.export import export_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.core import UsageError
     if web and no_onnx: raise UsageError('--web needs model.onnx, which --no-onnx skips: drop one of them.')
     if web:  # the runtime first: an offline machine learns it before the export's minutes, not after
-        from pcam_fastai import web as web_page
-        web_page.web_runtime(web_runtime)
-    b = export_bundle(run_dir, dest, onnx=not no_onnx, bench_patches=bench_patches, tta=False if no_tta else None)
-    if web: web_page.export_web(b, runtime=web_runtime)
+        from pcam_fastai.webruntime import web_runtime as check_runtime
+        from pcam_fastai.web import export_web
+        check_runtime(web_runtime)
+    # --no-onnx and --no-tta negate `onnx=True` and `tta=None`; --web and --web-runtime are the command's own
+    b = export_bundle(onnx=not no_onnx, tta=False if no_tta else None, **kwargs)
+    if web: export_web(b, runtime=web_runtime)
 
 # %% ../nbs/15_cli.ipynb #cd3a60fd
+@options_from('web:export_web', 'bundle web_runtime no_measure max_mb max_pixels')
 def web(bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
         # A folder of the `npm pack` tarballs of onnxruntime-web, utif and pako; default: the cache, else the npm
         # registry
         web_runtime:str=None,
         no_measure:bool=False, # Skip timing the page in headless Chromium
-        max_mb:float=5, # Largest file the page accepts, in MB
-        max_pixels:int=4_000_000, # Largest image the page accepts, width x height
+        **kwargs, # `export_web`'s max_mb and max_pixels
        ):
     "Write BUNDLE/web/: a static page that classifies patches in the browser, offline; nothing is uploaded"
     from pcam_fastai.web import export_web
-    export_web(bundle, runtime=web_runtime, measure=not no_measure, max_mb=max_mb, max_pixels=max_pixels)
+    # the command's own: a default path, --web-runtime as `export --web` names it, --no-measure negates `measure`
+    export_web(bundle, runtime=web_runtime, measure=not no_measure, **kwargs)
 
 # %% ../nbs/15_cli.ipynb #45546c28
+@options_from('serve:serve', 'bundle host port max_mb max_files')
 def serve(bundle:str, # A bundle folder written by `pcam-fastai export`, e.g. runs/pcam/bundle
-          host:str='127.0.0.1', # Interface to listen on; 0.0.0.0 for all (no authentication: trusted networks only)
-          port:int=8000, # Port to listen on
-          max_mb:float=5, # Largest accepted upload per file, in MB
-          max_files:int=16, # Most files per request
+          **kwargs, # `pcam_fastai.serve.serve`'s host, port, max_mb and max_files
          ):
     "Serve a bundle: a web page to upload patches and see probabilities and Grad-CAM, and JSON at /api/predict"
-    from pcam_fastai.serve import serve as _serve
-    _serve(bundle, host=host, port=port, max_mb=max_mb, max_files=max_files)
+    from pcam_fastai.serve import serve as serve_bundle
+    serve_bundle(bundle, **kwargs)  # bundle: the command's own (a path given on the command line, not a `Bundle`)
 
 # %% ../nbs/15_cli.ipynb #fc1de052
+@options_from('heatmap:slide_heatmap', 'slides bundle out mpp stride min_tissue tissue_threshold bs device reader '
+              'force')
 def slide(
     # Whole-slide images OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, ...), or tiffslide
     slides:Annotated[str, {'nargs': '+', 'opt': False}],
           bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
           # Output folder: one sub-folder per slide (heatmap.png, tiles.csv, tumour.geojson, slide.json)
           out:str='slides',
-          mpp:float=None, # µm per pixel of the slides, overriding their metadata (needed when a file records none)
-          stride:float=None, # Distance between tiles, in tiles (default 1: side by side; 0.5 for a smoother map)
-          min_tissue:float=0.1, # Tiles with a smaller share of tissue are background
-          # HSV saturation (0-255) above which a pixel is tissue (default: Otsu's, within 20-30)
-          tissue_threshold:int=None,
-          bs:int=64, # Tiles per batch
-          device:str='auto', # Where the model runs: cpu, cuda, cuda:N, mps, or auto (the GPU when there is one)
-          # Slide reader: openslide, tiffslide, or auto (OpenSlide, then tiffslide for a TIFF OpenSlide does not read)
-          reader:str='auto',
-          force:bool=False, # Redo slides whose outputs are complete
+          **kwargs, # `slide_heatmap`'s mpp, stride, min_tissue, tissue_threshold, bs, device, reader and force
          ):
     "Tumour heatmaps of whole slides with a bundle: tiles at the model's resolution, tissue only; resumable"
     from pcam_fastai.heatmap import slide_heatmap
-    for s in slide_heatmap(slides, bundle, out, mpp=mpp, stride=stride, min_tissue=min_tissue,
-                           tissue_threshold=tissue_threshold, bs=bs, device=device, reader=reader, force=force):
+    # slides, bundle, out: the command's own (positional; a default path; the command line's name for `out_dir`)
+    for s in slide_heatmap(slides, bundle, out, **kwargs):
         mx = s.get('max_probability')
         print(f"{Path(s['slide']).name}: {s['tiles_classified']:,} tissue tiles classified "
               f"({s['tiles_background']:,} background), tumour area "
@@ -204,35 +255,28 @@ def slide(
               + f"; outputs in {s.get('output_dir') or Path(out)/Path(s['slide']).stem}")
 
 # %% ../nbs/15_cli.ipynb #1e4450c8
-def probe(
-    # A foundation model (uni, uni2-h, prov-gigapath, h-optimus-0, virchow2, vit-s16-imagenet), a timm name, or
-    # hf-hub:org/model
-    backbone:str='vit-s16-imagenet',
+@options_from('probe:probe', 'backbone data out weights_path no_pretrained img_size model_kwargs n_runs '
+              'max_steps@probe:train_linear_head bs@probe:train_linear_head embed_bs device')
+def probe(*,
           data:str='data/pcam-cache', # An array cache written by `pcam-fastai cache`
-          out:str=None, # Run folder (probe.json, probe.md, heads.pth); default: runs/probe-BACKBONE
-          # A local weights file (safetensors or torch state dict) instead of the Hugging Face hub
-          weights_path:str=None,
           no_pretrained:bool=False, # Random weights instead of the pretrained ones (eva's lower anchor)
-          img_size:int=None, # Input side in pixels (default: the backbone's own)
           model_kwargs:str=None, # More timm.create_model arguments as JSON, e.g. '{"init_values": 1e-5}'
-          n_runs:int=5, # Seeds of the linear probe (mean and sd over them)
-          max_steps:int=12500, # Most optimizer steps per run (eva: 12,500)
-          bs:int=4096, # Batch size of the linear head (eva: 4,096)
-          embed_bs:int=64, # Patches per batch through the backbone
           device:str='auto', # Where to run: cpu, cuda, cuda:N, or auto (the GPU when there is one)
+          # `probe`'s backbone, out, weights_path, img_size, n_runs and embed_bs; the linear head's max_steps and bs
+          **kwargs,
          ):
     "Linear probe of a frozen foundation model, eva's protocol: embeddings cached once, heads over seeds, mean and sd"
     import json as _json
-    from pcam_fastai.probe import probe as _probe
+    from pcam_fastai.core import UsageError
+    from pcam_fastai.probe import probe as probe_backbone
     from pcam_fastai.export import bundle_device
     try: kw = _json.loads(model_kwargs) if model_kwargs else None
     except ValueError as e:
         raise UsageError(f"--model-kwargs must be a JSON object, e.g. '{{\"init_values\": 1e-5}}' ({e}).") from None
     if kw is not None and not isinstance(kw, dict):
         raise UsageError("--model-kwargs must be a JSON object (name: value pairs).")
-    _probe(data, backbone, out, weights_path=weights_path, pretrained=not no_pretrained, img_size=img_size,
-           model_kwargs=kw, n_runs=n_runs,
-           embed_bs=embed_bs, device=bundle_device(device), max_steps=max_steps, bs=bs)
+    # the command's own: a default path, --no-pretrained negates `pretrained`, JSON text, 'auto' for `bundle_device`
+    probe_backbone(data, pretrained=not no_pretrained, model_kwargs=kw, device=bundle_device(device), **kwargs)
 
 # %% ../nbs/15_cli.ipynb #ac44a6df
 def compare(
@@ -259,7 +303,6 @@ COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit
 # Each command's first path, which may be given without its flag: `pcam-fastai synth DEST` as well as `--dest DEST`
 # slide: its slides are positional
 FIRST_PATH = dict(download='dest', synth='dest', train='data', submit='run_dir', export='run_dir', web='bundle')
-USER_ERRORS = (PCamError,)  # what the user can fix: one line; anything else is a bug and shows its traceback
 
 def user_message(e:Exception, # An exception a command raised
                 ) -> str:
@@ -281,7 +324,8 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
         print(f'pcam-fastai: unknown command {argv[0]!r}.\n{usage}', file=sys.stderr); return 2
-    fn = train_command() if argv[0] == 'train' else COMMANDS[argv[0]]
+    from pcam_fastai.core import PCamError  # what the user can fix: one line; anything else is a bug (traceback)
+    fn = command(COMMANDS[argv[0]])
     parser = anno_parser(fn, prog=f'pcam-fastai {argv[0]}')
     first = FIRST_PATH.get(argv[0])
     if first:
@@ -299,7 +343,7 @@ def main(argv:list|None=None, # Arguments after the program name; None: `sys.arg
             return 2
         args[first] = given
     try: fn(**args)
-    except USER_ERRORS as e:
+    except PCamError as e:
         print(f'pcam-fastai {argv[0]}: error: {user_message(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

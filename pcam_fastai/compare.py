@@ -84,6 +84,7 @@ def _probe_row(d:Path, fn:Path) -> dict:
                     f'{m}_sd': _field(r, fn, f'summary.{m}.sd', 'number?', _required(m))})
     return dict(row, optimistic=_field(r, fn, 'optimistic', 'bool'), source='this package')
 
+# %% ../nbs/08f_compare.ipynb #17abf213
 def _trained_row(d:Path, fn:Path) -> dict:
     m = _run_json(fn)
     cfg = _run_json(d/CONFIG_FILE) if (d/CONFIG_FILE).exists() else {}
@@ -103,6 +104,7 @@ def _trained_row(d:Path, fn:Path) -> dict:
     optimistic = 'random' in split or bool(_field(m, fn, 'optimistic', 'bool?', False))
     return dict(row, optimistic=optimistic, source='this package')
 
+# %% ../nbs/08f_compare.ipynb #27055795
 def _run_row(d:Path) -> dict:
     if not d.exists():
         raise UsageError(f"{d} does not exist; pass run folders written by pcam-fastai train or pcam-fastai probe.")
@@ -124,6 +126,7 @@ def compare_runs(runs, # Run folders: `train_pcam` runs and `probe` runs
                  for n, k, b, a, auc, src in PUBLISHED_ANCHORS]
     return pd.DataFrame(rows)
 
+# %% ../nbs/08f_compare.ipynb #afafef65
 def _cell(r, m:str) -> str:
     v = r.get(m)
     if v is None or (isinstance(v, float) and math.isnan(v)): return ''
@@ -133,6 +136,7 @@ def _cell(r, m:str) -> str:
     if isinstance(ci, (list, tuple)) and len(ci) == 2: return f'{v:.4f} ({ci[0]:.3f}-{ci[1]:.3f})'
     return format(v, METRICS[m].fmt)
 
+# %% ../nbs/08f_compare.ipynb #1d9d7fa3
 def compare_markdown(table:pd.DataFrame, # What `compare_runs` returns
                     ) -> str:
     "The comparison as a markdown table (mean ± sd over seeds; a single run's bootstrap 95 % CI in brackets)"

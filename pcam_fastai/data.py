@@ -35,7 +35,7 @@ def random_split(valid_pct:float=0.2, # Fraction of the patches that validate
 
 RANDOM_SPLIT = random_split(0.2)
 
-# %% ../nbs/01_data.ipynb #d28d35a1
+# %% ../nbs/01_data.ipynb #cbac82bb
 def _nuclei(img, rng, n, r_lo, r_hi, colour, box=None):
     "Paint `n` dark elliptical nuclei onto float `img` (H,W,3), their centres inside `box`=(y0,y1,x0,x1)"
     h, w, _ = img.shape
@@ -49,6 +49,7 @@ def _nuclei(img, rng, n, r_lo, r_hi, colour, box=None):
 
 TUMOUR_RGB, LYMPHOCYTE_RGB = (60, 20, 100), (110, 60, 150)
 
+# %% ../nbs/01_data.ipynb #494e5d31
 def synthetic_patch(rng:np.random.Generator, # Random generator (the caller seeds it)
                     tumour:bool, # Whether the centre 32x32 region shows tumour
                     decoy_frac:float=0.25, # Chance that a negative shows tumour outside its centre (it stays negative)
@@ -78,7 +79,18 @@ def write_tiff(fn, # File to write
     "Write `img` as an uncompressed RGB TIFF the way the Kaggle files were written (tifffile)"
     tifffile.imwrite(fn, img, photometric='rgb')
 
-# %% ../nbs/01_data.ipynb #87005b9f
+# %% ../nbs/01_data.ipynb #944e1616
+def _synthetic_done(marker:Path, spec:dict, force:bool) -> bool:
+    "Whether `marker` says the synthetic set next to it is complete with the settings `spec`"
+    try: return not force and marker.exists() and json.loads(marker.read_text()) == spec
+    except (OSError, ValueError): return False  # a damaged marker: write the set again
+
+def _write_split(folder:Path, ids:list, rng, tumour, show_progress:bool=False):
+    "One synthetic patch per id into `folder`; `tumour(i)` (which may draw from `rng`) says if patch i shows tumour"
+    for i in (progress_bar(range(len(ids)), leave=False) if show_progress else range(len(ids))):
+        write_tiff(folder/f'{ids[i]}.tif', synthetic_patch(rng, tumour(i)))
+
+# %% ../nbs/01_data.ipynb #80aaaa4c
 def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle layout
                         n_train:int=600, # Labelled patches in `train/`
                         n_test:int=50, # Unlabelled patches in `test/`
@@ -91,9 +103,7 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
     dest = Path(dest)
     spec = dict(n_train=n_train, n_test=n_test, seed=seed, pos_frac=pos_frac, version=1)
     marker = dest/'.synthetic.json'
-    try: done = not force and marker.exists() and json.loads(marker.read_text()) == spec
-    except (OSError, ValueError): done = False  # a damaged marker: write the set again
-    if done: return dest
+    if _synthetic_done(marker, spec, force): return dest
     if n_train < 2 or n_test < 0:
         raise UsageError(f"n_train must be >= 2 and n_test >= 0, got n_train={n_train}, n_test={n_test}.")
     marker.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
@@ -103,13 +113,10 @@ def make_synthetic_pcam(dest:str|Path, # Folder to create; it gets the Kaggle la
     for sub in ('train', 'test'):
         if (dest/sub).exists(): shutil.rmtree(dest/sub)
         (dest/sub).mkdir(parents=True)
-    ids = [_patch_id(seed, 'train', i) for i in range(n_train)]
-    for i in (progress_bar(range(n_train), leave=False) if show_progress else range(n_train)):
-        write_tiff(dest/'train'/f'{ids[i]}.tif', synthetic_patch(rng, bool(labels[i])))
+    ids, test_ids = ([_patch_id(seed, s, i) for i in range(n)] for s, n in (('train', n_train), ('test', n_test)))
+    _write_split(dest/'train', ids, rng, lambda i: bool(labels[i]), show_progress)
     pd.DataFrame(dict(id=ids, label=labels)).to_csv(dest/'train_labels.csv', index=False)
-    test_ids = [_patch_id(seed, 'test', i) for i in range(n_test)]
-    for i, tid in enumerate(test_ids):
-        write_tiff(dest/'test'/f'{tid}.tif', synthetic_patch(rng, bool(rng.random() < pos_frac)))
+    _write_split(dest/'test', test_ids, rng, lambda i: bool(rng.random() < pos_frac))
     pd.DataFrame(dict(id=test_ids, label=0)).to_csv(dest/'sample_submission.csv', index=False)
     marker.write_text(json.dumps(spec))
     return dest
@@ -239,16 +246,11 @@ def download_pcam(dest:str|Path='data/pcam', # Folder to download (and unpack) i
     marker.write_text('unzipped' if unzip else 'zip')
     return dest
 
-# %% ../nbs/01_data.ipynb #ab9ed3ec
+# %% ../nbs/01_data.ipynb #dec3a36c
 def _first(xs, n=3): return ', '.join(sorted(map(str, xs))[:n]) + (' ...' if len(xs) > n else '')
 
-def check_labels(df:pd.DataFrame, # The labels CSV as read
-                 files:set, # Ids that have an image
-                 csv:str='train_labels.csv', # The CSV's name, for messages
-                 folder:str='train', # The image folder's name, for messages
-                 other_case:set=frozenset(), # Ids whose image ends in another case of .tif (e.g. .TIF), for a hint
-                ) -> pd.DataFrame: # Columns `id`, `label` (int), in the CSV's order
-    "Check a labels table against the ids that have images; each problem gets its own message"
+def _check_rows(df:pd.DataFrame, csv:str) -> pd.DataFrame:
+    "The `id` and `label` columns of the labels table `df`, checked: no empty or duplicate id, every label 0 or 1"
     if not {'id', 'label'} <= set(df.columns):
         raise PCamDataError(f"{csv} must have columns id,label; it has {list(df.columns)}.")
     empty = df.id.isna() | (df.id.astype(str).str.strip() == '')
@@ -264,13 +266,29 @@ def check_labels(df:pd.DataFrame, # The labels CSV as read
         v = bad.label.iloc[0]
         raise PCamDataError(f"{csv} has {len(bad)} labels that are not 0 or 1 "
                             f"(e.g. id {bad.id.iloc[0]}: {v.item() if isinstance(v, np.generic) else v!r}).")
+    return df
+
+# %% ../nbs/01_data.ipynb #4ab4aa33
+def _no_image_hint(no_image:set, other_case:set) -> str:
+    "Why ids may have no image: spaces around them, or an image whose name ends in .TIF; '' when neither"
+    spaced, cased = [i for i in no_image if i != i.strip()], no_image & set(other_case)
+    return ((f" {len(spaced)} of those ids have leading or trailing spaces "
+             f"({_first([repr(i) for i in spaced])}): strip them in the CSV." if spaced else '')
+            + (f" {len(cased)} of them have an image whose name ends in another case "
+               f"({_first(cased)}.TIF ...): rename the files to end in .tif." if cased else ''))
+
+# %% ../nbs/01_data.ipynb #7ffc6030
+def check_labels(df:pd.DataFrame, # The labels CSV as read
+                 files:set, # Ids that have an image
+                 csv:str='train_labels.csv', # The CSV's name, for messages
+                 folder:str='train', # The image folder's name, for messages
+                 other_case:set=frozenset(), # Ids whose image ends in another case of .tif (e.g. .TIF), for a hint
+                ) -> pd.DataFrame: # Columns `id`, `label` (int), in the CSV's order
+    "Check a labels table against the ids that have images; each problem gets its own message"
+    df = _check_rows(df, csv)
     no_image = set(df.id) - files
     if no_image:
-        spaced, cased = [i for i in no_image if i != i.strip()], no_image & set(other_case)
-        hint = ((f" {len(spaced)} of those ids have leading or trailing spaces "
-                 f"({_first([repr(i) for i in spaced])}): strip them in the CSV." if spaced else '')
-                + (f" {len(cased)} of them have an image whose name ends in another case "
-                   f"({_first(cased)}.TIF ...): rename the files to end in .tif." if cased else ''))
+        hint = _no_image_hint(no_image, other_case)
         raise PCamDataError(f"{len(no_image)} ids in {csv} have no {folder}/<id>.tif ({_first(no_image)})." + (hint or
                             " Re-download or unzip again, or drop those rows from the CSV."))
     no_label = files - set(df.id)

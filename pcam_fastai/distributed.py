@@ -36,6 +36,7 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank()
     return int(os.environ.get('RANK') or 0)
 
+# %% ../nbs/07_distributed.ipynb #4e8dd92b
 def is_main() -> bool:
     "Whether this is rank 0, the process that writes files, plots and reports"
     return rank() == 0
@@ -49,6 +50,7 @@ def rank_seed(seed:int, # The run's seed
 class LaunchError(PCamError, RuntimeError):
     "The processes were launched in a way that cannot work (a missing rank variable, more processes than GPUs)"
 
+# %% ../nbs/07_distributed.ipynb #a957b05d
 def init_distributed() -> str|None: # The backend ('nccl' or 'gloo'), or None in a single process
     "Join the process group that torchrun or accelerate launch describe (nccl on GPUs, gloo on CPUs), once"
     if _single[0]: return None
@@ -83,6 +85,7 @@ def comm_device() -> torch.device:
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
 
+# %% ../nbs/07_distributed.ipynb #6e58a763
 _fastai_broadcast = getattr(DistributedDL._broadcast, '_fastai_original', DistributedDL._broadcast)
 
 def _broadcast(self, t, rank):
@@ -106,6 +109,7 @@ def barrier():
     if 'nccl' in str(dist.get_backend()): dist.barrier(device_ids=[torch.cuda.current_device()])
     else: dist.barrier()
 
+# %% ../nbs/07_distributed.ipynb #e7668140
 class _Failed:
     "What rank 0 broadcasts instead of a value it could not compute or pickle"
     def __init__(self, msg): self.msg = msg
@@ -194,6 +198,7 @@ def bn_types(model, # A model
     return {n: type(m) for n, m in model.named_modules()
             if isinstance(m, _BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)}
 
+# %% ../nbs/07_distributed.ipynb #91c0796d
 def revert_sync_batchnorm(module, # A model that may contain `SyncBatchNorm` layers
                           types:dict|None=None, # From `bn_types` before the conversion; default: BatchNorm2d
                           _name:str='',

@@ -17,8 +17,8 @@ from .core import PCamDataError
 from .loader import dihedral
 
 # %% auto #0
-__all__ = ['dihedral_logits', 'inference_autocast', 'predict_logits', 'predict', 'calibrated_softmax', 'make_submission',
-           'check_submission']
+__all__ = ['dihedral_logits', 'inference_autocast', 'predict_logits', 'predict', 'calibrated_softmax', 'check_submission',
+           'make_submission']
 
 # %% ../nbs/08e_evaluate.ipynb #78cd06ac
 def dihedral_logits(model, # A model in eval mode
@@ -58,6 +58,7 @@ def predict_logits(learn, # A learner
             if len(b) > 1: targs.append(b[1].cpu().as_subclass(torch.Tensor))
     return torch.cat(logits), (torch.cat(targs) if targs else None)
 
+# %% ../nbs/08e_evaluate.ipynb #7cb43f51
 def predict(learn, # A learner (also one from `load_learner`)
             dl, # DataLoader of model-ready batches, e.g. `learn.dls.test_dl(files)` or `learn.dls.valid`
             tta:bool|None=None, # Mean logits over the 8 dihedral views; None: `learn.dihedral_tta` (False if unset)
@@ -82,11 +83,27 @@ def calibrated_softmax(learn, # A learner, maybe with `temperature` and `logit_b
     return torch.softmax(z, 1)
 
 # %% ../nbs/08e_evaluate.ipynb #08b5028d
+def check_submission(sub:pd.DataFrame, # The submission to check
+                     sample_ids:list, # Ids of sample_submission.csv, in order
+                    ):
+    "Raise unless `sub` has exactly the sample's ids, in its order, with one probability each"
+    if list(sub.columns) != ['id', 'label']:
+        raise PCamDataError(f"A submission has columns id,label; this one has {list(sub.columns)}.")
+    if len(sub) != len(sample_ids):
+        raise PCamDataError(f"The submission has {len(sub)} rows, sample_submission.csv {len(sample_ids)}; nothing "
+                            "written.")
+    if list(sub.id) != list(sample_ids):
+        extra = set(sub.id) - set(sample_ids)
+        raise PCamDataError(f"The submission's ids do not match sample_submission.csv ({len(extra)} unknown ids, "
+                            f"e.g. {sorted(extra)[:1]}, or a different order); nothing written.")
+
+# %% ../nbs/08e_evaluate.ipynb #47526f5b
 def make_submission(learn, # A trained learner (also from `load_learner`)
                     data:str|Path, # Kaggle folder (test/, sample_submission.csv) or an array cache of Kaggle data
                     out:str|Path='submission.csv', # The CSV to write
-                    tta:bool|None=None, # Mean logits over the 8 dihedral views; None: as the run evaluated
-                                        # (`learn.dihedral_tta`), which its calibration was fitted for
+                    # Mean logits over the 8 dihedral views; None: as the run evaluated (`learn.dihedral_tta`),
+                    # which its calibration was fitted for
+                    tta:bool|None=None,
                     bs:int=128, # Batch size
                    ) -> Path: # `out`
     "Predict every Kaggle test patch and write a checked submission CSV (`id,label` with probabilities)"
@@ -106,17 +123,3 @@ def make_submission(learn, # A trained learner (also from `load_learner`)
     tmp = out.with_name(out.name + '.partial')
     sub.to_csv(tmp, index=False); os.replace(tmp, out)
     return out
-
-def check_submission(sub:pd.DataFrame, # The submission to check
-                     sample_ids:list, # Ids of sample_submission.csv, in order
-                    ):
-    "Raise unless `sub` has exactly the sample's ids, in its order, with one probability each"
-    if list(sub.columns) != ['id', 'label']:
-        raise PCamDataError(f"A submission has columns id,label; this one has {list(sub.columns)}.")
-    if len(sub) != len(sample_ids):
-        raise PCamDataError(f"The submission has {len(sub)} rows, sample_submission.csv {len(sample_ids)}; nothing "
-                            "written.")
-    if list(sub.id) != list(sample_ids):
-        extra = set(sub.id) - set(sample_ids)
-        raise PCamDataError(f"The submission's ids do not match sample_submission.csv ({len(extra)} unknown ids, "
-                            f"e.g. {sorted(extra)[:1]}, or a different order); nothing written.")

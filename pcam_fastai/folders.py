@@ -62,7 +62,7 @@ def _order_binary(classes:list, positive:str|None, root) -> list:
         positive = a if score(a) > score(b) else b
     return [c for c in classes if c != positive] + [positive]
 
-# %% ../nbs/03_folders.ipynb #91b8103c
+# %% ../nbs/03_folders.ipynb #84e1d85b
 def _split_layout(root:Path, splits:dict) -> tuple:
     "The files and classes of a set with train/valid/test folders"
     if 'train' not in splits:
@@ -81,6 +81,7 @@ def _split_layout(root:Path, splits:dict) -> tuple:
                                 "every class needs training images.")
     return files, classes
 
+# %% ../nbs/03_folders.ipynb #22884444
 def _flat_layout(root:Path) -> tuple:
     "The kind ('flat' or 'grouped'), files and classes of a set without split folders"
     imgs = _images(root)

@@ -35,29 +35,39 @@ class KnownBackbone(NamedTuple):
     kwargs: dict # `timm.create_model` arguments from the model card ('swiglu_packed', 'silu': SwiGLUPacked, nn.SiLU)
     mean: tuple # Normalization mean, [0, 1] units
     std: tuple # Normalization std
-    pool: str # 'model': timm's pooled features (class token); 'cls+mean': class token and mean patch token, concatenated
+    # 'model': timm's pooled features (class token); 'cls+mean': class token and mean patch token, concatenated
+    pool: str
     gated: bool # Whether the hub page asks you to accept a licence first
     page: str # The model page
     eva_pcam_bacc: float|None # eva's PCam test balanced accuracy with a linear probe: the anchor to reproduce
 
+# %% ../nbs/08a_foundation.ipynb #767f2867
 KNOWN_BACKBONES = {
-    'uni': KnownBackbone('hf-hub:MahmoodLab/UNI', 'vit_large_patch16_224', dict(init_values=1e-5, dynamic_img_size=True), *IMAGENET_STATS,
-                         'model', True, 'https://huggingface.co/MahmoodLab/UNI', 0.937),
+    'uni': KnownBackbone('hf-hub:MahmoodLab/UNI', 'vit_large_patch16_224',
+                         dict(init_values=1e-5, dynamic_img_size=True), *IMAGENET_STATS, 'model', True,
+                         'https://huggingface.co/MahmoodLab/UNI', 0.937),
     'uni2-h': KnownBackbone('hf-hub:MahmoodLab/UNI2-h', 'vit_giant_patch14_224',
-                            dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2,
-                                 no_embed_class=True, mlp_layer='swiglu_packed', act_layer='silu', reg_tokens=8, dynamic_img_size=True),
+                            dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+                                 mlp_ratio=2.66667 * 2, no_embed_class=True, mlp_layer='swiglu_packed',
+                                 act_layer='silu', reg_tokens=8, dynamic_img_size=True),
                             *IMAGENET_STATS, 'model', True, 'https://huggingface.co/MahmoodLab/UNI2-h', 0.950),
-    'prov-gigapath': KnownBackbone('hf-hub:prov-gigapath/prov-gigapath', 'vit_giant_patch14_dinov2', dict(img_size=224, init_values=1e-5, mlp_ratio=5.33334),
-                                   *IMAGENET_STATS, 'model', True, 'https://huggingface.co/prov-gigapath/prov-gigapath', 0.945),
-    'h-optimus-0': KnownBackbone('hf-hub:bioptimus/H-optimus-0', 'vit_giant_patch14_reg4_dinov2', dict(img_size=224, init_values=1e-5, dynamic_img_size=False),
-                                 (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 'model', True, 'https://huggingface.co/bioptimus/H-optimus-0', 0.943),
+    'prov-gigapath': KnownBackbone('hf-hub:prov-gigapath/prov-gigapath', 'vit_giant_patch14_dinov2',
+                                   dict(img_size=224, init_values=1e-5, mlp_ratio=5.33334), *IMAGENET_STATS, 'model',
+                                   True, 'https://huggingface.co/prov-gigapath/prov-gigapath', 0.945),
+    'h-optimus-0': KnownBackbone('hf-hub:bioptimus/H-optimus-0', 'vit_giant_patch14_reg4_dinov2',
+                                 dict(img_size=224, init_values=1e-5, dynamic_img_size=False),
+                                 (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), 'model', True,
+                                 'https://huggingface.co/bioptimus/H-optimus-0', 0.943),
     'virchow2': KnownBackbone('hf-hub:paige-ai/Virchow2', 'vit_huge_patch14_224',
                               dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4,
                                    mlp_layer='swiglu_packed', act_layer='silu', dynamic_img_size=True),
                               *IMAGENET_STATS, 'cls+mean', True, 'https://huggingface.co/paige-ai/Virchow2', 0.938),
-    'vit-s16-imagenet': KnownBackbone('vit_small_patch16_224.augreg_in21k_ft_in1k', 'vit_small_patch16_224', {}, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                                      'model', False, 'https://huggingface.co/timm/vit_small_patch16_224.augreg_in21k_ft_in1k', 0.861),
+    'vit-s16-imagenet': KnownBackbone('vit_small_patch16_224.augreg_in21k_ft_in1k', 'vit_small_patch16_224', {},
+                                      (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 'model', False,
+                                      'https://huggingface.co/timm/vit_small_patch16_224.augreg_in21k_ft_in1k', 0.861),
 }
+
+# %% ../nbs/08a_foundation.ipynb #df5f3553
 NOT_TIMM = {'hibou-l': ('histai/hibou-L', 0.955), 'hibou-b': ('histai/hibou-b', None),
             'phikon': ('owkin/phikon', 0.920), 'phikon-v2': ('owkin/phikon-v2', None)}
 
@@ -69,72 +79,105 @@ def _timm_kwargs(kw:dict) -> dict:
     "Model-card arguments with layer names resolved to timm's classes"
     import timm.layers
     names = dict(swiglu_packed=timm.layers.SwiGLUPacked, silu=nn.SiLU, gelu=nn.GELU)
-    return {k: names.get(v, v) if k in ('mlp_layer', 'act_layer') and isinstance(v, str) else v for k, v in kw.items()}
+    return {k: names.get(v, v) if k in ('mlp_layer', 'act_layer') and isinstance(v, str) else v
+            for k, v in kw.items()}
 
+# %% ../nbs/08a_foundation.ipynb #c7ff9b6a
 def _hub_error(name:str, hub:str, page:str|None, gated:bool, e:Exception) -> PretrainedWeightsError:
+    "Why the hub gave no weights, and the two ways to get them (a gated model: its licence and a login first)"
     page = page or (f"https://huggingface.co/{hub.removeprefix('hf-hub:')}" if hub.startswith('hf-hub:')
                     else f"https://huggingface.co/timm/{hub}")
     first = (str(e).strip().splitlines() or [''])[0][:200]
+    step1 = (f"  1. it is a gated model: accept its licence on {page} while logged in there, log in here "
+             "(`hf auth login`, or set HF_TOKEN: huggingface_hub reads it, pcam_fastai never does) and run again "
+             "with a network, which fills the Hugging Face cache;\n" if gated else
+             f"  1. run once with a network so the weights land in the Hugging Face cache ({page}), then work offline "
+             "with HF_HUB_OFFLINE=1;\n")
     return PretrainedWeightsError(
         f"Could not get the weights of {name} ({hub}) from the Hugging Face hub ({type(e).__name__}: {first}). "
-        "Either:\n"
-        + (f"  1. it is a gated model: accept its licence on {page} while logged in there, log in here (`hf auth login`, or set HF_TOKEN: "
-           "huggingface_hub reads it, pcam_fastai never does) and run again with a network, which fills the Hugging "
-           "Face cache;\n" if gated else
-           f"  1. run once with a network so the weights land in the Hugging Face cache ({page}), then work offline with HF_HUB_OFFLINE=1;\n")
-        + f"  2. or download the weights file from {page} where you can, and pass weights_path='FILE' (CLI: --weights-path FILE; safetensors or a torch state dict).")
+        "Either:\n" + step1
+        + f"  2. or download the weights file from {page} where you can, and pass weights_path='FILE' "
+        "(CLI: --weights-path FILE; safetensors or a torch state dict).")
 
 # %% ../nbs/08a_foundation.ipynb #0599168b
-def create_backbone(name:str, # A short name from KNOWN_BACKBONES ('uni', 'virchow2', ...), a timm model name, or 'hf-hub:org/model'
-                    pretrained:bool=True, # Load its pretrained weights (the Hugging Face cache, or the hub); False: random weights
-                    weights_path:str|Path|None=None, # A local weights file (safetensors or torch state dict) instead of the hub
-                    img_size:int|None=None, # Input side in pixels; None: the model's own (its pretrained config)
-                    model_kwargs:dict|None=None, # More `timm.create_model` arguments, for a model KNOWN_BACKBONES does not list
-                   ) -> nn.Module:
-    "A timm backbone without its classifier, in eval mode, with its preprocessing and identity in `model.pcam_backbone`"
-    import timm, timm.data
-    if not isinstance(name, str) or not name: raise UsageError(f"backbone must be a model name, not {name!r}.")
-    key = name.lower()
-    if key in NOT_TIMM:
-        hub, acc = NOT_TIMM[key]
-        raise UsageError(f"{name} ({hub}) is a Hugging Face transformers model, not a timm one, and is not supported here"
-                         + (f" (eva: PCam balanced accuracy {acc})" if acc else '') + f"; the timm backbones are: {', '.join(KNOWN_BACKBONES)}.")
-    known = KNOWN_BACKBONES.get(key)
-    kw = {**_timm_kwargs({**(known.kwargs if known else {}), **(model_kwargs or {})}), 'num_classes': 0}
-    # a CNN takes any size: embed_patches resizes to it
-    if img_size is not None and is_token_arch(known.arch if known else name): kw['img_size'] = int(img_size)
-    target = known.hub if known else name
-    if weights_path is not None:
-        arch = known.arch if known else name
-        if arch.startswith('hf-hub:'):
-            raise UsageError(f"To load {weights_path} without the hub, name the timm architecture the weights fit (e.g. vit_large_patch16_224) as the backbone, "
-                             f"with its model_kwargs (CLI: --model-kwargs JSON), or one of {', '.join(KNOWN_BACKBONES)}.")
-        model = _create(timm, arch, False, kw)
-        layout = fit_state_dict(model, read_weights(weights_path), weights_path, arch)
-        source = f"file {Path(weights_path).name} (sha256 {file_sha256(weights_path)[:12]}" + (', names as saved)' if layout == 'as saved' else f', names mapped by the {layout} layout)')
-    else:
-        try: model = _create(timm, target, pretrained, kw)
-        except (UsageError, BackboneError): raise
-        except Exception as e:  # huggingface_hub's errors (offline, gated, not found) come in many kinds
-            raise _hub_error(name, target, known.page if known else None, bool(known and known.gated)
-                             or 'gated' in str(e).lower(), e) from None
-        source = f"{target} (pretrained)" if pretrained else 'random init (pretrained=False)'
-    cfg = timm.data.resolve_model_data_config(model)
-    mean, std = (known.mean, known.std) if known and weights_path is not None else (tuple(cfg['mean']), tuple(cfg['std']))
-    side = int(img_size or cfg['input_size'][-1])
-    pool = known.pool if known else 'model'
-    model.pcam_backbone = dict(name=name, timm=target if weights_path is None else (known.arch if known else name), weights=source,
-                               input_size=side, mean=[float(m) for m in mean], std=[float(s) for s in std], pool=pool,
-                               dim=int(model.num_features * (2 if pool == 'cls+mean' else 1)))
-    return model.eval()
-
 def _create(timm, target:str, pretrained:bool, kw:dict) -> nn.Module:
     "timm.create_model, with a clear error for a name timm does not know"
     if not target.startswith('hf-hub:') and not timm.is_model(target.split('.')[0]):
         close = difflib.get_close_matches(target, timm.list_models() + list(KNOWN_BACKBONES), n=4, cutoff=0.6)
-        raise UsageError(f"Unknown backbone {target!r}: not a timm model name nor one of {', '.join(KNOWN_BACKBONES)}" + (f"; did you mean {', '.join(close)}?" if close else '.'))
+        raise UsageError(f"Unknown backbone {target!r}: not a timm model name nor one of {', '.join(KNOWN_BACKBONES)}"
+                         + (f"; did you mean {', '.join(close)}?" if close else '.'))
     try: return timm.create_model(target, pretrained=pretrained, **kw)
     except TypeError as e: raise BackboneError(f"timm cannot build {target} with {sorted(kw)}: {e}") from None
+
+# %% ../nbs/08a_foundation.ipynb #574e2d6a
+def _refuse_not_timm(name:str):
+    "Refuse a Hugging Face transformers model (`NOT_TIMM`), naming the timm backbones"
+    hub, acc = NOT_TIMM[name.lower()]
+    raise UsageError(f"{name} ({hub}) is a Hugging Face transformers model, not a timm one, and is not supported here"
+                     + (f" (eva: PCam balanced accuracy {acc})" if acc else '')
+                     + f"; the timm backbones are: {', '.join(KNOWN_BACKBONES)}.")
+
+def _file_source(weights_path:str|Path, layout:str) -> str:
+    "How `model.pcam_backbone` names weights read from a file: its name, checksum and key layout"
+    return (f"file {Path(weights_path).name} (sha256 {file_sha256(weights_path)[:12]}"
+            + (', names as saved)' if layout == 'as saved' else f', names mapped by the {layout} layout)'))
+
+# %% ../nbs/08a_foundation.ipynb #781e21af
+def _from_file(timm, arch:str, weights_path:str|Path, kw:dict) -> tuple[nn.Module, str]:
+    "A model of `arch` around a local weights file, and how `pcam_backbone` names its weights"
+    if arch.startswith('hf-hub:'):
+        raise UsageError(f"To load {weights_path} without the hub, name the timm architecture the weights fit "
+                         "(e.g. vit_large_patch16_224) as the backbone, "
+                         f"with its model_kwargs (CLI: --model-kwargs JSON), or one of {', '.join(KNOWN_BACKBONES)}.")
+    model = _create(timm, arch, False, kw)
+    layout = fit_state_dict(model, read_weights(weights_path), weights_path, arch)
+    return model, _file_source(weights_path, layout)
+
+def _from_hub(timm, name:str, target:str, known:KnownBackbone|None, pretrained:bool, kw:dict) -> tuple[nn.Module, str]:
+    "A model from the Hugging Face cache or hub (or with random weights), and how `pcam_backbone` names its weights"
+    try: model = _create(timm, target, pretrained, kw)
+    except (UsageError, BackboneError): raise
+    except Exception as e:  # huggingface_hub's errors (offline, gated, not found) come in many kinds
+        raise _hub_error(name, target, known.page if known else None, bool(known and known.gated)
+                         or 'gated' in str(e).lower(), e) from None
+    return model, f"{target} (pretrained)" if pretrained else 'random init (pretrained=False)'
+
+# %% ../nbs/08a_foundation.ipynb #a0d80b4a
+def _describe(model:nn.Module, name:str, known:KnownBackbone|None, weights_path, target:str, source:str,
+              img_size:int|None) -> dict:
+    "What `model.pcam_backbone` holds: the backbone's identity, its preprocessing, pooling and embedding size"
+    import timm.data
+    cfg = timm.data.resolve_model_data_config(model)
+    own = known and weights_path is not None  # timm's config of a model built from a file is its architecture's
+    mean, std = (known.mean, known.std) if own else (tuple(cfg['mean']), tuple(cfg['std']))
+    side = int(img_size or cfg['input_size'][-1])
+    pool = known.pool if known else 'model'
+    return dict(name=name, timm=target if weights_path is None else (known.arch if known else name), weights=source,
+                input_size=side, mean=[float(m) for m in mean], std=[float(s) for s in std], pool=pool,
+                dim=int(model.num_features * (2 if pool == 'cls+mean' else 1)))
+
+# %% ../nbs/08a_foundation.ipynb #61748f77
+def create_backbone(
+    # A short name from KNOWN_BACKBONES ('uni', 'virchow2', ...), a timm model name, or 'hf-hub:org/model'
+    name:str,
+    pretrained:bool=True, # Load its pretrained weights (the Hugging Face cache, or the hub); False: random weights
+    weights_path:str|Path|None=None, # A local weights file (safetensors or torch state dict) instead of the hub
+    img_size:int|None=None, # Input side in pixels; None: the model's own (its pretrained config)
+    model_kwargs:dict|None=None, # More `timm.create_model` arguments, for a model KNOWN_BACKBONES does not list
+) -> nn.Module:
+    "A timm backbone without its classifier, in eval mode, with its preprocessing and identity in `model.pcam_backbone`"
+    import timm
+    if not isinstance(name, str) or not name: raise UsageError(f"backbone must be a model name, not {name!r}.")
+    if name.lower() in NOT_TIMM: _refuse_not_timm(name)
+    known = KNOWN_BACKBONES.get(name.lower())
+    kw = {**_timm_kwargs({**(known.kwargs if known else {}), **(model_kwargs or {})}), 'num_classes': 0}
+    # a CNN takes any size: embed_patches resizes to it
+    if img_size is not None and is_token_arch(known.arch if known else name): kw['img_size'] = int(img_size)
+    target = known.hub if known else name
+    if weights_path is not None: model, source = _from_file(timm, known.arch if known else name, weights_path, kw)
+    else: model, source = _from_hub(timm, name, target, known, pretrained, kw)
+    model.pcam_backbone = _describe(model, name, known, weights_path, target, source, img_size)
+    return model.eval()
 
 # %% ../nbs/08a_foundation.ipynb #0c42e035
 def state_checksum(model:nn.Module, # Any torch module
@@ -146,6 +189,7 @@ def state_checksum(model:nn.Module, # Any torch module
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/08a_foundation.ipynb #46c5c2ed
 def embed_patches(model:nn.Module, # A backbone from `create_backbone`
                   x, # uint8 patches (N, H, W, 3), numpy or torch
                   amp:bool=True, # bf16 autocast on CUDA (no effect elsewhere)
@@ -154,8 +198,8 @@ def embed_patches(model:nn.Module, # A backbone from `create_backbone`
     cfg = model.pcam_backbone
     dev = next(model.parameters()).device
     x = x if torch.is_tensor(x) else torch.from_numpy(np.array(x))  # a copy: cache memmaps are read-only
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3: raise UsageError("patches must be uint8 (N, H, W, "
-                                                                                    f"3), not {x.dtype} {tuple(x.shape)}.")
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
+        raise UsageError(f"patches must be uint8 (N, H, W, 3), not {x.dtype} {tuple(x.shape)}.")
     x = x.to(dev).permute(0, 3, 1, 2).float().div_(255)
     s = cfg['input_size']
     if x.shape[-2:] != (s, s): x = F.interpolate(x, size=(s, s), mode='bilinear', align_corners=False, antialias=False)
@@ -175,18 +219,20 @@ def backbone_slug(name:str, # A backbone's name, e.g. 'hf-hub:MahmoodLab/UNI'
     "A backbone's name as a folder name, e.g. 'mahmoodlab-uni'"
     return ''.join(ch if ch.isalnum() or ch in '-_.' else '-' for ch in name.removeprefix('hf-hub:')).strip('-').lower()
 
+# %% ../nbs/08a_foundation.ipynb #2b737b0c
 def _not_a_cache(data:Path) -> str:
-    ("What to do when `data` is not an array cache: decode it into a new folder beside it (never into the user's data), "
-     "or build one there")
+    ("What to do when `data` is not an array cache: decode it into a new folder beside it (never into the user's "
+     "data), or build one there")
     if not data.exists() or (data.is_dir() and not any(data.iterdir())):
         return f"{data} is not an array cache; build one first: pcam-fastai cache SRC {data}"
     base = data if data.name else data.resolve()  # '.' has no name
     # data/pcam.zip or data/pcam: data/pcam-cache
     dest = base.with_name(f"{base.stem if base.is_file() else base.name}-cache")
     if cache_splits(dest): return f"{data} is not an array cache, but {dest} is: pass --data {dest}"
-    return (f"{data} is not an array cache; if it holds PCam (the Kaggle folder or zip, or the official h5 files), decode it once into a new folder: "
-            f"pcam-fastai cache {data} {dest}, then pass --data {dest}")
+    return (f"{data} is not an array cache; if it holds PCam (the Kaggle folder or zip, or the official h5 files), "
+            f"decode it once into a new folder: pcam-fastai cache {data} {dest}, then pass --data {dest}")
 
+# %% ../nbs/08a_foundation.ipynb #487aa314
 def _cache_identity(data:Path) -> dict:
     "What the embeddings were computed from: each split's size and label checksum"
     splits = cache_splits(data)
@@ -197,7 +243,8 @@ def _cache_identity(data:Path) -> dict:
     for s in splits:
         c = load_cache(data, s)
         if not (c.labels >= 0).any(): continue  # Kaggle's test split: no labels, nothing for a probe
-        ident[s] = dict(n=int(c.manifest['n']), labels_sha1=c.manifest['labels_sha1'], signature=c.manifest.get('signature'),
+        ident[s] = dict(n=int(c.manifest['n']), labels_sha1=c.manifest['labels_sha1'],
+                        signature=c.manifest.get('signature'),
                         stain=hashlib.sha1(stain.encode()).hexdigest() if stain else None)
     if not ident: raise UsageError(f"{data} has no labelled patches to probe with.")
     return ident
@@ -208,25 +255,42 @@ def _check_embeddings(model:nn.Module, x:np.ndarray, e:torch.Tensor, where:str, 
      "weights are broken")
     b = model.pcam_backbone
     if not torch.isfinite(e).all():
-        raise BackboneError(f"{b['name']} ({b['weights']}) gives non-finite embeddings (NaN or inf) to {int((~torch.isfinite(e)).any(1).sum())} of {len(e)} patches "
-                            f"({where}): its weights are damaged; pass a working weights file.")
-    if first and len(e) > 1 and (x != x[:1]).any() and float((e - e[:1]).abs().max()) <= 1e-6 * max(1.0, float(e.abs().max())):
-        raise BackboneError(f"{b['name']} ({b['weights']}) gives the same embedding to all {len(e)} patches of the first batch ({where}), which differ: "
-                            "its weights are broken (all zeros, or integers read as floats?), and a probe on them would score 0.5; pass a working weights file.")
+        bad = int((~torch.isfinite(e)).any(1).sum())
+        raise BackboneError(f"{b['name']} ({b['weights']}) gives non-finite embeddings (NaN or inf) to {bad} of "
+                            f"{len(e)} patches ({where}): its weights are damaged; pass a working weights file.")
+    if (first and len(e) > 1 and (x != x[:1]).any()
+            and float((e - e[:1]).abs().max()) <= 1e-6 * max(1.0, float(e.abs().max()))):
+        raise BackboneError(f"{b['name']} ({b['weights']}) gives the same embedding to all {len(e)} patches of the "
+                            f"first batch ({where}), which differ: its weights are broken (all zeros, or integers "
+                            "read as floats?), and a probe on them would score 0.5; pass a working weights file.")
 
+# %% ../nbs/08a_foundation.ipynb #7b00e0de
+def _resume_point(part:Path, prog:Path, key:str, n:int, dim:int, force:bool) -> tuple:
+    "A partial run of the same key to continue: (its writable memmap, the first patch to do), else (None, 0)"
+    if force or not (part.exists() and prog.exists()): return None, 0
+    try: p = json.loads(prog.read_text())
+    except ValueError: p = {}
+    if p.get('key') != key: return None, 0
+    arr = np.load(part, mmap_mode='r+')
+    if arr.shape != (n, dim): return None, 0
+    return arr, int(p.get('done', 0))
+
+# %% ../nbs/08a_foundation.ipynb #774d686a
+def _finish_split(c, dest:Path, split:str, part:Path, prog:Path, n:int, dim:int, start:int, t0:float) -> dict:
+    "The labels saved beside a complete split, the split renamed into place, and how long it took"
+    np.save(dest/f'{split}.labels.npy', c.labels); np.save(dest/f'{split}.keep.npy', c.keep)
+    os.replace(part, dest/f'{split}.npy'); prog.unlink(missing_ok=True)
+    secs = time.perf_counter() - t0
+    return dict(n=n, dim=dim, seconds=round(secs, 2), patches_per_s=round((n - start) / secs, 1) if secs > 0 else None,
+                resumed_at=start)
+
+# %% ../nbs/08a_foundation.ipynb #177c1240
 def _embed_split(model, data, dest, split, key, bs, amp, force, show_progress) -> dict:
     "One split into dest/<split>.npy, resuming a partial run of the same key"
     c = load_cache(data, split)
     n, dim = len(c.labels), model.pcam_backbone['dim']
     part, prog = dest/f'{split}.partial.npy', dest/f'{split}.progress.json'
-    start = 0
-    if not force and part.exists() and prog.exists():
-        try: p = json.loads(prog.read_text())
-        except ValueError: p = {}
-        if p.get('key') == key:
-            arr = np.load(part, mmap_mode='r+')
-            if arr.shape == (n, dim): start = int(p.get('done', 0))
-            else: del arr
+    arr, start = _resume_point(part, prog, key, n, dim, force)
     if start == 0:
         prog.unlink(missing_ok=True)  # first: an old progress file must never vouch for the fresh zeros below
         arr = np.lib.format.open_memmap(part, mode='w+', dtype=np.float32, shape=(n, dim))
@@ -244,15 +308,26 @@ def _embed_split(model, data, dest, split, key, bs, amp, force, show_progress) -
         arr[i:i + bs] = e.numpy()
         arr.flush()  # the rows reach the file before the progress says they are done
         write_text_atomic(prog, json.dumps(dict(key=key, done=min(i + bs, n))))
-        if show_progress: pb.comment = f'{split}: {(min(i + bs, n) - start) / max(time.perf_counter() - t0, 1e-9):,.1f} patches/s'
+        if show_progress:
+            pb.comment = f'{split}: {(min(i + bs, n) - start) / max(time.perf_counter() - t0, 1e-9):,.1f} patches/s'
     del arr
-    np.save(dest/f'{split}.labels.npy', c.labels); np.save(dest/f'{split}.keep.npy', c.keep)
-    os.replace(part, dest/f'{split}.npy'); prog.unlink(missing_ok=True)
-    secs = time.perf_counter() - t0
-    return dict(n=n, dim=dim, seconds=round(secs, 2), patches_per_s=round((n - start) / secs, 1) if secs > 0 else None,
-                resumed_at=start)
+    return _finish_split(c, dest, split, part, prog, n, dim, start, t0)
 
 # %% ../nbs/08a_foundation.ipynb #16ea8df4
+def _start_meta(dest:Path, key:str, force:bool, **fields) -> dict:
+    "meta.json's record to go on with: the splits done with the same key kept; another key's folder refused, or reset"
+    meta_fn = dest/'meta.json'
+    meta = json.loads(meta_fn.read_text()) if meta_fn.exists() else {}
+    if meta and meta.get('key') != key:
+        if not force: raise UsageError(f"{dest} holds embeddings of another backbone or cache "
+                                       f"({meta.get('backbone', {}).get('name')}, key {meta.get('key')}); "
+                                       "pass another dest, or force=True to replace them.")
+        meta = {}
+    meta = dict(meta, version=EMBEDDINGS_VERSION, key=key, **fields, splits=meta.get('splits', {}))
+    if force: meta['splits'] = {}
+    return meta
+
+# %% ../nbs/08a_foundation.ipynb #5bd55b00
 def embedding_cache(data:str|Path, # An array cache root (`build_cache`)
                     backbone:str|nn.Module='vit-s16-imagenet', # A name for `create_backbone`, or a backbone it made
                     dest:str|Path|None=None, # Folder for the embeddings; None: DATA/embeddings/<backbone>-<key>
@@ -266,33 +341,26 @@ def embedding_cache(data:str|Path, # An array cache root (`build_cache`)
                     force:bool=False, # Compute again even where complete
                     show_progress:bool=True, # A progress bar per split, with the patch rate
                    ) -> Path: # The embeddings folder
-    ("Embeddings of every cached patch by a frozen backbone, on disk once (memory-mapped, restartable), with the labels "
-     "and what made them")
+    ("Embeddings of every cached patch by a frozen backbone, on disk once (memory-mapped, restartable), with the "
+     "labels and what made them")
     data = Path(data)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise UsageError("bs must be a positive integer, not "
-                                                                                   f"{bs!r}.")
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise UsageError(f"bs must be a positive integer, not {bs!r}.")
     ident = _cache_identity(data)
-    model = backbone if isinstance(backbone, nn.Module) else create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs)
-    if not hasattr(model, 'pcam_backbone'): raise UsageError("backbone must be a name, or a model made by "
-                                                             "create_backbone.")
+    model = (backbone if isinstance(backbone, nn.Module)
+             else create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs))
+    if not hasattr(model, 'pcam_backbone'):
+        raise UsageError("backbone must be a name, or a model made by create_backbone.")
     model = model.to(compute_device() if device in (None, 'auto') else torch.device(device)).eval()
     info = dict(model.pcam_backbone, weights_sha1=state_checksum(model),
                 amp=bool(amp and next(model.parameters()).device.type == 'cuda'))
     key = hashlib.sha1(json.dumps([info, ident], sort_keys=True).encode()).hexdigest()[:12]
     dest = Path(dest) if dest is not None else data/'embeddings'/f"{backbone_slug(info['name'])}-{key}"
     dest.mkdir(parents=True, exist_ok=True)
-    meta_fn = dest/'meta.json'
-    meta = json.loads(meta_fn.read_text()) if meta_fn.exists() else {}
-    if meta and meta.get('key') != key:
-        if not force: raise UsageError(f"{dest} holds embeddings of another backbone or cache ({meta.get('backbone', {}).get('name')}, key {meta.get('key')}); "
-                                       "pass another dest, or force=True to replace them.")
-        meta = {}
-    meta = dict(meta, version=EMBEDDINGS_VERSION, key=key, backbone=info, cache=str(data.resolve()),
-                cache_splits=ident, splits=meta.get('splits', {}))
-    if force: meta['splits'] = {}
+    meta = _start_meta(dest, key, force, backbone=info, cache=str(data.resolve()), cache_splits=ident)
     for split in ident:
         if split in meta['splits'] and (dest/f'{split}.npy').exists(): continue
         meta['splits'][split] = _embed_split(model, data, dest, split, key, bs, amp, force, show_progress)
-        write_text_atomic(meta_fn, json_text(meta))
-    write_text_atomic(meta_fn, json_text(meta))
+        write_text_atomic(dest/'meta.json', json_text(meta))
+    write_text_atomic(dest/'meta.json', json_text(meta))
     return dest

@@ -134,6 +134,7 @@ def centre_ratio(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
     inside[h//3:h - h//3, w//3:w - w//3] = True
     return cams[:, inside].mean(1) / cams[:, ~inside].mean(1).clamp_min(1e-12)
 
+# %% ../nbs/09_interpret.ipynb #b1d36d58
 def centre_mass_share(cams:torch.Tensor, # (N, H, W) Grad-CAM maps
                      ) -> torch.Tensor:
     "Share of each map's total heat inside the centre third (1/9 of the area: a map blind to it scores about 0.11)"
@@ -169,6 +170,7 @@ def _rows(interp, idxs):
     finally: interp.learn.metrics = metrics
     return inps, preds, targs, losses
 
+# %% ../nbs/09_interpret.ipynb #135a52e2
 def loss_text(loss, # A patch's cross-entropy (-log p of its label), a float or a 0-d tensor
              ) -> str:
     "The loss as a plot title shows it: two decimals, never '-0.00' (-log 1 is -0.0)"
@@ -188,6 +190,7 @@ def outline_centre(ax, # Axes showing a patch
     kw = dict(fill=False, ec='cyan', lw=1.0, ls='--') | kwargs
     ax.add_patch(Rectangle((side / 3 - 0.5, side / 3 - 0.5), side / 3, side / 3, **kw))
 
+# %% ../nbs/09_interpret.ipynb #499c7b1c
 def heatmap_colorbar(fig, # The figure
                      cmap:str=HEATMAP_CMAP, # Its heatmaps' colour map
                      label:str='Grad-CAM (1 = hottest in the patch)', # Bar label
@@ -266,6 +269,7 @@ def calibrated_losses(interp:ClassificationInterpretation, # An interpretation o
     probs, targs = all_preds(interp)
     return -probs.gather(1, targs.long()[:, None])[:, 0].clamp_min(1e-12).log()
 
+# %% ../nbs/09_interpret.ipynb #f4a27405
 def top_loss_idxs(interp:ClassificationInterpretation, # An interpretation
                   k:int=9, # How many
                   kind:str='all', # 'all', 'fn' (missed tumour) or 'fp' (false alarms)

@@ -80,6 +80,7 @@ def resolve_arch(arch): # A torchvision or timm model name like 'resnet50', or a
                      + (f"; did you mean {', '.join(close)}?" if close else '.')
                      + ('' if timm_names else ' (timm is not installed: pip install timm)'))
 
+# %% ../nbs/06_learner.ipynb #852c86f4
 def arch_name(arch, # A model name or function
              ) -> str:
     "A printable name for `arch`"
@@ -104,6 +105,7 @@ def _weights_error(arch, err) -> PretrainedWeightsError:
         f"  3. or train from scratch with pretrained=False (CLI: --pretrained false); "
         "expect lower accuracy on real data.")
 
+# %% ../nbs/06_learner.ipynb #9c5312a0
 def ensure_weights(arch, # A torchvision model name or function (timm models download themselves)
                   ):
     "Download `arch`'s ImageNet weights into torch's cache unless there; raise `PretrainedWeightsError` if impossible"
@@ -209,6 +211,7 @@ def token_backbone(model:torch.nn.Module, # A fastai vision model (body, head), 
     return next((m for m in model.modules()
                  if hasattr(m, 'blocks') and hasattr(m, 'patch_embed') and hasattr(m, 'num_prefix_tokens')), None)
 
+# %% ../nbs/06_learner.ipynb #79966a1c
 def vit_splitter(model:torch.nn.Module, # A fastai model (TimmBody around a vision transformer, head)
                 ) -> list: # Three parameter groups
     "Layer groups for discriminative learning rates on a ViT: embeddings and early blocks, late blocks and norm, head"
@@ -229,6 +232,7 @@ def timm_kwargs(arch, # A timm name
     "The `timm.create_model` arguments this package adds: `dynamic_img_size` for vision transformers (96 and 224 px)"
     return dict(dynamic_img_size=True) if is_token_arch(arch) else {}
 
+# %% ../nbs/06_learner.ipynb #5b62256b
 class InputStats:
     "A forward pre-hook on the body: batches normalized with ImageNet's statistics re-normalized to the backbone's own"
     def __init__(self, mean, # The backbone's normalization mean, [0, 1] units
@@ -260,6 +264,7 @@ def backbone_stats(body:torch.nn.Module, # The body of a fastai vision model
     if all(abs(a - b) < 1e-6 for a, b in zip((*mean, *std), (*imagenet_stats[0], *imagenet_stats[1]))): return None
     return [float(v) for v in mean], [float(v) for v in std]
 
+# %% ../nbs/06_learner.ipynb #004fbde9
 def apply_input_stats(model:torch.nn.Module, # A fastai vision model (body, head)
                       stats, # (mean, std) of the backbone, or None
                      ) -> list|None: # What was applied, as [mean, std] (for the run's settings and its bundle)
@@ -277,7 +282,6 @@ def _batches_on_cuda(dls) -> bool:
 
 def _normalizes(dls) -> bool:
     "Whether `dls` already normalize their batches (fastai's `Normalize`, or the array cache's `NormalizeBatch`)"
-    from fastai.data.transforms import Normalize
     return any(isinstance(t, Normalize) or type(t).__name__ == 'NormalizeBatch'
                for t in getattr(dls, 'after_batch', []).fs)
 
@@ -324,6 +328,7 @@ def _vision_learner(dls, fn, pretrained:bool, weights_path, kw:dict) -> Learner:
         return vision_learner(dls, fn, pretrained=True, **kw)
     return vision_learner(dls, fn, pretrained=False, **kw)
 
+# %% ../nbs/06_learner.ipynb #9222b235
 def _weights_text(fn, pretrained:bool, weights_path, sha256, layout) -> str:
     "Where a learner's weights came from, in words"
     if weights_path:
@@ -331,6 +336,15 @@ def _weights_text(fn, pretrained:bool, weights_path, sha256, layout) -> str:
                 + ('names as saved)' if layout == 'as saved' else f'names mapped by the {layout} layout)'))
     if pretrained: return 'ImageNet (torchvision DEFAULT)' if not isinstance(fn, str) else 'ImageNet (timm default)'
     return 'random init (pretrained=False)'
+
+# %% ../nbs/06_learner.ipynb #e28abcc9
+def _set_precision(learn, dls, fp16:bool):
+    "The precision `learn` trains in, set and said in `learn.precision`: on CUDA batches channels-last, AMP if asked"
+    on_cuda = _batches_on_cuda(dls)
+    amp, learn.precision = choose_precision(fp16, cuda=on_cuda)
+    if on_cuda:  # channels-last model (fastai's ChannelsLast) and, when asked for, autocast in bf16 or fp16
+        learn.to_channelslast(use_amp=amp is not None, amp_mode=amp or 'fp16')
+        learn.precision += ', channels-last'
 
 # %% ../nbs/06_learner.ipynb #e679b5c7
 def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai vision DataLoaders)
@@ -364,11 +378,7 @@ def pcam_learner(dls, # DataLoaders from `pcam_dataloaders` (or any fastai visio
     if input_stats == 'auto':
         input_stats = backbone_stats(learn.model[0]) if kw.get('normalize') is False else None
     learn.input_stats = apply_input_stats(learn.model, input_stats)
-    on_cuda = _batches_on_cuda(dls)
-    amp, learn.precision = choose_precision(fp16, cuda=on_cuda)
-    if on_cuda:  # channels-last model (fastai's ChannelsLast) and, when asked for, autocast in bf16 or fp16
-        learn.to_channelslast(use_amp=amp is not None, amp_mode=amp or 'fp16')
-        learn.precision += ', channels-last'
+    _set_precision(learn, dls, fp16)
     learn.arch_name = arch_name(fn)
     learn.weights = _weights_text(fn, pretrained, weights_path, learn.weights_sha256, learn.weights_layout)
     if not quiet: print(f'pcam_learner: {learn.arch_name}, weights: {learn.weights}; precision: {learn.precision}'

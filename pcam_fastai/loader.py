@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from fastcore.basics import store_attr
+from fastcore.basics import patch, store_attr
 from fasttransform import Transform
 from fastai.data.core import TfmdDL, DataLoaders
 from fastai.data.transforms import Category, CategoryMap
@@ -55,7 +55,7 @@ class DihedralBatch(Transform):
         t = torch.where((k & 1).bool(), t.flip(-1), t)
         return TensorImage(torch.where((k & 2).bool(), t.flip(-2), t))
 
-# %% ../nbs/04_loader.ipynb #905969f3
+# %% ../nbs/04_loader.ipynb #aad235e2
 class RandomCropBatch(Transform):
     "A random square crop per image (one zoom per batch, up to `max_zoom`); training only"
     split_idx, order = 0, 20
@@ -74,6 +74,7 @@ class RandomCropBatch(Transform):
         out = nhwc[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
         return TensorImage(out.permute(0, 3, 1, 2))
 
+# %% ../nbs/04_loader.ipynb #11ea7c3b
 class ResizeBatch(Transform):
     "Resize a batch to `size` x `size` with bilinear interpolation, in uint8 and channels-last on a CPU"
     order = 30
@@ -158,7 +159,7 @@ def pread_rows(fd:int, # An open file descriptor of the memory map's file
                 raise CacheError(f"Short read from {fn} (row {j}): the cache file is truncated; rebuild it.")
     return out
 
-# %% ../nbs/04_loader.ipynb #2de9a4a8
+# %% ../nbs/04_loader.ipynb #098ebe44
 class PatchArrays:
     "Rows `idxs` of cached patches as a dataset: item i is (TensorImage uint8 3x96x96, TensorCategory)"
     def __init__(self,
@@ -178,16 +179,6 @@ class PatchArrays:
     def __getstate__(self): return {**self.__dict__, '_fd': None}
     @property
     def items(self): return self.idxs.tolist()  # a list, as fastai's Interpretation indexes it with `L`
-    def read_rows(self, js:np.ndarray) -> np.ndarray:
-        "Patches `js` of the cache as one (len(js), 96, 96, 3) uint8 array"
-        fn = getattr(self.images, 'filename', None)
-        whole = (fn is not None and self.images.flags['C_CONTIGUOUS']
-                 and os.path.getsize(fn) == self.images.offset + self.images.nbytes)
-        if not whole: return np.ascontiguousarray(self.images[js])  # an in-memory array, or a slice of a memory map
-        if self._fd is None:
-            self._fd = os.open(fn, os.O_RDONLY)
-            weakref.finalize(self, os.close, self._fd)
-        return pread_rows(self._fd, self.images, js)
     def _pack(self, x, y):
         t = torch.from_numpy(x)
         x = TensorImage(t.permute(0, 3, 1, 2) if x.ndim == 4 else t.permute(2, 0, 1))
@@ -199,16 +190,34 @@ class PatchArrays:
         "The batch of items at `positions`, read in one pass"
         js = self.idxs[np.asarray(positions, dtype=np.int64)]
         return self._pack(self.read_rows(js), self.labels[js])
-    def decode(self, o, full=True):
-        return (o[0], Category(self.vocab[int(o[1])])) if len(o) > 1 else (o[0],)
     @contextmanager
     def set_split_idx(self, i):
         old, self.split_idx = self.split_idx, i
         try: yield self
         finally: self.split_idx = old
-    def new_empty(self):
-        return PatchArrays(np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), np.zeros(0, np.int8), [], self.vocab,
-                           self.with_labels, self.split_idx)
+
+# %% ../nbs/04_loader.ipynb #3620ee90
+@patch
+def read_rows(self:PatchArrays, js:np.ndarray) -> np.ndarray:
+    "Patches `js` of the cache as one (len(js), 96, 96, 3) uint8 array"
+    fn = getattr(self.images, 'filename', None)
+    whole = (fn is not None and self.images.flags['C_CONTIGUOUS']
+             and os.path.getsize(fn) == self.images.offset + self.images.nbytes)
+    if not whole: return np.ascontiguousarray(self.images[js])  # an in-memory array, or a slice of a memory map
+    if self._fd is None:
+        self._fd = os.open(fn, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+    return pread_rows(self._fd, self.images, js)
+
+# %% ../nbs/04_loader.ipynb #c6f0ccba
+@patch
+def decode(self:PatchArrays, o, full=True):
+    return (o[0], Category(self.vocab[int(o[1])])) if len(o) > 1 else (o[0],)
+
+@patch
+def new_empty(self:PatchArrays):
+    return PatchArrays(np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), np.zeros(0, np.int8), [], self.vocab,
+                       self.with_labels, self.split_idx)
 
 # %% ../nbs/04_loader.ipynb #392b83f0
 class CacheDL(TfmdDL):
@@ -239,7 +248,7 @@ def loader_info(dls, # DataLoaders of a run: `cache_dataloaders`', `folder_datal
     info = vars(dls).get('pcam')  # vars: fastai's DataLoaders hand unknown attributes on to their train DataLoader
     return info if info is not None else LoaderInfo(dls.split, positive=vars(dls).get('positive'))
 
-# %% ../nbs/04_loader.ipynb #35fb16c4
+# %% ../nbs/04_loader.ipynb #9da1c6bc
 class CacheDataLoaders(DataLoaders):
     "`DataLoaders` over an array cache; what fastai does not know about them is in `pcam`, a `LoaderInfo`"
     pcam:LoaderInfo # set by `cache_dataloaders`, kept by `new_empty` (and so by `learn.export`)
@@ -265,41 +274,46 @@ class CacheDataLoaders(DataLoaders):
                                    stain_norm_at=d.pop('stain_norm_at'))
         super().__setstate__(d)
 
-    def check_stain(self, path:str|Path): # A cache root whose patches these loaders are to read
-        "Fail when the patches of the cache at `path` are not stain-normalized the way these loaders' model was trained"
-        have, at, want = cache_normalizer(path), self.stain_norm_at, self.stain_normalizer
-        if at is None and have is None: return
-        if at is None: why = f"it holds stain-normalized patches ({have.method}) and the model was trained on raw ones"
-        elif at == 'batch' and have is not None:
-            why = ('it holds stain-normalized patches and the model normalizes every batch itself '
-                   '(they would be normalized twice)')
-        elif at == 'cache' and (have is None or have.to_dict() != want.to_dict()):
-            why = (f"the model was trained on patches normalized with its own {want.method} reference and this cache "
-                   + ('holds raw patches' if have is None else 'used another'))
-        else: return
-        raise UsageError(f"The cache at {path} does not fit this model: {why}. "
-                         "Pass the run's own data, or its raw cache through load_run.")
-    def test_dl(self,
-                # Cache rows (indices into the validation source), a uint8 N x 96 x 96 x 3 array, or patch files
-                test_items,
-                with_labels:bool=False, # Yield (image, label) pairs (cache rows only)
-                bs:int|None=None, # Batch size; None: the validation batch size
-                **kwargs, # Accepted for fastai compatibility
-               ):
-        "A DataLoader over cache rows of the validation source, a uint8 N x 96 x 96 x 3 array, or patch files"
-        kwargs.pop('process', None); kwargs.pop('rm_type_tfms', None)
-        src = self.valid.dataset
-        items = list(test_items) if not isinstance(test_items, np.ndarray) else test_items
-        if (isinstance(items, np.ndarray) and items.ndim == 4) or (len(items) and isinstance(items[0], (str, Path))):
-            files = None if isinstance(items, np.ndarray) else [str(f) for f in items]
-            arr = items.astype(np.uint8) if files is None else np.stack([np.asarray(open_patch(f)) for f in items])
-            # the cache holds normalized patches; these raw ones are normalized here, the same way
-            if self.stain_norm_at == 'cache':
-                arr = self.stain_normalizer.normalize_many(arr, files)[0]
-            ds = PatchArrays(arr, np.zeros(len(arr), np.int8), np.arange(len(arr)), src.vocab, with_labels, 1)
-        else:
-            ds = PatchArrays(src.images, src.labels, np.asarray(items, dtype=np.int64), src.vocab, with_labels, 1)
-        return self.valid.new(ds, bs=bs or self.valid.bs, shuffle=False, drop_last=False, **kwargs)
+# %% ../nbs/04_loader.ipynb #34026f80
+@patch
+def check_stain(self:CacheDataLoaders, path:str|Path): # A cache root whose patches these loaders are to read
+    "Fail when the patches of the cache at `path` are not stain-normalized the way these loaders' model was trained"
+    have, at, want = cache_normalizer(path), self.stain_norm_at, self.stain_normalizer
+    if at is None and have is None: return
+    if at is None: why = f"it holds stain-normalized patches ({have.method}) and the model was trained on raw ones"
+    elif at == 'batch' and have is not None:
+        why = ('it holds stain-normalized patches and the model normalizes every batch itself '
+               '(they would be normalized twice)')
+    elif at == 'cache' and (have is None or have.to_dict() != want.to_dict()):
+        why = (f"the model was trained on patches normalized with its own {want.method} reference and this cache "
+               + ('holds raw patches' if have is None else 'used another'))
+    else: return
+    raise UsageError(f"The cache at {path} does not fit this model: {why}. "
+                     "Pass the run's own data, or its raw cache through load_run.")
+
+# %% ../nbs/04_loader.ipynb #47136c36
+@patch
+def test_dl(self:CacheDataLoaders,
+            # Cache rows (indices into the validation source), a uint8 N x 96 x 96 x 3 array, or patch files
+            test_items,
+            with_labels:bool=False, # Yield (image, label) pairs (cache rows only)
+            bs:int|None=None, # Batch size; None: the validation batch size
+            **kwargs, # Accepted for fastai compatibility
+           ):
+    "A DataLoader over cache rows of the validation source, a uint8 N x 96 x 96 x 3 array, or patch files"
+    kwargs.pop('process', None); kwargs.pop('rm_type_tfms', None)
+    src = self.valid.dataset
+    items = list(test_items) if not isinstance(test_items, np.ndarray) else test_items
+    if (isinstance(items, np.ndarray) and items.ndim == 4) or (len(items) and isinstance(items[0], (str, Path))):
+        files = None if isinstance(items, np.ndarray) else [str(f) for f in items]
+        arr = items.astype(np.uint8) if files is None else np.stack([np.asarray(open_patch(f)) for f in items])
+        # the cache holds normalized patches; these raw ones are normalized here, the same way
+        if self.stain_norm_at == 'cache':
+            arr = self.stain_normalizer.normalize_many(arr, files)[0]
+        ds = PatchArrays(arr, np.zeros(len(arr), np.int8), np.arange(len(arr)), src.vocab, with_labels, 1)
+    else:
+        ds = PatchArrays(src.images, src.labels, np.asarray(items, dtype=np.int64), src.vocab, with_labels, 1)
+    return self.valid.new(ds, bs=bs or self.valid.bs, shuffle=False, drop_last=False, **kwargs)
 
 # %% ../nbs/04_loader.ipynb #b5f8ea50
 OFFICIAL_VALID = Split('pcam-official-valid', 'slide-disjoint from train')
@@ -352,6 +366,7 @@ def _slide_of(groups:str|Path, ids, rows) -> np.ndarray:
     if missing: raise PCamDataError(f"{len(missing)} cached patches have no slide in {groups} (e.g. {missing[0]}).")
     return np.array([m[ids[i]] for i in rows])
 
+# %% ../nbs/04_loader.ipynb #c04ed474
 def _split_datasets(path:Path, tr, rows, valid_pct, seed, groups, n_items) -> tuple:
     "(train dataset, valid dataset, `Split`): the official valid split when cached, else a seeded (grouped) random one"
     if 'valid' in cache_splits(path):
@@ -365,7 +380,18 @@ def _split_datasets(path:Path, tr, rows, valid_pct, seed, groups, n_items) -> tu
     t, v = split_indices(len(rows), valid_pct, seed, grp)
     return PatchArrays(tr.images, tr.labels, rows[t]), PatchArrays(tr.images, tr.labels, rows[v], split_idx=1), name
 
-# %% ../nbs/04_loader.ipynb #e909d520
+# %% ../nbs/04_loader.ipynb #497dfd57
+def _checked_stain(path:Path, size:int, valid_pct:float, stain_norm) -> StainNormalizer|None:
+    "The normalizer the cache at `path` was made with (None: raw patches), once the arguments are checked to fit"
+    if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
+    if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
+    cached_norm = cache_normalizer(path)
+    if stain_norm is not None and cached_norm is not None:
+        raise UsageError(f"{path} holds patches already stain-normalized ({cached_norm.method}); pass no stain_norm, "
+                         "or train on the raw cache it was made from.")
+    return cached_norm
+
+# %% ../nbs/04_loader.ipynb #d6189564
 def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                       size:int=224, # Side of the images the model sees
                       bs:int=64, # Batch size
@@ -386,12 +412,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                      ) -> CacheDataLoaders:
     "fastai `DataLoaders` reading batches straight from an array cache"
     path = Path(path)
-    if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
-    if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
-    cached_norm = cache_normalizer(path)
-    if stain_norm is not None and cached_norm is not None:
-        raise UsageError(f"{path} holds patches already stain-normalized ({cached_norm.method}); pass no stain_norm, "
-                         "or train on the raw cache it was made from.")
+    cached_norm = _checked_stain(path, size, valid_pct, stain_norm)
     tr = load_cache(path, 'train')
     rows = np.flatnonzero(tr.keep & (tr.labels >= 0))
     if len(rows) < 2: raise CacheError(f"The train split at {path} has {len(rows)} labelled patches.")
@@ -410,6 +431,7 @@ def cache_dataloaders(path:str|Path, # Cache root from `build_cache`
                           stain_norm_at=at)
     return dls
 
+# %% ../nbs/04_loader.ipynb #c346857c
 def cache_test_dl(dls:CacheDataLoaders, # DataLoaders from `cache_dataloaders`
                   path:str|Path, # The cache root
                   split:str='test', # The held-out split

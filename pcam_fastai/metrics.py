@@ -41,6 +41,7 @@ def check_binary(probs, # Predicted probability of the positive class
         raise UsageError(f"targets must be 0 or 1, got {sorted(set(np.unique(targets).tolist()) - {0, 1})[:5]}.")
     return probs, targets.astype(int)
 
+# %% ../nbs/08_metrics.ipynb #b6469ba1
 def _counts(pred, t):
     tp, tn = int(((pred == 1) & (t == 1)).sum()), int(((pred == 0) & (t == 0)).sum())
     fp, fn = int(((pred == 1) & (t == 0)).sum()), int(((pred == 0) & (t == 1)).sum())
@@ -63,6 +64,7 @@ def expected_calibration_error(probs, # Predicted probability of the positive cl
     gap = np.abs(np.bincount(bins, t, n_bins) - np.bincount(bins, p, n_bins))  # per bin: |sum(t) - sum(p)|
     return float(gap.sum() / n.sum())
 
+# %% ../nbs/08_metrics.ipynb #5cf53ce5
 def negative_log_likelihood(probs, # Predicted probability of the positive class
                             targets, # True labels, 0 or 1
                            ) -> float:
@@ -132,6 +134,7 @@ def percentile_ci(values, # One metric's value on each resample
     if not len(values): return [float('nan')] * 2
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
+# %% ../nbs/08_metrics.ipynb #a79537dc
 class Metric(NamedTuple):
     "One metric a report shows: how to compute it, how tables name and print it, and which way is better"
     name: str # Its key in `binary_metrics`' result, and so in a run's and a probe's files
@@ -157,6 +160,7 @@ def _f1(p, t, pred):
     prec, sens = _prec(p, t, pred), _sens(p, t, pred)
     return _div(2 * prec * sens, prec + sens) if not (math.isnan(prec) or math.isnan(sens)) else float('nan')
 
+# %% ../nbs/08_metrics.ipynb #f4dfac45
 def _acc_ci(r): return percentile_ci((r.pred[r.idx] == r.t[r.idx]).mean(1))
 def _auc_ci(r):
     t, p = r.t, r.p
@@ -224,6 +228,7 @@ def register_metric(name:str, # Its key in `binary_metrics`' result (snake_case)
     METRICS[name] = m
     return m
 
+# %% ../nbs/08_metrics.ipynb #71b72116
 def unregister_metric(name:str, # A metric added with `register_metric`
                      ) -> Metric:
     "Remove a metric `register_metric` added (tests do, after adding a toy one); the built-in ones stay"
@@ -232,6 +237,7 @@ def unregister_metric(name:str, # A metric added with `register_metric`
         raise UsageError(f"{name!r} is not a metric register_metric added; added: {added}.")
     return METRICS.pop(name)
 
+# %% ../nbs/08_metrics.ipynb #f628817d
 def _placed(view:str) -> tuple:
     shown = [m for m in METRICS.values() if getattr(m, view) is not None]
     # stable: ties keep the registry's order
@@ -306,6 +312,7 @@ def _check_multiclass(p, t, classes):
 
 def _balanced(pred, t): return float(np.mean([(pred[t == c] == c).mean() for c in np.unique(t)]))
 
+# %% ../nbs/08_metrics.ipynb #69580665
 def multiclass_metrics(probs, # Predicted probabilities, (N, n_classes), rows summing to 1
                        targets, # True class indices, 0 .. n_classes-1
                        classes:list, # Class names, in index order

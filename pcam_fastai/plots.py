@@ -24,6 +24,7 @@ def _title(ax, title:str, subtitle:str='', width:int=48):
     sub = '\n' + textwrap.fill(subtitle, width, break_on_hyphens=False) if subtitle else ''
     ax.set_title(title + sub, fontsize=10, loc='center')
 
+# %% ../nbs/08d_plots.ipynb #9fac0351
 def _reliability_curve(ax, axh, name, probs, targets, n_bins, edges, i):
     p, t = check_binary(probs, targets)
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
@@ -32,6 +33,7 @@ def _reliability_curve(ax, axh, name, probs, targets, n_bins, edges, i):
     ax.plot(mean_p, frac, 'o-', c=f'C{i}', ms=4, label=f'{name}: ECE {expected_calibration_error(p, t):.3f}')
     axh.hist(p, bins=edges, color=f'C{i}', alpha=0.5)
 
+# %% ../nbs/08d_plots.ipynb #06ce4f48
 def plot_reliability(curves:dict, # {name: probabilities of the positive class}, e.g. before and after calibration
                      targets, # True labels, 0 or 1
                      title:str='Reliability', # Plot title (short)
@@ -60,6 +62,14 @@ def plot_reliability(curves:dict, # {name: probabilities of the positive class},
     return fig
 
 # %% ../nbs/08d_plots.ipynb #59a1ef7b
+def _operating_point(ax, p:np.ndarray, t:np.ndarray, threshold:float):
+    "The point of `threshold` on the ROC curve, its sensitivity and specificity in the legend"
+    pred = p >= threshold
+    sens, fp_rate = pred[t == 1].mean(), pred[t == 0].mean()
+    ax.plot(fp_rate, sens, 'o', c='C3', ms=7, label=f'threshold {threshold:.3g}: sens {sens:.2f}, spec '
+                                                    f'{1 - fp_rate:.2f}')
+
+# %% ../nbs/08d_plots.ipynb #f2e78a05
 def plot_roc(probs, # Predicted probability of the positive class
              targets, # True labels, 0 or 1
              title:str='ROC', # Plot title (short, e.g. 'ROC, validation')
@@ -76,11 +86,7 @@ def plot_roc(probs, # Predicted probability of the positive class
         return fig
     fpr, tpr, _ = roc_curve(t, p)
     ax.plot(fpr, tpr, lw=2, label=f'AUC {roc_auc_score(t, p):.3f}'); ax.plot([0, 1], [0, 1], ':', c='grey')
-    if threshold is not None:
-        pred = p >= threshold
-        sens, fp_rate = pred[t == 1].mean(), pred[t == 0].mean()
-        ax.plot(fp_rate, sens, 'o', c='C3', ms=7, label=f'threshold {threshold:.3g}: sens {sens:.2f}, spec '
-                                                        f'{1 - fp_rate:.2f}')
+    if threshold is not None: _operating_point(ax, p, t, threshold)
     ax.set(xlabel='1 - specificity (false positive rate)', ylabel='sensitivity (true positive rate)', aspect='equal',
            xlim=(-.01, 1.01), ylim=(-.01, 1.01))
     _title(ax, title, subtitle)

@@ -33,13 +33,9 @@ class ProbeSplits(NamedTuple):
     name: str # e.g. 'pcam-official' or 'kaggle-random-60/20/20'
     optimistic: bool # True for random patch splits (patches of one slide on several sides)
 
-def probe_splits(embeddings:str|Path, # A folder written by `embedding_cache`
-                 valid_pct:float=0.2, # Kaggle caches: the validation share (as `train_pcam`'s split)
-                 seed:int=42, # Kaggle caches: the seed of that split (as `train_pcam`'s)
-                ) -> ProbeSplits:
-    ("The probe's train, valid and test sets: the official splits where the cache has them, else seeded random parts of "
-     "the labelled patches")
-    d = Path(embeddings)
+# %% ../nbs/08b_probe.ipynb #402ab83b
+def _done_splits(d:Path) -> dict:
+    "The splits an embeddings folder holds, refused unless every split of its cache is complete"
     if not (d/'meta.json').exists(): raise UsageError(f"{d} holds no embeddings (no meta.json); compute them with "
                                                       "embedding_cache or pcam-fastai probe.")
     meta = json.loads((d/'meta.json').read_text())
@@ -47,17 +43,16 @@ def probe_splits(embeddings:str|Path, # A folder written by `embedding_cache`
     missing = [s for s in meta.get('cache_splits', {}) if s not in done]
     if missing: raise UsageError(f"{d}: the embeddings of {', '.join(missing)} are not complete; run embedding_cache "
                                  "(or pcam-fastai probe) again to finish them.")
-    def load(s):
-        X, y, keep = np.load(d/f'{s}.npy', mmap_mode='r'), np.load(d/f'{s}.labels.npy'), np.load(d/f'{s}.keep.npy')
-        rows = np.flatnonzero(keep & (y >= 0))
-        return X, y, rows
-    if 'train' not in done: raise UsageError(f"{d} has no complete train split; run embedding_cache again to finish it.")
-    X, y, rows = load('train')
-    if {'valid', 'test'} <= set(done):
-        Xv, yv, rv = load('valid'); Xt, yt, rt = load('test')
-        if len(rt) == 0: raise UsageError(f"{d}: the test split has no labels.")
-        return ProbeSplits((np.asarray(X[rows]), y[rows]), (np.asarray(Xv[rv]), yv[rv]), (np.asarray(Xt[rt]), yt[rt]),
-                           'pcam-official', False)
+    return done
+
+def _labelled(d:Path, s:str) -> tuple:
+    "A split's embeddings (memory-mapped), its labels, and the rows to use: kept and labelled"
+    X, y, keep = np.load(d/f'{s}.npy', mmap_mode='r'), np.load(d/f'{s}.labels.npy'), np.load(d/f'{s}.keep.npy')
+    return X, y, np.flatnonzero(keep & (y >= 0))
+
+# %% ../nbs/08b_probe.ipynb #27cb4249
+def _random_splits(X, y, rows:np.ndarray, valid_pct:float, seed:int, d:Path) -> ProbeSplits:
+    "Kaggle caches: `train_pcam`'s seeded validation split, and a quarter of the rest (the next seed) for test"
     t, v = split_indices(len(rows), valid_pct, seed)
     t2, te = split_indices(len(t), 0.25, seed + 1)
     tr, va, tst = rows[t[t2]], rows[v], rows[t[te]]
@@ -67,11 +62,41 @@ def probe_splits(embeddings:str|Path, # A folder written by `embedding_cache`
     return ProbeSplits((np.asarray(X[tr]), y[tr]), (np.asarray(X[va]), y[va]), (np.asarray(X[tst]), y[tst]),
                        f'kaggle-random-{pct(tr)}/{pct(va)}/{pct(tst)}', True)
 
+# %% ../nbs/08b_probe.ipynb #d6355253
+def probe_splits(embeddings:str|Path, # A folder written by `embedding_cache`
+                 valid_pct:float=0.2, # Kaggle caches: the validation share (as `train_pcam`'s split)
+                 seed:int=42, # Kaggle caches: the seed of that split (as `train_pcam`'s)
+                ) -> ProbeSplits:
+    ("The probe's train, valid and test sets: the official splits where the cache has them, else seeded random parts "
+     "of the labelled patches")
+    d = Path(embeddings)
+    done = _done_splits(d)
+    if 'train' not in done:
+        raise UsageError(f"{d} has no complete train split; run embedding_cache again to finish it.")
+    X, y, rows = _labelled(d, 'train')
+    if not {'valid', 'test'} <= set(done): return _random_splits(X, y, rows, valid_pct, seed, d)
+    (Xv, yv, rv), (Xt, yt, rt) = _labelled(d, 'valid'), _labelled(d, 'test')
+    if len(rt) == 0: raise UsageError(f"{d}: the test split has no labels.")
+    return ProbeSplits((np.asarray(X[rows]), y[rows]), (np.asarray(Xv[rv]), yv[rv]), (np.asarray(Xt[rt]), yt[rt]),
+                       'pcam-official', False)
+
 # %% ../nbs/08b_probe.ipynb #ed5b448d
 def _balanced_accuracy(p:np.ndarray, y:np.ndarray) -> float:
     pred = p >= 0.5
     return float(((pred[y == 1]).mean() + (~pred[y == 0]).mean()) / 2) if 0 < y.sum() < len(y) else float('nan')
 
+def _train_epoch(head:nn.Linear, opt, sched, X:torch.Tensor, y:torch.Tensor, g:torch.Generator, bs:int, step:int,
+                 max_steps:int) -> int:
+    "One pass over the training embeddings in the seeded order, stopped at `max_steps`; the step count after it"
+    perm = torch.randperm(len(X), generator=g).to(X.device)
+    for j in range(0, len(X), bs):
+        idx = perm[j:j + bs]
+        loss = F.binary_cross_entropy_with_logits(head(X[idx])[:, 0], y[idx])
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
+        if step >= max_steps: break
+    return step
+
+# %% ../nbs/08b_probe.ipynb #2fd989af
 def train_linear_head(train:tuple, # (X, y) embeddings and 0/1 labels
                       valid:tuple, # (X, y) for choosing the checkpoint
                       seed:int=0, # Seed of the head's initialization and the batch order
@@ -80,7 +105,7 @@ def train_linear_head(train:tuple, # (X, y) embeddings and 0/1 labels
                       lr:float=0.01, # SGD learning rate (eva: 0.01, momentum 0.9, cosine to 0)
                       patience:int=9, # Validations without improvement before stopping (eva: 9)
                       device=None, # Where to train; None: the GPU when there is one
-                     ) -> tuple[nn.Linear, dict]: # The head at its best validation balanced accuracy, and how training went
+) -> tuple[nn.Linear, dict]: # The head at its best validation balanced accuracy, and how training went
     "A linear layer on frozen embeddings, trained as eva trains its PCam probe"
     device = compute_device() if device in (None, 'auto') else torch.device(device)
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
@@ -92,54 +117,84 @@ def train_linear_head(train:tuple, # (X, y) embeddings and 0/1 labels
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps, eta_min=0.0)
     best, best_state, best_step, step, since, epochs = -1.0, None, 0, 0, 0, 0
     while step < max_steps and since < patience:
-        perm = torch.randperm(len(X), generator=g).to(device)
-        for j in range(0, len(X), bs):
-            idx = perm[j:j + bs]
-            loss = F.binary_cross_entropy_with_logits(head(X[idx])[:, 0], y[idx])
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
-            if step >= max_steps: break
-        epochs += 1
+        step = _train_epoch(head, opt, sched, X, y, g, bs, step, max_steps); epochs += 1
         with torch.no_grad(): bacc = _balanced_accuracy(torch.sigmoid(head(Xv)[:, 0]).cpu().numpy(), yv)
         if bacc > best: best, best_state, best_step, since = bacc, copy.deepcopy(head.state_dict()), step, 0
         else: since += 1
     if best_state is None: raise UsageError("The validation set has only one class, so balanced accuracy cannot choose "
                                             "a checkpoint; use a larger cache.")
     head.load_state_dict(best_state)
+    stopped = 'early (no better validation for {} epochs)'.format(patience) if since >= patience else 'max_steps'
     return head.eval(), dict(seed=seed, steps=step, epochs=epochs, best_step=best_step, valid_balanced_accuracy=best,
-                             stopped='early (no better validation for {} epochs)'.format(patience) if since >= patience else 'max_steps')
+                             stopped=stopped)
 
+# %% ../nbs/08b_probe.ipynb #e936b337
 def head_probabilities(head:nn.Linear, # A head from `train_linear_head`
                        X, # (N, dim) embeddings
                       ) -> np.ndarray: # (N,) p(tumour)
     "The head's probability of the positive class"
-    dev = head.weight.device
-    with torch.no_grad(): return torch.sigmoid(head(torch.as_tensor(np.asarray(X), dtype=torch.float32, device=dev))[:, 0]).cpu().numpy()
+    X = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=head.weight.device)
+    with torch.no_grad(): return torch.sigmoid(head(X)[:, 0]).cpu().numpy()
 
 # %% ../nbs/08b_probe.ipynb #03d0b7bc
 def _pm(s:dict, m:str, digits:int=4) -> str: return f"{s[m]['mean']:.{digits}f} ± {s[m]['sd']:.{digits}f}"
 
+def _run_row(k:int, r:dict) -> str:
+    "One run's row of the probe's report: its seed, best step, and test numbers with their intervals"
+    t, ci, nan2 = r['test'], r['test'].get('ci95', {}), [float('nan')] * 2
+    ba, auc = ci.get('balanced_accuracy', nan2), ci.get('roc_auc', nan2)
+    return (f"| {k} | {r['seed']} | {r['best_step']} | {r['valid_balanced_accuracy']:.4f} | "
+            f"{t['balanced_accuracy']:.4f} ({ba[0]:.4f}-{ba[1]:.4f}) | "
+            f"{t['roc_auc']:.4f} ({auc[0]:.4f}-{auc[1]:.4f}) |")
+
+# %% ../nbs/08b_probe.ipynb #a899170b
 def probe_markdown(res:dict, # What `linear_probe` returns
                   ) -> str:
     "The probe's report: the summary over runs and each run's test numbers with their bootstrap intervals"
-    b, s = res['backbone'], res['summary']
-    L = [f"# Linear probe: {b['name']}", '', f"Backbone `{b['timm']}`, weights: {b['weights']}; input {b['input_size']} px, mean {b['mean']}, std {b['std']}, "
-         f"pool {b['pool']}, {b['dim']} dimensions, frozen.", '',
-         f"Protocol: {res['protocol']['name']} (SGD lr {res['protocol']['lr']}, batch {res['protocol']['bs']}, at most "
-         f"{res['protocol']['max_steps']} steps, "
+    b, s, pr = res['backbone'], res['summary'], res['protocol']
+    L = [f"# Linear probe: {b['name']}", '',
+         f"Backbone `{b['timm']}`, weights: {b['weights']}; input {b['input_size']} px, mean {b['mean']}, "
+         f"std {b['std']}, pool {b['pool']}, {b['dim']} dimensions, frozen.", '',
+         f"Protocol: {pr['name']} (SGD lr {pr['lr']}, batch {pr['bs']}, at most {pr['max_steps']} steps, "
          f"checkpoint on validation balanced accuracy, threshold 0.5); {res['n_runs']} seeds.", '',
          f"Split: {res['split']} ({res['n_train']:,} train, {res['n_valid']:,} valid, {res['n_test']:,} test)"
          + (': random patch splits, so these numbers are optimistic.' if res['optimistic'] else '.'), '',
          '| test metric | mean ± sd over runs |', '|---|---|',
          *[f'| {m.replace("_", " ")} | {_pm(s, m)} |' for m in summary_metrics() if m in s], '',
-         '| run | seed | best step | valid balanced accuracy | test balanced accuracy (95 % CI) | test AUC (95 % CI) |', '|---|---|---|---|---|---|']
-    for k, r in enumerate(res['runs']):
-        t, ci = r['test'], r['test'].get('ci95', {})
-        L.append(f"| {k} | {r['seed']} | {r['best_step']} | {r['valid_balanced_accuracy']:.4f} | {t['balanced_accuracy']:.4f} "
-                 f"({ci.get('balanced_accuracy', [float('nan')] * 2)[0]:.4f}-{ci.get('balanced_accuracy', [float('nan')] * 2)[1]:.4f}) | "
-                 f"{t['roc_auc']:.4f} ({ci.get('roc_auc', [float('nan')] * 2)[0]:.4f}-{ci.get('roc_auc', [float('nan')] * 2)[1]:.4f}) |")
+         '| run | seed | best step | valid balanced accuracy | test balanced accuracy (95 % CI) | test AUC (95 % CI) |',
+         '|---|---|---|---|---|---|']
+    L += [_run_row(k, r) for k, r in enumerate(res['runs'])]
     return '\n'.join(L) + '\n'
 
 # %% ../nbs/08b_probe.ipynb #2218ae17
+def _check_n_runs(n_runs):
+    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
+        raise UsageError(f"n_runs must be a positive integer, not {n_runs!r}.")
+
+def _probe_run(sp:ProbeSplits, seed:int, max_steps:int, bs:int, lr:float, patience:int,
+               device) -> tuple[dict, nn.Linear]:
+    "One seed of the probe: a head trained, the test scored once (with intervals), the validation without"
+    head, info = train_linear_head(sp.train, sp.valid, seed, max_steps, bs, lr, patience, device)
+    test = binary_metrics(head_probabilities(head, sp.test[0]), sp.test[1], threshold=0.5, split=f'{sp.name}-test',
+                          seed=seed, threshold_source='0.5 (eva: the probe is not calibrated)')
+    valid = binary_metrics(head_probabilities(head, sp.valid[0]), sp.valid[1], threshold=0.5,
+                           split=f'{sp.name}-valid', n_boot=0)
+    return dict(info, valid={m: valid[m] for m in summary_metrics()}, test=test), head
+
+# %% ../nbs/08b_probe.ipynb #60634ace
+def _over_runs(runs:list) -> dict:
+    "Each summary metric's mean and sd over the runs' test numbers"
+    return {m: dict(mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            for m in summary_metrics() for v in [[r['test'][m] for r in runs]]}
+
+def _write_probe(out:Path, res:dict, heads:dict|None=None):
+    "The heads (when given), probe.md and probe.json into `out`"
+    out.mkdir(parents=True, exist_ok=True)
+    if heads is not None: torch.save(heads, out/'heads.pth')
+    write_text_atomic(out/'probe.md', probe_markdown(res))
+    write_text_atomic(out/'probe.json', json_text(res))  # last: a folder with probe.json is complete
+
+# %% ../nbs/08b_probe.ipynb #30ee685c
 def linear_probe(embeddings:str|Path, # A folder written by `embedding_cache`
                  out:str|Path|None=None, # Folder for probe.json, probe.md and heads.pth; None: don't write
                  n_runs:int=5, # Seeds (eva: 5); the summary gives mean and sd over them
@@ -154,38 +209,29 @@ def linear_probe(embeddings:str|Path, # A folder written by `embedding_cache`
                 ) -> dict: # What probe.json holds
     ("eva's linear-probe protocol on cached embeddings: `n_runs` seeds, checkpoint on validation balanced accuracy, "
      "test scored once per run")
-    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1: raise UsageError("n_runs must be a "
-                                                                                               f"positive integer, not {n_runs!r}.")
+    _check_n_runs(n_runs)
     emb = Path(embeddings)
     sp = probe_splits(emb, valid_pct)
     meta = json.loads((emb/'meta.json').read_text())
     t0, runs, heads = time.perf_counter(), [], {}
     for k in (progress_bar(range(n_runs), leave=False) if show_progress else range(n_runs)):
-        head, info = train_linear_head(sp.train, sp.valid, seed + k, max_steps, bs, lr, patience, device)
-        test = binary_metrics(head_probabilities(head, sp.test[0]), sp.test[1], threshold=0.5, split=f'{sp.name}-test', seed=seed + k,
-                              threshold_source='0.5 (eva: the probe is not calibrated)')
-        valid = binary_metrics(head_probabilities(head, sp.valid[0]), sp.valid[1], threshold=0.5,
-                               split=f'{sp.name}-valid', n_boot=0)
-        runs.append(dict(info, valid={m: valid[m] for m in summary_metrics()}, test=test))
+        run, head = _probe_run(sp, seed + k, max_steps, bs, lr, patience, device)
+        runs.append(run)
         heads[f'run{k}.weight'], heads[f'run{k}.bias'] = head.weight.detach().cpu(), head.bias.detach().cpu()
-    summary = {m: dict(mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-               for m in summary_metrics() for v in [[r['test'][m] for r in runs]]}
-    res = dict(kind='linear probe', protocol=dict(name="eva's PCam linear probe", max_steps=max_steps, bs=bs, lr=lr, momentum=0.9, weight_decay=0.0,
-                                                  schedule='cosine', patience=patience, checkpoint='best validation balanced accuracy', threshold=0.5),
-               backbone=meta['backbone'], embeddings=str(emb.resolve()), split=sp.name, optimistic=sp.optimistic,
-               n_train=len(sp.train[1]), n_valid=len(sp.valid[1]), n_test=len(sp.test[1]), n_runs=n_runs,
-               seeds=[seed + k for k in range(n_runs)],
-               summary=summary, runs=runs, seconds=round(time.perf_counter() - t0, 2))
-    if out is not None:
-        out = Path(out); out.mkdir(parents=True, exist_ok=True)
-        torch.save(heads, out/'heads.pth')
-        write_text_atomic(out/'probe.md', probe_markdown(res))
-        write_text_atomic(out/'probe.json', json_text(res))  # last: a folder with probe.json is complete
+    protocol = dict(name="eva's PCam linear probe", max_steps=max_steps, bs=bs, lr=lr, momentum=0.9, weight_decay=0.0,
+                    schedule='cosine', patience=patience, checkpoint='best validation balanced accuracy', threshold=0.5)
+    res = dict(kind='linear probe', protocol=protocol, backbone=meta['backbone'], embeddings=str(emb.resolve()),
+               split=sp.name, optimistic=sp.optimistic, n_train=len(sp.train[1]), n_valid=len(sp.valid[1]),
+               n_test=len(sp.test[1]), n_runs=n_runs, seeds=[seed + k for k in range(n_runs)],
+               summary=_over_runs(runs), runs=runs, seconds=round(time.perf_counter() - t0, 2))
+    if out is not None: _write_probe(Path(out), res, heads)
     return res
 
 # %% ../nbs/08b_probe.ipynb #93cbf1e4
 def probe(data:str|Path, # An array cache root (`build_cache`)
-          backbone:str='vit-s16-imagenet', # A name for `create_backbone`
+          # A foundation model (uni, uni2-h, prov-gigapath, h-optimus-0, virchow2, vit-s16-imagenet), a timm name, or
+          # hf-hub:org/model
+          backbone:str='vit-s16-imagenet',
           out:str|Path|None=None, # Run folder; None: runs/probe-<backbone>
           weights_path:str|Path|None=None, # A local weights file instead of the hub
           pretrained:bool=True, # False: random weights (eva's lower anchor; tests)
@@ -200,8 +246,7 @@ def probe(data:str|Path, # An array cache root (`build_cache`)
          ) -> dict: # What probe.json holds
     ("A frozen backbone's linear probe on an array cache, end to end: embeddings cached, heads trained over seeds, "
      "report written")
-    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1: raise UsageError("n_runs must be a "
-                                                                                               f"positive integer, not {n_runs!r}.")
+    _check_n_runs(n_runs)
     model = create_backbone(backbone, pretrained, weights_path, img_size, model_kwargs)
     before = state_checksum(model)
     emb = embedding_cache(data, model, embeddings, bs=embed_bs, device=device, show_progress=show_progress)
@@ -209,12 +254,10 @@ def probe(data:str|Path, # An array cache root (`build_cache`)
     # heads.pth, and the report again below
     res = linear_probe(emb, out, n_runs, device=device, show_progress=show_progress, **probe_kwargs)
     res.update(backbone_sha1_before=before, backbone_sha1_after=state_checksum(model), data=str(Path(data).resolve()))
-    if res['backbone_sha1_before'] != res['backbone_sha1_after']: raise PCamError("The backbone's weights changed "
-                                                                                  "during the probe; this is a bug, please report it.")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out/'probe.md', probe_markdown(res))
-    write_text_atomic(out/'probe.json', json_text(res))
+    if res['backbone_sha1_before'] != res['backbone_sha1_after']:
+        raise PCamError("The backbone's weights changed during the probe; this is a bug, please report it.")
+    _write_probe(out, res)
     s = res['summary']
-    print(f"probe: {backbone}: test balanced accuracy {_pm(s, 'balanced_accuracy')}, AUC {_pm(s, 'roc_auc')} over {n_runs} seeds "
-          f"({res['split']}, {res['n_test']:,} test patches); {out/'probe.md'}")
+    print(f"probe: {backbone}: test balanced accuracy {_pm(s, 'balanced_accuracy')}, AUC {_pm(s, 'roc_auc')} over "
+          f"{n_runs} seeds ({res['split']}, {res['n_test']:,} test patches); {out/'probe.md'}")
     return res

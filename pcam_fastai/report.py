@@ -1,4 +1,4 @@
-"""After training: the calibration and the operating threshold fitted on validation, validation (and held-out test) metrics with intervals, every plot of the run folder, the headline a user reads first, and `report.md`.
+"""After training: calibration and threshold fitted on validation, metrics with intervals, plots, headline, `report.md`.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/report.html.md"""
 
@@ -34,15 +34,17 @@ def _save(fig, fn):
     fig.savefig(fn, dpi=80); plt.close(fig)
     return fn.name
 
+# %% ../nbs/11_report.ipynb #7d8fa085
 def _eval_split(learn, dl, split, threshold=0.5, threshold_source='fixed'):
     "Temperature-scaled predictions of `dl` and their metrics: (metrics, probs, targets)"
     from pcam_fastai.evaluate import predict
     from pcam_fastai.metrics import binary_metrics, multiclass_metrics
     probs, targs = predict(learn, dl)  # temperature-scaled with learn.temperature
-    if probs.shape[1] > 2: return multiclass_metrics(probs.numpy(), targs.numpy(), list(learn.dls.vocab), split=split), probs, targs
-    return binary_metrics(probs[:, 1].numpy(), targs.numpy(), threshold=threshold, split=split, threshold_source=threshold_source), probs, targs
+    if probs.shape[1] > 2:
+        return multiclass_metrics(probs.numpy(), targs.numpy(), list(learn.dls.vocab), split=split), probs, targs
+    return (binary_metrics(probs[:, 1].numpy(), targs.numpy(), threshold=threshold, split=split,
+                           threshold_source=threshold_source), probs, targs)
 
-# %% ../nbs/11_report.ipynb #7d8fa085
 def _calibration_numbers(logits, targs, cal):
     from pcam_fastai.calibrate import apply_temperature
     from pcam_fastai.metrics import negative_log_likelihood, expected_calibration_error
@@ -52,18 +54,22 @@ def _calibration_numbers(logits, targs, cal):
         out[name] = dict(nll=negative_log_likelihood(p[:, 1], targs), ece=expected_calibration_error(p[:, 1], targs))
     return out
 
+# %% ../nbs/11_report.ipynb #9c69a577
 def gradcam_centre_share(learn, # A trained binary learner
                          dl, # Validation DataLoader (model-ready batches, not shuffled)
                          threshold:float, # The operating threshold
                          max_patches:int=64, # Correct positives to look at
                         ) -> dict:
-    "On correctly classified tumour patches: the mean share of Grad-CAM heat inside PCam's centre third, against its area share 1/9"
+    ("On correctly classified tumour patches: the mean share of Grad-CAM heat inside PCam's centre third, against "
+     "its area share 1/9")
     from pcam_fastai.interpret import gradcam, gradcam_layer, centre_mass_share
     from pcam_fastai.evaluate import dihedral_logits, calibrated_softmax
     shares, name, cells = [], None, None
     for b in dl:
         xb, yb = b[0].as_subclass(torch.Tensor), b[1].as_subclass(torch.Tensor)
-        with torch.no_grad(): p = calibrated_softmax(learn, dihedral_logits(learn.model.eval(), xb, getattr(learn, 'dihedral_tta', False)))[:, 1].cpu()
+        with torch.no_grad():
+            z = dihedral_logits(learn.model.eval(), xb, getattr(learn, 'dihedral_tta', False))
+            p = calibrated_softmax(learn, z)[:, 1].cpu()
         keep = ((p >= threshold) & (yb.cpu() == 1)).nonzero()[:, 0]
         if not len(keep): continue
         if name is None: _, name, cells = gradcam_layer(learn.model, xb)
@@ -73,19 +79,62 @@ def gradcam_centre_share(learn, # A trained binary learner
     return dict(mean=float(s.mean()) if len(s) else float('nan'), median=float(s.median()) if len(s) else float('nan'),
                 n=len(s), area_share=1 / 9, layer=name, grid=cells)
 
+# %% ../nbs/11_report.ipynb #befa4c1a
+def _valid_plots(learn, dls, vdl, valid:dict, vt, curves:dict, threshold:float, centre_box:bool, run_dir:Path,
+                 top_k:int) -> list:
+    "Validation's plots: top losses, missed and false tumour, most confident, history, ROC, confusion, reliability"
+    from pcam_fastai.plots import plot_roc, plot_confusion, plot_reliability
+    from pcam_fastai.interpret import plot_confident_gallery
+    interp = ClassificationInterpretation.from_learner(learn, dl=vdl)
+    kw = dict(interp=interp, threshold=threshold, centre_box=centre_box)
+    vp, sub = list(curves.values())[1], short_split_name(dls)
+    return [_save(plot_top_losses_gradcam(learn, k=top_k, **kw), run_dir/'top_losses_gradcam.png'),
+            _save(plot_top_losses_gradcam(learn, k=top_k, kind='fn', **kw), run_dir/'false_negatives_gradcam.png'),
+            _save(plot_top_losses_gradcam(learn, k=top_k, kind='fp', **kw), run_dir/'false_positives_gradcam.png'),
+            _save(plot_confident_gallery(learn, k=4, **kw), run_dir/'confident_gallery.png'),
+            _save(plot_history(run_dir/'history.csv'), run_dir/'history.png'),
+            _save(plot_roc(vp, vt, 'ROC, validation', subtitle=sub, threshold=threshold), run_dir/'roc_valid.png'),
+            _save(plot_confusion(valid, classes=list(dls.vocab), title='Confusion, validation'),
+                  run_dir/'confusion_valid.png'),
+            _save(plot_reliability(curves, vt, 'Reliability, validation', f'calibration fitted on this split: {sub}'),
+                  run_dir/'reliability_valid.png')]
+
+def _held_out_test(learn, dls, source, cal, op, after:str, calib:dict, run_dir:Path) -> tuple:
+    "The held-out test at the validation threshold: (its metrics, its plots), its calibration numbers into `calib`"
+    from pcam_fastai.plots import plot_roc, plot_confusion, plot_reliability
+    from pcam_fastai.evaluate import predict_logits
+    from pcam_fastai.calibrate import apply_temperature
+    from pcam_fastai.metrics import binary_metrics
+    tdl, test_split = source.test_dl(dls)
+    if tdl is None: return None, []
+    tz, tt = (a.numpy() for a in predict_logits(learn, tdl))
+    tp = apply_temperature(tz, cal.temperature, cal.bias)[:, 1]
+    test = binary_metrics(tp, tt, threshold=op.value, split=test_split, threshold_source=op.source)
+    calib.update({f'test_{k}': v for k, v in _calibration_numbers(tz, tt, cal).items()})
+    return test, [
+        _save(plot_roc(tp, tt, 'ROC, held-out test', subtitle=test_split.name, threshold=op.value),
+              run_dir/'roc_test.png'),
+        _save(plot_confusion(test, classes=list(dls.vocab), title='Confusion, held-out test'),
+              run_dir/'confusion_test.png'),
+        _save(plot_reliability({'before': apply_temperature(tz)[:, 1], after: tp}, tt, 'Reliability, held-out test',
+                               f'calibration fitted on validation; {test_split.name}'), run_dir/'reliability_test.png')]
+
 # %% ../nbs/11_report.ipynb #e0f7a4e2
+_THRESHOLD_RULE = ("Youden's J on temperature-scaled validation probabilities when validation has >= 20 patches of "
+                   "each class and the classes overlap; else 0.5 (the middle of the gap if 0.5 lies outside a perfect "
+                   "separation)")
+
 def evaluate_run(learn, # The trained learner
                  dls, # Its DataLoaders
                  data, # The data it trained on: a `DataSource`, or a path for `open_source`
                  run_dir:Path, # Folder for the plots
                  top_k:int=9, # Patches per top-losses plot
                 ) -> dict:
-    "Fit the calibration (temperature and bias) and the operating threshold on validation, then validation (and test) metrics with intervals, and every plot"
-    from pcam_fastai.plots import plot_roc, plot_confusion, plot_reliability
+    ("Fit the calibration (temperature and bias) and the operating threshold on validation, then validation (and "
+     "test) metrics with intervals, and every plot")
     from pcam_fastai.evaluate import predict_logits
     from pcam_fastai.calibrate import fit_calibration, apply_temperature, operating_threshold
     from pcam_fastai.metrics import binary_metrics, ECE_BINS
-    from pcam_fastai.interpret import plot_confident_gallery
     source = data if isinstance(data, DataSource) else open_source(data)
     vdl = dls.valid.new(shuffle=False, drop_last=False)
     vlogits, vtargs = predict_logits(learn, vdl)
@@ -100,38 +149,20 @@ def evaluate_run(learn, # The trained learner
     op = operating_threshold(vp, vt)
     learn.threshold = op.value
     valid = binary_metrics(vp, vt, threshold=op.value, split=dls.split_name, threshold_source=op.source)
-    calib = dict(temperature=cal.temperature, bias=cal.bias, source=cal.source, fitted_on=dls.split_name, bins=ECE_BINS, **{f'valid_{k}': v for k, v in _calibration_numbers(vz, vt, cal).items()})
-    interp = ClassificationInterpretation.from_learner(learn, dl=vdl)
+    calib = dict(temperature=cal.temperature, bias=cal.bias, source=cal.source, fitted_on=dls.split_name, bins=ECE_BINS,
+                 **{f'valid_{k}': v for k, v in _calibration_numbers(vz, vt, cal).items()})
     centre_box = source.centre_labelled  # PCam's label is about the centre 32x32; folder sets label the whole patch
-    kw = dict(interp=interp, threshold=op.value, centre_box=centre_box)
-    plots = [_save(plot_top_losses_gradcam(learn, k=top_k, **kw), run_dir/'top_losses_gradcam.png'),
-             _save(plot_top_losses_gradcam(learn, k=top_k, kind='fn', **kw), run_dir/'false_negatives_gradcam.png'),
-             _save(plot_top_losses_gradcam(learn, k=top_k, kind='fp', **kw), run_dir/'false_positives_gradcam.png'),
-             _save(plot_confident_gallery(learn, k=4, **kw), run_dir/'confident_gallery.png'),
-             _save(plot_history(run_dir/'history.csv'), run_dir/'history.png'),
-             _save(plot_roc(vp, vt, 'ROC, validation', subtitle=short_split_name(dls), threshold=op.value), run_dir/'roc_valid.png'),
-             _save(plot_confusion(valid, classes=list(dls.vocab), title='Confusion, validation'), run_dir/'confusion_valid.png'),
-             _save(plot_reliability({'before': apply_temperature(vz)[:, 1], after: vp}, vt,
-                                    'Reliability, validation', f'calibration fitted on this split: {short_split_name(dls)}'), run_dir/'reliability_valid.png')]
+    curves = {'before': apply_temperature(vz)[:, 1], after: vp}
+    plots = _valid_plots(learn, dls, vdl, valid, vt, curves, op.value, centre_box, run_dir, top_k)
     plots += [p.name for p in sorted(run_dir.glob('lr_find_*.png'))]
     m = dict(valid, n_valid=valid['n'], test=None, calibration=calib,
-             operating_threshold=dict(value=op.value, source=op.source, chosen_on=dls.split_name,
-                                      rule="Youden's J on temperature-scaled validation probabilities when validation has >= 20 patches of each class "
-                                           "and the classes overlap; else 0.5 (the middle of the gap if 0.5 lies outside a perfect separation)"))
+             operating_threshold=dict(value=op.value, source=op.source, chosen_on=dls.split_name, rule=_THRESHOLD_RULE))
     if centre_box:
         cs = gradcam_centre_share(learn, vdl, op.value)
-        if cs['grid'] is not None: m['gradcam_centre_share'] = dict(cs, of=valid['tp'])  # n of the tp correct positives (at most max_patches)
-    tdl, test_split = source.test_dl(dls)
-    if tdl is not None:
-        tz, tt = (a.numpy() for a in predict_logits(learn, tdl))
-        tp = apply_temperature(tz, cal.temperature, cal.bias)[:, 1]
-        m['test'] = binary_metrics(tp, tt, threshold=op.value, split=test_split, threshold_source=op.source)
-        calib.update({f'test_{k}': v for k, v in _calibration_numbers(tz, tt, cal).items()})
-        plots += [_save(plot_roc(tp, tt, 'ROC, held-out test', subtitle=test_split.name, threshold=op.value), run_dir/'roc_test.png'),
-                  _save(plot_confusion(m['test'], classes=list(dls.vocab), title='Confusion, held-out test'), run_dir/'confusion_test.png'),
-                  _save(plot_reliability({'before': apply_temperature(tz)[:, 1], after: tp}, tt,
-                                         'Reliability, held-out test', f'calibration fitted on validation; {test_split.name}'), run_dir/'reliability_test.png')]
-    m['plots'] = plots
+        # n of the tp correct positives (at most max_patches)
+        if cs['grid'] is not None: m['gradcam_centre_share'] = dict(cs, of=valid['tp'])
+    m['test'], test_plots = _held_out_test(learn, dls, source, cal, op, after, calib, run_dir)
+    m['plots'] = plots + test_plots
     return m
 
 # %% ../nbs/11_report.ipynb #f00d329f
@@ -141,16 +172,21 @@ def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k, source):
     from pcam_fastai.interpret import plot_confident_gallery
     interp = ClassificationInterpretation.from_learner(learn, dl=vdl)
     classes = list(dls.vocab)
-    plots = [_save(plot_top_losses_gradcam(learn, k=top_k, interp=interp, centre_box=False), run_dir/'top_losses_gradcam.png'),
-             _save(plot_confident_gallery(learn, k=2, interp=interp, centre_box=False), run_dir/'confident_gallery.png'),
+    plots = [_save(plot_top_losses_gradcam(learn, k=top_k, interp=interp, centre_box=False),
+                   run_dir/'top_losses_gradcam.png'),
+             _save(plot_confident_gallery(learn, k=2, interp=interp, centre_box=False),
+                   run_dir/'confident_gallery.png'),
              _save(plot_history(run_dir/'history.csv'), run_dir/'history.png'),
-             _save(plot_confusion_matrix(valid['confusion'], classes, short_split_name(dls)), run_dir/'confusion_valid.png')]
+             _save(plot_confusion_matrix(valid['confusion'], classes, short_split_name(dls)),
+                   run_dir/'confusion_valid.png')]
     plots += [p.name for p in sorted(run_dir.glob('lr_find_*.png'))]
-    m = dict(valid, n_valid=valid['n'], test=None, calibration=dict(temperature=learn.temperature, bias=learn.logit_bias, fitted_on=dls.split_name))
+    m = dict(valid, n_valid=valid['n'], test=None,
+             calibration=dict(temperature=learn.temperature, bias=learn.logit_bias, fitted_on=dls.split_name))
     tdl, test_split = source.test_dl(dls)
     if tdl is not None:
         m['test'] = _eval_split(learn, tdl, test_split)[0]
-        plots.append(_save(plot_confusion_matrix(m['test']['confusion'], classes, 'test'), run_dir/'confusion_test.png'))
+        plots.append(_save(plot_confusion_matrix(m['test']['confusion'], classes, 'test'),
+                           run_dir/'confusion_test.png'))
     m['plots'] = plots
     return m
 
@@ -158,41 +194,64 @@ def _evaluate_multiclass(learn, dls, vdl, valid, run_dir, top_k, source):
 def threshold_rule(value:float, # The threshold
                    source:str, # How it was chosen: `OperatingThreshold.source` or `binary_metrics`' `threshold_source`
                   ) -> str:
-    "How a threshold was chosen, in words, without the value that a fallback's source starts with ('0.5 (fallback: ...)')"
+    ("How a threshold was chosen, in words, without the value that a fallback's source starts with "
+     "('0.5 (fallback: ...)')")
     v = f'{value:.3g}'
     return source[len(v) + 2:-1] if source.startswith(v + ' (') and source.endswith(')') else source
 
 def threshold_text(value:float, # The threshold
                    source:str, # How it was chosen
                   ) -> str:
-    "The threshold and how it was chosen, the value said once: '0.5 (fallback: ...)', '0.412 (Youden's J on validation)'"
+    ("The threshold and how it was chosen, the value said once: '0.5 (fallback: ...)', "
+     "'0.412 (Youden's J on validation)'")
     return f'{value:.3g} ({threshold_rule(value, source)})'
 
+# %% ../nbs/11_report.ipynb #ded2f9aa
 def headline(metrics:dict, # A run's numbers (`RunMetrics.to_dict()`)
             ) -> str:
-    "The lines `train_pcam` prints about a run: validation accuracy and AUC, the operating threshold and calibration, held-out test"
-    lines = [f'train_pcam: accuracy {metrics["accuracy"]:.4f}, ROC AUC {metrics["roc_auc"]:.4f} on {metrics["n_valid"]} validation patches '
-             f'({str(metrics.get("split", "")).split(" (")[0]})']
+    ("The lines `train_pcam` prints about a run: validation accuracy and AUC, the operating threshold and "
+     "calibration, held-out test")
+    lines = [f'train_pcam: accuracy {metrics["accuracy"]:.4f}, ROC AUC {metrics["roc_auc"]:.4f} on '
+             f'{metrics["n_valid"]} validation patches ({str(metrics.get("split", "")).split(" (")[0]})']
     if metrics.get('operating_threshold'):
         c, op = metrics['calibration'], metrics['operating_threshold']
-        lines.append(f'train_pcam: labels use p({metrics["classes"][1]}) >= {threshold_text(op["value"], op["source"])}; calibration T = {c["temperature"]:.3g}, '
-                     f'bias {(c.get("bias") or [0, 0])[1]:+.3g}: validation NLL {c["valid_before"]["nll"]:.3f} -> {c["valid_after"]["nll"]:.3f}, '
+        lines.append(f'train_pcam: labels use p({metrics["classes"][1]}) >= '
+                     f'{threshold_text(op["value"], op["source"])}; calibration T = {c["temperature"]:.3g}, '
+                     f'bias {(c.get("bias") or [0, 0])[1]:+.3g}: validation '
+                     f'NLL {c["valid_before"]["nll"]:.3f} -> {c["valid_after"]["nll"]:.3f}, '
                      f'ECE {c["valid_before"]["ece"]:.3f} -> {c["valid_after"]["ece"]:.3f}')
     if metrics.get('test'):
         t = metrics['test']
-        lines.append(f'train_pcam: held-out test: accuracy {t["accuracy"]:.4f}' + ('' if t.get('multiclass') or 'balanced_accuracy' not in t else f', balanced accuracy {t["balanced_accuracy"]:.4f} at the validation threshold')
-                     + f', ROC AUC {t["roc_auc"]:.4f} on {t["n"]} patches ({t["split"]})')
+        balanced = ('' if t.get('multiclass') or 'balanced_accuracy' not in t
+                    else f', balanced accuracy {t["balanced_accuracy"]:.4f} at the validation threshold')
+        lines.append(f'train_pcam: held-out test: accuracy {t["accuracy"]:.4f}{balanced}, '
+                     f'ROC AUC {t["roc_auc"]:.4f} on {t["n"]} patches ({t["split"]})')
     return '\n'.join(lines)
 
 # %% ../nbs/11_report.ipynb #51d236c0
 def _fmt(v): return f'{v:.4f}' if isinstance(v, float) else str(v)
 
+def _ece_rows(m):
+    ("The ECE bias-corrected with its interval, then as measured beside its noise floor (`ece_interval`); a run "
+     "without them: the measured ECE alone")
+    if 'ece' not in m: return []
+    if 'ece_debiased' not in m: return [f"| ECE, 15 bins (calibrated) | {_fmt(m['ece'])} | |"]
+    return [f"| ECE, 15 bins (calibrated), bias-corrected | {_fmt(m['ece_debiased'])} | "
+            f"{' - '.join(_fmt(x) for x in m['ci95']['ece'])} |",
+            "| ECE as measured (biased upwards); its noise floor: perfectly calibrated labels, mean and 97.5th "
+            f"percentile | {_fmt(m['ece'])}; floor {m['ece_floor']:.4f}, {m['ece_floor_hi']:.4f} | |"]
+
+# %% ../nbs/11_report.ipynb #6b1c80e1
+_MULTICLASS_ROWS = (('accuracy', 'accuracy'), ('balanced_accuracy', 'balanced accuracy'), ('macro_f1', 'macro F1'),
+                    ('roc_auc', 'ROC AUC (macro, one-vs-rest)'))
+
 def _metric_rows(m):
     ci = m.get('ci95', {})
     if m.get('multiclass'):
         rows = [f"| {name} | {_fmt(m[k])} | {' - '.join(_fmt(x) for x in ci.get(k, []))} |"
-                for k, name in (('accuracy', 'accuracy'), ('balanced_accuracy', 'balanced accuracy'), ('macro_f1', 'macro F1'), ('roc_auc', 'ROC AUC (macro, one-vs-rest)'))]
-        rows += [f"| {c}: precision / recall / F1 (n) | {v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f} ({v['support']}) | |" for c, v in m['per_class'].items()]
+                for k, name in _MULTICLASS_ROWS]
+        rows += [f"| {c}: precision / recall / F1 (n) | {v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f} "
+                 f"({v['support']}) | |" for c, v in m['per_class'].items()]
         return rows + [f"| patches | {m['n']} | |"]
     from pcam_fastai.metrics import METRICS, report_metrics
     rows = []
@@ -202,23 +261,153 @@ def _metric_rows(m):
             interval = f" {' - '.join(_fmt(x) for x in ci[k])} |" if k in ci else ' |'
             rows.append(f"| {METRICS[k].label} | {_fmt(m[k])} |{interval}")
     rows += [f"| confusion (tp / fp / tn / fn) | {m['tp']} / {m['fp']} / {m['tn']} / {m['fn']} | |",
-             f"| threshold | {threshold_text(m['threshold'], m['threshold_source'])} | |", f"| patches | {m['n']} ({m['positives']} tumour) | |"]
+             f"| threshold | {threshold_text(m['threshold'], m['threshold_source'])} | |",
+             f"| patches | {m['n']} ({m['positives']} tumour) | |"]
     return rows
 
-def _ece_rows(m):
-    "The ECE bias-corrected with its interval, then as measured beside its noise floor (`ece_interval`); a run without them: the measured ECE alone"
-    if 'ece' not in m: return []
-    if 'ece_debiased' not in m: return [f"| ECE, 15 bins (calibrated) | {_fmt(m['ece'])} | |"]
-    return [f"| ECE, 15 bins (calibrated), bias-corrected | {_fmt(m['ece_debiased'])} | {' - '.join(_fmt(x) for x in m['ci95']['ece'])} |",
-            f"| ECE as measured (biased upwards); its noise floor: perfectly calibrated labels, mean and 97.5th percentile "
-            f"| {_fmt(m['ece'])}; floor {m['ece_floor']:.4f}, {m['ece_floor_hi']:.4f} | |"]
-
+# %% ../nbs/11_report.ipynb #1cef7f5b
 def stage_label(name:str, # A stage's name in the run's numbers and history.csv, e.g. 'stage2-unfrozen'
                 stages:list, # The names of the stages the run trained, in order
                ) -> str:
-    "A stage as the report names it: its place among the stages run, and what it trains ('1 of 1: whole network', not 'stage2-unfrozen')"
+    ("A stage as the report names it: its place among the stages run, and what it trains ('1 of 1: whole network', "
+     "not 'stage2-unfrozen')")
     what = {'stage1-frozen': 'body frozen (head only)', 'stage2-unfrozen': 'whole network'}.get(name, name)
     return f'{list(stages).index(name) + 1} of {len(stages)}: {what}' if name in stages else what
+
+# %% ../nbs/11_report.ipynb #e7853884
+def _intro(run_dir:Path, metrics:dict) -> list:
+    "The report's title, the research-use line, the data and how the run trained, a warning for optimistic numbers"
+    procs = (f" x {metrics['world_size']} processes (global batch {metrics['global_bs']})"
+             if metrics.get('world_size', 1) > 1 else '')
+    L = [f"# PCam run `{run_dir.name}`", '', RESEARCH_USE, '',
+         f"Data: `{metrics['data']}`{' (built-in synthetic set)' if metrics['synthetic'] else ''}. "
+         f"Trained {metrics['finished']} on {metrics['device']}" + procs
+         + f" ({metrics['compute_precision']}), {metrics['seconds']:.0f} s, seed {metrics['seed']}.", '']
+    if metrics['optimistic']:
+        L += ['> **These validation numbers are optimistic.** They come from a random split of patches, where '
+              'patches of one slide fall on both sides. Train on the official PCam split (or, for a folder set, give '
+              'train/valid/test folders split by slide or patient) for numbers to report.', '']
+    return L
+
+# %% ../nbs/11_report.ipynb #6810965c
+_TABLE_HEAD = ['| metric | value | 95 % CI (bootstrap) |', '|---|---|---|']
+
+def _metric_sections(metrics:dict) -> list:
+    "The validation table, and the held-out test's when the run has one"
+    L = [f"## Validation: {metrics['split']}", '', *_TABLE_HEAD, *_metric_rows(metrics), '']
+    if metrics.get('test') and metrics['test'].get('multiclass'):
+        L += [f"## Held-out test: {metrics['test']['split']}", '', *_TABLE_HEAD, *_metric_rows(metrics['test']), '']
+    elif metrics.get('test'):
+        L += [f"## Held-out test: {metrics['test']['split']}", '', 'At the threshold chosen on validation, unchanged:',
+              '', *_TABLE_HEAD, *_metric_rows(metrics['test']), '']
+    return L
+
+# %% ../nbs/11_report.ipynb #a869f3a6
+def _threshold_section(metrics:dict) -> list:
+    "How the operating threshold labels the patches, and where else that one number is used"
+    op = metrics.get('operating_threshold')
+    if not op: return []
+    pos = metrics['classes'][1]
+    return ['## Operating threshold', '',
+            f"Patches are labelled {pos} when the calibrated p({pos}) >= **{op['value']:.3g}** "
+            f"({threshold_rule(op['value'], op['source'])}; chosen on {op['chosen_on']}). The same number labels the "
+            f"patches in every plot here, in `{METRICS_FILE}`, in the exported bundle (`{BUNDLE_FILE}`) "
+            f"and in `pcam-fastai serve`. Rule: {op['rule']}.", '']
+
+# %% ../nbs/11_report.ipynb #9e030b71
+def _calibration_section(metrics:dict) -> list:
+    "The temperature and bias, NLL and ECE before and after on each split, ECE's noise floor, the reliability plots"
+    cal = metrics.get('calibration') or {}
+    if 'valid_before' not in cal: return []
+    L = ['## Calibration', '',
+         f"A temperature T = {cal['temperature']:.3g} and a bias b = {cal['bias'][1]:+.3g}, fitted on the validation "
+         'logits after training (p = softmax(logits / T + [0, b]), i.e. Platt scaling of the logit difference; it '
+         'changes no ranking, so AUC stays as it is). NLL and ECE (15 equal-width bins of p(tumour)):', '',
+         '| split | NLL before | NLL after | ECE before | ECE after |', '|---|---|---|---|---|']
+    for s in ('valid', 'test'):
+        if f'{s}_before' in cal:
+            b, a = cal[f'{s}_before'], cal[f'{s}_after']
+            name = 'validation (fitted here: optimistic)' if s == 'valid' else 'held-out test'
+            L += [f"| {name} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |"]
+    if 'ece_floor' in metrics:
+        L += ['', f"ECE is biased upwards on a finite set: perfectly calibrated labels for these {metrics['n']} "
+                  f"validation probabilities would score {metrics['ece_floor']:.4f} on average (97.5 % of the time "
+                  f"below {metrics['ece_floor_hi']:.4f}): an ECE near that is as calibrated as these patches can "
+                  "show. The validation table gives the ECE bias-corrected, with its interval."]
+    test_plot = ' ![reliability test](reliability_test.png)' if 'test_before' in cal else ''
+    return L + ['', '![reliability](reliability_valid.png)' + test_plot, '']
+
+# %% ../nbs/11_report.ipynb #fadbc80b
+def _stain_text(config:dict) -> list:
+    "The stain handling of the run's settings, in words: normalization, augmentation"
+    stain, sn = [], config.get('stain_norm')
+    if sn:
+        how = 'once, into a normalized cache' if config.get('stain_norm_at') == 'cache' else 'on every batch'
+        ref = ('`' + config['stain_ref'] + '`') if config.get('stain_ref') else 'training patches'
+        stain.append(f"{sn['method'].capitalize()} normalization ({how}) to a reference of {ref}; the bundle and the "
+                     "server apply it too")
+    if config.get('stain_aug'): stain.append(f"H&E augmentation (HED jitter) of strength {config['stain_aug']}")
+    return ['Stain handling: ' + '; '.join(stain) + '.', ''] if stain else []
+
+# %% ../nbs/11_report.ipynb #aaead7d8
+def _training_section(metrics:dict, config:dict) -> list:
+    "How the run trained: stain handling, from scratch or not, its stages, the loss curves and learning-rate finder"
+    L = ['## Training', '', *_stain_text(config)]
+    if not metrics['config'].get('pretrained'):
+        L += ['Trained from scratch (random initialization): there is no frozen stage, because a random body gains '
+              'nothing from training the head alone; every epoch trains the whole network with one learning rate '
+              '(one cycle).', '']
+    L += ['| stage | epochs | learning rate | seconds |', '|---|---|---|---|']
+    lr_txt = lambda r: f'slice({r[0]:.2e}, {r[1]:.2e})' if isinstance(r, list) else f'{r:.2e}'
+    L += [f"| {stage_label(k, list(metrics['stages']))} | {v['epochs']} | {lr_txt(v['lr'])} | {v['seconds']} |"
+          for k, v in metrics['stages'].items()]
+    L += ['', '![history](history.png)', '']
+    return L + [f'![{p}]({p})' for p in metrics['plots'] if p.startswith('lr_find')] + ['']
+
+# %% ../nbs/11_report.ipynb #a6084d19
+def _centre_share_text(metrics:dict) -> list:
+    "How much of Grad-CAM's heat lies in PCam's labelled centre, against that square's share of the patch"
+    cs = metrics.get('gradcam_centre_share')
+    if not (cs and cs.get('n') and cs.get('grid')): return []
+    return [f"Grad-CAM of layer `{cs['layer']}` ({cs['grid']}x{cs['grid']} cells), dashed square: the centre 32x32 "
+            f"where PCam's label is defined. On {_how_many(cs['n'], cs.get('of', metrics.get('tp')))} correctly found "
+            f"tumour patches of validation, {cs['mean']:.1%} of the heat lies in that square on average "
+            f"(its area is {cs['area_share']:.1%} of the patch: a map blind to the centre would give about that).", '']
+
+def _how_many(n, of):
+    "'64 of the 98', 'all 98', or '64' when the total is unknown"
+    return f'{n} of the {of}' if of and of > n else f'all {n}' if of == n else str(n)
+
+# %% ../nbs/11_report.ipynb #e60d9253
+def _looks_section(metrics:dict) -> list:
+    "Where the model looks: Grad-CAM's centre share, misclassified and most confident patches, ROC and confusion"
+    multi, c = metrics.get('multiclass'), metrics['classes']
+    L = ['## Where the model looks', '', *_centre_share_text(metrics)]
+    if not multi: L += [f"Misclassified patches show the Grad-CAM of {c[1]} (the positive class): for a missed "
+                        f"{c[1]} patch, where the {c[1]} evidence the model saw lies; the map of its prediction, "
+                        f"{c[0]}, would show only what it found normal.", '',
+                        '![false negatives](false_negatives_gradcam.png)', '',
+                        '![false positives](false_positives_gradcam.png)', '']
+    L += ['![top losses](top_losses_gradcam.png)', '', '![most confident](confident_gallery.png)', '']
+    L += ['## Confusion' if multi else '## ROC and confusion', '',
+          '![confusion](confusion_valid.png)' if multi
+          else '![roc](roc_valid.png) ![confusion](confusion_valid.png)', '']
+    if metrics.get('test'):
+        L += ['![confusion test](confusion_test.png)' if multi
+              else '![roc test](roc_test.png) ![confusion test](confusion_test.png)', '']
+    return L
+
+# %% ../nbs/11_report.ipynb #f78b54a2
+def _files_section(metrics:dict, config:dict) -> list:
+    "The run's settings as JSON, the files of its folder, and the versions it ran with"
+    return ['## Settings', '', '```json', json.dumps({k: config[k] for k in config if k != 'versions'}, indent=1,
+                                                     default=str), '```', '',
+            '## Files', '', '- `model.pth`: the weights as a plain state dict; load with `torch.load(..., '
+            'weights_only=True)` (safe).',
+            '- `learner.pkl`: `learn.export()`, for `load_learner`. It is a pickle, which can run code when loaded: '
+            'only load files you trust.',
+            f'- `{METRICS_FILE}`, `{CONFIG_FILE}`, `history.csv`, `models/` (a checkpoint after each stage).', '',
+            f"Versions: {', '.join(f'{k} {v}' for k, v in metrics['versions'].items())}.", '']
 
 # %% ../nbs/11_report.ipynb #245fa860
 def write_report(run_dir:Path, # The run folder
@@ -227,74 +416,8 @@ def write_report(run_dir:Path, # The run folder
                 ) -> Path:
     "`report.md`: the run on one page: data and split, settings, metrics with intervals, and every plot"
     run_dir = Path(run_dir)
-    L = [f"# PCam run `{run_dir.name}`", '', RESEARCH_USE, '',
-         f"Data: `{metrics['data']}`{' (built-in synthetic set)' if metrics['synthetic'] else ''}. "
-         f"Trained {metrics['finished']} on {metrics['device']}" + (f" x {metrics['world_size']} processes (global batch {metrics['global_bs']})" if metrics.get('world_size', 1) > 1 else '')
-         + f" ({metrics['compute_precision']}), {metrics['seconds']:.0f} s, seed {metrics['seed']}.", '']
-    if metrics['optimistic']:
-        L += ['> **These validation numbers are optimistic.** They come from a random split of patches, where '
-              'patches of one slide fall on both sides. Train on the official PCam split (or, for a folder set, give train/valid/test '
-              'folders split by slide or patient) for numbers to report.', '']
-    L += [f"## Validation: {metrics['split']}", '', '| metric | value | 95 % CI (bootstrap) |', '|---|---|---|', *_metric_rows(metrics), '']
-    if metrics.get('test') and metrics['test'].get('multiclass'):
-        L += [f"## Held-out test: {metrics['test']['split']}", '', '| metric | value | 95 % CI (bootstrap) |', '|---|---|---|', *_metric_rows(metrics['test']), '']
-    elif metrics.get('test'):
-        L += [f"## Held-out test: {metrics['test']['split']}", '', 'At the threshold chosen on validation, unchanged:', '',
-              '| metric | value | 95 % CI (bootstrap) |', '|---|---|---|', *_metric_rows(metrics['test']), '']
-    op, cal = metrics.get('operating_threshold'), metrics.get('calibration') or {}
-    if op:
-        L += ['## Operating threshold', '', f"Patches are labelled {metrics['classes'][1]} when the calibrated p({metrics['classes'][1]}) >= **{op['value']:.3g}** "
-              f"({threshold_rule(op['value'], op['source'])}; chosen on {op['chosen_on']}). The same number labels the patches in every plot here, in `{METRICS_FILE}`, in the exported bundle (`{BUNDLE_FILE}`) "
-              f"and in `pcam-fastai serve`. Rule: {op['rule']}.", '']
-    if 'valid_before' in cal:
-        L += ['## Calibration', '', f"A temperature T = {cal['temperature']:.3g} and a bias b = {cal['bias'][1]:+.3g}, fitted on the validation logits after training "
-              '(p = softmax(logits / T + [0, b]), i.e. Platt scaling of the logit difference; it changes no ranking, so AUC stays as it is). '
-              'NLL and ECE (15 equal-width bins of p(tumour)):', '',
-              '| split | NLL before | NLL after | ECE before | ECE after |', '|---|---|---|---|---|']
-        for s in ('valid', 'test'):
-            if f'{s}_before' in cal:
-                b, a = cal[f'{s}_before'], cal[f'{s}_after']
-                L += [f"| {'validation (fitted here: optimistic)' if s == 'valid' else 'held-out test'} | {b['nll']:.4f} | {a['nll']:.4f} | {b['ece']:.4f} | {a['ece']:.4f} |"]
-        if 'ece_floor' in metrics:
-            L += ['', f"ECE is biased upwards on a finite set: perfectly calibrated labels for these {metrics['n']} validation probabilities would score "
-                      f"{metrics['ece_floor']:.4f} on average (97.5 % of the time below {metrics['ece_floor_hi']:.4f}): an ECE near that is as calibrated "
-                      "as these patches can show. The validation table gives the ECE bias-corrected, with its interval."]
-        L += ['', '![reliability](reliability_valid.png)' + (' ![reliability test](reliability_test.png)' if 'test_before' in cal else ''), '']
-    L += ['## Training', '']
-    stain, sn = [], config.get('stain_norm')
-    if sn: stain.append(f"{sn['method'].capitalize()} normalization ({'once, into a normalized cache' if config.get('stain_norm_at') == 'cache' else 'on every batch'}) "
-                        f"to a reference of {('`' + config['stain_ref'] + '`') if config.get('stain_ref') else 'training patches'}; the bundle and the server apply it too")
-    if config.get('stain_aug'): stain.append(f"H&E augmentation (HED jitter) of strength {config['stain_aug']}")
-    if stain: L += ['Stain handling: ' + '; '.join(stain) + '.', '']
-    if not metrics['config'].get('pretrained'):
-        L += ['Trained from scratch (random initialization): there is no frozen stage, because a random body gains nothing from training the head '
-              'alone; every epoch trains the whole network with one learning rate (one cycle).', '']
-    L += ['| stage | epochs | learning rate | seconds |', '|---|---|---|---|']
-    lr_txt = lambda r: f'slice({r[0]:.2e}, {r[1]:.2e})' if isinstance(r, list) else f'{r:.2e}'
-    L += [f"| {stage_label(k, list(metrics['stages']))} | {v['epochs']} | {lr_txt(v['lr'])} | {v['seconds']} |" for k, v in metrics['stages'].items()]
-    L += ['', '![history](history.png)', '']
-    L += [f'![{p}]({p})' for p in metrics['plots'] if p.startswith('lr_find')] + ['']
-    multi = metrics.get('multiclass')
-    L += ['## Where the model looks', '']
-    cs = metrics.get('gradcam_centre_share')
-    if cs and cs.get('n') and cs.get('grid'):
-        L += [f"Grad-CAM of layer `{cs['layer']}` ({cs['grid']}x{cs['grid']} cells), dashed square: the centre 32x32 where PCam's label is defined. "
-              f"On {_how_many(cs['n'], cs.get('of', metrics.get('tp')))} correctly found tumour patches of validation, {cs['mean']:.1%} of the heat lies in that square on average "
-              f"(its area is {cs['area_share']:.1%} of the patch: a map blind to the centre would give about that).", '']
-    if not multi: L += [f"Misclassified patches show the Grad-CAM of {metrics['classes'][1]} (the positive class): for a missed {metrics['classes'][1]} patch, where the "
-                        f"{metrics['classes'][1]} evidence the model saw lies; the map of its prediction, {metrics['classes'][0]}, would show only what it found normal.", '',
-                        '![false negatives](false_negatives_gradcam.png)', '', '![false positives](false_positives_gradcam.png)', '']
-    L += ['![top losses](top_losses_gradcam.png)', '', '![most confident](confident_gallery.png)', '']
-    L += ['## Confusion' if multi else '## ROC and confusion', '', '![confusion](confusion_valid.png)' if multi else '![roc](roc_valid.png) ![confusion](confusion_valid.png)', '']
-    if metrics.get('test'): L += ['![confusion test](confusion_test.png)' if multi else '![roc test](roc_test.png) ![confusion test](confusion_test.png)', '']
-    L += ['## Settings', '', '```json', json.dumps({k: config[k] for k in config if k != 'versions'}, indent=1, default=str), '```', '',
-          '## Files', '', '- `model.pth`: the weights as a plain state dict; load with `torch.load(..., weights_only=True)` (safe).',
-          '- `learner.pkl`: `learn.export()`, for `load_learner`. It is a pickle, which can run code when loaded: only load files you trust.',
-          f'- `{METRICS_FILE}`, `{CONFIG_FILE}`, `history.csv`, `models/` (a checkpoint after each stage).', '',
-          f"Versions: {', '.join(f'{k} {v}' for k, v in metrics['versions'].items())}.", '']
+    L = [*_intro(run_dir, metrics), *_metric_sections(metrics), *_threshold_section(metrics),
+         *_calibration_section(metrics), *_training_section(metrics, config), *_looks_section(metrics),
+         *_files_section(metrics, config)]
     (run_dir/'report.md').write_text('\n'.join(L))
     return run_dir/'report.md'
-
-def _how_many(n, of):
-    "'64 of the 98', 'all 98', or '64' when the total is unknown"
-    return f'{n} of the {of}' if of and of > n else f'all {n}' if of == n else str(n)

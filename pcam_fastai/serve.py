@@ -53,6 +53,7 @@ def _too_large_msg(n:int, limit:int, max_files:int, max_mb:float) -> str:
     return (f'The upload is {fmt_mb(n)}; the limit is {fmt_mb(limit)} per request '
             f'({max_files} files of at most {fmt_mb(max_mb * MB)}).')
 
+# %% ../nbs/14_serve.ipynb #5f38f224
 # The page has no script, loads nothing from elsewhere, and shows images as data: URLs;
 # it may not be framed (clickjacking)
 SECURITY_HEADERS = {'x-content-type-options': 'nosniff', 'x-frame-options': 'DENY', 'referrer-policy': 'no-referrer',
@@ -84,6 +85,7 @@ WAIT_S, BODY_S = 120, 60
 # after GRACE_S seconds a body must be arriving at MIN_RATE bytes/s on average (10 kB/s), or it gets 408
 GRACE_S, MIN_RATE = 5, 10_000
 
+# %% ../nbs/14_serve.ipynb #6c9690f2
 class _BodyLimit:
     "ASGI middleware: bodies arrive `BODY_SLOTS` at a time (408 if slow) and go on `REQUEST_SLOTS` at a time; 503, 413"
     def __init__(self, app, limit:int, max_files:int, max_mb:float, respond):
@@ -135,6 +137,7 @@ async def _body_slot(self:_BodyLimit) -> bool:
     finally: self.waiting -= 1
     return True
 
+# %% ../nbs/14_serve.ipynb #39418a11
 @patch
 async def _receive_body(self:_BodyLimit, receive) -> collections.deque|None:
     "The body's messages; `_TooSlow` under `MIN_RATE` or over `BODY_S`, `_TooLarge` over `limit`; None: client left"
@@ -167,6 +170,7 @@ async def _busy(self:_BodyLimit, scope, receive, send, why:str):
     await self._answer(scope, receive, send, f'The server is busy ({why}); try again in a few seconds.', 503,
                        headers={'Retry-After': '5'})
 
+# %% ../nbs/14_serve.ipynb #18e8eb5b
 @patch
 async def _too_slow(self:_BodyLimit, scope, receive, send, seen:int, took:float):
     if took >= BODY_S: msg = (f'The upload took longer than {BODY_S} s to arrive ({fmt_mb(seen)} received); '
@@ -194,6 +198,7 @@ def _model_info(bundle) -> str:
             + (f' Probabilities are calibrated on validation (temperature {bundle.temperature:.3g}, '
                f'bias {bundle.meta["bias"][1]:+.3g}).' if bias and len(bundle.meta['bias']) == 2 else ''))
 
+# %% ../nbs/14_serve.ipynb #13577fda
 def _card(r:dict, i:int, bundle) -> Div:
     "One result: name, label, probabilities, the patch and its Grad-CAM overlay"
     pos, probs = getattr(bundle, 'positive', None), r['probabilities']
@@ -224,6 +229,7 @@ def _page(bundle, max_mb:float, max_files:int, results=(), errors=()) -> tuple:
                  Div(*[P(e['error'], cls='error') for e in errors], id='errors'),
                  Div(*[_card(r, i, bundle) for i, r in enumerate(results)], id='results')))
 
+# %% ../nbs/14_serve.ipynb #c5997404
 async def _uploads(req:Request, with_fields:bool=False) -> list|tuple:
     "(name, bytes) of every file in the form (an empty file input is no file); with `with_fields`, also the text fields"
     form, out, fields = await req.form(), [], {}
@@ -264,12 +270,9 @@ def _add_routes(app:FastHTML, bundle, max_mb:float, max_files:int):
                                            threshold=getattr(bundle, 'threshold', None),
                                            threshold_source=getattr(bundle, 'threshold_source', None)))
 
-# %% ../nbs/14_serve.ipynb #97555335
-def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with `pcam_fastai.export.load_bundle`)
-              max_mb:float=5, # Largest accepted file, in MB (10^6 bytes)
-              max_files:int=16, # Most files per request
-             ) -> FastHTML:
-    "A web app serving `bundle`: upload page at /, HTML results at /predict, JSON at /api/predict, /health"
+# %% ../nbs/14_serve.ipynb #94ee0a51
+def _checked_bundle(bundle, max_mb:float, max_files:int):
+    "The bundle to serve (loaded, when given its folder) once it and the limits are checked"
     if isinstance(bundle, (str, Path)):
         from pcam_fastai.export import load_bundle
         bundle = load_bundle(bundle)
@@ -281,6 +284,15 @@ def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with 
     if not max_mb > 0: raise UsageError(f'max_mb must be positive, got {max_mb}.')
     if not (isinstance(max_files, int) and max_files >= 1):
         raise UsageError(f'max_files must be a positive integer, got {max_files!r}.')
+    return bundle
+
+# %% ../nbs/14_serve.ipynb #97555335
+def serve_app(bundle, # A `Bundle`, or the path of a bundle folder (loaded with `pcam_fastai.export.load_bundle`)
+              max_mb:float=5, # Largest accepted file, in MB (10^6 bytes)
+              max_files:int=16, # Most files per request
+             ) -> FastHTML:
+    "A web app serving `bundle`: upload page at /, HTML results at /predict, JSON at /api/predict, /health"
+    bundle = _checked_bundle(bundle, max_mb, max_files)
     limit = int(max_files * max_mb * MB) + FORM_SLACK
 
     def respond(req, msg, status):

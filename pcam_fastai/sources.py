@@ -6,14 +6,13 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/sources.html.md"""
 
 # %% ../nbs/05_sources.ipynb #6307d41c
 from __future__ import annotations
+import hashlib
 from pathlib import Path
 
 from fastai.data.block import DataBlock, CategoryBlock, TransformBlock
 from fastai.data.transforms import RandomSplitter, IntToFloatTensor, Normalize
 from fastai.vision.core import imagenet_stats
 from fastai.vision.augment import Resize, aug_transforms
-
-import hashlib
 
 import numpy as np
 import pandas as pd
@@ -40,7 +39,29 @@ class LabelLookup:
         except KeyError:
             raise PCamDataError(f"{fn} has no label; its id {Path(fn).stem} is not in the labels CSV.") from None
 
-# %% ../nbs/05_sources.ipynb #31e62608
+# %% ../nbs/05_sources.ipynb #7537555e
+def _labelled_patches(path:Path, size:int, valid_pct:float, n_items:int|None) -> pd.DataFrame:
+    "The labels of the patches a Kaggle-layout folder's loaders use, once the arguments are checked"
+    if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
+    if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
+    df = read_labels(path)
+    if n_items: df = df.iloc[:n_items]
+    if df.label.nunique() < 2:
+        raise PCamDataError(f"Only one class in the {len(df)} labelled patches used; need both 0 and 1.")
+    return df
+
+# %% ../nbs/05_sources.ipynb #6ba35e76
+def _folder_block(df:pd.DataFrame, size:int, valid_pct:float, seed:int, max_zoom:float) -> DataBlock:
+    "The reference notebook's `DataBlock` over patch files: resize, flips (vertical ones too), zoom, ImageNet stats"
+    return DataBlock(blocks=(TransformBlock(type_tfms=open_patch, batch_tfms=IntToFloatTensor),
+                             CategoryBlock(vocab=CLASSES)),
+                     get_y=LabelLookup(dict(zip(df.id, df.label))), splitter=RandomSplitter(valid_pct, seed=seed),
+                     item_tfms=Resize(size) if size != PATCH_SIZE else None,
+                     batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0.,
+                                                 max_lighting=0.1),
+                                 Normalize.from_stats(*imagenet_stats)])
+
+# %% ../nbs/05_sources.ipynb #a6289852
 def pcam_dataloaders(path:str|Path, # Folder in the Kaggle layout (train/, train_labels.csv)
                      size:int=224, # Side of the square images the model sees
                      bs:int=64, # Batch size
@@ -64,24 +85,12 @@ def pcam_dataloaders(path:str|Path, # Folder in the Kaggle layout (train/, train
     if stain_jitter or stain_aug or stain_norm is not None or groups is not None:
         raise UsageError("stain_jitter, stain_aug, stain normalization and groups need the array cache: "
                          "build one with build_cache (CLI: pcam-fastai cache) and pass its folder.")
-    if size < 32: raise UsageError(f"size={size} is too small for a CNN; use 96 (native) or 224 (ImageNet).")
-    if not 0 < valid_pct < 1: raise UsageError(f"valid_pct must be between 0 and 1, got {valid_pct}.")
-    df = read_labels(path)
-    if n_items: df = df.iloc[:n_items]
-    if df.label.nunique() < 2:
-        raise PCamDataError(f"Only one class in the {len(df)} labelled patches used; need both 0 and 1.")
-    files = [path/'train'/f'{i}.tif' for i in df.id]
-    block = DataBlock(blocks=(TransformBlock(type_tfms=open_patch, batch_tfms=IntToFloatTensor),
-                              CategoryBlock(vocab=CLASSES)),
-                      get_y=LabelLookup(dict(zip(df.id, df.label))), splitter=RandomSplitter(valid_pct, seed=seed),
-                      item_tfms=Resize(size) if size != PATCH_SIZE else None,
-                      batch_tfms=[*aug_transforms(flip_vert=True, max_rotate=0., max_zoom=max_zoom, max_warp=0.,
-                                                  max_lighting=0.1),
-                                  Normalize.from_stats(*imagenet_stats)])
+    df = _labelled_patches(path, size, valid_pct, n_items)
+    block = _folder_block(df, size, valid_pct, seed, max_zoom)
     # fastai's default ignores `accelerate launch --cpu`
     kw = dict(bs=bs, device=compute_device() if device is None else device)
     if num_workers is not None: kw['num_workers'] = num_workers
-    dls = block.dataloaders(files, **kw)
+    dls = block.dataloaders([path/'train'/f'{i}.tif' for i in df.id], **kw)
     dls.split = random_split(valid_pct)
     dls.split_name = str(dls.split)
     return dls
@@ -192,7 +201,7 @@ class FolderSet(DataSource):
         files = [f for fs in folder_layout(self.path).files.values() for f in fs]
         return files[::max(1, len(files) // n)][:n]
 
-# %% ../nbs/05_sources.ipynb #0d949b3a
+# %% ../nbs/05_sources.ipynb #677b32d7
 def check_data_path(path:str|Path, # A data path given by the user
                    ) -> Path:
     "`path`, or a clear error when it does not exist"
@@ -203,6 +212,7 @@ def check_data_path(path:str|Path, # A data path given by the user
                             "or a folder-per-class set; pcam-fastai download fetches PCam.")
     return path
 
+# %% ../nbs/05_sources.ipynb #9bc73585
 def open_source(path:str|Path, # A Kaggle-layout folder, an array cache or a folder-per-class set
                ) -> DataSource:
     "Look at `path` once and say what it holds"

@@ -23,7 +23,7 @@ __all__ = ['RGB_FROM_HED', 'HED_FROM_RGB', 'METHODS', 'REFERENCE_LIMITS', 'rgb_t
            'unregister_stain_method', 'TorchstainMethod', 'Macenko', 'Reinhard', 'StainNormalizer', 'choose_reference',
            'read_reference', 'StainNormalizeBatch']
 
-# %% ../nbs/03a_stain.ipynb #0fbeca60
+# %% ../nbs/03a_stain.ipynb #1db2567c
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29],   # haematoxylin's optical-density vector (Ruifrok & Johnston 2001)
                              [0.07, 0.99, 0.11],   # eosin
                              [0.27, 0.57, 0.78]])  # DAB
@@ -37,6 +37,7 @@ def _matrix(m:torch.Tensor, device) -> torch.Tensor:
     if key not in _ON_DEVICE: _ON_DEVICE[key] = m.to(device)
     return _ON_DEVICE[key]
 
+# %% ../nbs/03a_stain.ipynb #5949e0a7
 def rgb_to_hed(x:torch.Tensor, # RGB images (N, 3, H, W), 0-255 (uint8 or float)
               ) -> torch.Tensor: # Stain densities (N, 3, H, W): haematoxylin, eosin, DAB
     "Colour deconvolution of a batch into haematoxylin, eosin and DAB densities (scikit-image's scale, not clipped)"
@@ -78,7 +79,7 @@ def stain_shift(x:torch.Tensor, # RGB images (N, 3, H, W), 0-255
     out = hed_to_rgb(rgb_to_hed(x) * scale)
     return out.round().to(torch.uint8) if x.dtype == torch.uint8 else out.to(x.dtype)
 
-# %% ../nbs/03a_stain.ipynb #02aa2aea
+# %% ../nbs/03a_stain.ipynb #136da004
 class StainError(PCamDataError):
     "A patch (or the reference) cannot be stain-normalized: too little tissue, or the estimate failed"
 
@@ -89,6 +90,7 @@ def _what(e:Exception) -> str:
     "An exception's type and the first line of its message, for ours"
     return f"{type(e).__name__.lstrip('_')}: {(str(e).strip().splitlines() or [''])[0][:120]}"
 
+# %% ../nbs/03a_stain.ipynb #1486284f
 def _stained_share(t:torch.Tensor, beta:float=0.15, io:float=240) -> float:
     "`tissue_fraction` of one (3, H, W) uint8 tensor, on its device"
     od = -torch.log((t.reshape(3, -1).float() + 1) / io)
@@ -174,7 +176,7 @@ class TorchstainMethod(StainMethod):
         for k in self.numbers: out.set_number(k, self.get_number(k).to(device))
         return out
 
-# %% ../nbs/03a_stain.ipynb #b893a9b3
+# %% ../nbs/03a_stain.ipynb #da500454
 @register_stain_method
 class Macenko(TorchstainMethod):
     "Macenko et al. (2009): the reference's two stain vectors and its stain concentrations' 99th percentiles"
@@ -195,6 +197,7 @@ class Macenko(TorchstainMethod):
                              f"{angle:.1f} degrees apart, at least {REFERENCE_LIMITS['min_stain_angle']:g} needed): "
                              "pass H&E patches with both nuclei and pink tissue.")
 
+# %% ../nbs/03a_stain.ipynb #ac18f648
 @register_stain_method
 class Reinhard(TorchstainMethod):
     "Reinhard et al. (2001): the mean and standard deviation of each of the reference's Lab channels"
@@ -203,7 +206,7 @@ class Reinhard(TorchstainMethod):
     attrs = dict(lab_means='target_means', lab_stds='target_stds')
     def normalize(self, t): return self.lib.normalize(t).permute(2, 0, 1)
 
-# %% ../nbs/03a_stain.ipynb #4780462b
+# %% ../nbs/03a_stain.ipynb #223895cb
 class StainNormalizer:
     "Stain normalization by one of `METHODS`, fitted once on reference patches and kept as a few numbers"
     def __init__(self,
@@ -218,23 +221,6 @@ class StainNormalizer:
         self.impl = METHODS[method]()  # the method's object: what it learned, and how it maps a patch
         self.fitted, self._on_device = False, {}
 
-    def fit(self, reference): # One uint8 RGB patch (H, W, 3), several (N, H, W, 3), or a list of patches of any sizes
-        "Learn the reference staining (from all the reference pixels together)"
-        if len(reference) == 0: raise UsageError("The stain reference is empty: pass one or more uint8 RGB patches.")
-        refs = [np.asarray(reference)] if np.asarray(reference[0]).ndim == 2 else [np.asarray(r) for r in reference]
-        if not refs or any(r.dtype != np.uint8 or r.ndim != 3 or r.shape[-1] != 3 for r in refs):
-            raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); "
-                             f"got {[(str(r.dtype), r.shape) for r in refs[:3]]}.")
-        pixels = np.concatenate([r.reshape(-1, 3) for r in refs])[None]  # the set of pixels counts, not their layout
-        self._check_reference(refs, pixels[0])
-        try: self.impl.fit(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
-        except _FIT_ERRORS as e:
-            raise StainError(f"The {self.method} estimate failed on the stain reference ({_what(e)}): "
-                             "pass other patches, full of tissue with both stains.") from None
-        self._check_estimate()
-        self.fitted, self._on_device = True, {}
-        return self
-
     def _check_fitted(self):
         if not self.fitted: raise UsageError("This StainNormalizer is not fitted: call .fit(reference_patches) first.")
 
@@ -245,6 +231,27 @@ class StainNormalizer:
             d['impl'].lib = d.pop('_lib')
         self.__dict__.update(d, _on_device={})
 
+# %% ../nbs/03a_stain.ipynb #c41b3cb9
+@patch
+def fit(self:StainNormalizer,
+        reference, # One uint8 RGB patch (H, W, 3), several (N, H, W, 3), or a list of patches of any sizes
+       ):
+    "Learn the reference staining (from all the reference pixels together)"
+    if len(reference) == 0: raise UsageError("The stain reference is empty: pass one or more uint8 RGB patches.")
+    refs = [np.asarray(reference)] if np.asarray(reference[0]).ndim == 2 else [np.asarray(r) for r in reference]
+    if not refs or any(r.dtype != np.uint8 or r.ndim != 3 or r.shape[-1] != 3 for r in refs):
+        raise UsageError(f"The stain reference must be uint8 RGB patches, (H, W, 3) or (N, H, W, 3); "
+                         f"got {[(str(r.dtype), r.shape) for r in refs[:3]]}.")
+    pixels = np.concatenate([r.reshape(-1, 3) for r in refs])[None]  # the set of pixels counts, not their layout
+    self._check_reference(refs, pixels[0])
+    try: self.impl.fit(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+    except _FIT_ERRORS as e:
+        raise StainError(f"The {self.method} estimate failed on the stain reference ({_what(e)}): "
+                         "pass other patches, full of tissue with both stains.") from None
+    self._check_estimate()
+    self.fitted, self._on_device = True, {}
+    return self
+
 # %% ../nbs/03a_stain.ipynb #659de00a
 def _reference_looks(stained:np.ndarray) -> tuple[float, float]:
     "(mean Lab chroma, std in grey levels averaged over RGB) of stained uint8 pixels (N, 3)"
@@ -253,7 +260,7 @@ def _reference_looks(stained:np.ndarray) -> tuple[float, float]:
     chroma = torch.sqrt((lab[1] - 128) ** 2 + (lab[2] - 128) ** 2).mean()
     return float(chroma), float(stained.astype(np.float32).std(0).mean())
 
-# %% ../nbs/03a_stain.ipynb #de4c3a96
+# %% ../nbs/03a_stain.ipynb #c0479b09
 @patch
 def _check_reference(self:StainNormalizer, refs:list, pixels:np.ndarray):
     "Refuse a reference that would normalize every patch wrongly: too small, little tissue, grayscale, a flat colour"
@@ -281,6 +288,7 @@ def _check_reference(self:StainNormalizer, refs:list, pixels:np.ndarray):
                          f"at least {L['min_texture']:g} needed; H&E tiles vary by 20-50): "
                          "every normalized patch would be flattened; pass real tissue patches, not a colour swatch.")
 
+# %% ../nbs/03a_stain.ipynb #2d5e82b5
 @patch
 def _check_estimate(self:StainNormalizer):
     "Refuse what `fit` learned when it is not finite, or when its method finds it unusable (Macenko: one stain twice)"
@@ -380,7 +388,7 @@ def normalize_many(self:StainNormalizer, patches:np.ndarray, # uint8 RGB patches
         else: out[i] = res
     return out, skipped
 
-# %% ../nbs/03a_stain.ipynb #2f28a010
+# %% ../nbs/03a_stain.ipynb #5b2f3693
 def choose_reference(patches:np.ndarray, # uint8 candidate patches (N, H, W, 3), e.g. the first training patches
                      k:int=8, # How many to keep
                     ) -> np.ndarray: # (k, H, W, 3)
@@ -388,6 +396,7 @@ def choose_reference(patches:np.ndarray, # uint8 candidate patches (N, H, W, 3),
     fractions = np.array([tissue_fraction(p) for p in patches])
     return np.asarray(patches)[np.argsort(-fractions, kind='stable')[:k]]
 
+# %% ../nbs/03a_stain.ipynb #f6a7c77a
 def read_reference(path:str|Path, # An image file, or a folder of them (.png, .jpg, .tif)
                   ) -> list: # uint8 RGB arrays (H, W, 3)
     "Reference patches for `StainNormalizer.fit` from your own image files"

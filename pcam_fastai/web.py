@@ -6,137 +6,41 @@ Docs: https://pcam-fastai.github.io/pcam_fastai/web.html.md"""
 
 # %% ../nbs/14b_web.ipynb #b2d29be3
 from __future__ import annotations
-import base64, hashlib, io, json, os, shutil, tarfile, tempfile, threading, time, urllib.error, urllib.request
+import base64, json, os, shutil, tempfile, threading, time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pcam_fastai
-from .core import RESEARCH_USE, PCamError, UsageError, json_text, write_text_atomic
+from .core import RESEARCH_USE, UsageError, json_text, write_text_atomic
 from .runs import BUNDLE_FILE, BundleError, is_bundle, read_bundle_meta
 from .export import Bundle
+from .webruntime import WEB_RUNTIME, WebExportError, web_runtime
 
 # %% auto #0
-__all__ = ['NPM_REGISTRY', 'WEB_RUNTIME', 'PAGE_FILES', 'WEB_MANIFEST', 'MAX_MODEL_MB', 'CHROMIUM', 'CHROMIUM_ARGS',
-           'WebExportError', 'npm_tarball_name', 'runtime_cache_dir', 'web_runtime', 'check_bundle_for_web', 'wait_for',
+__all__ = ['PAGE_FILES', 'WEB_MANIFEST', 'MAX_MODEL_MB', 'CHROMIUM', 'CHROMIUM_ARGS', 'check_bundle_for_web', 'wait_for',
            'measure_page', 'remove_web_page', 'export_web']
-
-# %% ../nbs/14b_web.ipynb #05ea9156
-class WebExportError(PCamError, ValueError):
-    "A page that cannot be written: a bundle it cannot reproduce, or a runtime that cannot be found or checked"
-
-NPM_REGISTRY = 'https://registry.npmjs.org'  # $PCAM_FASTAI_NPM_REGISTRY for a mirror inside a hospital network
-
-# npm package: version, npm's integrity hash of its tarball, and the files the page uses (path in the tarball: name in
-# vendor/)
-WEB_RUNTIME = {
-    'onnxruntime-web': dict(version='1.30.0', licence='MIT',
-                            integrity='sha512-q0y+JrrtukXSzsBWEMccVfqX25LRmosXHF+CaRJmg8pZClzcV7svNc4rKY3jL02Vb7QmRMDs1SigqR4CXAfKYQ==',
-                            files={'package/dist/ort.wasm.min.js': 'ort.wasm.min.js', 'package/dist/ort-wasm-simd-threaded.wasm': 'ort-wasm-simd-threaded.wasm',
-                                   'package/dist/ort-wasm-simd-threaded.mjs': 'ort-wasm-simd-threaded.mjs'}),
-    'utif': dict(version='3.1.0', licence='MIT',
-                 integrity='sha512-WEo4D/xOvFW53K5f5QTaTbbiORcm2/pCL9P6qmJnup+17eYfKaEhDeX9PeQkuyEoIxlbGklDuGl8xwuXYMrrXQ==',
-                 files={'package/UTIF.js': 'UTIF.js', 'package/LICENSE': 'LICENSE.utif'}),
-    'pako': dict(version='1.0.11', licence='MIT AND Zlib',
-                 integrity='sha512-4hLB8Py4zZce5s4yd9XzopqwVv/yGNhV1Bl8NTmCq1763HeK2+EwVTv+leGeL13Dnh2wfbqowVPXCIO0z4taYw==',
-                 files={'package/dist/pako_inflate.min.js': 'pako_inflate.min.js', 'package/LICENSE': 'LICENSE.pako'}),
-}
-
-def npm_tarball_name(package:str, # An npm package of `WEB_RUNTIME`
-                    ) -> str:
-    "The file `npm pack PACKAGE@VERSION` writes for the pinned version"
-    return f"{package}-{WEB_RUNTIME[package]['version']}.tgz"
-
-def _npm_specs() -> str: return ' '.join(f"{p}@{s['version']}" for p, s in WEB_RUNTIME.items())
-
-def runtime_cache_dir() -> Path:
-    "Where downloaded runtimes are kept: `$PCAM_FASTAI_HOME/web-runtime`, default `~/.pcam_fastai/web-runtime`"
-    return Path(os.environ.get('PCAM_FASTAI_HOME', Path.home()/'.pcam_fastai'))/'web-runtime'
-
-# %% ../nbs/14b_web.ipynb #22df0889
-def _integrity(data:bytes) -> str: return 'sha512-' + base64.b64encode(hashlib.sha512(data).digest()).decode()
-
-def _unpack_checked(package:str, data:bytes, where:str, dest:Path) -> Path:
-    "The pinned files of `package`'s tarball `data` in `dest/PACKAGE-VERSION/`, after checking its hash"
-    spec = WEB_RUNTIME[package]
-    if (got := _integrity(data)) != spec['integrity']:
-        raise WebExportError(f"{where} is not {package} {spec['version']} as published on npm: its SHA-512 is "
-                             f"{got[:30]}..., "
-                             f"expected {spec['integrity'][:30]}...; download it again (npm pack "
-                             f"{package}@{spec['version']}).")
-    out = dest/f"{package}-{spec['version']}"
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + '.', dir=dest))
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tar:
-            for member, name in spec['files'].items():
-                try: f = tar.extractfile(member)
-                except KeyError: f = None
-                if f is None: raise WebExportError(f"{where} has no {member}; download it again (npm pack "
-                                                   f"{package}@{spec['version']}).")
-                (tmp/name).write_bytes(f.read())
-        (tmp/'complete').write_text(spec['integrity'])
-        shutil.rmtree(out, ignore_errors=True)
-        try: tmp.rename(out)
-        except OSError:  # another export unpacked it meanwhile: theirs is as good, once complete
-            if not ((out/'complete').exists() and (out/'complete').read_text() == spec['integrity']): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-def _download(url:str, timeout:float=120) -> bytes:
-    req = urllib.request.Request(url, headers={'User-Agent': f'pcam_fastai/{pcam_fastai.__version__}'})
-    with urllib.request.urlopen(req, timeout=timeout) as r: return r.read()
-
-# %% ../nbs/14b_web.ipynb #e85aeae5
-def web_runtime(source:str|Path|None=None, # A folder of the `npm pack` tarballs (onnxruntime-web-1.30.0.tgz, ...); None: the cache, else the npm registry
-                cache:str|Path|None=None, # Where checked runtimes are kept; None: `runtime_cache_dir()`
-                registry:str|None=None, # The npm registry to download from; None: $PCAM_FASTAI_NPM_REGISTRY or registry.npmjs.org
-               ) -> dict:
-    "The pinned runtime files, checked: {name in vendor/: path}, taken from `source`, the cache, or downloaded once from the npm registry"
-    cache = Path(cache) if cache else runtime_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    registry = (registry or os.environ.get('PCAM_FASTAI_NPM_REGISTRY') or NPM_REGISTRY).rstrip('/')
-    if source is not None and not Path(source).is_dir():
-        raise WebExportError(f"web runtime {source} is not a folder; give the folder that holds "
-                             + ', '.join(npm_tarball_name(p) for p in WEB_RUNTIME) + ' (written by npm pack).')
-    files = {}
-    for package, spec in WEB_RUNTIME.items():
-        folder, tgz = cache/f"{package}-{spec['version']}", npm_tarball_name(package)
-        if source is not None:
-            if not (Path(source)/tgz).exists():
-                raise WebExportError(f"{source} has no {tgz}; write it there with: npm pack {package}@{spec['version']}")
-            folder = _unpack_checked(package, (Path(source)/tgz).read_bytes(), str(Path(source)/tgz), cache)
-        elif not ((folder/'complete').exists() and (folder/'complete').read_text() == spec['integrity']):
-            url = f"{registry}/{package}/-/{tgz}"
-            try: data = _download(url)
-            except (urllib.error.URLError, OSError) as e:
-                raise WebExportError(f"Could not download {package} {spec['version']} from {url} "
-                                     f"({getattr(e, 'reason', e)}). "
-                                     f"Without internet here: run `npm pack {_npm_specs()}` "
-                                     "on a machine that has it, copy the .tgz files into a folder here and pass it as "
-                                     "--web-runtime FOLDER.") from None
-            folder = _unpack_checked(package, data, url, cache)
-        files.update({name: folder/name for name in spec['files'].values()})
-    return files
 
 # %% ../nbs/14b_web.ipynb #78eaa8ff
 PAGE_FILES = ('index.html', 'page.js')  # the page itself, shipped in pcam_fastai/webpage/
 # in BUNDLE/web/: the files the export wrote there; a re-export replaces or removes those and no other
 WEB_MANIFEST = '.pcam-web-manifest.json'
 MAX_MODEL_MB = 300  # larger models do not fit a page: V8's strings end at 2^29 characters (a 400 MB model in base64)
+# what the page shows and needs of the bundle's metadata
+_PAGE_KEYS = ('arch', 'classes', 'positive', 'size', 'resize', 'threshold', 'threshold_source', 'temperature', 'tta',
+              'valid_tta', 'split', 'valid_accuracy', 'valid_roc_auc', 'valid_balanced_accuracy', 'valid_ece',
+              'n_params', 'onnx_mb', 'created', 'centre_box', 'mpp')
 
 def _page_facts(meta:dict, max_mb:float, max_pixels:int) -> dict:
     "What the page shows and needs from the bundle's metadata (no paths from the exporting machine)"
-    keep = ('arch', 'classes', 'positive', 'size', 'resize', 'threshold', 'threshold_source', 'temperature', 'tta', 'valid_tta', 'split',
-            'valid_accuracy', 'valid_roc_auc', 'valid_balanced_accuracy', 'valid_ece', 'n_params', 'onnx_mb', 'created', 'centre_box', 'mpp')
-    facts = {k: meta.get(k) for k in keep}
+    facts = {k: meta.get(k) for k in _PAGE_KEYS}
     facts.update(page_limits=dict(max_mb=max_mb, max_pixels=int(max_pixels)), pcam_fastai=pcam_fastai.__version__,
                  exported=datetime.now(timezone.utc).isoformat(timespec='seconds'),
                  runtime={p: s['version'] for p, s in WEB_RUNTIME.items()})
     return facts
 
-def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bundle`
-                        ) -> dict:
-    "The metadata of a bundle the page can reproduce; a clear error for one it cannot"
-    bundle_dir = Path(bundle_dir)
+# %% ../nbs/14b_web.ipynb #2952f4ad
+def _refuse_for_web(bundle_dir:Path):
+    "A `BundleError` or `WebExportError` for a folder that is no bundle, has no model.onnx or stain-normalizes"
     if not is_bundle(bundle_dir):
         hint = (f"its bundle is {bundle_dir/'bundle'}" if is_bundle(bundle_dir/'bundle')
                 else 'export one first: pcam-fastai export --run-dir RUN --web')
@@ -147,10 +51,15 @@ def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bund
     stain = read_bundle_meta(bundle_dir).stain_norm  # every field checked, as for predict and serve
     if stain:  # before the stain method is loaded: none helps a page
         raise WebExportError(f"{bundle_dir} stain-normalizes patches ({stain.get('method')}) in Python before "
-                             "model.onnx; "
-                             "the page cannot, so its probabilities would differ. Use pcam-fastai serve for this "
-                             "bundle, "
-                             "or train without --stain-norm for a web page.")
+                             "model.onnx; the page cannot, so its probabilities would differ. Use pcam-fastai serve "
+                             "for this bundle, or train without --stain-norm for a web page.")
+
+# %% ../nbs/14b_web.ipynb #fb9bc6be
+def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bundle`
+                        ) -> dict:
+    "The metadata of a bundle the page can reproduce; a clear error for one it cannot"
+    bundle_dir = Path(bundle_dir)
+    _refuse_for_web(bundle_dir)
     bundle = Bundle(bundle_dir, backend='torch', device='cpu')
     bundle.checked_file('model.onnx')  # the file exported, when the bundle records its SHA-256
     meta = dict(bundle.meta)
@@ -160,23 +69,46 @@ def check_bundle_for_web(bundle_dir:str|Path, # A folder written by `export_bund
                              f"so models over {MAX_MODEL_MB} MB are refused. Serve this bundle with pcam-fastai serve.")
     if meta['resize'] not in ('pil-bilinear', 'torch-bilinear'):  # bundles from before the field: PIL's (`BundleMeta`)
         raise WebExportError(f"{bundle_dir/BUNDLE_FILE} has resize {meta['resize']!r}, which the page does not "
-                             "implement; "
-                             "export it again with this version.")
+                             "implement; export it again with this version.")
     return meta
 
 # %% ../nbs/14b_web.ipynb #ef2584be
+# the first line of every model.js
+_MODEL_JS_HEAD = f'// model.onnx (base64) and the facts of {BUNDLE_FILE}, written by pcam_fastai'
+
 def _js_string(data:bytes|str) -> str:
     "A JavaScript string literal: base64 of bytes, or JSON of text"
     return json.dumps(base64.b64encode(data).decode() if isinstance(data, bytes) else data)
 
 def _index_html() -> str:
     "The page's index.html, with `RESEARCH_USE` shown at its top, above the model's facts and the file picker"
-    html, mark = (Path(pcam_fastai.__file__).parent/'webpage'/'index.html').read_text(encoding='utf-8'), '<div id="model">'
+    html = (Path(pcam_fastai.__file__).parent/'webpage'/'index.html').read_text(encoding='utf-8')
+    mark = '<div id="model">'
     if mark not in html: raise WebExportError(f'pcam_fastai/webpage/index.html has no {mark}: this installation is '
                                               'damaged; reinstall pcam_fastai.')
     return html.replace(mark, f'<p class="warn" id="research-only"><strong>{RESEARCH_USE}</strong> '
-                              "A probability here is a model's output on one patch, not a pathologist's finding.</p>\n" + mark, 1)
+                              "A probability here is a model's output on one patch, not a pathologist's finding.</p>\n"
+                              + mark, 1)
 
+# %% ../nbs/14b_web.ipynb #27a6da9a
+def _ort_js(runtime:dict) -> str:
+    "vendor/ort-wasm.js: the WebAssembly binary and its loader as text (classic scripts load from file:// too)"
+    return (f"// onnxruntime-web {WEB_RUNTIME['onnxruntime-web']['version']}: ort-wasm-simd-threaded.wasm (base64) and "
+            "ort-wasm-simd-threaded.mjs\n"
+            f"window.PCAM_ORT_WASM = {_js_string(runtime['ort-wasm-simd-threaded.wasm'].read_bytes())};\n"
+            f"window.PCAM_ORT_GLUE = {_js_string(runtime['ort-wasm-simd-threaded.mjs'].read_text())};\n"
+            f"window.PCAM_ORT_JS = {_js_string(runtime['ort.wasm.min.js'].read_text())};  // again, as text: the "
+            "model's web worker is made from it\n")
+
+def _licenses(runtime:dict) -> str:
+    "vendor/LICENSES.txt: each runtime package, its version and licence, and the licence texts"
+    ort_header = runtime['ort.wasm.min.js'].read_text().split('*/', 1)[0].strip('/*! \n')
+    return '\n\n'.join(
+        [f"{p} {s['version']} ({s['licence']}), https://www.npmjs.com/package/{p}" for p, s in WEB_RUNTIME.items()]
+        + [f"onnxruntime-web:\n{ort_header}\nhttps://github.com/microsoft/onnxruntime/blob/main/LICENSE",
+           'UTIF.js:\n' + runtime['LICENSE.utif'].read_text(), 'pako:\n' + runtime['LICENSE.pako'].read_text()]) + '\n'
+
+# %% ../nbs/14b_web.ipynb #26dedaab
 def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
     "The page's files in `dest`"
     (dest/'vendor').mkdir(parents=True)
@@ -185,22 +117,11 @@ def _write_page(dest:Path, bundle_dir:Path, facts:dict, runtime:dict):
     shutil.copyfile(runtime['ort.wasm.min.js'], dest/'vendor'/'ort.wasm.min.js')
     shutil.copyfile(runtime['UTIF.js'], dest/'vendor'/'UTIF.js')
     shutil.copyfile(runtime['pako_inflate.min.js'], dest/'vendor'/'pako_inflate.min.js')
-    # the WebAssembly binary and its loader as text: classic scripts load from file:// too
-    (dest/'vendor'/'ort-wasm.js').write_text(
-        f"// onnxruntime-web {WEB_RUNTIME['onnxruntime-web']['version']}: ort-wasm-simd-threaded.wasm (base64) and "
-        "ort-wasm-simd-threaded.mjs\n"
-        f"window.PCAM_ORT_WASM = {_js_string(runtime['ort-wasm-simd-threaded.wasm'].read_bytes())};\n"
-        f"window.PCAM_ORT_GLUE = {_js_string(runtime['ort-wasm-simd-threaded.mjs'].read_text())};\n"
-        f"window.PCAM_ORT_JS = {_js_string(runtime['ort.wasm.min.js'].read_text())};  // again, as text: the model's "
-        "web worker is made from it\n")
+    (dest/'vendor'/'ort-wasm.js').write_text(_ort_js(runtime))
     (dest/'model.js').write_text(f"{_MODEL_JS_HEAD} {pcam_fastai.__version__}\n"
                                  f"window.PCAM_BUNDLE = {json.dumps(facts)};\n"
                                  f"window.PCAM_MODEL = {_js_string((bundle_dir/'model.onnx').read_bytes())};\n")
-    ort_header = runtime['ort.wasm.min.js'].read_text().split('*/', 1)[0].strip('/*! \n')
-    (dest/'vendor'/'LICENSES.txt').write_text('\n\n'.join(
-        [f"{p} {s['version']} ({s['licence']}), https://www.npmjs.com/package/{p}" for p, s in WEB_RUNTIME.items()]
-        + [f"onnxruntime-web:\n{ort_header}\nhttps://github.com/microsoft/onnxruntime/blob/main/LICENSE",
-           'UTIF.js:\n' + runtime['LICENSE.utif'].read_text(), 'pako:\n' + runtime['LICENSE.pako'].read_text()]) + '\n')
+    (dest/'vendor'/'LICENSES.txt').write_text(_licenses(runtime))
 
 # %% ../nbs/14b_web.ipynb #215ed1f2
 CHROMIUM = os.environ.get('PCAM_FASTAI_CHROMIUM', '/usr/bin/chromium')  # Debian's; else playwright's own browser
@@ -211,13 +132,14 @@ def wait_for(page, # A playwright page
              expression:str, # JavaScript that becomes true
              timeout:float=120, # Seconds to wait
             ):
-    "Poll `expression` in `page` until it is true (playwright's wait_for_function evaluates strings, which the page's CSP forbids)"
+    "Poll `expression` in `page` until true (playwright's wait_for_function evaluates strings: the page's CSP forbids)"
     t0 = time.perf_counter()
     while not page.evaluate(expression):
         if time.perf_counter() - t0 > timeout: raise TimeoutError(f'the page did not reach {expression!r} in '
                                                                   f'{timeout:g} s')
         time.sleep(0.05)
 
+# %% ../nbs/14b_web.ipynb #274b5cc3
 def _measure(index:Path, n:int, bs:int, timeout:float) -> dict:
     from playwright.sync_api import sync_playwright, TimeoutError as PlaywrightTimeout
     with sync_playwright() as p:
@@ -230,22 +152,25 @@ def _measure(index:Path, n:int, bs:int, timeout:float) -> dict:
             # playwright's default would stop a large model's page at 30 s
             try: page.goto(index.resolve().as_uri(), timeout=max(timeout * 1000, 1))
             except PlaywrightTimeout: raise TimeoutError(f'the page did not load in {timeout:g} s') from None
-            wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)', timeout - (time.perf_counter() - t0))
+            wait_for(page, 'window.pcamState && (window.pcamState.ready || !!window.pcamState.failed)',
+                     timeout - (time.perf_counter() - t0))
             if failed := page.evaluate('window.pcamState.failed'): raise WebExportError('the page did not start in '
                                                                                         f'Chromium: {failed}')
             load_s = time.perf_counter() - t0
             r = page.evaluate(f'pcamBenchmark({int(n)}, {int(bs)}, 20)')  # at most ~20 s, however slow the model
-            return dict(patches_per_s=round(r['patches_per_s'], 1), batch=r['batch'], patches=r['patches'], load_seconds=round(load_s, 2),
-                        browser=f'Chromium {browser.version} (headless)', threads=1,
+            return dict(patches_per_s=round(r['patches_per_s'], 1), batch=r['batch'], patches=r['patches'],
+                        load_seconds=round(load_s, 2), browser=f'Chromium {browser.version} (headless)', threads=1,
                         other_requests=sorted({u for u in requests if not u.startswith(('file:', 'blob:', 'data:'))}))
         finally: browser.close()
 
+# %% ../nbs/14b_web.ipynb #35e04428
 def measure_page(web_dir:str|Path, # A folder written by `export_web`
                  n:int=128, # Patches timed
                  bs:int=16, # Batch size
                  timeout:float=120, # Seconds the page may take to start
                 ) -> dict:
-    "The page's in-browser throughput in headless Chromium: {'patches_per_s', ...}, or {'not_measured': why} (and 'timed_out_s' if it did not start in time)"
+    ("The page's in-browser throughput in headless Chromium: {'patches_per_s', ...}, or {'not_measured': why} "
+     "(and 'timed_out_s' if it did not start in time)")
     index = Path(web_dir)/'index.html'
     if not index.exists(): raise UsageError(f'{web_dir} has no index.html; write the page with export_web first.')
     try: import playwright  # noqa: F401  (the dev extra installs it)
@@ -266,9 +191,6 @@ def measure_page(web_dir:str|Path, # A folder written by `export_web`
     return out
 
 # %% ../nbs/14b_web.ipynb #6e2f9a41
-# the first line of every model.js
-_MODEL_JS_HEAD = f'// model.onnx (base64) and the facts of {BUNDLE_FILE}, written by pcam_fastai'
-
 def _web_dir(bundle_dir:Path) -> Path:
     "BUNDLE/web, refused when it is a symbolic link or a file: the export never writes or removes through a link"
     dest = bundle_dir/'web'
@@ -292,13 +214,14 @@ def _inside(dest:Path, rel) -> Path:
                                  "replace it with a folder and export again.")
     return dest.joinpath(*parts)
 
+# %% ../nbs/14b_web.ipynb #95957d02
 def _is_old_page(js:Path) -> bool:
     "Whether `js` is the model.js of a page written before the manifest"
     if js.is_symlink() or not js.is_file(): return False
     with open(js) as f: return f.read(len(_MODEL_JS_HEAD)) == _MODEL_JS_HEAD
 
 def _read_manifest(dest:Path) -> list:
-    "The files the last export wrote in `dest`: its manifest's list; for a page from before the manifest, its web.json's; else []"
+    "The files the last export wrote in `dest`: its manifest's list; for a page from before it, web.json's; else []"
     m, js = dest/WEB_MANIFEST, dest/'model.js'
     if m.exists() or m.is_symlink():
         try:
@@ -314,16 +237,19 @@ def _read_manifest(dest:Path) -> list:
     for rel in files: _inside(dest, rel)
     return files
 
+# %% ../nbs/14b_web.ipynb #a9278380
 def _check_free(dest:Path, new:list, old:list):
     "Refuse to write the page's files `new` over a file in `dest` that the export did not write (not in `old`)"
     theirs = set()
     for rel in new:
         p = _inside(dest, rel)
         # a file where a folder goes
-        theirs.update(str(d.relative_to(dest)) for d in p.parents if dest in d.parents and d.exists() and not d.is_dir())
+        theirs.update(str(d.relative_to(dest)) for d in p.parents
+                      if dest in d.parents and d.exists() and not d.is_dir())
         if (p.exists() or p.is_symlink()) and rel not in old: theirs.add(rel)
     if theirs:
-        why = f'{WEB_MANIFEST} does not list it' if (dest/WEB_MANIFEST).exists() else f'the folder has no {WEB_MANIFEST}'
+        why = (f'{WEB_MANIFEST} does not list it' if (dest/WEB_MANIFEST).exists()
+               else f'the folder has no {WEB_MANIFEST}')
         raise WebExportError(f"{dest} holds {', '.join(sorted(theirs)[:3])}{' ...' if len(theirs) > 3 else ''}, which "
                              f"the export did not write ({why}) "
                              f"and would overwrite: move it out of {dest} and export again.")
@@ -340,15 +266,17 @@ def _remove_files(dest:Path, files:list) -> list:
             except OSError: break
     return gone
 
+# %% ../nbs/14b_web.ipynb #c6a46137
 def _write_manifest(dest:Path, files:list):
     "dest/WEB_MANIFEST, listing `files`"
     (dest/f'{WEB_MANIFEST}.tmp').unlink(missing_ok=True)  # write_text_atomic's scratch file: never a link to follow
-    write_text_atomic(dest/WEB_MANIFEST, json_text(dict(format=1, written_by=f'pcam_fastai {pcam_fastai.__version__}', files=sorted(set(files)),
+    write_text_atomic(dest/WEB_MANIFEST, json_text(dict(
+        format=1, written_by=f'pcam_fastai {pcam_fastai.__version__}', files=sorted(set(files)),
         note='The files pcam_fastai export_web wrote in this folder: a re-export replaces or removes these, and no '
              'other file.')))
 
 def _install(tmp:Path, dest:Path, new:list, old:list):
-    "Move the page's files `new` from `tmp` into `dest` and remove the old page's others; the manifest lists every file of the export's throughout"
+    "Move the page's files `new` from `tmp` into `dest`, removing the old page's others; the manifest lists them all"
     dest.mkdir(exist_ok=True)
     _write_manifest(dest, [*old, *new])  # a crash midway leaves no file of the export's unlisted
     _remove_files(dest, [f for f in old if f not in new])
@@ -357,9 +285,10 @@ def _install(tmp:Path, dest:Path, new:list, old:list):
         os.replace(tmp/rel, p)  # replaces a link itself, never what it points to
     _write_manifest(dest, new)
 
+# %% ../nbs/14b_web.ipynb #3ca67e8b
 def remove_web_page(bundle_dir:str|Path, # A bundle folder whose web/ was written by `export_web`
                    ) -> list:
-    "Remove the page `export_web` wrote in BUNDLE/web/ (the files its manifest lists), keeping every other file there; the files removed"
+    "Remove the page `export_web` wrote in BUNDLE/web/ (its manifest's files), keeping any other; the files removed"
     dest = _web_dir(Path(bundle_dir))
     if not dest.exists(): return []
     gone = _remove_files(dest, _read_manifest(dest))
@@ -368,47 +297,37 @@ def remove_web_page(bundle_dir:str|Path, # A bundle folder whose web/ was writte
     except OSError: pass
     return gone
 
-# %% ../nbs/14b_web.ipynb #eb4e5eb6
-def export_web(bundle_dir:str|Path, # A folder written by `export_bundle`, with model.onnx
-               runtime:str|Path|None=None, # A folder of the runtime's `npm pack` tarballs; None: the cache, else downloaded once (`web_runtime`)
-               measure:bool=True, # Time the page in headless Chromium when playwright and a browser are installed
-               max_mb:float=5, # Largest file the page accepts, in MB (as `pcam-fastai serve`)
-               max_pixels:int=4_000_000, # Largest image the page accepts, width x height
-               measure_timeout:float=120, # Seconds the page may take to start in headless Chromium; longer: reported as not measured
-              ) -> Path:
-    "Write `BUNDLE/web/`: a static page that classifies patches in the browser with the bundle's model.onnx; other files there are kept"
-    bundle_dir = Path(bundle_dir)
-    meta = check_bundle_for_web(bundle_dir)
-    if min(max_mb, max_pixels, measure_timeout) <= 0:
-        raise UsageError(f'max_mb, max_pixels and measure_timeout must be positive; got {max_mb}, {max_pixels} and '
-                         f'{measure_timeout}.')
-    dest = _web_dir(bundle_dir)
-    old = _read_manifest(dest) if dest.exists() else []
-    files = web_runtime(runtime)
-    facts = _page_facts(meta, max_mb, max_pixels)
+# %% ../nbs/14b_web.ipynb #3f23782f
+def _build_page(bundle_dir:Path, dest:Path, old:list, facts:dict, files:dict, measure:bool, timeout:float) -> dict:
+    "The page written in a scratch folder, checked to overwrite nothing of the user's, timed and installed: web.json"
     tmp = Path(tempfile.mkdtemp(prefix='web.', dir=bundle_dir))
     try:
         _write_page(tmp, bundle_dir, facts, files)
         sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob('*')) if f.is_file()}
         _check_free(dest, [*sizes, 'web.json'], old)  # before the minutes of measuring
-        info = dict(total_mb=round(sum(sizes.values()) / 1e6, 2), files_mb={k: round(v / 1e6, 3) for k, v in sizes.items()},
+        info = dict(total_mb=round(sum(sizes.values()) / 1e6, 2),
+                    files_mb={k: round(v / 1e6, 3) for k, v in sizes.items()},
                     runtime=facts['runtime'], page_limits=facts['page_limits'], exported=facts['exported'])
         # raises, leaving the old page, if the page fails
-        info['browser'] = measure_page(tmp, timeout=measure_timeout) if measure else dict(not_measured='measure=False')
+        info['browser'] = measure_page(tmp, timeout=timeout) if measure else dict(not_measured='measure=False')
         write_text_atomic(tmp/'web.json', json_text(info))
         _install(tmp, dest, [*sizes, 'web.json'], old)
     finally: shutil.rmtree(tmp, ignore_errors=True)
-    b = info['browser']
-    if 'patches_per_s' in b: speed = f"{b['patches_per_s']} patches/s in {b['browser']} (batch {b['batch']}, one thread)"
+    return info
+
+# %% ../nbs/14b_web.ipynb #11c8bb1e
+def _speed(b:dict, meta:dict) -> str:
+    "The page's throughput in words, from web.json's 'browser', beside the export's own figure in Python"
+    if 'patches_per_s' in b: speed = (f"{b['patches_per_s']} patches/s in {b['browser']} (batch {b['batch']}, "
+                                      "one thread)")
     elif 'timed_out_s' in b: speed = (f"throughput not measured (timed out after {b['timed_out_s']:g} s): the page had "
-                                      "not started in headless Chromium; "
-                                      "a large model needs longer: measure_page(BUNDLE/web, timeout=600)")
+                                      "not started in headless Chromium; a large model needs longer: "
+                                      "measure_page(BUNDLE/web, timeout=600)")
     else: speed = f"throughput not measured: {b['not_measured']}"
     if meta.get('onnx_patches_per_s'):  # the export's own figure, beside it: onnxruntime in Python on this machine
-        speed += f"; onnxruntime in Python: {meta['onnx_patches_per_s']} patches/s ({meta.get('bench_threads')} threads, batch {meta.get('bench_batch')})"
-    _add_to_report(bundle_dir, info, speed)
-    print(f"export_web: {dest}/index.html: {info['total_mb']} MB in all; {speed}")
-    return dest
+        speed += (f"; onnxruntime in Python: {meta['onnx_patches_per_s']} patches/s ({meta.get('bench_threads')} "
+                  f"threads, batch {meta.get('bench_batch')})")
+    return speed
 
 def _add_to_report(bundle_dir:Path, info:dict, speed:str):
     "The page's section in the bundle's report.md"
@@ -420,3 +339,30 @@ def _add_to_report(bundle_dir:Path, info:dict, speed:str):
              "open it from a file or any static host; no patch leaves the computer.\n\n"
              f"| measure | value |\n|---|---|\n| page, all files | {info['total_mb']} MB |\n| throughput | {speed} |\n")
     write_text_atomic(report, text)
+
+# %% ../nbs/14b_web.ipynb #eb4e5eb6
+def export_web(
+    bundle_dir:str|Path, # A folder written by `export_bundle`, with model.onnx
+    # A folder of the runtime's `npm pack` tarballs; None: the cache, else downloaded once (`web_runtime`)
+    runtime:str|Path|None=None,
+    measure:bool=True, # Time the page in headless Chromium when playwright and a browser are installed
+    max_mb:float=5, # Largest file the page accepts, in MB (as `pcam-fastai serve`)
+    max_pixels:int=4_000_000, # Largest image the page accepts, width x height
+    # Seconds the page may take to start in headless Chromium; longer: reported as not measured
+    measure_timeout:float=120,
+) -> Path:
+    "Write `BUNDLE/web/`: a static page that classifies patches in the browser with the bundle's model.onnx"
+    bundle_dir = Path(bundle_dir)
+    meta = check_bundle_for_web(bundle_dir)
+    if min(max_mb, max_pixels, measure_timeout) <= 0:
+        raise UsageError(f'max_mb, max_pixels and measure_timeout must be positive; got {max_mb}, {max_pixels} and '
+                         f'{measure_timeout}.')
+    dest = _web_dir(bundle_dir)
+    old = _read_manifest(dest) if dest.exists() else []
+    files = web_runtime(runtime)
+    facts = _page_facts(meta, max_mb, max_pixels)
+    info = _build_page(bundle_dir, dest, old, facts, files, measure, measure_timeout)
+    speed = _speed(info['browser'], meta)
+    _add_to_report(bundle_dir, info, speed)
+    print(f"export_web: {dest}/index.html: {info['total_mb']} MB in all; {speed}")
+    return dest

@@ -77,7 +77,7 @@ def is_head_key(key:str, # A state-dict name
 
 def _some(keys, n:int=3) -> str: return ', '.join(keys[:n]) + (f' and {len(keys) - n} more' if len(keys) > n else '')
 
-# %% ../nbs/05a_weights.ipynb #dd1a4c36
+# %% ../nbs/05a_weights.ipynb #d90848df
 class WeightLayout:
     "A documented way a weights file's names differ from the model's, and how to map them"
     name = ''  # How the layout is named in messages and in `WEIGHT_LAYOUTS`
@@ -87,6 +87,7 @@ class WeightLayout:
     # `sd` renamed onto `own`'s names (both without classifiers)
     def convert(self, sd:dict, own:dict) -> dict: raise NotImplementedError
 
+# %% ../nbs/05a_weights.ipynb #79058b8e
 class EfficientNetPyTorchLayout(WeightLayout):
     "lukemelas' EfficientNet-PyTorch names onto timm's efficientnet models: the same tensors, matched by their order"
     name = 'efficientnet-pytorch'
@@ -152,7 +153,43 @@ def _not_float(sd:dict, own:dict) -> list:
     return [f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in sd.items()
             if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
 
-# %% ../nbs/05a_weights.ipynb #0b8d74a7
+# %% ../nbs/05a_weights.ipynb #0cb591dc
+def _usable(sd:dict, own:dict, names:tuple) -> dict:
+    "The tensors of `sd` to load: a classifier of other classes (a name or shape the model lacks) is left out"
+    head = lambda k: is_head_key(k, names) or is_head_key(k)
+    return {k: v for k, v in sd.items() if not (head(k) and (k not in own or v.shape != own[k].shape))}
+
+def _wanted(own:dict, names:tuple, sd:dict) -> dict:
+    "Every tensor of the model `own` but a classifier that `sd` lacks"
+    return {k: v for k, v in own.items() if not is_head_key(k, names) or k in sd}
+
+def _floats(sd:dict, own:dict, source, arch:str) -> dict:
+    "`sd`, refused when it holds integer or bool tensors where the model's are floating point"
+    # load_state_dict would cast integers to float without a word, and the model would give every input the same output
+    if (ints := _not_float(sd, own)):
+        raise PretrainedWeightsError(f"{source} holds integer or bool tensors where {arch} has floating-point ones "
+                                     f"({len(ints)} of {len(sd)}: {_some(ints)}): "
+                                     "a quantized or damaged file; "
+                                     "pass the floating-point weights (fp32, fp16 or bf16).")
+    return sd
+
+# %% ../nbs/05a_weights.ipynb #a130c45c
+def _by_layout(sd:dict, own:dict, names:tuple, source, arch:str, why:str) -> tuple[WeightLayout, dict]:
+    "The known layout `sd` has and `sd` mapped by it onto the model's names; `why` says how it does not fit as saved"
+    layout = next((l for l in WEIGHT_LAYOUTS.values() if l.detects(sd)), None)
+    if layout is None:
+        known = '; '.join(f'{n}: {l.doc}' for n, l in WEIGHT_LAYOUTS.items())
+        raise PretrainedWeightsError(f"{source} does not fit {arch}: {why}. "
+                                     "Is it the weights file for this architecture? Files named another way are "
+                                     f"mapped only by a known layout ({known}); "
+                                     "add one with register_weight_layout.")
+    try: return layout, layout.convert({k: v for k, v in sd.items() if not (is_head_key(k, names) or is_head_key(k))},
+                                       {k: v for k, v in own.items() if not is_head_key(k, names)})
+    except PretrainedWeightsError as e:
+        raise PretrainedWeightsError(f"{source} has the {layout.name} layout but does not fit {arch}: {e}. "
+                                     "Is it the weights file for this architecture?") from None
+
+# %% ../nbs/05a_weights.ipynb #951966a8
 def fit_state_dict(model:nn.Module, # The model to load into: a timm (with or without classifier) or torchvision model
                    sd:dict, # A state dict, e.g. from `read_weights`
                    source:str|Path, # Where `sd` came from, for messages
@@ -160,41 +197,18 @@ def fit_state_dict(model:nn.Module, # The model to load into: a timm (with or wi
                   ) -> str: # How the names were matched: 'as saved', or the name of the layout that mapped them
     "Load every non-classifier tensor of `sd` into `model`, mapping names by a known layout; refuse any mismatch"
     own, names = model.state_dict(), classifier_names(model)
-    def head(k): return is_head_key(k, names) or is_head_key(k)
-    # a classifier of other classes is left out
-    def usable(d): return {k: v for k, v in d.items() if not (head(k) and (k not in own or v.shape != own[k].shape))}
-    # every tensor but a classifier the file lacks
-    def wanted(d): return {k: v for k, v in own.items() if not is_head_key(k, names) or k in d}
-    # load_state_dict would cast integers to float without a word, and the model would give every input the same output
-    def floats(d):
-        if (ints := _not_float(d, own)):
-            raise PretrainedWeightsError(f"{source} holds integer or bool tensors where {arch} has floating-point ones "
-                                         f"({len(ints)} of {len(d)}: {_some(ints)}): "
-                                         "a quantized or damaged file; "
-                                         "pass the floating-point weights (fp32, fp16 or bf16).")
-        return d
-    sd = _resample_pos_embed(model, floats(usable(sd)), own)
-    used, why = 'as saved', _mismatch(sd, wanted(sd))
+    prepare = lambda d: _resample_pos_embed(model, _floats(_usable(d, own, names), own, source, arch), own)
+    sd = prepare(sd)
+    used, why = 'as saved', _mismatch(sd, _wanted(own, names, sd))
     if why:
-        layout = next((l for l in WEIGHT_LAYOUTS.values() if l.detects(sd)), None)
-        if layout is None:
-            known = '; '.join(f'{n}: {l.doc}' for n, l in WEIGHT_LAYOUTS.items())
-            raise PretrainedWeightsError(f"{source} does not fit {arch}: {why}. "
-                                         "Is it the weights file for this architecture? Files named another way are "
-                                         f"mapped only by a known layout ({known}); "
-                                         "add one with register_weight_layout.")
-        try: sd = layout.convert({k: v for k, v in sd.items() if not head(k)},
-                                 {k: v for k, v in own.items() if not is_head_key(k, names)})
-        except PretrainedWeightsError as e:
-            raise PretrainedWeightsError(f"{source} has the {layout.name} layout but does not fit {arch}: {e}. "
-                                         "Is it the weights file for this architecture?") from None
-        used, sd = layout.name, _resample_pos_embed(model, floats(usable(sd)), own)
-        if (why := _mismatch(sd, wanted(sd))):
+        layout, sd = _by_layout(sd, own, names, source, arch, why)
+        used, sd = layout.name, prepare(sd)
+        if (why := _mismatch(sd, _wanted(own, names, sd))):
             raise PretrainedWeightsError(f"{source} does not fit {arch} after the {layout.name} layout's mapping: "
                                          f"{why}.")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # a model whose state_dict hides tensors
-    if [k for k in missing if k in wanted(sd)] or unexpected:
+    if [k for k in missing if k in _wanted(own, names, sd)] or unexpected:
         raise PretrainedWeightsError(f"{source} did not load into {arch}: "
-                                     f"{_some([k for k in missing if k in wanted(sd)] + unexpected)}.")
+                                     f"{_some([k for k in missing if k in _wanted(own, names, sd)] + unexpected)}.")
     return used

@@ -16,7 +16,7 @@ def test_console_script_installed():
 
 
 def test_train_module_importable_from_fresh_process():
-    code = ("import sys; from pcam_fastai.train import train_pcam, PRESETS; from pcam_fastai.training import fit_two_stage, find_lr, LRSuggestion; "
+    code = ("import sys; from pcam_fastai.train import train_pcam; from pcam_fastai.settings import PRESETS; from pcam_fastai.training import fit_two_stage, find_lr, LRSuggestion; "
             "from pcam_fastai.sources import pcam_dataloaders; "
             "assert 'kaggle' not in sys.modules, 'kaggle must be imported lazily'; print('ok')")
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)

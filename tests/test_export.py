@@ -80,7 +80,8 @@ def test_bundle_device_choice(bundle, monkeypatch):
 
 def test_export_without_tta(bundle, tmp_path):
     "tta=False: one view, 8x less work; bundle.json and the report say the run's numbers were measured with TTA"
-    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.export import load_bundle
     _, run_dir, data = bundle
     if not json.loads((run_dir/'config.json').read_text())['settings'].get('tta'): pytest.skip('the demo run does not use TTA')
     dest = export_bundle(run_dir, tmp_path/'one-view', bench_patches=0, onnx=False, tta=False)
@@ -171,7 +172,8 @@ def test_bundle_reproduces_cache_training_at_another_size(tmp_path):
     from pcam_fastai.data import make_synthetic_pcam
     from pcam_fastai.cache import build_cache
     from pcam_fastai.train import train_pcam
-    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.export import load_bundle
     from pcam_fastai.evaluate import predict
     cache = build_cache(make_synthetic_pcam(tmp_path/'pcam', n_train=96, n_test=4, seed=2), tmp_path/'cache')
     learn, _ = train_pcam(cache, run_dir=tmp_path/'run', preset='cpu-demo', size=64, epochs_frozen=1, epochs_unfrozen=1, lr_find_iters=10)

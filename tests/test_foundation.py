@@ -1,5 +1,5 @@
 "Foundation models (no hub weights here: ViT-Tiny/16 with random weights, saved to a file so that the file-loading path is real): the embedding cache equals the model's forward pass and resumes after a kill, the probe leaves the backbone unchanged and reports mean ± sd over seeds, missing and gated models get a clear message, and `compare` puts runs beside the published anchors."
-import json, os, re, subprocess, sys, textwrap
+import json, re, subprocess, sys, textwrap
 
 import numpy as np
 import pytest
@@ -156,7 +156,8 @@ def test_vit_trains_with_the_card_recipe_reports_and_exports(tmp_path):
     "train_pcam with a ViT: frozen then unfrozen on three layer groups, Grad-CAM in the report, an ONNX bundle that predicts like the learner"
     from pcam_fastai.cache import build_cache, load_cache
     from pcam_fastai.train import train_pcam
-    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.export import load_bundle
     from pcam_fastai.runs import load_run
     from pcam_fastai.evaluate import predict
     from pcam_fastai.foundation import create_backbone
@@ -164,7 +165,7 @@ def test_vit_trains_with_the_card_recipe_reports_and_exports(tmp_path):
     torch.manual_seed(0)  # "pretrained" weights from a local file (no hub here): the frozen stage runs, then the unfrozen one
     from safetensors.torch import save_file
     save_file(create_backbone(ARCH, pretrained=False).state_dict(), str(tmp_path/'vit_tiny.safetensors'))
-    learn, m = train_pcam(cache, run_dir=tmp_path/'run', preset='cpu-demo', arch=ARCH, weights_path=tmp_path/'vit_tiny.safetensors', size=96,
+    learn, m = train_pcam(cache, run_dir=tmp_path/'run', preset='cpu-demo', arch=ARCH, weights_path=tmp_path/'vit_tiny.safetensors', size=48,
                           epochs_frozen=1, epochs_unfrozen=1, lr_find_iters=5, num_workers=0, top_k=4)
     assert len(learn.opt.param_groups) == 3  # vit_splitter: early blocks, late blocks, head
     lrs = [g['lr'] for g in learn.opt.param_groups]

@@ -97,7 +97,7 @@ def test_serve_on_a_run_folder_points_at_its_bundle(tiny_bundle, tmp_path):
 
 
 def test_failed_export_leaves_nothing(tiny_run, tmp_path, monkeypatch):
-    import pcam_fastai.export as ex
+    import pcam_fastai.bundling as ex
     run = _copy(tiny_run, tmp_path/'run')
     shutil.rmtree(run/'bundle', ignore_errors=True)
     def broken_onnx(*a, **k): raise RuntimeError('simulated ONNX export failure')

@@ -113,10 +113,10 @@ def test_pretrained_features_separate_real_tiles_far_better_than_random():
 @pytest.fixture(scope='module')
 def pretrained_run(tmp_path_factory):
     "`pcam-fastai train --data DIR --arch efficientnet_lite0 --weights-path FILE` on the 100 real tiles (few epochs), exported"
-    from pcam_fastai.export import export_bundle
+    from pcam_fastai.bundling import export_bundle
     tmp = tmp_path_factory.mktemp('pretrained')
     res = run_main(['train', '--data', FIXTURE, '--cache', tmp/'cache', '--run-dir', tmp/'run', '--arch', 'efficientnet_lite0', '--weights-path', WEIGHTS,
-                    '--epochs-frozen', '1', '--epochs-unfrozen', '2', '--valid-pct', '0.5', '--num-workers', '0'])
+                    '--epochs-frozen', '1', '--epochs-unfrozen', '1', '--valid-pct', '0.5', '--num-workers', '0'])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     bundle = export_bundle(tmp/'run', bench_patches=0)
     return tmp/'run', bundle, res.stdout

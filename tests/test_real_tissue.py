@@ -45,7 +45,7 @@ def test_binary_metrics_agree_with_sklearn():
 def real_run(tmp_path_factory):
     "A small model trained on the 100 committed real tiles (half for validation, so the threshold rule has >= 20 per class), exported"
     from pcam_fastai.train import train_pcam
-    from pcam_fastai.export import export_bundle
+    from pcam_fastai.bundling import export_bundle
     import contextlib, io
     tmp = tmp_path_factory.mktemp('real')
     out = io.StringIO()
@@ -130,7 +130,7 @@ def test_gradcam_sanity_checks_on_real_tiles(real_run):
 def test_bench_runs_end_to_end(tmp_path):
     "bench/real_pcam.py on the 100 committed real tiles: both models trained, one table, results written"
     out = tmp_path/'res.json'
-    res = subprocess.run([sys.executable, str(ROOT/'bench'/'real_pcam.py'), '--data', str(FIXTURE), '--epochs', '2', '--work', str(tmp_path/'work'),
+    res = subprocess.run([sys.executable, str(ROOT/'bench'/'real_pcam.py'), '--data', str(FIXTURE), '--epochs', '1', '--size', '48', '--work', str(tmp_path/'work'),
                           '--out', str(out)], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert '| held-out real tiles |' in res.stdout and 'gradient boosting' in res.stdout

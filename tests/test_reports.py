@@ -109,7 +109,8 @@ def test_single_stage_is_not_called_stage2(tmp_path):
 
 
 def test_settings_line_says_what_runs():
-    from pcam_fastai.train import settings_line, PRESETS
+    from pcam_fastai.train import settings_line
+    from pcam_fastai.settings import PRESETS
     cpu = settings_line('cpu-demo', PRESETS['cpu-demo'], cuda=False)
     assert 'fp16=True' not in cpu and 'fp16=False (fp32: fp16 needs a CUDA GPU)' in cpu
     assert 'fp16=True' in settings_line('card', PRESETS['card'], cuda=True)

@@ -55,7 +55,8 @@ def test_old_run_reopens_and_exports(name, fresh_weights, small_set, tmp_path):
     import numpy as np
     from pcam_fastai.core import file_sha256
     from pcam_fastai.runs import load_run, read_metrics, write_metrics
-    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.export import load_bundle
     run = tmp_path/'run'
     shutil.copytree(OLD/name, run, ignore=shutil.ignore_patterns('bundle'))
     shutil.copy(fresh_weights, run/'model.pth')

@@ -34,7 +34,8 @@ def bundle(tmp_path_factory):
     "A tiny run on the fixture tiles (the cpu-demo recipe, 2 epochs), exported for one view (8x faster than the run's TTA)"
     from pcam_fastai.cache import build_cache
     from pcam_fastai.train import train_pcam
-    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.export import load_bundle
     tmp = tmp_path_factory.mktemp('slide-bundle')
     cache = build_cache(FIXTURE, tmp/'cache', show_progress=False)
     train_pcam(cache, run_dir=tmp/'run', preset='cpu-demo', epochs_unfrozen=2, lr_find_iters=5, num_workers=0)

@@ -29,7 +29,8 @@ def odd_patches():
 def check_bundle_predicts_like_learner(run_dir, learn, raw_cache, at, onnx=True, method='macenko'):
     "The run's bundle, fed raw patches, predicts what the learner predicts; so does the run reloaded"
     from pcam_fastai.cache import load_cache
-    from pcam_fastai.export import export_bundle, load_bundle
+    from pcam_fastai.bundling import export_bundle
+    from pcam_fastai.export import load_bundle
     from pcam_fastai.evaluate import predict
     from pcam_fastai.runs import load_run
     cfg = json.loads((run_dir/'config.json').read_text())
@@ -60,7 +61,7 @@ def test_cli_cache_train_export_serve_normalize_alike(raw_cache, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     normed = list((tmp_path/'c').glob('stain-macenko-*'))
     assert len(normed) == 1 and 'Train on it with' in res.stdout
-    res = run_main(['train', '--data', tmp_path/'c', '--run-dir', tmp_path/'run', '--stain-norm', 'macenko', '--epochs-unfrozen', '1',
+    res = run_main(['train', '--data', tmp_path/'c', '--run-dir', tmp_path/'run', '--stain-norm', 'macenko', '--epochs-unfrozen', '1', '--size', '48',
                     '--lr-find-iters', '5', '--num-workers', '0'])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert list((tmp_path/'c').glob('stain-macenko-*')) == normed  # reused, not normalized again

@@ -15,7 +15,7 @@ slow = pytest.mark.slow  # trains a model, downloads the runtime once, drives a 
 @pytest.fixture(scope='module')
 def home(tmp_path_factory):
     "A PCAM_FASTAI_HOME whose web-runtime cache holds the pinned runtime: from $PCAM_FASTAI_WEB_RUNTIME's tarballs, else downloaded once from npm"
-    from pcam_fastai.web import web_runtime, WebExportError
+    from pcam_fastai.webruntime import web_runtime, WebExportError
     home = tmp_path_factory.mktemp('web-home')
     try: web_runtime(os.environ.get('PCAM_FASTAI_WEB_RUNTIME'), cache=home/'web-runtime')
     except WebExportError as e:
@@ -236,8 +236,9 @@ def stand_in(tmp_path, monkeypatch):
     "A bundle whose page is written with a stand-in runtime (no npm, no model): its model never finishes starting, as a very large one"
     import json
     from pcam_fastai import web
+    from pcam_fastai.webruntime import WEB_RUNTIME
     rt = tmp_path/'runtime'; rt.mkdir()
-    names = [n for s in web.WEB_RUNTIME.values() for n in s['files'].values()]
+    names = [n for s in WEB_RUNTIME.values() for n in s['files'].values()]
     for n in names: (rt/n).write_text('/* stand-in */\n')
     (rt/'ort.wasm.min.js').write_text('/*! stand-in */ var ort = {env: {wasm: {}}, InferenceSession: {create: () => new Promise(() => {})}};\n')
     monkeypatch.setattr(web, 'web_runtime', lambda source=None: {n: rt/n for n in names})
@@ -282,7 +283,8 @@ def test_reexport_keeps_the_users_files(stand_in):
 
 def test_web_folder_without_manifest(stand_in):
     "A web/ the user made is written into where nothing collides, refused where it would overwrite their file; a page from before the manifest is replaced"
-    from pcam_fastai.web import export_web, WebExportError, WEB_MANIFEST
+    from pcam_fastai.web import export_web, WEB_MANIFEST
+    from pcam_fastai.webruntime import WebExportError
     web = stand_in/'web'; web.mkdir()
     (web/'README.txt').write_text('for colleagues')
     export_web(stand_in, measure=False)

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT/'bench'))
 from real_pcam import split_folder  # noqa: E402  the benchmark's split rule, so the held-out tiles are the benchmark's
 
-from pcam_fastai.export import export_bundle, load_bundle  # noqa: E402
+from pcam_fastai.bundling import export_bundle  # noqa: E402
+
+from pcam_fastai.export import load_bundle
 from pcam_fastai.train import train_pcam  # noqa: E402
 from pcam_fastai.web import CHROMIUM, CHROMIUM_ARGS, export_web, wait_for  # noqa: E402
 
