@@ -20,8 +20,8 @@ warnings.filterwarnings('ignore', message=r'`torch.jit.script` is deprecated', c
 
 # %% auto #0
 __all__ = ['CLI_HIDDEN', 'COMMANDS', 'FIRST_PATH', 'cli_type', 'library_fn', 'options_from', 'option_params', 'derived_defaults',
-           'command', 'download', 'cache', 'synth', 'train', 'submit', 'export', 'web', 'serve', 'slide', 'probe',
-           'compare', 'user_message', 'main']
+           'command', 'download', 'cache', 'synth', 'train', 'submit', 'export', 'web', 'serve', 'slide', 'cohort',
+           'probe', 'compare', 'user_message', 'main']
 
 # %% ../nbs/15_cli.ipynb #6d44f342
 def cli_type(annotation, # A library parameter's annotation, e.g. `int|None`
@@ -254,6 +254,25 @@ def slide(
               + (f"; INCOMPLETE ({s['status']})" if s.get('status', 'ok') != 'ok' else '')
               + f"; outputs in {s.get('output_dir') or Path(out)/Path(s['slide']).stem}")
 
+# %% ../nbs/15_cli.ipynb #4753daf2
+@options_from('cohort:run_cohort', 'manifest bundle out score k workers scheduler mpp stride min_tissue '
+              'tissue_threshold bs device reader force')
+def cohort(
+    # A CSV with a slide column (paths), and optionally label (0/1 or class names), split (valid/test) and mpp
+    manifest:Annotated[str, {'opt': False}],
+           bundle:str='runs/pcam/bundle', # A bundle folder written by `pcam-fastai export`
+           # Output folder: cohort.csv, cohort.json, and slides/<slide>/ per slide
+           out:str='cohort',
+           **kwargs, # `run_cohort`'s score, k, workers, scheduler, mpp, stride, min_tissue, ..., force
+          ):
+    "Heatmaps and one score per slide for a cohort, on every GPU or a Dask cluster; resumable"
+    from pcam_fastai.cohort import run_cohort, COHORT_FILES
+    # manifest, bundle, out: the command's own (positional; a default path; a default folder)
+    table = run_cohort(manifest, bundle, out, **kwargs)
+    counts = table.status.value_counts().to_dict()
+    print(f"cohort: {len(table)} slides ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+          f"{Path(out)/COHORT_FILES['table']} and {Path(out)/COHORT_FILES['summary']}")
+
 # %% ../nbs/15_cli.ipynb #1e4450c8
 @options_from('probe:probe', 'backbone data out weights_path no_pretrained img_size model_kwargs n_runs '
               'max_steps@probe:train_linear_head bs@probe:train_linear_head embed_bs device')
@@ -297,7 +316,7 @@ def compare(
 
 # %% ../nbs/15_cli.ipynb #b0422eb1
 COMMANDS = dict(download=download, cache=cache, synth=synth, train=train, submit=submit, export=export, web=web,
-                serve=serve, slide=slide, probe=probe, compare=compare)
+                serve=serve, slide=slide, cohort=cohort, probe=probe, compare=compare)
 
 # %% ../nbs/15_cli.ipynb #318528e5
 # Each command's first path, which may be given without its flag: `pcam-fastai synth DEST` as well as `--dest DEST`

@@ -16,9 +16,9 @@ from .core import PCamDataError, UsageError, UsageTypeError
 from .testslides import check_mpp
 
 # %% auto #0
-__all__ = ['SLIDE_READERS', 'LEVEL_CHECK_MISMATCH', 'SlideError', 'SlideReadError', 'SlideFormatError', 'SlideReader',
-           'register_slide_reader', 'unregister_slide_reader', 'slide_readers', 'OpenSlideReader', 'TiffSlideReader',
-           'Slide', 'open_slide']
+__all__ = ['SLIDE_READERS', 'LEVEL_CHECK_MISMATCH', 'SlideError', 'SlideReadError', 'SlideFormatError', 'SlideMPPError',
+           'SlideReader', 'register_slide_reader', 'unregister_slide_reader', 'slide_readers', 'OpenSlideReader',
+           'TiffSlideReader', 'Slide', 'open_slide']
 
 # %% ../nbs/14c_slide.ipynb #518cac6c
 class SlideError(PCamDataError):
@@ -29,6 +29,9 @@ class SlideReadError(SlideError):
 
 class SlideFormatError(SlideError):
     "A file in a format the reader does not read: `reader='auto'` then tries the next reader"
+
+class SlideMPPError(SlideError):
+    "A slide that records no usable resolution (µm per pixel): pass it with mpp=... / --mpp"
 
 # %% ../nbs/14c_slide.ipynb #e635eaca
 class SlideReader:
@@ -187,11 +190,11 @@ def _recorded_mpp(path:Path, props, name:str) -> tuple[float, str]:
     "The resolution a slide's properties record (NAME.mpp-x and -y, their mean) and its source; a `SlideError` if none"
     try: mx, my = float(props[f'{name}.mpp-x']), float(props[f'{name}.mpp-y'])
     except (KeyError, ValueError, TypeError):  # tiffslide gives None where the file records nothing
-        raise SlideError(f"{path} does not record its resolution (no {name}.mpp-x/mpp-y); pass it in µm per level-0 "
+        raise SlideMPPError(f"{path} does not record its resolution (no {name}.mpp-x/mpp-y); pass it in µm per level-0 "
                          "pixel: mpp=0.25 in Python, --mpp 0.25 on the command line "
                          "(0.25 for a 40x scan, 0.5 for 20x).") from None
     if not all(math.isfinite(m) and m > 0 for m in (mx, my)):
-        raise SlideError(f"{path} records an impossible resolution (mpp-x {mx}, mpp-y {my}); "
+        raise SlideMPPError(f"{path} records an impossible resolution (mpp-x {mx}, mpp-y {my}); "
                          "pass the right one: mpp=... / --mpp ...")
     if abs(mx - my) > 0.01 * max(mx, my):
         warnings.warn(f"{path}: its pixels are not square (mpp-x {mx:.4g}, mpp-y {my:.4g} µm); "
